@@ -1,0 +1,459 @@
+"""Run specs: frozen, typed dataclasses loaded from TOML with strict validation.
+
+A run spec describes a *model family*: every size in ``[[model.sizes]]`` is trained once per
+seed pair in ``[seeds]``.  Loading rejects unknown keys, wrong types and impossible
+combinations with a one-line :class:`~observatory.errors.SpecError` naming the key;
+``build()`` methods turn the validated spec into runtime objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from observatory.errors import SpecError
+
+# --------------------------------------------------------------------------------------------
+# Strict TOML -> dataclass conversion, shared by run specs and analysis specs.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except SpecError:
+                pass
+        raise SpecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise SpecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise SpecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        item_type = typing.get_args(tp)[0]
+        return tuple(_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: expected a table, got {value!r}")
+        return from_table(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error in a spec class
+        raise TypeError(f"unsupported spec field type {tp!r}")
+    raise SpecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_table(cls: type, table: dict[str, Any], where: str) -> Any:
+    """Build the frozen dataclass ``cls`` from a TOML table, strictly.
+
+    Parameters
+    ----------
+    cls
+        A dataclass whose fields carry type annotations (int, float, str, bool, Literal,
+        tuples of those, nested dataclasses, optional fields).
+    table
+        The parsed TOML table.
+    where
+        Where the table sits, for error messages (e.g. ``"runs/a.toml: [train]"``).
+
+    Raises
+    ------
+    SpecError
+        On an unknown key, a missing required key, a wrong type, or a failed ``validate()``.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise SpecError(
+            f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in table:
+            kwargs[name] = _convert(table[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"{where}: missing required key {name!r}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(where)
+    return obj
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning a missing file or a syntax error into a :class:`SpecError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{path}: not valid TOML ({err})") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SpecError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# The run spec.
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """One model size of the family; ``name`` labels its group in the store."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_positions: int  # size of the position table: the longest context the model accepts
+    d_mlp: int | None = None  # GPT-NeoX only; defaults to 4 * d_model
+
+    def validate(self, where: str) -> None:
+        _require(bool(self.name) and "/" not in self.name, f"{where}.name: must be non-empty, no '/'")
+        for key in ("n_layers", "d_model", "n_heads", "n_positions"):
+            _require(getattr(self, key) > 0, f"{where}.{key}: must be positive")
+        _require(
+            self.d_model % self.n_heads == 0,
+            f"{where}.d_model: {self.d_model} is not divisible by n_heads={self.n_heads}",
+        )
+        _require(self.d_mlp is None or self.d_mlp > 0, f"{where}.d_mlp: must be positive")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture shared by every size: ``gpt_neox`` (Pythia-style) or ``attn_only``."""
+
+    architecture: Literal["gpt_neox", "attn_only"]
+    vocab_size: int
+    sizes: tuple[SizeSpec, ...]
+    rotary_pct: float = 0.25  # gpt_neox: fraction of each head's dims that get rotary embeddings
+    layer_norm: bool = True  # attn_only: LayerNorm before each attention layer and the unembed
+
+    def validate(self, where: str) -> None:
+        _require(self.vocab_size > 1, f"{where}.vocab_size: must be at least 2")
+        _require(len(self.sizes) > 0, f"{where}.sizes: the list of sizes is empty")
+        names = [s.name for s in self.sizes]
+        _require(len(set(names)) == len(names), f"{where}.sizes: duplicate size names {names}")
+        _require(0.0 <= self.rotary_pct <= 1.0, f"{where}.rotary_pct: must be in [0, 1]")
+
+    def build(self, size: SizeSpec, *, init_seed: int):
+        """Return a freshly initialised Hugging Face model of this size, seeded by ``init_seed``."""
+        from observatory.models import build_model
+
+        return build_model(self, size, init_seed=init_seed)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Training corpus: a seeded synthetic induction corpus, or byte-level text from files."""
+
+    source: Literal["induction", "text"]
+    seed: int = 0  # corpus seed (synthetic data only); data *order* has its own seeds
+    n_sequences: int = 16384  # synthetic corpus size
+    period_min: int = 8  # synthetic: each sequence repeats a random block of this many ...
+    period_max: int = 32  # ... to this many tokens, drawn per sequence
+    bigram_fraction: float = 0.0  # synthetic: fraction of sequences from a Markov-bigram chain
+    paths: tuple[str, ...] = ()  # text: files or directories
+    glob: str = "*.py"  # text: which files of a directory to read
+    max_bytes: int = 8_000_000  # text: read at most this many bytes
+
+    def validate(self, where: str) -> None:
+        if self.source == "induction":
+            _require(self.n_sequences > 0, f"{where}.n_sequences: must be positive")
+            _require(
+                1 <= self.period_min <= self.period_max,
+                f"{where}.period_min: need 1 <= period_min <= period_max",
+            )
+            _require(0.0 <= self.bigram_fraction <= 1.0, f"{where}.bigram_fraction: not in [0, 1]")
+            _require(not self.paths, f"{where}.paths: only for source = 'text'")
+        else:
+            _require(len(self.paths) > 0, f"{where}.paths: source = 'text' needs corpus paths")
+            for p in self.paths:
+                _require(Path(p).exists(), f"{where}.paths: corpus path {p!r} does not exist")
+            _require(self.max_bytes > 0, f"{where}.max_bytes: must be positive")
+
+    def build(self, *, context: int, vocab_size: int):
+        """Return the corpus: an indexable set of token sequences of length ``context``."""
+        from observatory.data import build_corpus
+
+        return build_corpus(self, context=context, vocab_size=vocab_size)
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    """Init seeds (weights) and data-order seeds, varied separately or together."""
+
+    init: tuple[int, ...]
+    data: tuple[int, ...] | None = None  # defaults to the init seeds
+    pairing: Literal["zip", "product"] = "zip"  # zip: init[i] with data[i]; product: all pairs
+
+    def validate(self, where: str) -> None:
+        _require(len(self.init) > 0, f"{where}.init: the list of seeds is empty")
+        _require(self.data is None or len(self.data) > 0, f"{where}.data: the list is empty")
+        if self.pairing == "zip" and self.data is not None and len(self.data) != len(self.init):
+            raise SpecError(
+                f"{where}.data: pairing = 'zip' needs as many data seeds as init seeds "
+                f"({len(self.data)} vs {len(self.init)}); use pairing = 'product' to cross them"
+            )
+        _require(all(s >= 0 for s in self.init + (self.data or ())), f"{where}: seeds must be >= 0")
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """The (init_seed, data_seed) pair of every run, in run order."""
+        data = self.data if self.data is not None else self.init
+        if self.pairing == "zip":
+            return list(zip(self.init, data, strict=True))
+        return [(i, d) for i in self.init for d in data]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int
+    batch_size: int
+    context: int  # tokens per training sequence
+
+    def validate(self, where: str) -> None:
+        for key in ("steps", "batch_size", "context"):
+            _require(getattr(self, key) > 0, f"{where}.{key}: must be positive")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """AdamW with linear warm-up, then a constant, linear or cosine schedule."""
+
+    lr: float = 1e-3
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping (the gradient norm is still recorded)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1  # linear/cosine decay to lr * min_lr_ratio at the last step
+
+    def validate(self, where: str) -> None:
+        _require(self.lr > 0, f"{where}.lr: must be positive")
+        _require(len(self.betas) == 2, f"{where}.betas: need two numbers")
+        _require(all(0 <= b < 1 for b in self.betas), f"{where}.betas: must be in [0, 1)")
+        _require(self.weight_decay >= 0, f"{where}.weight_decay: must be >= 0")
+        _require(self.grad_clip >= 0, f"{where}.grad_clip: must be >= 0")
+        _require(self.warmup_steps >= 0, f"{where}.warmup_steps: must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"{where}.min_lr_ratio: must be in [0, 1]")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate used for the update of ``step`` (a pure function: nothing to save)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps)
+        floor = self.lr * self.min_lr_ratio
+        if self.schedule == "linear":
+            return floor + (self.lr - floor) * (1 - progress)
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def build(self, model):
+        """Return a ``torch.optim.AdamW`` over ``model``'s parameters."""
+        import torch
+
+        return torch.optim.AdamW(
+            model.parameters(),
+            lr=self.lr,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """Pythia-style schedule: log-spaced early steps, every ``every`` steps, plus extras."""
+
+    log_spaced: bool = True  # steps 0, 1, 2, 4, 8, ...
+    every: int = 0  # also every N steps (0: off)
+    extra: tuple[int, ...] = ()
+    every_step: bool = False  # checkpoint after every single step
+
+    def validate(self, where: str) -> None:
+        _require(self.every >= 0, f"{where}.every: must be >= 0")
+        _require(all(s >= 0 for s in self.extra), f"{where}.extra: steps must be >= 0")
+
+    def steps(self, total_steps: int) -> tuple[int, ...]:
+        """Sorted checkpoint steps in ``[0, total_steps]``; 0 and the last step always included."""
+        if self.every_step:
+            return tuple(range(total_steps + 1))
+        steps = {0, total_steps}
+        if self.log_spaced:
+            steps.update(2**k for k in range(total_steps.bit_length()) if 2**k <= total_steps)
+        if self.every:
+            steps.update(range(0, total_steps + 1, self.every))
+        steps.update(self.extra)
+        return tuple(sorted(steps))
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """How checkpoints are laid out on disk and how often they are committed."""
+
+    checkpoints_per_shard: int = 32  # one shard file holds this many checkpoints of an array
+    commit_seconds: float = 20.0  # commit buffered checkpoints at least this often
+    compression_level: int = 3  # zstd level (lossless)
+
+    def validate(self, where: str) -> None:
+        _require(self.checkpoints_per_shard > 0, f"{where}.checkpoints_per_shard: must be positive")
+        _require(self.commit_seconds >= 0, f"{where}.commit_seconds: must be >= 0")
+        _require(1 <= self.compression_level <= 22, f"{where}.compression_level: not in 1..22")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A model family: every size x seed pair, trained on the same data with the same recipe."""
+
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    seeds: SeedSpec
+    train: TrainSpec
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    checkpoints: CheckpointSpec = field(default_factory=CheckpointSpec)
+    store: StoreSpec = field(default_factory=StoreSpec)
+    store_path: str | None = None  # default: store/<name>.zarr
+
+    def validate(self, where: str) -> None:
+        _require(bool(self.name) and "/" not in self.name, f"{where}.name: non-empty, no '/'")
+        for size in self.model.sizes:
+            _require(
+                self.train.context <= size.n_positions,
+                f"{where}.train.context: {self.train.context} is longer than the position table "
+                f"of size {size.name!r} (n_positions = {size.n_positions})",
+            )
+        if self.data.source == "text":
+            _require(
+                self.model.vocab_size >= 256,
+                f"{where}.model.vocab_size: byte-level text needs vocab_size >= 256",
+            )
+        else:
+            _require(
+                self.data.period_max < self.train.context,
+                f"{where}.data.period_max: {self.data.period_max} must be shorter than the "
+                f"context ({self.train.context}) so that blocks repeat",
+            )
+
+    @property
+    def default_store(self) -> str:
+        return self.store_path or f"store/{self.name}.zarr"
+
+    def runs(self) -> list[RunId]:
+        """Every run of the family: one per size and seed pair, in training order."""
+        return [
+            RunId(size=size.name, seed=index, init_seed=init, data_seed=data)
+            for size in self.model.sizes
+            for index, (init, data) in enumerate(self.seeds.pairs())
+        ]
+
+    def size(self, name: str) -> SizeSpec:
+        for size in self.model.sizes:
+            if size.name == name:
+                return size
+        raise SpecError(f"no size {name!r} (sizes: {', '.join(s.name for s in self.model.sizes)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A TOML/JSON-compatible dict that :func:`spec_from_dict` turns back into this spec."""
+        return _strip_none(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class RunId:
+    """One run of a family: a size and a seed pair; ``seed`` is its index in the seed list."""
+
+    size: str
+    seed: int
+    init_seed: int
+    data_seed: int
+
+    @property
+    def path(self) -> str:
+        return f"{self.size}/seed{self.seed}"
+
+
+def _strip_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_strip_none(v) for v in value]
+    return value
+
+
+def spec_from_dict(table: dict[str, Any]) -> RunSpec:
+    """Validate a parsed run-spec table and return the :class:`RunSpec`."""
+    return from_table(RunSpec, table, "")
+
+
+def load_run_spec(path: str | Path) -> RunSpec:
+    """Load and validate a run spec from a TOML file.
+
+    Parameters
+    ----------
+    path
+        A ``runs/*.toml`` file.
+
+    Returns
+    -------
+    RunSpec
+        The frozen, validated spec.
+
+    Raises
+    ------
+    SpecError
+        With a one-line message naming the offending key.
+    """
+    table = load_toml(path)
+    try:
+        return spec_from_dict(table)
+    except SpecError as err:
+        raise SpecError(f"{path}: {str(err).lstrip('.: ')}") from None
