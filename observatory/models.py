@@ -285,7 +285,7 @@ def parameter_dims(stacked: str) -> tuple[str, ...]:
     try:
         return PARAMETER_DIMS[stacked]
     except KeyError:
-        raise KeyError(f"no dims known for parameter {stacked!r}; add it to PARAMETER_DIMS") from None
+        raise KeyError(f"no dims known for {stacked!r}; add it to PARAMETER_DIMS") from None
 
 
 def stack_layers(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -352,7 +352,7 @@ def transformer_lens_weights(
         return tuple(array.shape[:extra]), tuple(range(extra))
 
     def split_heads(weight: Any, parts: int) -> Any:
-        # weight[..., layer, n_heads * parts * d_head, d_model] -> [..., layer, head, part, d_head, d_model]
+        # [..., layer, n_heads*parts*d_head, d_model] -> [..., layer, head, part, d_head, d_model]
         prefix, _ = lead(weight, 3)
         n_layers, rows, d_model = weight.shape[-3:]
         d_head = rows // (n_heads * parts)

@@ -152,7 +152,7 @@ class SizeSpec:
     d_mlp: int | None = None  # GPT-NeoX only; defaults to 4 * d_model
 
     def validate(self, where: str) -> None:
-        _require(bool(self.name) and "/" not in self.name, f"{where}.name: must be non-empty, no '/'")
+        _require(bool(self.name) and "/" not in self.name, f"{where}.name: non-empty, no '/'")
         for key in ("n_layers", "d_model", "n_heads", "n_positions"):
             _require(getattr(self, key) > 0, f"{where}.{key}: must be positive")
         _require(

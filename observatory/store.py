@@ -1,0 +1,570 @@
+"""The one module that knows the zarr layout of an observatory store.
+
+Layout (zarr v3, one store per model family)::
+
+    <family>.zarr/                     attrs["observatory"]: schema version, spec, versions, data
+      <size>/                          attrs["observatory"]: size spec, HF config, architecture
+        seed<k>/                       attrs["observatory"]: seeds, schedule, commit markers
+          step            [step]                   checkpoint steps (committed ones only)
+          tokens_seen     [step]
+          <param>         [step, (layer,) ...]     HF parameters, per-layer ones stacked
+          train_step      [train_step]             per-step metrics ...
+          loss, lr, grad_norm, train_tokens [train_step]
+          batch_indices   [train_step, batch]      corpus indices of every step's batch
+          state/
+            rng_state     [step, rng_byte]         torch RNG state at each checkpoint
+            exp_avg/<param>, exp_avg_sq/<param>    AdamW moments, same layout as the params
+          analysis/<name>/                         analysis results (written by analysis jobs)
+
+Checkpoint arrays are sharded along ``step``: one shard file holds ``checkpoints_per_shard``
+checkpoints of an array, split inside into per-layer, per-head chunks so that one head of one
+layer across all checkpoints reads only its own bytes.  Arrays are resized as checkpoints are
+committed, and a run's ``committed_checkpoints``/``committed_steps`` attrs are updated last:
+readers use only what those markers cover, so a crash never exposes a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from observatory.errors import StoreError
+from observatory.models import PER_HEAD_DIMS, parameter_dims
+from observatory.spec import RunId, RunSpec, SizeSpec, spec_from_dict
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "observatory"
+STATE_GROUP = "state"
+ANALYSIS_GROUP = "analysis"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+STEP_METRICS = ("loss", "lr", "grad_norm")
+METRIC_CHUNK = 4096
+
+
+def library_versions() -> dict[str, str]:
+    return {name: version(name) for name in ("observatory", "torch", "transformers", "zarr")}
+
+
+def _attrs(node: zarr.Group) -> dict[str, Any]:
+    return dict(node.attrs.get(ATTRS_KEY, {}))
+
+
+def _set_attrs(node: zarr.Group, **updates: Any) -> None:
+    node.attrs[ATTRS_KEY] = _attrs(node) | updates
+
+
+def _compressor(level: int) -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+
+
+# --------------------------------------------------------------------------------------------
+# Family level: create / open.
+
+
+def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> zarr.Group:
+    """Create the family store, or open it if it was created by the same spec.
+
+    Parameters
+    ----------
+    path
+        Store directory (``*.zarr``).
+    spec
+        The family's run spec, stored in the root attributes.
+    data
+        Corpus facts to store (fingerprint, number of sequences, ...).
+
+    Raises
+    ------
+    StoreError
+        If the path holds something else, or a store created by a different spec or corpus.
+    """
+    path = Path(path)
+    if path.exists():
+        root = _open_root(path, mode="r+")
+        stored = _attrs(root)
+        if stored["spec"] != spec.to_dict():
+            raise StoreError(
+                f"{path}: this store was created by a different spec "
+                f"(name {stored['spec'].get('name')!r}); use another --store"
+            )
+        if stored["data"]["fingerprint"] != data["fingerprint"]:
+            raise StoreError(
+                f"{path}: the corpus changed since this store was created "
+                f"(fingerprint {data['fingerprint']} vs {stored['data']['fingerprint']})"
+            )
+        return root
+    root = zarr.open_group(path, mode="w-")
+    _set_attrs(
+        root,
+        schema_version=SCHEMA_VERSION,
+        spec=spec.to_dict(),
+        versions=library_versions(),
+        data=data,
+    )
+    return root
+
+
+def _open_root(path: Path, *, mode: str) -> zarr.Group:
+    if not path.exists():
+        raise StoreError(f"{path}: no such store")
+    try:
+        root = zarr.open_group(path, mode=mode)
+    except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as err:
+        raise StoreError(f"{path}: not a zarr store ({err})") from None
+    version_ = _attrs(root).get("schema_version")
+    if version_ is None:
+        raise StoreError(f"{path}: not an observatory store (no '{ATTRS_KEY}' attributes)")
+    if version_ != SCHEMA_VERSION:
+        raise StoreError(f"{path}: store schema {version_}; this version reads {SCHEMA_VERSION}")
+    return root
+
+
+def write_size_attrs(root: zarr.Group, size: SizeSpec, *, hf_config: dict[str, Any]) -> None:
+    """Record a size's spec and Hugging Face config on its group (created if needed)."""
+    group = root.require_group(size.name)
+    _set_attrs(group, size=size.__dict__, d_head=size.d_head, hf_config=hf_config)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing one run.
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A snapshot of the training state after ``step`` updates (arrays are private copies)."""
+
+    step: int
+    tokens_seen: int
+    params: dict[str, np.ndarray]  # stacked HF parameters
+    moments: dict[str, dict[str, np.ndarray]]  # "exp_avg"/"exp_avg_sq" -> stacked arrays
+    rng_state: np.ndarray  # uint8
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_seen: int  # after this step
+    batch_indices: np.ndarray  # [batch]
+
+
+class RunWriter:
+    """Appends checkpoints and per-step records of one run, on a background thread.
+
+    ``put_checkpoint`` and ``put_step`` return at once; a writer thread buffers checkpoints
+    and commits them when a shard is full or ``commit_seconds`` have passed, so that each
+    shard file is written whole and the training loop never waits on disk.
+
+    Parameters
+    ----------
+    root
+        The family root group (from :func:`create_family`).
+    run
+        Which run.
+    spec
+        The family spec (for the shard size, commit interval and compression).
+    param_shapes
+        Shape of each stacked parameter (without the ``step`` dim).
+    d_head
+        Head size: per-head dims are chunked in blocks of ``d_head``.
+    schedule
+        Every checkpoint step the run will write.
+    rng_bytes
+        Size of the torch RNG state.
+    data_order_fingerprint
+        Fingerprint of the run's data order (checked when the run is reopened).
+    """
+
+    def __init__(
+        self,
+        root: zarr.Group,
+        run: RunId,
+        spec: RunSpec,
+        *,
+        param_shapes: dict[str, tuple[int, ...]],
+        d_head: int,
+        schedule: tuple[int, ...],
+        rng_bytes: int,
+        data_order_fingerprint: str,
+    ):
+        self.run = run
+        self._shard = spec.store.checkpoints_per_shard
+        self._commit_seconds = spec.store.commit_seconds
+        self._group = root.require_group(run.path)
+        if not _attrs(self._group):
+            self._create_arrays(spec, param_shapes, d_head, schedule, rng_bytes)
+            _set_attrs(self._group, data_order_fingerprint=data_order_fingerprint)
+        elif _attrs(self._group).get("data_order_fingerprint") != data_order_fingerprint:
+            raise StoreError(f"{run.path}: the data order changed since this run was started")
+        self._ckpt_arrays = self._checkpoint_arrays()
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- layout ------------------------------------------------------------------------------
+
+    def _create_arrays(self, spec, param_shapes, d_head, schedule, rng_bytes) -> None:
+        group, shard = self._group, self._shard
+        compressors = [_compressor(spec.store.compression_level)]
+
+        def checkpoint_array(parent: zarr.Group, name: str, shape, dims, dtype="float32"):
+            # shard: K whole checkpoints; inner chunk: one layer, one head's block of rows
+            chunks = tuple(
+                1 if dim == "layer" else d_head if dim in PER_HEAD_DIMS else n
+                for dim, n in zip(dims, shape, strict=True)
+            )
+            parent.create_array(
+                name,
+                shape=(0, *shape),
+                chunks=(shard, *chunks),
+                shards=(shard, *shape),
+                dtype=dtype,
+                compressors=compressors,
+                fill_value=0,
+                dimension_names=("step", *dims),
+                attributes={"coordinates": "tokens_seen"},
+            )
+
+        def vector(parent: zarr.Group, name: str, dims, dtype, trailing=()):
+            parent.create_array(
+                name,
+                shape=(0, *trailing),
+                chunks=(METRIC_CHUNK, *trailing),
+                dtype=dtype,
+                compressors=compressors,
+                fill_value=0,
+                dimension_names=dims,
+            )
+
+        for name, shape in param_shapes.items():
+            checkpoint_array(group, name, shape, parameter_dims(name))
+        state = group.require_group(STATE_GROUP)
+        for moment in MOMENTS:
+            moments = state.require_group(moment)
+            for name, shape in param_shapes.items():
+                checkpoint_array(moments, name, shape, parameter_dims(name))
+        checkpoint_array(state, "rng_state", (rng_bytes,), ("rng_byte",), dtype="uint8")
+        vector(group, "step", ("step",), "int64")
+        vector(group, "tokens_seen", ("step",), "int64")
+        vector(group, "train_step", ("train_step",), "int64")
+        vector(group, "train_tokens", ("train_step",), "int64")
+        for metric in STEP_METRICS:
+            vector(group, metric, ("train_step",), "float32")
+        vector(
+            group,
+            "batch_indices",
+            ("train_step", "batch"),
+            "int64",
+            trailing=(spec.train.batch_size,),
+        )
+        _set_attrs(
+            group,
+            init_seed=self.run.init_seed,
+            data_seed=self.run.data_seed,
+            schedule=list(schedule),
+            total_steps=spec.train.steps,
+            parameters=sorted(param_shapes),
+            committed_checkpoints=0,
+            committed_steps=0,
+            complete=False,
+        )
+
+    def _checkpoint_arrays(self) -> dict[tuple[str, ...], zarr.Array]:
+        """Every array with a leading ``step`` dim, keyed by its path within the run."""
+        names = _attrs(self._group)["parameters"]
+        arrays: dict[tuple[str, ...], zarr.Array] = {}
+        for name in names:
+            arrays[("params", name)] = self._group[name]
+            for moment in MOMENTS:
+                arrays[(moment, name)] = self._group[f"{STATE_GROUP}/{moment}/{name}"]
+        arrays[("rng_state",)] = self._group[f"{STATE_GROUP}/rng_state"]
+        arrays[("step",)] = self._group["step"]
+        arrays[("tokens_seen",)] = self._group["tokens_seen"]
+        return arrays
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def committed(self) -> tuple[int, int]:
+        """(committed checkpoints, committed per-step records)."""
+        attrs = _attrs(self._group)
+        return attrs["committed_checkpoints"], attrs["committed_steps"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(_attrs(self._group)["complete"])
+
+    def truncate(self, n_checkpoints: int, n_steps: int) -> None:
+        """Drop anything past the given counts (left by a crash) before resuming."""
+        for array in self._ckpt_arrays.values():
+            array.resize((n_checkpoints, *array.shape[1:]))
+        for name in ("train_step", "train_tokens", "batch_indices", *STEP_METRICS):
+            array = self._group[name]
+            array.resize((n_steps, *array.shape[1:]))
+        _set_attrs(self._group, committed_checkpoints=n_checkpoints, committed_steps=n_steps)
+
+    def last_checkpoint(self) -> Checkpoint:
+        """The last committed checkpoint, for resuming."""
+        index = self.committed[0] - 1
+        if index < 0:
+            raise StoreError(f"{self.run.path}: no committed checkpoint to resume from")
+        a = self._ckpt_arrays
+        params = {key[1]: arr[index] for key, arr in a.items() if key[0] == "params"}
+        moments = {m: {k[1]: arr[index] for k, arr in a.items() if k[0] == m} for m in MOMENTS}
+        return Checkpoint(
+            step=int(a[("step",)][index]),
+            tokens_seen=int(a[("tokens_seen",)][index]),
+            params=params,
+            moments=moments,
+            rng_state=a[("rng_state",)][index],
+        )
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread = threading.Thread(target=self._loop, name=f"writer {self.run.path}")
+        self._thread.start()
+
+    def put_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._check()
+        self._queue.put(checkpoint)
+
+    def put_step(self, record: StepRecord) -> None:
+        self._check()
+        self._queue.put(record)
+
+    def close(self, *, complete: bool) -> None:
+        """Commit everything buffered, stop the thread, and mark the run complete if asked."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._check()
+        if complete:
+            _set_attrs(self._group, complete=True)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"{self.run.path}: writing the store failed: {self._error}")
+
+    def _loop(self) -> None:
+        checkpoints: list[Checkpoint] = []
+        records: list[StepRecord] = []
+        last_commit = time.monotonic()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    self._commit(checkpoints, records)
+                    return
+                if isinstance(item, Checkpoint):
+                    checkpoints.append(item)
+                    shard_full = (self.committed[0] + len(checkpoints)) % self._shard == 0
+                    overdue = time.monotonic() - last_commit >= self._commit_seconds
+                    if shard_full or overdue:
+                        self._commit(checkpoints, records)
+                        checkpoints, records = [], []
+                        last_commit = time.monotonic()
+                else:
+                    records.append(item)
+        except BaseException as err:  # reported to the training thread by _check()
+            self._error = err
+
+    def _commit(self, checkpoints: list[Checkpoint], records: list[StepRecord]) -> None:
+        n_ckpt, n_steps = self.committed
+        if checkpoints:
+            values: dict[tuple[str, ...], list] = {key: [] for key in self._ckpt_arrays}
+            for c in checkpoints:
+                for name, array in c.params.items():
+                    values[("params", name)].append(array)
+                for moment, arrays in c.moments.items():
+                    for name, array in arrays.items():
+                        values[(moment, name)].append(array)
+                values[("rng_state",)].append(c.rng_state)
+                values[("step",)].append(c.step)
+                values[("tokens_seen",)].append(c.tokens_seen)
+            self._append(self._ckpt_arrays, values, n_ckpt)
+        if records:
+            if records[0].step != n_steps:
+                raise StoreError(f"step records start at {records[0].step}, expected {n_steps}")
+            columns = {
+                "train_step": [r.step for r in records],
+                "train_tokens": [r.tokens_seen for r in records],
+                "batch_indices": [r.batch_indices for r in records],
+                **{m: [getattr(r, m) for r in records] for m in STEP_METRICS},
+            }
+            arrays = {name: self._group[name] for name in columns}
+            self._append(arrays, columns, n_steps)
+        # The markers go last: readers never see a checkpoint before all its arrays are written.
+        _set_attrs(
+            self._group,
+            committed_checkpoints=n_ckpt + len(checkpoints),
+            committed_steps=n_steps + len(records),
+        )
+
+    @staticmethod
+    def _append(arrays: dict, values: dict, start: int) -> None:
+        for key, array in arrays.items():
+            block = np.stack(values[key]) if values[key] else None
+            if block is None:
+                continue
+            stop = start + len(block)
+            array.resize((stop, *array.shape[1:]))
+            array[start:stop] = block
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+class FamilyStore:
+    """Read access to a family store: its spec, runs and their committed checkpoints.
+
+    Parameters
+    ----------
+    path
+        The store directory.
+
+    Raises
+    ------
+    StoreError
+        If the store is missing or is not an observatory store.
+    """
+
+    def __init__(self, path: str | Path, *, mode: str = "r"):
+        self.path = Path(path)
+        self.root = _open_root(self.path, mode=mode)
+        self.attrs = _attrs(self.root)
+        self.spec = spec_from_dict(self.attrs["spec"])
+
+    def sizes(self) -> list[str]:
+        """Sizes that have at least one run in the store, in spec order."""
+        present = {name for name, _ in self.root.groups()}
+        return [s.name for s in self.spec.model.sizes if s.name in present]
+
+    def runs(self) -> list[RunId]:
+        """Runs that exist in the store (started, possibly unfinished)."""
+        return [run for run in self.spec.runs() if run.path in self.root]
+
+    def run(self, size: str, seed: int) -> RunReader:
+        """The run of ``size`` and seed index ``seed``; a clear error lists what exists."""
+        for run in self.runs():
+            if run.size == size and run.seed == seed:
+                return RunReader(self, run)
+        sizes = self.sizes()
+        if size not in sizes:
+            raise StoreError(f"{self.path}: no size {size!r} (sizes: {', '.join(sizes) or 'none'})")
+        seeds = [r.seed for r in self.runs() if r.size == size]
+        raise StoreError(f"{self.path}: no seed {seed} for size {size!r} (seeds: {seeds})")
+
+    def size_attrs(self, size: str) -> dict[str, Any]:
+        return _attrs(self.root[size])
+
+    def disk_bytes(self, subpath: str = "") -> int:
+        """Bytes on disk under the store (or one of its groups)."""
+        base = self.path / subpath
+        return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+
+
+class RunReader:
+    """Committed checkpoints, metrics and data order of one run (read-only)."""
+
+    def __init__(self, family: FamilyStore, run: RunId):
+        self.family = family
+        self.run = run
+        self.group = family.root[run.path]
+        self.attrs = _attrs(self.group)
+
+    @property
+    def n_checkpoints(self) -> int:
+        return self.attrs["committed_checkpoints"]
+
+    @property
+    def n_steps(self) -> int:
+        return self.attrs["committed_steps"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs["complete"])
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return list(self.attrs["parameters"])
+
+    def steps(self) -> np.ndarray:
+        """Committed checkpoint steps."""
+        return self.group["step"][: self.n_checkpoints]
+
+    def tokens_seen(self) -> np.ndarray:
+        return self.group["tokens_seen"][: self.n_checkpoints]
+
+    def checkpoint_index(self, step: int) -> int:
+        """Position of ``step`` on the checkpoint axis; a clear error if it is not committed."""
+        steps = self.steps()
+        hits = np.flatnonzero(steps == step)
+        if len(hits) == 0:
+            shown = ", ".join(map(str, steps[:6]))
+            if len(steps) > 6:
+                shown += f", ..., {steps[-1]}"
+            raise StoreError(
+                f"{self.run.path}: no committed checkpoint at step {step} "
+                f"({len(steps)} committed: {shown or 'none'})"
+            )
+        return int(hits[0])
+
+    def parameter_array(self, name: str) -> zarr.Array:
+        """The raw zarr array of a stacked parameter; only ``[:n_checkpoints]`` is committed."""
+        return self.group[name]
+
+    def parameters_at(self, step: int) -> dict[str, np.ndarray]:
+        """Stacked parameters of the checkpoint at ``step``."""
+        index = self.checkpoint_index(step)
+        return {name: self.group[name][index] for name in self.parameter_names}
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Per-step ``train_step``, ``loss``, ``lr``, ``grad_norm``, ``train_tokens``."""
+        n = self.n_steps
+        names = ("train_step", "train_tokens", *STEP_METRICS)
+        return {name: self.group[name][:n] for name in names}
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Corpus indices of the batch consumed at training step ``step``."""
+        if not 0 <= step < self.n_steps:
+            raise StoreError(
+                f"{self.run.path}: no recorded batch for step {step} "
+                f"(recorded steps: 0..{self.n_steps - 1})"
+            )
+        return self.group["batch_indices"][step]
+
+    # -- analysis results ---------------------------------------------------------------------
+
+    def analysis_group(self, name: str, *, create: bool = False) -> zarr.Group | None:
+        path = f"{ANALYSIS_GROUP}/{name}"
+        if path in self.group:
+            return self.group[path]
+        return self.group.require_group(path) if create else None
+
+    def analyses(self) -> list[str]:
+        if ANALYSIS_GROUP not in self.group:
+            return []
+        return sorted(name for name, _ in self.group[ANALYSIS_GROUP].groups())
+
+
+def iter_runs(path: str | Path) -> Iterator[RunReader]:
+    """Every run present in a store."""
+    family = FamilyStore(path)
+    for run in family.runs():
+        yield RunReader(family, run)

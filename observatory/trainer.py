@@ -1,0 +1,241 @@
+"""Deterministic training of a model family, with dense checkpoints in one zarr store.
+
+Reads top to bottom: :func:`train_family` loops over runs (size x seed pair) and
+:func:`train_run` is the training loop of one run.  Everything a run does is a function of the
+spec and its two seeds, so the same spec gives bit-identical weights on CPU, and a resumed run
+continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from observatory.data import DATA_ORDER_RULE, Corpus, batch_indices, data_order_fingerprint
+from observatory.errors import StoreError
+from observatory.models import build_config, stack_layers, unstack_layers
+from observatory.spec import RunId, RunSpec
+from observatory.store import Checkpoint, RunWriter, StepRecord, create_family, write_size_attrs
+
+
+def train_family(
+    spec: RunSpec,
+    *,
+    store: str | Path | None = None,
+    seeds: list[int] | None = None,
+    sizes: list[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Train every run of the family (or the selected seeds/sizes) into one store.
+
+    Parameters
+    ----------
+    spec
+        The family's run spec.
+    store
+        Store path; defaults to ``spec.default_store``.
+    seeds
+        Seed indices to train (default: all).
+    sizes
+        Size names to train (default: all).
+    resume
+        Continue unfinished runs from their last committed checkpoint and skip finished ones.
+        Without it, a run that already has data in the store is an error.
+    progress
+        Show a progress bar per run.
+    stop_after
+        Stop every run after this many steps in this call, leaving it unfinished (for tests and
+        for splitting long trainings; the run resumes later with ``resume=True``).
+
+    Returns
+    -------
+    pathlib.Path
+        The store path.
+    """
+    path = Path(store or spec.default_store)
+    corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)
+    root = create_family(
+        path,
+        spec,
+        data={
+            "fingerprint": corpus.fingerprint,
+            "n_sequences": len(corpus),
+            "context": spec.train.context,
+            "order_rule": DATA_ORDER_RULE,
+        },
+    )
+    runs = [
+        run
+        for run in spec.runs()
+        if (seeds is None or run.seed in seeds) and (sizes is None or run.size in sizes)
+    ]
+    if not runs:
+        raise StoreError(f"no runs selected (seeds {seeds}, sizes {sizes})")
+    for run in runs:
+        size = spec.size(run.size)
+        write_size_attrs(root, size, hf_config=build_config(spec.model, size).to_dict())
+        train_run(spec, run, root, corpus, resume=resume, progress=progress, stop_after=stop_after)
+    return path
+
+
+def train_run(
+    spec: RunSpec,
+    run: RunId,
+    root,
+    corpus: Corpus,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
+) -> None:
+    """Train one run, writing checkpoints and per-step records through a :class:`RunWriter`.
+
+    ``on_batch(step, tokens)`` is called with every batch the model consumes (tests use it to
+    compare against the recorded data order).
+    """
+    size = spec.size(run.size)
+    total_steps, batch_size = spec.train.steps, spec.train.batch_size
+    tokens_per_step = batch_size * spec.train.context
+    schedule = spec.checkpoints.steps(total_steps)
+
+    # Determinism: one seed fixes the initial weights; the data order has its own seed and
+    # is a pure function of the step, so no loader state can drift.
+    torch.use_deterministic_algorithms(True)
+    model = spec.model.build(size, init_seed=run.init_seed)
+    model.train()
+    optimizer = spec.optimizer.build(model)
+    writer = RunWriter(
+        root,
+        run,
+        spec,
+        param_shapes={k: v.shape for k, v in stack_layers(dict(model.named_parameters())).items()},
+        d_head=size.d_head,
+        schedule=schedule,
+        rng_bytes=torch.get_rng_state().numel(),
+        data_order_fingerprint=data_order_fingerprint(
+            data_seed=run.data_seed, dataset_size=len(corpus)
+        ),
+    )
+    n_ckpt, n_steps = writer.committed
+    if writer.complete:
+        if not resume:
+            raise StoreError(f"{run.path} is already trained; use another --store to retrain")
+        return
+    if n_ckpt and not resume:
+        raise StoreError(
+            f"{run.path} already has {n_ckpt} checkpoints in the store; "
+            "pass --resume to continue it"
+        )
+
+    start = 0
+    if n_ckpt:
+        # Resume from the last committed checkpoint: weights, AdamW moments and RNG state are
+        # restored bit for bit, so the continuation equals an uninterrupted run.
+        last = writer.last_checkpoint()
+        start = last.step
+        _restore(model, optimizer, last)
+    writer.truncate(n_ckpt, start)  # drop what a crash left past the checkpoint; it is redone
+    writer.start()
+
+    checkpoint_steps = set(schedule)
+    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc=run.path,
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    finished = False
+    try:
+        for step in range(start, end + 1):
+            if step in checkpoint_steps and not (step == start and n_ckpt):
+                writer.put_checkpoint(_snapshot(model, optimizer, step, step * tokens_per_step))
+            if step == total_steps:
+                finished = True
+                break
+            if step == end:
+                break
+
+            indices = batch_indices(
+                data_seed=run.data_seed, step=step, batch_size=batch_size, dataset_size=len(corpus)
+            )
+            tokens = corpus.batch(indices)  # [batch, context]
+            if on_batch is not None:
+                on_batch(step, tokens)
+
+            lr = spec.optimizer.lr_at(step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            # clip_grad_norm_ returns the norm before clipping; max_norm=inf only measures it
+            max_norm = spec.optimizer.grad_clip or float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_value = loss.item()
+            writer.put_step(
+                StepRecord(
+                    step=step,
+                    loss=loss_value,
+                    lr=lr,
+                    grad_norm=grad_norm.item(),
+                    tokens_seen=(step + 1) * tokens_per_step,
+                    batch_indices=indices,
+                )
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+    finally:
+        bar.close()
+        # On Ctrl-C or an error, still commit what was buffered: --resume picks up from there.
+        writer.close(complete=finished)
+
+
+def _snapshot(model, optimizer, step: int, tokens_seen: int) -> Checkpoint:
+    """Copy weights, AdamW moments and RNG state; the writer thread stores the copies."""
+    params = dict(model.named_parameters())
+    moments = {}
+    for moment in ("exp_avg", "exp_avg_sq"):
+        # Before the first update AdamW has no state yet: the moments are zero.
+        moments[moment] = stack_layers(
+            {
+                name: optimizer.state[p][moment] if p in optimizer.state else torch.zeros_like(p)
+                for name, p in params.items()
+            }
+        )
+    return Checkpoint(
+        step=step,
+        tokens_seen=tokens_seen,
+        params=stack_layers(params),
+        moments=moments,
+        rng_state=torch.get_rng_state().numpy().copy(),
+    )
+
+
+def _restore(model, optimizer, checkpoint: Checkpoint) -> None:
+    """Load a checkpoint's weights, AdamW state and RNG state into ``model`` and ``optimizer``."""
+    params = unstack_layers(checkpoint.params)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    if checkpoint.step > 0:
+        moments = {m: unstack_layers(arrays) for m, arrays in checkpoint.moments.items()}
+        for name, p in model.named_parameters():
+            optimizer.state[p] = {
+                # AdamW keeps its step count as a float32 tensor
+                "step": torch.tensor(float(checkpoint.step), dtype=torch.float32),
+                "exp_avg": moments["exp_avg"][name].clone(),
+                "exp_avg_sq": moments["exp_avg_sq"][name].clone(),
+            }
+    torch.set_rng_state(torch.from_numpy(np.array(checkpoint.rng_state, dtype=np.uint8)))

@@ -1,0 +1,98 @@
+import subprocess
+import sys
+
+import pytest
+
+from observatory.cli import main
+from observatory.errors import SpecError
+from observatory.spec import CheckpointSpec, OptimizerSpec, load_run_spec, spec_from_dict
+from tests.conftest import TINY_TOML, write_spec
+
+
+def test_tiny_spec_loads_into_frozen_dataclasses(tiny_spec):
+    assert tiny_spec.train.steps == 24
+    assert [(r.init_seed, r.data_seed) for r in tiny_spec.runs()] == [(0, 5), (1, 6)]
+    with pytest.raises(AttributeError):
+        tiny_spec.train.steps = 3  # frozen
+    assert spec_from_dict(tiny_spec.to_dict()) == tiny_spec
+
+
+def test_checkpoint_schedule_is_log_spaced_plus_every_n_plus_extra():
+    steps = CheckpointSpec(log_spaced=True, every=10, extra=(7,)).steps(40)
+    assert steps == (0, 1, 2, 4, 7, 8, 10, 16, 20, 30, 32, 40)
+    assert CheckpointSpec(every_step=True).steps(5) == (0, 1, 2, 3, 4, 5)
+    assert CheckpointSpec(log_spaced=False).steps(9) == (0, 9)
+
+
+def test_seed_pairing_product_crosses_init_and_data_seeds(tmp_path):
+    text = TINY_TOML.replace("data = [5, 6]", 'data = [5, 6, 7]\npairing = "product"')
+    spec = load_run_spec(write_spec(tmp_path, text))
+    assert len(spec.runs()) == 6
+    assert {(r.init_seed, r.data_seed) for r in spec.runs()} == {
+        (i, d) for i in (0, 1) for d in (5, 6, 7)
+    }
+
+
+def test_lr_schedule_warms_up_then_decays():
+    opt = OptimizerSpec(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    assert opt.lr_at(0, 100) == pytest.approx(0.25)
+    assert opt.lr_at(4, 100) == pytest.approx(1.0)
+    assert opt.lr_at(100, 100) == pytest.approx(0.1)
+    assert OptimizerSpec(lr=2.0).lr_at(50, 100) == 2.0
+
+
+MALFORMED = {
+    "unknown key": (("steps = 24", "steps = 24\nbogus = 1"), "bogus"),
+    "wrong type": (("steps = 24", 'steps = "ten"'), "train.steps"),
+    "negative steps": (("steps = 24", "steps = -5"), "train.steps"),
+    "empty seeds": (("init = [0, 1]\ndata = [5, 6]", "init = []"), "seeds.init"),
+    "context longer than the position table": (("context = 16", "context = 32"), "train.context"),
+    "missing corpus path": (
+        (
+            'source = "induction"\nseed = 3\nn_sequences = 64\nperiod_min = 2\nperiod_max = 6',
+            'source = "text"\npaths = ["/no/such/corpus"]',
+        ),
+        "/no/such/corpus",
+    ),
+    "zip with unequal seed lists": (("data = [5, 6]", "data = [5]"), "seeds.data"),
+    "heads do not divide d_model": (("n_heads = 2", "n_heads = 3"), "d_model"),
+    "not TOML": (("[train]", "[train"), "not valid TOML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_spec_gives_one_line_error_and_nonzero_exit(case, tmp_path, capsys):
+    (old, new), needle = MALFORMED[case]
+    assert old in TINY_TOML
+    text = TINY_TOML.replace(old, new)
+    if case == "missing corpus path":
+        text = text.replace("vocab_size = 16", "vocab_size = 256")
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError, match="."):
+        load_run_spec(path)
+    code = main(["train", str(path), "--store", str(tmp_path / "s.zarr"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle in err and str(path) in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_missing_spec_file_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.toml")]) == 2
+    assert "no such spec file" in capsys.readouterr().err
+
+
+def test_console_command_reports_bad_spec_without_traceback(tmp_path):
+    path = write_spec(tmp_path, TINY_TOML.replace("steps = 24", "steps = -1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "observatory.cli", "train", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"observatory: error: {path}: train.steps: must be positive"
+    ]

@@ -1,0 +1,166 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from observatory.spec import load_run_spec
+from observatory.store import FamilyStore, create_family
+from observatory.trainer import train_family, train_run
+from tests.conftest import TINY_TOML, write_spec
+
+
+def final_params(store, seed=0):
+    run = FamilyStore(store).run("l2-d16", seed)
+    last = int(run.steps()[-1])
+    return last, run.parameters_at(last)
+
+
+def assert_bit_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == np.float32
+        assert np.array_equal(a[name].view(np.uint32), b[name].view(np.uint32)), name
+
+
+def test_same_spec_and_seeds_give_bit_identical_weights(tiny_spec, tmp_path):
+    first = train_family(tiny_spec, store=tmp_path / "a.zarr", seeds=[0], progress=False)
+    second = train_family(tiny_spec, store=tmp_path / "b.zarr", seeds=[0], progress=False)
+    step_a, params_a = final_params(first)
+    step_b, params_b = final_params(second)
+    assert step_a == step_b == tiny_spec.train.steps
+    assert_bit_identical(params_a, params_b)
+    loss_a = FamilyStore(first).run("l2-d16", 0).metrics()["loss"]
+    loss_b = FamilyStore(second).run("l2-d16", 0).metrics()["loss"]
+    assert np.array_equal(loss_a, loss_b)
+
+
+def test_init_seed_and_data_seed_vary_separately(tmp_path):
+    text = TINY_TOML.replace(
+        "init = [0, 1]\ndata = [5, 6]", 'init = [0, 1]\ndata = [5, 6]\npairing = "product"'
+    )
+    spec = load_run_spec(write_spec(tmp_path, text))
+    store = train_family(spec, store=tmp_path / "p.zarr", progress=False)
+    family = FamilyStore(store)
+    runs = {(r.init_seed, r.data_seed): family.run(r.size, r.seed) for r in family.runs()}
+    init = {k: r.parameters_at(0) for k, r in runs.items()}
+    final = {k: r.parameters_at(spec.train.steps) for k, r in runs.items()}
+    name = "gpt_neox.embed_in.weight"
+    assert np.array_equal(init[(0, 5)][name], init[(0, 6)][name])  # same init seed
+    assert not np.array_equal(init[(0, 5)][name], init[(1, 5)][name])
+    assert not np.array_equal(final[(0, 5)][name], final[(0, 6)][name])  # data order differs
+    assert not np.array_equal(runs[(0, 5)].batch_indices(0), runs[(0, 6)].batch_indices(0))
+
+
+def test_stored_indices_rebuild_the_exact_batches_the_trainer_consumed(tiny_spec, tmp_path):
+    corpus = tiny_spec.data.build(context=tiny_spec.train.context, vocab_size=16)
+    run = tiny_spec.runs()[1]
+    root = create_family(tmp_path / "s.zarr", tiny_spec, data={"fingerprint": corpus.fingerprint})
+    consumed = {}
+    train_run(
+        tiny_spec,
+        run,
+        root,
+        corpus,
+        progress=False,
+        on_batch=lambda s, t: consumed.setdefault(s, t.clone()),
+    )
+    reader = FamilyStore(tmp_path / "s.zarr").run(run.size, run.seed)
+    assert (
+        sorted(consumed)
+        == list(range(tiny_spec.train.steps))
+        == list(reader.metrics()["train_step"])
+    )
+    rebuilt_corpus = tiny_spec.data.build(context=tiny_spec.train.context, vocab_size=16)
+    for step, tokens in consumed.items():
+        assert torch.equal(rebuilt_corpus.batch(reader.batch_indices(step)), tokens)
+
+
+def test_metrics_and_checkpoints_are_recorded(trained_tiny):
+    spec, store = trained_tiny
+    family = FamilyStore(store)
+    assert [r.path for r in family.runs()] == ["l2-d16/seed0", "l2-d16/seed1"]
+    run = family.run("l2-d16", 1)
+    assert run.complete
+    assert list(run.steps()) == list(spec.checkpoints.steps(spec.train.steps))
+    tokens_per_step = spec.train.batch_size * spec.train.context
+    assert list(run.tokens_seen()) == [s * tokens_per_step for s in run.steps()]
+    metrics = run.metrics()
+    assert len(metrics["loss"]) == spec.train.steps
+    assert np.all(np.isfinite(metrics["loss"])) and np.all(metrics["grad_norm"] > 0)
+    assert metrics["lr"][0] == np.float32(spec.optimizer.lr / spec.optimizer.warmup_steps)
+    assert metrics["loss"][-5:].mean() < metrics["loss"][:5].mean()
+
+
+def _committed(store):
+    try:
+        family = FamilyStore(store)
+        return family.run("l2-d16", 0).n_checkpoints
+    except Exception:
+        return 0
+
+
+def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path):
+    text = TINY_TOML.replace("steps = 24", "steps = 300").replace("every = 5", "every = 20")
+    text = text.replace("init = [0, 1]\ndata = [5, 6]", "init = [0]\ndata = [5]")
+    spec_path = write_spec(tmp_path, text)
+    spec = load_run_spec(spec_path)
+    killed = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "observatory.cli",
+            "train",
+            str(spec_path),
+            "--store",
+            str(killed),
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _committed(killed) < 6 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    run = FamilyStore(killed).run("l2-d16", 0)
+    assert not run.complete, "the run finished before it could be killed"
+    assert run.n_checkpoints >= 6
+    # everything a reader can see is complete and readable
+    for step in run.steps():
+        assert all(np.all(np.isfinite(a)) for a in run.parameters_at(int(step)).values())
+
+    train_family(spec, store=killed, resume=True, progress=False)
+    uninterrupted = train_family(spec, store=tmp_path / "clean.zarr", progress=False)
+    _, resumed_params = final_params(killed)
+    _, clean_params = final_params(uninterrupted)
+    assert_bit_identical(resumed_params, clean_params)
+    resumed, clean = (
+        FamilyStore(killed).run("l2-d16", 0),
+        FamilyStore(uninterrupted).run("l2-d16", 0),
+    )
+    assert np.array_equal(resumed.steps(), clean.steps())
+    assert np.array_equal(resumed.metrics()["loss"], clean.metrics()["loss"])
+    assert np.array_equal(resumed.group["batch_indices"][:], clean.group["batch_indices"][:])
+
+
+def test_stop_after_then_resume_matches_and_refuses_without_resume(tiny_spec, tmp_path):
+    import pytest
+
+    from observatory.errors import StoreError
+
+    store = tmp_path / "r.zarr"
+    train_family(tiny_spec, store=store, seeds=[0], progress=False, stop_after=7)
+    assert not FamilyStore(store).run("l2-d16", 0).complete
+    with pytest.raises(StoreError, match="--resume"):
+        train_family(tiny_spec, store=store, seeds=[0], progress=False)
+    train_family(tiny_spec, store=store, seeds=[0], progress=False, resume=True)
+    clean = train_family(tiny_spec, store=tmp_path / "c.zarr", seeds=[0], progress=False)
+    assert_bit_identical(final_params(store)[1], final_params(clean)[1])
