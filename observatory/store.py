@@ -34,6 +34,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numcodecs.blosc
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
@@ -49,6 +50,8 @@ ANALYSIS_GROUP = "analysis"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP_METRICS = ("loss", "lr", "grad_norm")
 METRIC_CHUNK = 4096
+# Arrays of a run with a leading ``train_step`` dim: one entry per training step.
+STEP_RECORDS = ("train_step", "train_tokens", *STEP_METRICS, "batch_indices")
 
 
 def library_versions() -> dict[str, str]:
@@ -335,6 +338,8 @@ class RunWriter:
 
     def start(self) -> None:
         """Start the writer thread."""
+        # Blosc's own threads would compete with torch's for the cores the loop is using.
+        numcodecs.blosc.use_threads = False
         self._thread = threading.Thread(target=self._loop, name=f"writer {self.run.path}")
         self._thread.start()
 
@@ -461,14 +466,20 @@ class FamilyStore:
 
     def run(self, size: str, seed: int) -> RunReader:
         """The run of ``size`` and seed index ``seed``; a clear error lists what exists."""
-        for run in self.runs():
-            if run.size == size and run.seed == seed:
-                return RunReader(self, run)
-        sizes = self.sizes()
-        if size not in sizes:
-            raise StoreError(f"{self.path}: no size {size!r} (sizes: {', '.join(sizes) or 'none'})")
-        seeds = [r.seed for r in self.runs() if r.size == size]
+        readers = self.size_runs(size)
+        for reader in readers:
+            if reader.run.seed == seed:
+                return reader
+        seeds = [reader.run.seed for reader in readers]
         raise StoreError(f"{self.path}: no seed {seed} for size {size!r} (seeds: {seeds})")
+
+    def size_runs(self, size: str) -> list[RunReader]:
+        """Readers of every run of ``size``, in seed order; a clear error lists the sizes."""
+        readers = [RunReader(self, run) for run in self.runs() if run.size == size]
+        if not readers:
+            sizes = self.sizes()
+            raise StoreError(f"{self.path}: no size {size!r} (sizes: {', '.join(sizes) or 'none'})")
+        return readers
 
     def size_attrs(self, size: str) -> dict[str, Any]:
         return _attrs(self.root[size])
@@ -561,6 +572,29 @@ class RunReader:
         if ANALYSIS_GROUP not in self.group:
             return []
         return sorted(name for name, _ in self.group[ANALYSIS_GROUP].groups())
+
+    def analysis_arrays(self, name: str) -> tuple[np.ndarray, dict[str, zarr.Array]]:
+        """The checkpoint steps an analysis covers and its other arrays.
+
+        An analysis group holds a ``step`` array, written last, listing the checkpoints it
+        covers; its arrays with a leading ``step`` dim are valid up to that length.
+        """
+        group = self.analysis_group(name)
+        if group is None or "step" not in group:
+            raise StoreError(f"{self.run.path}: analysis {name!r} has no 'step' array")
+        arrays = {key: array for key, array in group.arrays() if key != "step"}
+        return group["step"][:], arrays
+
+    # -- lazy reading ------------------------------------------------------------------------
+
+    def arrays(self) -> dict[str, zarr.Array]:
+        """Every array of the run group by name, their metadata fetched concurrently.
+
+        Only ``[:n_checkpoints]`` of the arrays with a leading ``step`` dim (the parameters,
+        ``step``, ``tokens_seen``) and ``[:n_steps]`` of those in :data:`STEP_RECORDS` is
+        committed.
+        """
+        return dict(self.group.arrays())
 
 
 def iter_runs(path: str | Path) -> Iterator[RunReader]:
