@@ -466,20 +466,23 @@ class FamilyStore:
 
     def run(self, size: str, seed: int) -> RunReader:
         """The run of ``size`` and seed index ``seed``; a clear error lists what exists."""
-        readers = self.size_runs(size)
-        for reader in readers:
-            if reader.run.seed == seed:
-                return reader
-        seeds = [reader.run.seed for reader in readers]
+        runs = self._size_run_ids(size)
+        for run in runs:
+            if run.seed == seed:
+                return RunReader(self, run)
+        seeds = [run.seed for run in runs]
         raise StoreError(f"{self.path}: no seed {seed} for size {size!r} (seeds: {seeds})")
 
     def size_runs(self, size: str) -> list[RunReader]:
         """Readers of every run of ``size``, in seed order; a clear error lists the sizes."""
-        readers = [RunReader(self, run) for run in self.runs() if run.size == size]
-        if not readers:
+        return [RunReader(self, run) for run in self._size_run_ids(size)]
+
+    def _size_run_ids(self, size: str) -> list[RunId]:
+        runs = [run for run in self.runs() if run.size == size]
+        if not runs:
             sizes = self.sizes()
             raise StoreError(f"{self.path}: no size {size!r} (sizes: {', '.join(sizes) or 'none'})")
-        return readers
+        return runs
 
     def size_attrs(self, size: str) -> dict[str, Any]:
         return _attrs(self.root[size])
@@ -574,16 +577,18 @@ class RunReader:
         return sorted(name for name, _ in self.group[ANALYSIS_GROUP].groups())
 
     def analysis_arrays(self, name: str) -> tuple[np.ndarray, dict[str, zarr.Array]]:
-        """The checkpoint steps an analysis covers and its other arrays.
+        """The checkpoint steps an analysis covers, and its other arrays.
 
-        An analysis group holds a ``step`` array, written last, listing the checkpoints it
-        covers; its arrays with a leading ``step`` dim are valid up to that length.
+        The group's ``step`` array (see :class:`AnalysisWriter`) lists the checkpoint of each
+        row, in any order, and is extended last: the arrays with a leading ``step`` dim are
+        valid up to its length.  A group still being created covers no checkpoint yet.
         """
         group = self.analysis_group(name)
-        if group is None or "step" not in group:
-            raise StoreError(f"{self.run.path}: analysis {name!r} has no 'step' array")
-        arrays = {key: array for key, array in group.arrays() if key != "step"}
-        return group["step"][:], arrays
+        if group is None:
+            raise StoreError(f"{self.run.path}: no analysis {name!r} (analyses: {self.analyses()})")
+        arrays = dict(group.arrays())
+        steps = arrays.pop("step", None)
+        return (np.zeros(0, np.int64) if steps is None else steps[:]), arrays
 
     # -- lazy reading ------------------------------------------------------------------------
 
@@ -595,6 +600,88 @@ class RunReader:
         committed.
         """
         return dict(self.group.arrays())
+
+
+class AnalysisWriter:
+    """Appends the results of one analysis for one run, checkpoint by checkpoint.
+
+    The group ``<run>/analysis/<name>`` holds one array per result variable with a leading
+    ``step`` dim, plus a ``step`` array listing which checkpoint each row belongs to.  Rows are
+    appended in any order; ``step`` is extended last, so readers only see finished rows and a
+    re-run can skip the checkpoints already listed.
+
+    Parameters
+    ----------
+    reader
+        The run, from a :class:`FamilyStore` opened with ``mode="r+"``.
+    name
+        Analysis name (the group name).
+    attrs
+        The analysis parameters (probe seed, conventions, ...), stored on the group.  Existing
+        results computed with other parameters are an error unless ``recompute``.
+    variables
+        ``{variable: (dims_after_step, shape_after_step)}``; stored as float32.
+    recompute
+        Drop existing results first.
+    """
+
+    def __init__(
+        self,
+        reader: RunReader,
+        name: str,
+        *,
+        attrs: dict[str, Any],
+        variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]],
+        recompute: bool = False,
+    ):
+        self.where = f"{reader.run.path}/{ANALYSIS_GROUP}/{name}"
+        group = reader.analysis_group(name)
+        if group is not None and recompute:
+            del reader.group[f"{ANALYSIS_GROUP}/{name}"]
+            group = None
+        if group is not None and _attrs(group).get("parameters") != attrs:
+            raise StoreError(
+                f"{self.where}: existing results were computed with other parameters; "
+                "pass --recompute to replace them"
+            )
+        if group is None:
+            group = reader.analysis_group(name, create=True)
+            _set_attrs(group, parameters=attrs)
+            for variable, (dims, shape) in variables.items():
+                group.create_array(
+                    variable,
+                    shape=(0, *shape),
+                    chunks=(256, *shape),
+                    dtype="float32",
+                    fill_value=float("nan"),
+                    dimension_names=("step", *dims),
+                )
+            group.create_array(
+                "step", shape=(0,), chunks=(4096,), dtype="int64", dimension_names=("step",)
+            )
+        self.group = group
+        self._variables = list(variables)
+
+    def done_steps(self) -> set[int]:
+        """Checkpoint steps whose results are already stored."""
+        return set(self.group["step"][:].tolist())
+
+    def write_extra(self, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
+        """Store an array that does not depend on the checkpoint (e.g. the probe tokens)."""
+        self.group.create_array(
+            name, data=values, dimension_names=dims, overwrite=True, chunks=values.shape
+        )
+
+    def append(self, steps: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Append the rows of ``steps`` (one per checkpoint) for every variable."""
+        start = self.group["step"].shape[0]
+        stop = start + len(steps)
+        for variable in self._variables:
+            array = self.group[variable]
+            array.resize((stop, *array.shape[1:]))
+            array[start:stop] = values[variable]
+        self.group["step"].resize((stop,))
+        self.group["step"][start:stop] = steps
 
 
 def iter_runs(path: str | Path) -> Iterator[RunReader]:

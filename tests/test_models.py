@@ -1,0 +1,74 @@
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from observatory.models import (
+    build_model,
+    model_weights,
+    stack_layers,
+    stacked_name,
+    unstack_layers,
+)
+from observatory.spec import ModelSpec, SizeSpec
+
+SIZE = SizeSpec(name="s", n_layers=2, d_model=32, n_heads=4, n_positions=24)
+
+
+def test_same_init_seed_gives_bit_identical_weights_and_other_seeds_differ():
+    for arch in ("gpt_neox", "attn_only"):
+        spec = ModelSpec(architecture=arch, vocab_size=20, sizes=(SIZE,))
+        a, b = build_model(spec, SIZE, init_seed=3), build_model(spec, SIZE, init_seed=3)
+        c = build_model(spec, SIZE, init_seed=4)
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb), name
+        pairs = zip(a.parameters(), c.parameters(), strict=True)
+        assert not all(torch.equal(pa, pc) for pa, pc in pairs)
+
+
+def test_attention_only_model_is_a_proper_pretrained_model(tmp_path):
+    spec = ModelSpec(architecture="attn_only", vocab_size=20, sizes=(SIZE,), layer_norm=False)
+    model = build_model(spec, SIZE, init_seed=0).eval()
+    assert not any("mlp" in name for name, _ in model.named_parameters())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 20, (2, 24))
+    out = loaded(tokens, output_attentions=True)
+    assert torch.equal(out.logits, model(tokens).logits)
+    assert out.attentions[1].shape == (2, 4, 24, 24)  # [batch, head, query_pos, key_pos]
+    assert torch.allclose(out.attentions[0].sum(-1), torch.ones(2, 4, 24))
+    assert torch.all(out.attentions[0].triu(1) == 0)  # causal
+
+
+def test_stacking_round_trips_and_names_layers():
+    assert stacked_name("gpt_neox.layers.11.mlp.dense_h_to_4h.bias") == (
+        "gpt_neox.layers.mlp.dense_h_to_4h.bias",
+        11,
+    )
+    model = build_model(ModelSpec("gpt_neox", 20, (SIZE,)), SIZE, init_seed=0)
+    stacked = stack_layers(dict(model.named_parameters()))
+    assert stacked["gpt_neox.layers.attention.query_key_value.weight"].shape == (2, 96, 32)
+    restored = unstack_layers(stacked)
+    for name, param in model.named_parameters():
+        assert torch.equal(restored[name], param.detach())
+
+
+def test_transformer_lens_views_match_hand_slices_of_hf_weights():
+    model = build_model(ModelSpec("gpt_neox", 20, (SIZE,)), SIZE, init_seed=0)
+    weights = model_weights(model)
+    d_head = 8
+    qkv = model.gpt_neox.layers[1].attention.query_key_value.weight.detach().numpy()
+    dense = model.gpt_neox.layers[1].attention.dense.weight.detach().numpy()
+    head = 3
+    rows = slice(head * 3 * d_head, (head + 1) * 3 * d_head)  # fused [head, (q, k, v), d_head]
+    q, k, v = np.split(qkv[rows], 3)
+    assert np.array_equal(weights["W_Q"][1, head], q.T)  # [d_model, d_head]
+    assert np.array_equal(weights["W_K"][1, head], k.T)
+    assert np.array_equal(weights["W_V"][1, head], v.T)
+    assert np.array_equal(weights["W_O"][1, head], dense[:, head * d_head : (head + 1) * d_head].T)
+    assert weights["W_U"].shape == (32, 20) and weights["W_E"].shape == (20, 32)
+
+    attn = build_model(ModelSpec("attn_only", 20, (SIZE,)), SIZE, init_seed=0)
+    w = model_weights(attn)
+    q_proj = attn.layers[0].attn.q_proj.weight.detach().numpy()
+    assert np.array_equal(w["W_Q"][0, 2], q_proj[2 * d_head : 3 * d_head].T)
+    assert w["W_pos"].shape == (24, 32)

@@ -1,0 +1,131 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import zarr
+
+from observatory.errors import StoreError
+from observatory.spec import StoreSpec
+from observatory.store import Checkpoint, FamilyStore, RunWriter, StepRecord, create_family
+
+
+def make_writer(spec, path, **store):
+    spec = dataclasses.replace(spec, store=StoreSpec(**store))
+    root = create_family(path, spec, data={"fingerprint": "abc"})
+    shapes = {
+        "gpt_neox.layers.attention.query_key_value.weight": (2, 12, 4),
+        "lm_head.weight": (5, 4),
+    }
+    writer = RunWriter(
+        root,
+        spec.runs()[0],
+        spec,
+        param_shapes=shapes,
+        d_head=2,
+        schedule=(0, 1, 2, 3, 4),
+        rng_bytes=3,
+        data_order_fingerprint="f",
+    )
+    return writer, shapes
+
+
+def checkpoint(step, shapes):
+    params = {k: np.full(s, step, dtype=np.float32) for k, s in shapes.items()}
+    moments = {m: params for m in ("exp_avg", "exp_avg_sq")}
+    return Checkpoint(step, step * 10, params, moments, np.full(3, step, dtype=np.uint8))
+
+
+def record(step):
+    return StepRecord(step, 1.0, 0.1, 0.5, (step + 1) * 10, np.arange(4) + step)
+
+
+def test_buffered_checkpoints_stay_invisible_until_committed(tiny_spec, tmp_path):
+    writer, shapes = make_writer(
+        tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=1e9
+    )
+    writer.start()
+    for step in range(3):
+        writer.put_checkpoint(checkpoint(step, shapes))
+        writer.put_step(record(step))
+    reader = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0)
+    assert reader.n_checkpoints == 0 and len(reader.steps()) == 0
+    writer.put_checkpoint(checkpoint(3, shapes))  # fills a shard: committed as a whole
+    writer.close(complete=False)
+    reader = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0)
+    assert list(reader.steps()) == [0, 1, 2, 3] and reader.n_steps == 3
+    assert np.all(reader.parameters_at(2)["lm_head.weight"] == 2)
+    assert list(reader.batch_indices(1)) == [1, 2, 3, 4]
+
+
+def test_arrays_are_sharded_by_checkpoint_and_chunked_per_head(tiny_spec, tmp_path):
+    writer, shapes = make_writer(
+        tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=0
+    )
+    writer.start()
+    for step in range(5):
+        writer.put_checkpoint(checkpoint(step, shapes))
+    writer.close(complete=True)
+    qkv = zarr.open_array(
+        tmp_path / "s.zarr/l2-d16/seed0/gpt_neox.layers.attention.query_key_value.weight"
+    )
+    assert qkv.shape == (5, 2, 12, 4)
+    assert qkv.shards == (4, 2, 12, 4)  # one file holds 4 whole checkpoints
+    assert qkv.chunks == (4, 1, 2, 4)  # one layer, one d_head block of rows
+    assert qkv.metadata.dimension_names == ("step", "layer", "d_qkv", "d_model")
+    shard_files = list(
+        (tmp_path / "s.zarr/l2-d16/seed0/gpt_neox.layers.attention.query_key_value.weight").rglob(
+            "c/*/*/*/*"
+        )
+    )
+    assert len(shard_files) == 2  # 5 checkpoints -> 2 shards, not 5 x chunks files
+
+
+def test_a_crash_mid_commit_exposes_nothing_and_resume_truncates(tiny_spec, tmp_path):
+    writer, shapes = make_writer(tiny_spec, tmp_path / "s.zarr", commit_seconds=0)
+    writer.start()
+    writer.put_checkpoint(checkpoint(0, shapes))
+    writer.close(complete=False)
+    # Simulate a crash after an array was extended but before the marker moved.
+    array = zarr.open_array(tmp_path / "s.zarr/l2-d16/seed0/lm_head.weight", mode="r+")
+    array.resize((2, 5, 4))
+    array[1] = 99.0
+    reader = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0)
+    assert reader.n_checkpoints == 1 and list(reader.steps()) == [0]
+    with pytest.raises(StoreError, match="no committed checkpoint at step 1"):
+        reader.parameters_at(1)
+    writer, _ = make_writer(tiny_spec, tmp_path / "s.zarr", commit_seconds=0)
+    writer.truncate(*writer.committed)
+    assert zarr.open_array(tmp_path / "s.zarr/l2-d16/seed0/lm_head.weight").shape[0] == 1
+
+
+def test_opening_something_else_is_a_clear_error(tiny_spec, tmp_path):
+    with pytest.raises(StoreError, match="no such store"):
+        FamilyStore(tmp_path / "missing.zarr")
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    with pytest.raises(StoreError, match="not an observatory store"):
+        FamilyStore(tmp_path / "plain.zarr")
+    (tmp_path / "file.zarr").write_text("hello")
+    with pytest.raises(StoreError):
+        FamilyStore(tmp_path / "file.zarr")
+
+
+def test_a_store_refuses_a_different_spec(tiny_spec, tmp_path):
+    create_family(tmp_path / "s.zarr", tiny_spec, data={"fingerprint": "abc"})
+    other = dataclasses.replace(tiny_spec, name="other")
+    with pytest.raises(StoreError, match="different spec"):
+        create_family(tmp_path / "s.zarr", other, data={"fingerprint": "abc"})
+    with pytest.raises(StoreError, match="corpus changed"):
+        create_family(tmp_path / "s.zarr", tiny_spec, data={"fingerprint": "xyz"})
+
+
+def test_unknown_run_and_step_errors_list_what_exists(trained_tiny):
+    _, store = trained_tiny
+    family = FamilyStore(store)
+    with pytest.raises(StoreError, match=r"no size 'big' \(sizes: l2-d16\)"):
+        family.run("big", 0)
+    with pytest.raises(StoreError, match=r"no seed 7 .*seeds: \[0, 1\]"):
+        family.run("l2-d16", 7)
+    with pytest.raises(StoreError, match=r"step 3 .*0, 1, 2, 4, 5, 8, \.\.\., 24"):
+        family.run("l2-d16", 0).parameters_at(3)
+    with pytest.raises(StoreError, match="recorded steps: 0..23"):
+        family.run("l2-d16", 0).batch_indices(24)
