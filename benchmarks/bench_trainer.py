@@ -70,6 +70,7 @@ def main() -> None:
 
     spec = load_run_spec(args.spec)
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, steps=args.steps))
+    torch.set_num_threads(spec.train.threads)  # the trainer uses the spec's thread count too
     corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)
     bare_times, trainer_times = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,9 +104,10 @@ def main() -> None:
         f"weights on disk per checkpoint: {weights_disk / n_ckpt / 1e3:.1f} kB vs raw float32 "
         f"{param_bytes / 1e3:.1f} kB -> ratio {weights_disk / n_ckpt / param_bytes:.3f}"
     )
+    full = (state_disk - per_step) / n_ckpt
     print(
-        f"full checkpoint (weights + AdamW + RNG) on disk: {(state_disk - per_step) / n_ckpt / 1e3:.1f}"
-        f" kB vs raw {raw_state / 1e3:.1f} kB -> ratio {(state_disk - per_step) / n_ckpt / raw_state:.3f}"
+        f"full checkpoint (weights + AdamW + RNG) on disk: {full / 1e3:.1f} kB vs raw "
+        f"{raw_state / 1e3:.1f} kB -> ratio {full / raw_state:.3f}"
     )
     print(f"per-step records (metrics + batch indices): {per_step / steps:.0f} bytes/step")
 

@@ -1,0 +1,32 @@
+"""Observatory: seeded model families with dense checkpoints in one zarr store per family.
+
+The query API is imported lazily, so ``import observatory`` stays cheap::
+
+    import observatory as obs
+
+    ds = obs.open_family("store/induction.zarr", size="l2-d64")
+    ds["W_Q"].sel(layer=1, head=2)  # dims (seed, step, d_model, d_head), dask-backed
+"""
+
+from importlib import import_module
+
+# Public names, imported from their module on first use.
+_LAZY = {
+    **dict.fromkeys(
+        ("open", "open_run", "open_family", "head_weights", "model_at", "batch_at", "describe"),
+        "observatory.query",
+    ),
+    "summary": "observatory.analysis.summary",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'observatory' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

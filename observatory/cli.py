@@ -16,6 +16,8 @@ checkpoints and seeds.
 typical session:
   observatory train runs/induction.toml              # every size x seed of the family
   observatory inspect store/induction.zarr           # runs, checkpoints, tokens, disk use
+  observatory analyze analyses/induction.toml        # circuit-formation scores, on dask
+  observatory report store/induction.zarr --out report/   # figures, HTML page, summary table
 """
 
 
@@ -46,6 +48,38 @@ def _cmd_train(args: argparse.Namespace) -> None:
         stop_after=args.stop_after,
     )
     print(f"trained into {path}")
+
+
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from observatory.analysis.jobs import load_analysis_spec, run_analysis
+
+    spec = load_analysis_spec(args.spec)
+    if args.store:
+        spec = dataclasses.replace(spec, store=args.store)
+    report = run_analysis(
+        spec, scheduler=args.scheduler, recompute=args.recompute, progress=not args.no_progress
+    )
+    print(
+        f"analysed {report.computed} checkpoints of {len(report.runs)} runs "
+        f"({report.skipped} already done) into {spec.store}"
+    )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from observatory.query import describe
+
+    print(describe(args.store))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from observatory.report import write_report
+
+    files = write_report(args.store, args.out, size=args.size)
+    print(f"wrote {len(files)} files into {args.out}:")
+    for path in files:
+        print(f"  {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +114,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="run an analysis job over every checkpoint and seed, on dask.distributed",
+        description="Score every selected checkpoint of every selected run (induction, "
+        "previous-token and duplicate-token head scores, copying score, ICL score, per-token "
+        "losses) on a dask cluster and write the results into the store. Checkpoints already "
+        "analysed with the same parameters are skipped; only committed checkpoints are used, "
+        "so this works while training is still running.",
+    )
+    analyze.add_argument("spec", help="analysis job spec (analyses/*.toml)")
+    analyze.add_argument("--store", help="store to analyse (default: the spec's store)")
+    analyze.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running dask scheduler, e.g. tcp://host:8786 "
+        "(default: a local cluster, one single-threaded worker per core)",
+    )
+    analyze.add_argument(
+        "--recompute", action="store_true", help="replace existing results instead of skipping"
+    )
+    analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
+    analyze.set_defaults(func=_cmd_analyze)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show a store's runs, seeds, checkpoints, tokens seen and disk use",
+        description="Summarise a family store: the family and its corpus, then one line per "
+        "run with its init and data seeds, whether it is complete, its committed checkpoints "
+        "and their steps, the tokens seen at the last checkpoint, its size on disk and its "
+        "analyses. Reads metadata only, so it is quick and safe while training is running.",
+    )
+    inspect.add_argument("store", help="family store (*.zarr)")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    report = commands.add_parser(
+        "report",
+        help="write figures, an HTML page and summary tables of an analysed store",
+        description="Summarise circuit formation in an analysed store (run `observatory "
+        "analyze` first): per seed, the induction heads, the emergence step of the best one, "
+        "the loss bump and the ICL score either side of it; across seeds, mean, std and a "
+        "bootstrap CI. Writes PNG figures (loss curves, induction-score heatmaps, emergence, "
+        "ICL score, per-token-loss PCA, previous-token heads), one self-contained HTML page "
+        "(report.html) and summary.csv / summary_across_seeds.csv / summary.json.",
+    )
+    report.add_argument("store", help="family store (*.zarr), analysed")
+    report.add_argument(
+        "--out", required=True, metavar="DIR", help="directory to write into (created if needed)"
+    )
+    report.add_argument("--size", help="size name (default: the store's only size)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

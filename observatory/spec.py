@@ -257,9 +257,11 @@ class TrainSpec:
     steps: int
     batch_size: int
     context: int  # tokens per training sequence
+    # CPU float reductions depend on the thread count, so it is part of the recipe.
+    threads: int = 2
 
     def validate(self, where: str) -> None:
-        for key in ("steps", "batch_size", "context"):
+        for key in ("steps", "batch_size", "context", "threads"):
             _require(getattr(self, key) > 0, f"{where}.{key}: must be positive")
 
 
@@ -342,12 +344,13 @@ class StoreSpec:
 
     checkpoints_per_shard: int = 32  # one shard file holds this many checkpoints of an array
     commit_seconds: float = 20.0  # commit buffered checkpoints at least this often
-    compression_level: int = 3  # zstd level (lossless)
+    compressor: Literal["lz4", "zstd"] = "lz4"  # Blosc codec with byte shuffle (lossless)
+    compression_level: int = 5  # Blosc level, 1 (fast) .. 9 (small)
 
     def validate(self, where: str) -> None:
         _require(self.checkpoints_per_shard > 0, f"{where}.checkpoints_per_shard: must be positive")
         _require(self.commit_seconds >= 0, f"{where}.commit_seconds: must be >= 0")
-        _require(1 <= self.compression_level <= 22, f"{where}.compression_level: not in 1..22")
+        _require(1 <= self.compression_level <= 9, f"{where}.compression_level: not in 1..9")
 
 
 @dataclass(frozen=True)

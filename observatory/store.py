@@ -25,11 +25,13 @@ readers use only what those markers cover, so a crash never exposes a half-writt
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from zarr.codecs import BloscCodec
 
 from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, parameter_dims
-from observatory.spec import RunId, RunSpec, SizeSpec, spec_from_dict
+from observatory.spec import RunId, RunSpec, SizeSpec, StoreSpec, spec_from_dict
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "observatory"
@@ -50,6 +52,7 @@ ANALYSIS_GROUP = "analysis"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP_METRICS = ("loss", "lr", "grad_norm")
 METRIC_CHUNK = 4096
+READ_ATTEMPTS = 5  # see RunReader.read
 # Arrays of a run with a leading ``train_step`` dim: one entry per training step.
 STEP_RECORDS = ("train_step", "train_tokens", *STEP_METRICS, "batch_indices")
 
@@ -66,8 +69,8 @@ def _set_attrs(node: zarr.Group, **updates: Any) -> None:
     node.attrs[ATTRS_KEY] = _attrs(node) | updates
 
 
-def _compressor(level: int) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+def _compressor(store: StoreSpec) -> BloscCodec:
+    return BloscCodec(cname=store.compressor, clevel=store.compression_level, shuffle="shuffle")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +124,7 @@ def _open_root(path: Path, *, mode: str) -> zarr.Group:
     if not path.exists():
         raise StoreError(f"{path}: no such store")
     try:
-        root = zarr.open_group(path, mode=mode)
+        root = zarr.open_group(path, mode=mode, zarr_format=3)
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as err:
         raise StoreError(f"{path}: not a zarr store ({err})") from None
     version_ = _attrs(root).get("schema_version")
@@ -220,7 +223,7 @@ class RunWriter:
 
     def _create_arrays(self, spec, param_shapes, d_head, schedule, rng_bytes) -> None:
         group, shard = self._group, self._shard
-        compressors = [_compressor(spec.store.compression_level)]
+        compressors = [_compressor(spec.store)]
 
         def checkpoint_array(parent: zarr.Group, name: str, shape, dims, dtype="float32"):
             # shard: K whole checkpoints; inner chunk: one layer, one head's block of rows
@@ -435,6 +438,16 @@ class RunWriter:
 # Reading.
 
 
+@lru_cache(maxsize=8)
+def _parse_spec(text: str) -> RunSpec:
+    """The spec stored as JSON ``text``, parsed and validated once per process.
+
+    Stores are opened for every query (and for every checkpoint an analysis worker loads);
+    validating the spec each time would cost more than the rest of opening the store.
+    """
+    return spec_from_dict(json.loads(text))
+
+
 class FamilyStore:
     """Read access to a family store: its spec, runs and their committed checkpoints.
 
@@ -453,7 +466,7 @@ class FamilyStore:
         self.path = Path(path)
         self.root = _open_root(self.path, mode=mode)
         self.attrs = _attrs(self.root)
-        self.spec = spec_from_dict(self.attrs["spec"])
+        self.spec = _parse_spec(json.dumps(self.attrs["spec"], sort_keys=True))
 
     def sizes(self) -> list[str]:
         """Sizes that have at least one run in the store, in spec order."""
@@ -546,7 +559,7 @@ class RunReader:
     def parameters_at(self, step: int) -> dict[str, np.ndarray]:
         """Stacked parameters of the checkpoint at ``step``."""
         index = self.checkpoint_index(step)
-        return {name: self.group[name][index] for name in self.parameter_names}
+        return {name: self.read(self.group[name], index) for name in self.parameter_names}
 
     def metrics(self) -> dict[str, np.ndarray]:
         """Per-step ``train_step``, ``loss``, ``lr``, ``grad_norm``, ``train_tokens``."""
@@ -600,6 +613,42 @@ class RunReader:
         committed.
         """
         return dict(self.group.arrays())
+
+    def read(self, array: zarr.Array, selection: Any) -> np.ndarray:
+        """``array[selection]`` of a checkpoint array, consistent while a writer commits.
+
+        zarr reads a shard with two requests (its index, then the chunks it needs), and the
+        writer replaces the partly filled shard that holds the last committed checkpoint at
+        every commit.  A read can thus pair one version's index with the next version's bytes,
+        which fails to decode or, rarely, decodes as another chunk.  Shards are replaced by
+        atomic renames, so the read is repeated whenever that shard's file changed under it;
+        shards before it are never rewritten.
+        """
+        last = max(self.n_checkpoints - 1, 0) // array.shards[0]
+        shard = (
+            self.family.path
+            / array.path
+            / array.metadata.encode_chunk_key((last,) + (0,) * (array.ndim - 1))
+        )
+        for attempt in range(READ_ATTEMPTS):
+            before = _file_version(shard)
+            try:
+                values = array[selection]
+            except Exception:  # e.g. blosc failing on bytes from another version of the shard
+                if attempt == READ_ATTEMPTS - 1 or _file_version(shard) == before:
+                    raise
+                continue
+            if _file_version(shard) == before:
+                return values
+        raise StoreError(f"{array.path}: its last shard kept changing while it was read")
+
+
+def _file_version(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 class AnalysisWriter:

@@ -100,14 +100,32 @@ def train_run(
     ``on_batch(step, tokens)`` is called with every batch the model consumes (tests use it to
     compare against the recorded data order).
     """
+    # Determinism: one seed fixes the initial weights; the data order has its own seed and
+    # is a pure function of the step, so no loader state can drift. The thread count is fixed
+    # by the spec because CPU reductions round differently with a different split of the work.
+    torch.use_deterministic_algorithms(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.train.threads)
+    try:
+        _train(
+            spec,
+            run,
+            root,
+            corpus,
+            resume=resume,
+            progress=progress,
+            stop_after=stop_after,
+            on_batch=on_batch,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -> None:
     size = spec.size(run.size)
     total_steps, batch_size = spec.train.steps, spec.train.batch_size
     tokens_per_step = batch_size * spec.train.context
     schedule = spec.checkpoints.steps(total_steps)
-
-    # Determinism: one seed fixes the initial weights; the data order has its own seed and
-    # is a pure function of the step, so no loader state can drift.
-    torch.use_deterministic_algorithms(True)
     model = spec.model.build(size, init_seed=run.init_seed)
     model.train()
     optimizer = spec.optimizer.build(model)

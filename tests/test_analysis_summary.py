@@ -1,0 +1,213 @@
+"""The circuit-formation summary on synthetic results with a planted phase change."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from observatory.analysis.summary import load_results, summary, token_loss_pca
+from observatory.errors import StoreError
+
+TOKENS_PER_STEP = 2048
+TRAIN_STEPS = np.arange(1000)
+CHECKPOINTS = np.union1d([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512], np.arange(0, 1000, 10))
+# seed -> (bump start, bump end, its induction heads by peak score as (layer, head, peak))
+PLANTED = {
+    0: (400, 550, [(1, 2, 0.85), (1, 1, 0.6)]),
+    1: (440, 590, [(1, 0, 0.8)]),
+    2: (480, 630, [(1, 3, 0.9)]),
+}
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def synthetic_results(seeds=(0, 1, 2), *, n_held_out: int = 16) -> xr.Dataset:
+    """What ``load_results`` returns for a family whose seeds have the phase change planted.
+
+    Loss: ln 64 until the bump start, a smooth drop to 1.0 by its end; each planted head's
+    induction score and the (negated) ICL score rise as a sigmoid centred in the window.
+    """
+    rng = np.random.default_rng(0)
+    direction = rng.normal(0, 1, n_held_out)  # shared: the seeds learn the same tokens
+    loss, induction, previous, icl, token_loss = [], [], [], [], []
+    for seed in seeds:
+        start, end, heads = PLANTED[seed]
+        u = np.clip((TRAIN_STEPS - start) / (end - start), 0, 1)
+        drop = np.log(64) - (np.log(64) - 1.0) * u * u * (3 - 2 * u)
+        loss.append(drop + rng.normal(0, 0.05, TRAIN_STEPS.size))
+        rise = sigmoid((CHECKPOINTS - (start + end) / 2) / 15)  # [step]
+        scores = 0.04 + rng.uniform(0, 0.02, (CHECKPOINTS.size, 2, 4))
+        for layer, head, peak in heads:
+            scores[:, layer, head] += (peak - 0.04) * rise
+        induction.append(scores)
+        prev = 0.1 + 0.8 * sigmoid((CHECKPOINTS - start + 50) / 20)
+        previous.append(np.repeat(prev[:, None, None], 4, axis=2).repeat(2, axis=1))
+        icl.append(-0.05 - 1.8 * rise)
+        noise = rng.normal(0, 0.05, (CHECKPOINTS.size, n_held_out))
+        token_loss.append(4.0 - np.outer(rise, 2 + direction) + noise)
+    heads = ("seed", "step", "layer", "head")
+    return xr.Dataset(
+        {
+            "loss": (("seed", "train_step"), np.array(loss)),
+            "induction_score": (heads, np.array(induction)),
+            "previous_token_score": (heads, np.array(previous)),
+            "icl_score": (("seed", "step"), np.array(icl)),
+            "token_loss": (("seed", "step", "held_out"), np.array(token_loss)),
+        },
+        coords={
+            "seed": list(seeds),
+            "step": CHECKPOINTS,
+            "tokens_seen": ("step", CHECKPOINTS * TOKENS_PER_STEP),
+            "train_step": TRAIN_STEPS,
+        },
+        attrs={"store": "synthetic.zarr", "size": "l2-d64", "analysis_parameters": {}},
+    )
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return synthetic_results()
+
+
+@pytest.fixture(scope="module")
+def result(planted):
+    return summary(planted)
+
+
+def test_summary_finds_each_seeds_heads_emergence_and_bump(result):
+    assert result.threshold == 0.5 and result.threshold_source == "default"
+    per_seed = result.per_seed
+    assert list(per_seed.index) == [0, 1, 2]
+    assert list(per_seed["induction_heads"]) == ["L1H2, L1H1", "L1H0", "L1H3"]
+    assert list(per_seed["best_head"]) == ["L1H2", "L1H0", "L1H3"]
+    for seed, (start, end, _) in PLANTED.items():
+        row = per_seed.loc[seed]
+        assert row["emergence_midpoint_step"] == pytest.approx((start + end) / 2, abs=5)
+        assert (start + end) / 2 <= row["emergence_crossing_step"] <= (start + end) / 2 + 30
+        assert start - 60 <= row["bump_start_step"] <= start + 40
+        assert end - 40 <= row["bump_end_step"] <= end + 60
+        assert row["bump_start_tokens"] == row["bump_start_step"] * TOKENS_PER_STEP
+        assert row["jump_in_bump"]
+        assert row["icl_after"] < row["icl_before"] - 1.0  # ICL score becomes more negative
+        assert row["final_loss"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_cross_seed_statistics_name_the_seeds_and_contain_the_mean(result):
+    across = result.across_seeds
+    midpoints = result.per_seed["emergence_midpoint_step"]
+    row = across.loc["emergence_midpoint_step"]
+    assert row["n"] == 3 and row["n_missing"] == 0
+    assert row["mean"] == pytest.approx(midpoints.mean())
+    assert row["std"] == pytest.approx(midpoints.std(ddof=1))
+    for name in ("emergence_midpoint_step", "bump_start_step", "bump_end_step"):
+        assert across.loc[name, "ci_low"] <= across.loc[name, "mean"] <= across.loc[name, "ci_high"]
+
+
+def test_summary_text_markdown_and_json(result):
+    text = str(result)
+    assert "3 seeds" in text and "L1H2, L1H1" in text and "95% CI" in text
+    markdown = result.to_markdown()
+    assert (
+        "| seed |" in markdown
+        and sum(line.startswith("|---") for line in markdown.splitlines()) == 2
+    )
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["n_seeds"] == 3 and data["per_seed"][1]["best_head"] == "L1H0"
+    assert data["across_seeds"]["bump_end_step"]["n"] == 3
+
+
+def test_threshold_from_the_analysis_job_then_the_argument(planted):
+    recorded = planted.copy()
+    recorded.attrs = planted.attrs | {"analysis_parameters": {"head_scores": {"threshold": 0.7}}}
+    from_job = summary(recorded)
+    assert from_job.threshold == 0.7 and from_job.threshold_source == "analysis job"
+    assert from_job.per_seed.loc[0, "induction_heads"] == "L1H2"  # L1H1 peaks at 0.6
+    strict = summary(recorded, threshold=0.95)
+    assert strict.threshold_source == "argument"
+    assert (strict.per_seed["n_induction_heads"] == 0).all()
+    assert strict.per_seed["emergence_midpoint_step"].isna().all()
+    assert strict.across_seeds.loc["emergence_midpoint_step", "n_missing"] == 3
+
+
+def test_a_seed_without_a_bump_is_counted_as_missing(planted):
+    flat = planted.copy()
+    flat["loss"] = planted["loss"].where(planted["seed"] != 1, 2.0)
+    result = summary(flat)
+    assert np.isnan(result.per_seed.loc[1, "bump_start_step"])
+    assert result.per_seed["jump_in_bump"].isna()[1]
+    assert result.across_seeds.loc["bump_start_step", "n"] == 2
+    assert "-" in str(result)
+
+
+def test_missing_analyses_raise_one_clear_line(planted):
+    with pytest.raises(StoreError, match=r"'head_scores'.*run `observatory analyze` first"):
+        summary(planted.drop_vars("induction_score"))
+    unanalysed = planted.copy()
+    unanalysed["icl_score"] = planted["icl_score"].where(planted["seed"] != 2)
+    with pytest.raises(StoreError, match=r"seed 2: no results of analysis 'icl'; run"):
+        summary(unanalysed)
+    with pytest.raises(StoreError, match="'token_loss'"):
+        token_loss_pca(planted.assign(token_loss=planted["token_loss"] * np.nan))
+
+
+def test_token_loss_pca_is_one_fit_over_every_seed(planted):
+    partial = planted.copy()
+    partial["token_loss"] = planted["token_loss"].where(planted["step"] != 1000 - 10)
+    pca = token_loss_pca(partial)
+    assert pca["projection"].dims == ("seed", "step", "component")
+    assert pca.sizes == {"seed": 3, "step": CHECKPOINTS.size, "component": 2, "held_out": 16}
+    assert np.isnan(pca["projection"].sel(step=990)).all()
+    assert np.isfinite(pca["projection"].sel(step=500)).all()
+    assert pca["explained_variance_ratio"].values[0] > 0.9  # one planted direction
+    # every seed travels along PC1 from one end to the other
+    projection = pca["projection"].sel(component=1)
+    assert (np.abs(projection.sel(step=980) - projection.sel(step=0)) > 5).all()
+
+
+def analysed_copy(trained, path, *, threshold: float = 0.4):
+    """A copy of a trained store with made-up analysis results: head ``L1H<seed>`` forms."""
+    from observatory.store import AnalysisWriter, FamilyStore
+
+    shutil.copytree(trained, path)
+    family = FamilyStore(path, mode="r+")
+    for run in family.runs():
+        reader = family.run(run.size, run.seed)
+        steps = reader.steps()
+        rise = np.clip(steps / steps[-1], 0, 1)  # [step]
+        scores = np.zeros((len(steps), 2, 2))
+        scores[:, 1, run.seed] = rise
+        results = {
+            "head_scores": {"induction_score": scores, "previous_token_score": 1 - scores},
+            "icl": {"icl_score": -rise},
+            "token_loss": {"token_loss": 3 - np.outer(rise, np.arange(4))},
+        }
+        for name, variables in results.items():
+            shapes = {key: (("layer", "head"), (2, 2)) for key in variables}
+            shapes |= {"icl_score": ((), ()), "token_loss": (("held_out",), (4,))}
+            writer = AnalysisWriter(
+                reader,
+                name,
+                attrs={"threshold": threshold} if name == "head_scores" else {},
+                variables={key: shapes[key] for key in variables},
+            )
+            writer.append(steps, variables)
+    return path
+
+
+def test_summary_of_a_store(trained_tiny, tmp_path):
+    _, trained = trained_tiny
+    with pytest.raises(StoreError, match="run `observatory analyze` first"):
+        summary(trained)
+    path = analysed_copy(trained, tmp_path / "tiny.zarr")
+    result = summary(path)
+    assert result.threshold == 0.4 and result.threshold_source == "analysis job"
+    assert result.size == "l2-d16" and list(result.per_seed["best_head"]) == ["L1H0", "L1H1"]
+    assert result.store == str(path)
+    loaded = load_results(path, size="l2-d16")
+    assert loaded["induction_score"].dims == ("seed", "step", "layer", "head")
+    with pytest.raises(StoreError, match="no size 'big'"):
+        load_results(path, size="big")

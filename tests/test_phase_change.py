@@ -1,0 +1,54 @@
+"""Ground truth on real training: the demo family's phase change, in every seed."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from observatory.analysis import emergence, loss_bump
+from observatory.analysis.jobs import AnalysisSpec, ExecutionSpec, HeldOutSpec, run_analysis
+from observatory.query import open_family
+from observatory.spec import CheckpointSpec, SeedSpec, load_run_spec
+from observatory.trainer import train_family
+
+
+@pytest.mark.slow
+def test_demo_family_shows_induction_heads_a_loss_bump_and_an_icl_benefit(tmp_path):
+    spec = load_run_spec("runs/induction.toml")
+    spec = dataclasses.replace(
+        spec,
+        seeds=SeedSpec(init=(0, 1), data=(0, 1)),
+        train=dataclasses.replace(spec.train, steps=600),
+        checkpoints=CheckpointSpec(log_spaced=True, every=25),
+    )
+    store = train_family(spec, store=tmp_path / "demo.zarr", progress=False)
+    job = AnalysisSpec(
+        store=str(store),
+        analyses=("head_scores", "icl"),
+        held_out=HeldOutSpec(n_sequences=32),
+        execution=ExecutionSpec(block_size=6, workers=2),
+    )
+    run_analysis(job, progress=False)
+    ds = open_family(store, size="l2-d64")
+    tokens_per_step = spec.train.batch_size * spec.train.context
+    for seed in ds["seed"].values:
+        run = ds.sel(seed=seed)
+        steps = run["step"].values
+        induction = run["induction_score"].sel(layer=1).max("head").values  # best layer-1 head
+        assert induction[0] < 0.2, f"seed {seed}: induction score at init {induction[0]:.2f}"
+        assert induction[-1] > 0.5, f"seed {seed}: final induction score {induction[-1]:.2f}"
+
+        jump = emergence(steps, induction, threshold=0.5)
+        bump = loss_bump(
+            run["train_step"].values, run["loss"].values, tokens_per_step=tokens_per_step
+        )
+        assert bump is not None, f"seed {seed}: no loss bump detected"
+        assert bump.start_step <= jump.midpoint_step <= bump.end_step, (
+            f"seed {seed}: induction jump at {jump.midpoint_step:.0f} outside the bump "
+            f"window {bump.start_step:.0f}-{bump.end_step:.0f}"
+        )
+        icl = run["icl_score"]
+        before = float(icl.sel(step=bump.start_step, method="nearest"))
+        after = float(icl.sel(step=bump.end_step, method="nearest"))
+        assert after < before - 0.5, f"seed {seed}: ICL score {before:.2f} -> {after:.2f}"
+        assert np.isfinite(icl.values).all()
