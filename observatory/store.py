@@ -225,17 +225,22 @@ class RunWriter:
         group, shard = self._group, self._shard
         compressors = [_compressor(spec.store)]
 
-        def checkpoint_array(parent: zarr.Group, name: str, shape, dims, dtype="float32"):
-            # shard: K whole checkpoints; inner chunk: one layer, one head's block of rows
+        def checkpoint_array(
+            parent: zarr.Group, name: str, shape, dims, dtype="float32", per_head=False
+        ):
+            # A file holds K whole checkpoints. Per-head arrays are shards whose inner chunks
+            # are one layer and one head's block of rows, so one head reads only its bytes;
+            # the rest are single chunks, which cost the writer far less.
             chunks = tuple(
                 1 if dim == "layer" else d_head if dim in PER_HEAD_DIMS else n
                 for dim, n in zip(dims, shape, strict=True)
             )
+            sharded = per_head and any(dim in PER_HEAD_DIMS for dim in dims)
             parent.create_array(
                 name,
                 shape=(0, *shape),
-                chunks=(shard, *chunks),
-                shards=(shard, *shape),
+                chunks=(shard, *chunks) if sharded else (shard, *shape),
+                shards=(shard, *shape) if sharded else None,
                 dtype=dtype,
                 compressors=compressors,
                 fill_value=0,
@@ -255,7 +260,7 @@ class RunWriter:
             )
 
         for name, shape in param_shapes.items():
-            checkpoint_array(group, name, shape, parameter_dims(name))
+            checkpoint_array(group, name, shape, parameter_dims(name), per_head=True)
         state = group.require_group(STATE_GROUP)
         for moment in MOMENTS:
             moments = state.require_group(moment)
@@ -622,8 +627,10 @@ class RunReader:
         every commit.  A read can thus pair one version's index with the next version's bytes,
         which fails to decode or, rarely, decodes as another chunk.  Shards are replaced by
         atomic renames, so the read is repeated whenever that shard's file changed under it;
-        shards before it are never rewritten.
+        shards before it are never rewritten.  Unsharded chunks are read in one request.
         """
+        if array.shards is None:
+            return array[selection]
         last = max(self.n_checkpoints - 1, 0) // array.shards[0]
         shard = (
             self.family.path

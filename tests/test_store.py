@@ -72,6 +72,8 @@ def test_arrays_are_sharded_by_checkpoint_and_chunked_per_head(tiny_spec, tmp_pa
     assert qkv.shards == (4, 2, 12, 4)  # one file holds 4 whole checkpoints
     assert qkv.chunks == (4, 1, 2, 4)  # one layer, one d_head block of rows
     assert qkv.metadata.dimension_names == ("step", "layer", "d_qkv", "d_model")
+    mlp = zarr.open_array(tmp_path / "s.zarr/l2-d16/seed0/lm_head.weight")
+    assert mlp.shards is None and mlp.chunks == (4, 5, 4)  # no per-head dim: one plain chunk
     shard_files = list(
         (tmp_path / "s.zarr/l2-d16/seed0/gpt_neox.layers.attention.query_key_value.weight").rglob(
             "c/*/*/*/*"
