@@ -455,8 +455,13 @@ def load_run_spec(path: str | Path) -> RunSpec:
     SpecError
         With a one-line message naming the offending key.
     """
+    return load_spec(RunSpec, path)
+
+
+def load_spec(cls: type, path: str | Path) -> Any:
+    """Load a TOML file into the spec dataclass ``cls``; errors are prefixed with the path."""
     table = load_toml(path)
     try:
-        return spec_from_dict(table)
+        return from_table(cls, table, "")
     except SpecError as err:
         raise SpecError(f"{path}: {str(err).lstrip('.: ')}") from None

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from observatory.errors import SpecError
-from observatory.spec import DataSpec, RunId, RunSpec, from_table, load_toml
+from observatory.spec import DataSpec, RunId, RunSpec, load_spec
 
 ANALYSES = ("head_scores", "copying", "icl", "token_loss")
 Analysis = Literal["head_scores", "copying", "icl", "token_loss"]
@@ -121,18 +121,14 @@ class AnalysisSpec:
 def load_analysis_spec(path: str | Path) -> AnalysisSpec:
     """Load and validate an analysis job spec (``analyses/*.toml``).
 
-    A relative ``store`` is resolved against the current directory.
+    A relative ``store`` is relative to the current directory.
 
     Raises
     ------
     SpecError
         With a one-line message naming the offending key.
     """
-    table = load_toml(path)
-    try:
-        return from_table(AnalysisSpec, table, "")
-    except SpecError as err:
-        raise SpecError(f"{path}: {str(err).lstrip('.: ')}") from None
+    return load_spec(AnalysisSpec, path)
 
 
 # --------------------------------------------------------------------------------------------
