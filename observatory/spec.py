@@ -342,7 +342,7 @@ class CheckpointSpec:
 class StoreSpec:
     """How checkpoints are laid out on disk and how often they are committed."""
 
-    checkpoints_per_shard: int = 32  # one shard file holds this many checkpoints of an array
+    checkpoints_per_shard: int = 64  # one shard file holds this many checkpoints of an array
     commit_seconds: float = 20.0  # commit buffered checkpoints at least this often
     compressor: Literal["lz4", "zstd"] = "lz4"  # Blosc codec with byte shuffle (lossless)
     compression_level: int = 5  # Blosc level, 1 (fast) .. 9 (small)
