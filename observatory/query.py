@@ -13,7 +13,7 @@ Dims: ``seed`` (runs of a family), ``step`` (checkpoint steps, with ``tokens_see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -388,12 +388,48 @@ def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrained
         If the store, size, seed or checkpoint does not exist (the message lists what does).
     """
     reader = FamilyStore(path).run(size, seed)
-    state = unstack_layers(reader.parameters_at(step))
-    config = AutoConfig.for_model(**reader.family.size_attrs(size)["hf_config"])
-    with torch.random.fork_rng(devices=[]):  # the throwaway initialisation draws numbers
-        model = model_from_config(config)
-    model.load_state_dict(state, strict=True)
+    model = _empty_model(reader)
+    model.load_state_dict(unstack_layers(reader.parameters_at(step)), strict=True)
     return model.eval()
+
+
+def models_at(
+    path: str | Path, *, size: str, seed: int, steps: Sequence[int]
+) -> Iterator[tuple[int, PreTrainedModel]]:
+    """The model of one run at each of several checkpoints, for scoring them in turn.
+
+    Reads each parameter array once for all ``steps`` and loads the weights into one model,
+    which is yielded again for every step: use it before asking for the next.
+
+    Parameters
+    ----------
+    path
+        The family store.
+    size
+        Size name.
+    seed
+        Seed index.
+    steps
+        Committed checkpoint steps, best close together (they share chunks).
+
+    Yields
+    ------
+    tuple of (int, transformers.PreTrainedModel)
+        The step and the model (eval mode) with that step's weights.
+    """
+    reader = FamilyStore(path).run(size, seed)
+    stacked = reader.parameters_for(steps)
+    model = _empty_model(reader).eval()
+    for row, step in enumerate(steps):
+        weights = unstack_layers({name: values[row] for name, values in stacked.items()})
+        model.load_state_dict(weights, strict=True)
+        yield step, model
+
+
+def _empty_model(reader: RunReader) -> PreTrainedModel:
+    config = AutoConfig.for_model(**reader.family.size_attrs(reader.run.size)["hf_config"])
+    with torch.random.fork_rng(devices=[]):  # the throwaway initialisation draws numbers
+        return model_from_config(config)
 
 
 def batch_at(path: str | Path, *, size: str, seed: int, step: int) -> torch.Tensor:

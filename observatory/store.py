@@ -29,7 +29,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
@@ -565,6 +565,20 @@ class RunReader:
         """Stacked parameters of the checkpoint at ``step``."""
         index = self.checkpoint_index(step)
         return {name: self.read(self.group[name], index) for name in self.parameter_names}
+
+    def parameters_for(self, steps: Sequence[int]) -> dict[str, np.ndarray]:
+        """Stacked parameters of several checkpoints, ``[len(steps), ...]`` each.
+
+        Each array is read once over the range the steps span, so a block of nearby
+        checkpoints decodes every chunk once rather than once per checkpoint.
+        """
+        indices = np.array([self.checkpoint_index(step) for step in steps])
+        lo, hi = int(indices.min()), int(indices.max()) + 1
+        arrays = dict(self.group.arrays())
+        return {
+            name: self.read(arrays[name], slice(lo, hi))[indices - lo]
+            for name in self.parameter_names
+        }
 
     def metrics(self) -> dict[str, np.ndarray]:
         """Per-step ``train_step``, ``loss``, ``lr``, ``grad_norm``, ``train_tokens``."""

@@ -373,3 +373,14 @@ def test_inspect_missing_store_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("observatory: error: ") and "no such store" in err
     assert err.count("\n") == 1
+
+
+def test_models_at_yields_the_same_weights_as_model_at(trained_tiny):
+    from observatory.query import models_at
+
+    _, store = trained_tiny
+    tokens = torch.arange(16)[None] % 16
+    steps = [4, 5, 8]
+    for step, model in models_at(store, size="l2-d16", seed=1, steps=steps):
+        expected = obs.model_at(store, size="l2-d16", seed=1, step=step)
+        assert torch.equal(model(tokens).logits, expected(tokens).logits), step

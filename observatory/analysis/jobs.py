@@ -79,7 +79,7 @@ class HeldOutSpec:
 
 @dataclass(frozen=True)
 class ExecutionSpec:
-    block_size: int = 8  # checkpoints per task
+    block_size: int = 16  # checkpoints per task
     workers: int = 0  # local cluster size (0: one per core)
 
     def validate(self, where: str) -> None:
@@ -259,7 +259,7 @@ def analyse_block(
         token_losses,
     )
     from observatory.models import model_weights
-    from observatory.query import model_at
+    from observatory.query import models_at
 
     # One thread per task: the cluster runs one task per core, and oversubscribed torch
     # threads slow everything down.
@@ -270,8 +270,7 @@ def analyse_block(
     def add(analysis: str, variable: str, value) -> None:
         rows[analysis].setdefault(variable, []).append(value)
 
-    for step in steps:
-        model = model_at(store, size=size, seed=seed, step=step)
+    for _, model in models_at(store, size=size, seed=seed, steps=steps):
         if "head_scores" in plan.analyses:
             patterns = attention_patterns(model, plan.probe_tokens)
             conventions = [("", options.convention)]
@@ -447,7 +446,8 @@ def run_analysis(
 def _write_block(writers, steps: list[int], results: dict[str, dict[str, np.ndarray]]) -> None:
     """Append a block's rows to each analysis, skipping steps that analysis already has."""
     for name, writer in writers.items():
-        keep = np.array([s not in writer.done_steps() for s in steps])
+        done = writer.done_steps()
+        keep = np.array([s not in done for s in steps])
         if keep.any():
             values = {var: rows[keep] for var, rows in results[name].items()}
             writer.append(np.asarray(steps)[keep], values)
