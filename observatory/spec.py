@@ -264,6 +264,11 @@ class TrainSpec:
         for key in ("steps", "batch_size", "context", "threads"):
             _require(getattr(self, key) > 0, f"{where}.{key}: must be positive")
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens the model sees per step: checkpoint ``s`` has seen ``s * tokens_per_step``."""
+        return self.batch_size * self.context
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:

@@ -484,11 +484,10 @@ class FamilyStore:
 
     def run(self, size: str, seed: int) -> RunReader:
         """The run of ``size`` and seed index ``seed``; a clear error lists what exists."""
-        runs = self._size_run_ids(size)
-        for run in runs:
-            if run.seed == seed:
+        for run in self.spec.runs():  # the common case: one existence check, not one per run
+            if run.size == size and run.seed == seed and run.path in self.root:
                 return RunReader(self, run)
-        seeds = [run.seed for run in runs]
+        seeds = [run.seed for run in self._size_run_ids(size)]
         raise StoreError(f"{self.path}: no seed {seed} for size {size!r} (seeds: {seeds})")
 
     def size_runs(self, size: str) -> list[RunReader]:

@@ -124,7 +124,7 @@ def train_run(
 def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -> None:
     size = spec.size(run.size)
     total_steps, batch_size = spec.train.steps, spec.train.batch_size
-    tokens_per_step = batch_size * spec.train.context
+    tokens_per_step = spec.train.tokens_per_step
     schedule = spec.checkpoints.steps(total_steps)
     model = spec.model.build(size, init_seed=run.init_seed)
     model.train()

@@ -115,7 +115,7 @@ def test_open_family_reads_metadata_only_and_views_are_lazy(trained_tiny, monkey
     assert keys and not data_reads
     # the only data read: the small coordinate arrays
     read = {k.split("/")[2] for k in keys if k.startswith(SIZE) and not k.endswith("zarr.json")}
-    assert read == {"step", "tokens_seen", "train_step"}
+    assert read == {"step", "train_step"}  # tokens_seen is derived from step
     for name in ("W_Q", "W_O", "b_Q", "W_E", "W_U", QKV, "loss"):
         assert isinstance(ds[name].data, da.Array), name
 
