@@ -29,7 +29,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
@@ -751,10 +751,3 @@ class AnalysisWriter:
             array[start:stop] = values[variable]
         self.group["step"].resize((stop,))
         self.group["step"][start:stop] = steps
-
-
-def iter_runs(path: str | Path) -> Iterator[RunReader]:
-    """Every run present in a store."""
-    family = FamilyStore(path)
-    for run in family.runs():
-        yield RunReader(family, run)
