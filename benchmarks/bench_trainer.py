@@ -1,12 +1,18 @@
 """Trainer speed with dense checkpoints vs a bare PyTorch loop, and bytes on disk per checkpoint.
 
-Both loops train the same model on the same batches in this process; the trainer also writes
-its default dense checkpoint schedule (weights, AdamW moments, RNG state), per-step metrics and
-data indices to a zarr store.  Rounds alternate (bare, trainer, bare, trainer, ...) and the best
-time of each is kept, and the median of the per-round ratios is printed too, so a noisy
-neighbour hurts both alike.
+The two loops run in lock-step in this process: before each trainer step, the trainer's
+``on_batch`` hook runs one step of a bare loop (a second copy of the same model and optimizer,
+with no checkpoints, metrics or store) on the same batch, and times it.  This machine's speed
+drifts by 10% and more from one second to the next, more than the effect measured; stepping
+the two loops in turn exposes both to the same drift.  The trainer's time is its wall time
+(first step to last commit, the final flush included) less the bare steps.
 
-    python benchmarks/bench_trainer.py [--spec runs/induction.toml] [--steps 1000] [--rounds 5]
+The writer thread runs beside both loops, so some of its cost lands on the bare steps.  The
+conservative ratio therefore adds, in full, the time a writer takes to store the same run with
+nothing else running (replayed from the trained store) to the trainer's time, as if none of
+the writing had overlapped training.
+
+    python benchmarks/bench_trainer.py [--spec runs/induction.toml] [--steps 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -20,128 +26,139 @@ from pathlib import Path
 
 import torch
 
-from observatory.data import batch_indices
 from observatory.spec import load_run_spec
-from observatory.store import FamilyStore, create_family
+from observatory.store import FamilyStore, RunWriter, StepRecord, create_family
 from observatory.trainer import train_run
 
 
-def bare_loop(spec, corpus) -> float:
-    """Seconds for the plain training loop: no checkpoints, no metrics, no store."""
-    run = spec.runs()[0]
-    model = spec.model.build(spec.model.sizes[0], init_seed=run.init_seed)
-    optimizer = spec.optimizer.build(model)
-    batches = [
-        corpus.batch(
-            batch_indices(
-                data_seed=run.data_seed,
-                step=step,
-                batch_size=spec.train.batch_size,
-                dataset_size=len(corpus),
-            )
-        )
-        for step in range(spec.train.steps)
-    ]
-    start = time.perf_counter()
-    for step, tokens in enumerate(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = spec.optimizer.lr_at(step, spec.train.steps)
-        loss = model(input_ids=tokens, labels=tokens).loss
+class BareLoop:
+    """The plain training step of the trainer's model: no checkpoints, metrics or store."""
+
+    def __init__(self, spec, run):
+        self.spec = spec
+        self.model = spec.model.build(spec.model.sizes[0], init_seed=run.init_seed)
+        self.optimizer = spec.optimizer.build(self.model)
+        self.seconds = 0.0
+
+    def __call__(self, step: int, tokens: torch.Tensor) -> None:
+        start = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.spec.optimizer.lr_at(step, self.spec.train.steps)
+        loss = self.model(input_ids=tokens, labels=tokens).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         loss.item()
+        self.seconds += time.perf_counter() - start
+
+
+def lockstep_round(spec, corpus, store: Path) -> tuple[float, float]:
+    """Seconds of the bare loop and of the trainer, stepped in turn, for one run of the spec."""
+    run = spec.runs()[0]
+    bare = BareLoop(spec, run)
+    root = create_family(store, spec, data={"fingerprint": corpus.fingerprint})
+    summary = train_run(spec, run, root, corpus, progress=False, on_batch=bare)
+    return bare.seconds, summary.seconds - bare.seconds
+
+
+def replay_writer_seconds(spec, store: Path, replay: Path) -> float:
+    """Seconds a :class:`RunWriter` takes to store a trained run again, alone on the machine."""
+    run_id = spec.runs()[0]
+    run = FamilyStore(store).run(run_id.size, run_id.seed)
+    checkpoints = {int(step): run.checkpoint(int(step)) for step in run.steps()}
+    metrics = run.metrics()
+    records = [
+        StepRecord(
+            step=step,
+            loss=float(metrics["loss"][step]),
+            lr=float(metrics["lr"][step]),
+            grad_norm=float(metrics["grad_norm"][step]),
+            tokens_seen=int(metrics["train_tokens"][step]),
+            batch_indices=run.batch_indices(step),
+        )
+        for step in range(run.n_steps)
+    ]
+    first = next(iter(checkpoints.values()))
+    writer = RunWriter(
+        create_family(replay, spec, data={"fingerprint": "replay"}),
+        run_id,
+        spec,
+        param_shapes={name: array.shape for name, array in first.params.items()},
+        d_head=spec.size(run_id.size).d_head,
+        schedule=tuple(checkpoints),
+        rng_bytes=first.rng_state.size,
+        data_order_fingerprint="replay",
+    )
+    start = time.perf_counter()
+    writer.start()
+    for step in range(run.n_steps + 1):  # in the trainer's order: checkpoint, then the step
+        if step in checkpoints:
+            writer.put_checkpoint(checkpoints[step])
+        if step < run.n_steps:
+            writer.put_step(records[step])
+    writer.close(complete=True)
     return time.perf_counter() - start
 
 
-def trainer_run(spec, corpus, directory: Path) -> tuple[float, float, Path]:
-    """Seconds for observatory's trainer (one run): in all, and from its first step on.
-
-    Both include the final flush to disk. "From its first step" leaves out the one-time
-    set-up (store and array creation, model and optimizer construction) that the bare loop's
-    timing leaves out too.
-    """
-    store = directory / f"bench-{time.monotonic_ns()}.zarr"
-    first_step: list[float] = []
-
-    def clock(step: int, _tokens) -> None:
-        if step == 0:
-            first_step.append(time.perf_counter())
-
-    start = time.perf_counter()
-    root = create_family(store, spec, data={"fingerprint": corpus.fingerprint})
-    train_run(spec, spec.runs()[0], root, corpus, progress=False, on_batch=clock)
-    end = time.perf_counter()
-    return end - start, end - first_step[0], store
+def disk_figures(store: Path, spec) -> list[str]:
+    """Bytes on disk per checkpoint against raw float32, and per training step."""
+    family = FamilyStore(store)
+    run = family.run(spec.model.sizes[0].name, 0)
+    n_ckpt = run.n_checkpoints
+    param_bytes = sum(a.nbytes for a in run.parameters_at(int(run.steps()[0])).values())
+    raw_state = 3 * param_bytes + run.group["state/rng_state"].shape[1]  # + 2 AdamW moments
+    run_disk = family.disk_bytes(run.run.path)
+    weights_disk = sum(family.disk_bytes(f"{run.run.path}/{n}") for n in run.parameter_names)
+    checkpoint_disk = weights_disk + family.disk_bytes(f"{run.run.path}/state")
+    per_step = run_disk - checkpoint_disk
+    return [
+        f"checkpoints per run: {n_ckpt}",
+        f"weights on disk per checkpoint: {weights_disk / n_ckpt / 1e3:.1f} kB vs raw float32 "
+        f"{param_bytes / 1e3:.1f} kB -> ratio {weights_disk / n_ckpt / param_bytes:.3f}",
+        f"full checkpoint (weights + AdamW + RNG) on disk: {checkpoint_disk / n_ckpt / 1e3:.1f} "
+        f"kB vs raw {raw_state / 1e3:.1f} kB -> ratio {checkpoint_disk / n_ckpt / raw_state:.3f}",
+        f"per-step records (metrics + batch indices): {per_step / run.n_steps:.0f} bytes/step",
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="runs/induction.toml")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     spec = load_run_spec(args.spec)
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, steps=args.steps))
-    torch.set_num_threads(spec.train.threads)  # the trainer uses the spec's thread count too
     corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)
-    bare_times, trainer_times, loop_times = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            bare_times.append(bare_loop(spec, corpus))
-            seconds, loop_seconds, store = trainer_run(spec, corpus, Path(tmp))
-            trainer_times.append(seconds)
-            loop_times.append(loop_seconds)
-        run = FamilyStore(store).run(spec.model.sizes[0].name, 0)
-        n_ckpt = run.n_checkpoints
-        params = run.parameters_at(int(run.steps()[0]))
-        param_bytes = sum(a.nbytes for a in params.values())
-        rng_bytes = run.group["state/rng_state"].shape[1]
-        raw_state = 3 * param_bytes + rng_bytes  # weights + two AdamW moments + RNG state
-        state_disk = FamilyStore(store).disk_bytes(run.run.path)
-        per_step = state_disk - sum(
-            FamilyStore(store).disk_bytes(f"{run.run.path}/{name}")
-            for name in run.parameter_names + ["state"]
-        )
-        weights_disk = sum(
-            FamilyStore(store).disk_bytes(f"{run.run.path}/{name}") for name in run.parameter_names
-        )
-
-    bare, trainer, loop = min(bare_times), min(trainer_times), min(loop_times)
     steps = spec.train.steps
     print(f"model: {spec.model.architecture} {spec.model.sizes[0]}")
-    print(f"steps: {steps}, checkpoints written: {n_ckpt} (default schedule of {args.spec})")
-    print(f"bare PyTorch loop                : {steps / bare:6.1f} steps/s (best of {args.rounds})")
-    print(f"observatory trainer, from step 0 : {steps / loop:6.1f} steps/s (best of {args.rounds})")
     print(
-        f"observatory trainer, with set-up : {steps / trainer:6.1f} steps/s (best of {args.rounds})"
+        f"steps: {steps}, default checkpoint schedule of {args.spec}, torch threads: "
+        f"{spec.train.threads}"
     )
+    ratios, conservative = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(args.rounds):
+            store = Path(tmp) / f"round{index}.zarr"
+            bare, trainer = lockstep_round(spec, corpus, store)
+            writer = replay_writer_seconds(spec, store, Path(tmp) / f"replay{index}.zarr")
+            ratios.append(bare / trainer)
+            conservative.append(bare / (trainer + writer))
+            print(
+                f"round {index}: bare loop {steps / bare:5.1f} steps/s, trainer "
+                f"{steps / trainer:5.1f} steps/s; writer alone {writer:.2f} s -> ratio "
+                f"{ratios[-1]:.3f}, conservative {conservative[-1]:.3f}",
+                flush=True,
+            )
+        figures = disk_figures(store, spec)
     print(
-        f"speed ratio trainer/bare, best of each: {bare / loop:.3f} from step 0, "
-        f"{bare / trainer:.3f} with set-up"
+        f"speed ratio trainer/bare, median of {args.rounds} rounds: "
+        f"{statistics.median(ratios):.3f} (target >= 0.95); conservative, with the writer's "
+        f"time added in full: {statistics.median(conservative):.3f}"
     )
-    # The machine's speed drifts between rounds; each round's bare loop and trainer run back to
-    # back, so the median of the per-round ratios is the steadier figure.
-    paired = [b / t for b, t in zip(bare_times, loop_times, strict=True)]
-    paired_setup = [b / t for b, t in zip(bare_times, trainer_times, strict=True)]
-    print(
-        f"speed ratio trainer/bare, median of {args.rounds} paired rounds: "
-        f"{statistics.median(paired):.3f} from step 0 (target >= 0.95), "
-        f"{statistics.median(paired_setup):.3f} with set-up; "
-        f"per round: {', '.join(f'{r:.3f}' for r in paired)}"
-    )
-    print(
-        f"weights on disk per checkpoint: {weights_disk / n_ckpt / 1e3:.1f} kB vs raw float32 "
-        f"{param_bytes / 1e3:.1f} kB -> ratio {weights_disk / n_ckpt / param_bytes:.3f}"
-    )
-    full = (state_disk - per_step) / n_ckpt
-    print(
-        f"full checkpoint (weights + AdamW + RNG) on disk: {full / 1e3:.1f} kB vs raw "
-        f"{raw_state / 1e3:.1f} kB -> ratio {full / raw_state:.3f}"
-    )
-    print(f"per-step records (metrics + batch indices): {per_step / steps:.0f} bytes/step")
+    print("\n".join(figures))
 
 
 if __name__ == "__main__":

@@ -160,13 +160,15 @@ def batch_indices(*, data_seed: int, step: int, batch_size: int, dataset_size: i
     numpy.ndarray
         ``indices[batch]`` (int64).
     """
-    positions = step * batch_size + np.arange(batch_size)
-    epochs, offsets = np.divmod(positions, dataset_size)
-    out = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        mask = epochs == epoch
-        out[mask] = _epoch_order(data_seed, int(epoch), dataset_size)[offsets[mask]]
-    return out
+    # Slices of consecutive epoch orders: called every training step, so no masks or unique.
+    parts, remaining = [], batch_size
+    epoch, offset = divmod(step * batch_size, dataset_size)
+    while remaining:
+        part = _epoch_order(data_seed, epoch, dataset_size)[offset : offset + remaining]
+        parts.append(part)
+        remaining -= len(part)
+        epoch, offset = epoch + 1, 0
+    return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
 
 
 def data_order_fingerprint(*, data_seed: int, dataset_size: int) -> str:

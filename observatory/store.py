@@ -26,6 +26,7 @@ readers use only what those markers cover, so a crash never exposes a half-writt
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 import time
@@ -53,6 +54,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP_METRICS = ("loss", "lr", "grad_norm")
 METRIC_CHUNK = 4096
 READ_ATTEMPTS = 5  # see RunReader.read
+MAX_BUFFER_BYTES = 2**30  # checkpoints a writer holds in memory before it commits them
 # Arrays of a run with a leading ``train_step`` dim: one entry per training step.
 STEP_RECORDS = ("train_step", "train_tokens", *STEP_METRICS, "batch_indices")
 
@@ -170,8 +172,9 @@ class RunWriter:
     """Appends checkpoints and per-step records of one run, on a background thread.
 
     ``put_checkpoint`` and ``put_step`` return at once; a writer thread buffers checkpoints
-    and commits them when a shard is full or ``commit_seconds`` have passed, so that each
-    shard file is written whole and the training loop never waits on disk.
+    and commits them when a shard is full, ``commit_seconds`` have passed or the buffer holds
+    ``MAX_BUFFER_BYTES``, so that each shard file is written whole (for small models) and the
+    training loop never waits on disk.
 
     Parameters
     ----------
@@ -215,9 +218,15 @@ class RunWriter:
         elif _attrs(self._group).get("data_order_fingerprint") != data_order_fingerprint:
             raise StoreError(f"{run.path}: the data order changed since this run was started")
         self._ckpt_arrays = self._checkpoint_arrays()
+        checkpoint_bytes = sum(
+            a.dtype.itemsize * math.prod(a.shape[1:]) for a in self._ckpt_arrays.values()
+        )
+        self._buffer_slots = max(1, min(self._shard, MAX_BUFFER_BYTES // checkpoint_bytes))
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self.checkpoints_written = 0
+        self.busy_seconds = 0.0  # wall time the writer thread spent on storing, not waiting
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -295,15 +304,20 @@ class RunWriter:
     def _checkpoint_arrays(self) -> dict[tuple[str, ...], zarr.Array]:
         """Every array with a leading ``step`` dim, keyed by its path within the run."""
         names = _attrs(self._group)["parameters"]
-        arrays: dict[tuple[str, ...], zarr.Array] = {}
+        paths: dict[tuple[str, ...], str] = {}
         for name in names:
-            arrays[("params", name)] = self._group[name]
+            paths[("params", name)] = name
             for moment in MOMENTS:
-                arrays[(moment, name)] = self._group[f"{STATE_GROUP}/{moment}/{name}"]
-        arrays[("rng_state",)] = self._group[f"{STATE_GROUP}/rng_state"]
-        arrays[("step",)] = self._group["step"]
-        arrays[("tokens_seen",)] = self._group["tokens_seen"]
-        return arrays
+                paths[(moment, name)] = f"{STATE_GROUP}/{moment}/{name}"
+        paths[("rng_state",)] = f"{STATE_GROUP}/rng_state"
+        paths[("step",)] = "step"
+        paths[("tokens_seen",)] = "tokens_seen"
+        return {key: self._array(path) for key, path in paths.items()}
+
+    def _array(self, path: str) -> zarr.Array:
+        # Checkpoints are never all zeros worth skipping; checking each chunk for it would
+        # cost the writer more than compressing it.
+        return self._group[path].with_config({"write_empty_chunks": True})
 
     # -- state -------------------------------------------------------------------------------
 
@@ -331,16 +345,8 @@ class RunWriter:
         index = self.committed[0] - 1
         if index < 0:
             raise StoreError(f"{self.run.path}: no committed checkpoint to resume from")
-        a = self._ckpt_arrays
-        params = {key[1]: arr[index] for key, arr in a.items() if key[0] == "params"}
-        moments = {m: {k[1]: arr[index] for k, arr in a.items() if k[0] == m} for m in MOMENTS}
-        return Checkpoint(
-            step=int(a[("step",)][index]),
-            tokens_seen=int(a[("tokens_seen",)][index]),
-            params=params,
-            moments=moments,
-            rng_state=a[("rng_state",)][index],
-        )
+        names = _attrs(self._group)["parameters"]
+        return _read_checkpoint(self._group, names, lambda array: array[index])
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -374,42 +380,44 @@ class RunWriter:
             raise StoreError(f"{self.run.path}: writing the store failed: {self._error}")
 
     def _loop(self) -> None:
-        checkpoints: list[Checkpoint] = []
+        # Checkpoints are copied on arrival into one block per array, reused from commit to
+        # commit, so a commit hands zarr whole blocks without stacking or allocating them.
+        blocks = {
+            key: np.empty((self._buffer_slots, *array.shape[1:]), dtype=array.dtype)
+            for key, array in self._ckpt_arrays.items()
+        }
+        buffered = 0
         records: list[StepRecord] = []
         last_commit = time.monotonic()
         try:
             while True:
                 item = self._queue.get()
+                started = time.perf_counter()
                 if item is None:
-                    self._commit(checkpoints, records)
+                    self._commit({key: block[:buffered] for key, block in blocks.items()}, records)
+                    self.busy_seconds += time.perf_counter() - started
                     return
                 if isinstance(item, Checkpoint):
-                    checkpoints.append(item)
-                    shard_full = (self.committed[0] + len(checkpoints)) % self._shard == 0
+                    for key, value in _checkpoint_items(item):
+                        blocks[key][buffered] = value
+                    buffered += 1
+                    shard_full = (self.committed[0] + buffered) % self._shard == 0
                     overdue = time.monotonic() - last_commit >= self._commit_seconds
-                    if shard_full or overdue:
-                        self._commit(checkpoints, records)
-                        checkpoints, records = [], []
+                    if shard_full or overdue or buffered == self._buffer_slots:
+                        self._commit({key: b[:buffered] for key, b in blocks.items()}, records)
+                        buffered, records = 0, []
                         last_commit = time.monotonic()
                 else:
                     records.append(item)
+                self.busy_seconds += time.perf_counter() - started
         except BaseException as err:  # reported to the training thread by _check()
             self._error = err
 
-    def _commit(self, checkpoints: list[Checkpoint], records: list[StepRecord]) -> None:
+    def _commit(self, checkpoints: dict[tuple[str, ...], np.ndarray], records: list) -> None:
+        """Append ``checkpoints`` (a block per array) and the step ``records``, then the markers."""
         n_ckpt, n_steps = self.committed
-        if checkpoints:
-            values: dict[tuple[str, ...], list] = {key: [] for key in self._ckpt_arrays}
-            for c in checkpoints:
-                for name, array in c.params.items():
-                    values[("params", name)].append(array)
-                for moment, arrays in c.moments.items():
-                    for name, array in arrays.items():
-                        values[(moment, name)].append(array)
-                values[("rng_state",)].append(c.rng_state)
-                values[("step",)].append(c.step)
-                values[("tokens_seen",)].append(c.tokens_seen)
-            self._append(self._ckpt_arrays, values, n_ckpt)
+        n_new = len(checkpoints[("step",)])
+        self._append(self._ckpt_arrays, checkpoints, n_ckpt)
         if records:
             if records[0].step != n_steps:
                 raise StoreError(f"step records start at {records[0].step}, expected {n_steps}")
@@ -420,23 +428,48 @@ class RunWriter:
                 **{m: [getattr(r, m) for r in records] for m in STEP_METRICS},
             }
             arrays = {name: self._group[name] for name in columns}
-            self._append(arrays, columns, n_steps)
+            self._append(arrays, {name: np.stack(v) for name, v in columns.items()}, n_steps)
         # The markers go last: readers never see a checkpoint before all its arrays are written.
         _set_attrs(
             self._group,
-            committed_checkpoints=n_ckpt + len(checkpoints),
+            committed_checkpoints=n_ckpt + n_new,
             committed_steps=n_steps + len(records),
         )
+        self.checkpoints_written += n_new
 
     @staticmethod
-    def _append(arrays: dict, values: dict, start: int) -> None:
+    def _append(arrays: dict, blocks: dict[Any, np.ndarray], start: int) -> None:
         for key, array in arrays.items():
-            block = np.stack(values[key]) if values[key] else None
-            if block is None:
+            block = blocks[key]
+            if not len(block):
                 continue
             stop = start + len(block)
             array.resize((stop, *array.shape[1:]))
             array[start:stop] = block
+
+
+def _read_checkpoint(group: zarr.Group, names: list[str], read) -> Checkpoint:
+    """The checkpoint that ``read(array)`` selects from each checkpoint array of a run group."""
+    state = group[STATE_GROUP]
+    return Checkpoint(
+        step=int(read(group["step"])),
+        tokens_seen=int(read(group["tokens_seen"])),
+        params={name: read(group[name]) for name in names},
+        moments={m: {name: read(state[f"{m}/{name}"]) for name in names} for m in MOMENTS},
+        rng_state=read(state["rng_state"]),
+    )
+
+
+def _checkpoint_items(checkpoint: Checkpoint):
+    """``(array key, value)`` of every checkpoint array, keyed as in ``_checkpoint_arrays``."""
+    for name, array in checkpoint.params.items():
+        yield ("params", name), array
+    for moment, arrays in checkpoint.moments.items():
+        for name, array in arrays.items():
+            yield (moment, name), array
+    yield ("rng_state",), checkpoint.rng_state
+    yield ("step",), checkpoint.step
+    yield ("tokens_seen",), checkpoint.tokens_seen
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,6 +597,22 @@ class RunReader:
         """Stacked parameters of the checkpoint at ``step``."""
         index = self.checkpoint_index(step)
         return {name: self.read(self.group[name], index) for name in self.parameter_names}
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        """The whole training state after ``step``: weights, AdamW moments and RNG state.
+
+        Parameters
+        ----------
+        step
+            A committed checkpoint step.
+
+        Returns
+        -------
+        Checkpoint
+            What training resumes from: continuing from it replays the run exactly.
+        """
+        index = self.checkpoint_index(step)
+        return _read_checkpoint(self.group, self.parameter_names, lambda a: self.read(a, index))
 
     def parameters_for(self, steps: Sequence[int]) -> dict[str, np.ndarray]:
         """Stacked parameters of several checkpoints, ``[len(steps), ...]`` each.

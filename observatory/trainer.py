@@ -8,7 +8,9 @@ continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,18 @@ from observatory.errors import StoreError
 from observatory.models import build_config, stack_layers, unstack_layers
 from observatory.spec import RunId, RunSpec
 from observatory.store import Checkpoint, RunWriter, StepRecord, create_family, write_size_attrs
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one call of :func:`train_run` did."""
+
+    run: str  # the run's path in the store, e.g. "l2-d64/seed0"
+    steps: int  # training steps taken in this call (0 if the run was already complete)
+    checkpoints: int  # checkpoints committed in this call
+    seconds: float  # wall time from the first step to the last commit
+    writer_seconds: float  # time the writer thread spent storing (overlaps training)
+    final_loss: float | None  # loss of the last step taken, if any
 
 
 def train_family(
@@ -94,11 +108,16 @@ def train_run(
     progress: bool = True,
     stop_after: int | None = None,
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
-) -> None:
+) -> RunSummary:
     """Train one run, writing checkpoints and per-step records through a :class:`RunWriter`.
 
-    ``on_batch(step, tokens)`` is called with every batch the model consumes (tests use it to
-    compare against the recorded data order).
+    ``on_batch(step, tokens)`` is called with every batch the model consumes, before the model
+    sees it (tests use it to compare against the recorded data order).
+
+    Returns
+    -------
+    RunSummary
+        Steps, checkpoints and time of this call.
     """
     # Determinism: one seed fixes the initial weights; the data order has its own seed and
     # is a pure function of the step, so no loader state can drift. The thread count is fixed
@@ -107,7 +126,7 @@ def train_run(
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.train.threads)
     try:
-        _train(
+        return _train(
             spec,
             run,
             root,
@@ -121,7 +140,7 @@ def train_run(
         torch.set_num_threads(threads)
 
 
-def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -> None:
+def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -> RunSummary:
     size = spec.size(run.size)
     total_steps, batch_size = spec.train.steps, spec.train.batch_size
     tokens_per_step = spec.train.tokens_per_step
@@ -145,7 +164,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
     if writer.complete:
         if not resume:
             raise StoreError(f"{run.path} is already trained; use another --store to retrain")
-        return
+        return RunSummary(run.path, 0, 0, 0.0, 0.0, None)
     if n_ckpt and not resume:
         raise StoreError(
             f"{run.path} already has {n_ckpt} checkpoints in the store; "
@@ -173,6 +192,8 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
         dynamic_ncols=True,
     )
     finished = False
+    loss_value, steps_taken = None, 0
+    started = time.perf_counter()
     try:
         for step in range(start, end + 1):
             if step in checkpoint_steps and not (step == start and n_ckpt):
@@ -212,12 +233,28 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
                     batch_indices=indices,
                 )
             )
+            steps_taken += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     finally:
-        bar.close()
         # On Ctrl-C or an error, still commit what was buffered: --resume picks up from there.
-        writer.close(complete=finished)
+        try:
+            writer.close(complete=finished)
+        finally:
+            bar.set_postfix(
+                loss=f"{loss_value:.3f}" if loss_value is not None else "-",
+                checkpoints=writer.checkpoints_written,
+                writer=f"{writer.busy_seconds:.1f}s",
+            )
+            bar.close()
+    return RunSummary(
+        run=run.path,
+        steps=steps_taken,
+        checkpoints=writer.checkpoints_written,
+        seconds=time.perf_counter() - started,
+        writer_seconds=writer.busy_seconds,
+        final_loss=loss_value,
+    )
 
 
 def _snapshot(model, optimizer, step: int, tokens_seen: int) -> Checkpoint:

@@ -1,12 +1,21 @@
 import dataclasses
+import time
 
 import numpy as np
 import pytest
 import zarr
 
+from observatory import store as store_module
 from observatory.errors import StoreError
 from observatory.spec import StoreSpec
-from observatory.store import Checkpoint, FamilyStore, RunWriter, StepRecord, create_family
+from observatory.store import (
+    MOMENTS,
+    Checkpoint,
+    FamilyStore,
+    RunWriter,
+    StepRecord,
+    create_family,
+)
 
 
 def make_writer(spec, path, **store):
@@ -131,3 +140,49 @@ def test_unknown_run_and_step_errors_list_what_exists(trained_tiny):
         family.run("l2-d16", 0).parameters_at(3)
     with pytest.raises(StoreError, match="recorded steps: 0..23"):
         family.run("l2-d16", 0).batch_indices(24)
+
+
+def test_checkpoint_reads_back_the_whole_training_state(tiny_spec, tmp_path):
+    writer, shapes = make_writer(tiny_spec, tmp_path / "s.zarr")
+    written = []
+    for step in range(3):
+        params = {k: np.random.default_rng(step).random(s, np.float32) for k, s in shapes.items()}
+        moments = {m: {k: v + i + 1 for k, v in params.items()} for i, m in enumerate(MOMENTS)}
+        written.append(Checkpoint(step, step * 10, params, moments, np.arange(3, dtype=np.uint8)))
+    writer.start()
+    for c in written:
+        writer.put_checkpoint(c)
+    writer.close(complete=False)
+    reader = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0)
+    for c in written:
+        read = reader.checkpoint(c.step)
+        assert (read.step, read.tokens_seen) == (c.step, c.tokens_seen)
+        assert np.array_equal(read.rng_state, c.rng_state)
+        for name in shapes:
+            assert np.array_equal(read.params[name], c.params[name])
+            for m in MOMENTS:
+                assert np.array_equal(read.moments[m][name], c.moments[m][name])
+    with pytest.raises(StoreError, match="no committed checkpoint at step 7"):
+        reader.checkpoint(7)
+
+
+def test_a_buffer_smaller_than_a_shard_commits_in_parts(tiny_spec, tmp_path, monkeypatch):
+    # make_writer's checkpoints take 1411 bytes (3 x 116 float32, RNG, step, tokens): 2 fit
+    monkeypatch.setattr(store_module, "MAX_BUFFER_BYTES", 3000)
+    writer, shapes = make_writer(
+        tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=1e9
+    )
+    writer.start()
+    for step in range(2):
+        writer.put_checkpoint(checkpoint(step, shapes))
+    deadline = time.monotonic() + 30
+    while FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).n_checkpoints < 2:
+        assert time.monotonic() < deadline, "a full buffer was not committed"
+        time.sleep(0.01)
+    for step in range(2, 5):
+        writer.put_checkpoint(checkpoint(step, shapes))
+    writer.close(complete=True)
+    reader = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0)
+    assert list(reader.steps()) == [0, 1, 2, 3, 4]
+    for step in range(5):
+        assert np.all(reader.checkpoint(step).moments["exp_avg"]["lm_head.weight"] == step)

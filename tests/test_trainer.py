@@ -164,3 +164,23 @@ def test_stop_after_then_resume_matches_and_refuses_without_resume(tiny_spec, tm
     train_family(tiny_spec, store=store, seeds=[0], progress=False, resume=True)
     clean = train_family(tiny_spec, store=tmp_path / "c.zarr", seeds=[0], progress=False)
     assert_bit_identical(final_params(store)[1], final_params(clean)[1])
+
+
+def test_train_run_reports_steps_checkpoints_and_final_loss(tiny_spec, tmp_path):
+    corpus = tiny_spec.data.build(context=tiny_spec.train.context, vocab_size=16)
+    run = tiny_spec.runs()[0]
+    root = create_family(tmp_path / "s.zarr", tiny_spec, data={"fingerprint": corpus.fingerprint})
+    schedule = tiny_spec.checkpoints.steps(tiny_spec.train.steps)
+
+    first = train_run(tiny_spec, run, root, corpus, progress=False, stop_after=7)
+    assert (first.run, first.steps) == (run.path, 7)
+    assert first.checkpoints == sum(step <= 7 for step in schedule)
+    rest = train_run(tiny_spec, run, root, corpus, progress=False, resume=True)
+    resumed_from = max(step for step in schedule if step <= 7)  # the last committed checkpoint
+    assert rest.steps == tiny_spec.train.steps - resumed_from
+    assert first.checkpoints + rest.checkpoints == len(schedule)
+    assert rest.seconds > 0 and 0 < rest.writer_seconds < rest.seconds
+    stored_loss = FamilyStore(tmp_path / "s.zarr").run(run.size, run.seed).metrics()["loss"]
+    assert rest.final_loss == stored_loss[-1]  # a float32 loss, stored as float32
+    done = train_run(tiny_spec, run, root, corpus, progress=False, resume=True)
+    assert (done.steps, done.checkpoints, done.final_loss) == (0, 0, None)
