@@ -386,30 +386,30 @@ class RunWriter:
             key: np.empty((self._buffer_slots, *array.shape[1:]), dtype=array.dtype)
             for key, array in self._ckpt_arrays.items()
         }
-        buffered = 0
-        records: list[StepRecord] = []
+        buffered, records = 0, []
         last_commit = time.monotonic()
         try:
             while True:
-                item = self._queue.get()
+                item = self._queue.get()  # a StepRecord, a Checkpoint, or None to stop
                 started = time.perf_counter()
-                if item is None:
-                    self._commit({key: block[:buffered] for key, block in blocks.items()}, records)
-                    self.busy_seconds += time.perf_counter() - started
-                    return
-                if isinstance(item, Checkpoint):
+                commit = item is None
+                if isinstance(item, StepRecord):
+                    records.append(item)
+                elif isinstance(item, Checkpoint):
                     for key, value in _checkpoint_items(item):
                         blocks[key][buffered] = value
                     buffered += 1
-                    shard_full = (self.committed[0] + buffered) % self._shard == 0
-                    overdue = time.monotonic() - last_commit >= self._commit_seconds
-                    if shard_full or overdue or buffered == self._buffer_slots:
-                        self._commit({key: b[:buffered] for key, b in blocks.items()}, records)
-                        buffered, records = 0, []
-                        last_commit = time.monotonic()
-                else:
-                    records.append(item)
+                    commit = (
+                        (self.committed[0] + buffered) % self._shard == 0  # the shard is full
+                        or buffered == self._buffer_slots
+                        or time.monotonic() - last_commit >= self._commit_seconds
+                    )
+                if commit:
+                    self._commit({key: block[:buffered] for key, block in blocks.items()}, records)
+                    buffered, records, last_commit = 0, [], time.monotonic()
                 self.busy_seconds += time.perf_counter() - started
+                if item is None:
+                    return
         except BaseException as err:  # reported to the training thread by _check()
             self._error = err
 

@@ -164,7 +164,9 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
     if writer.complete:
         if not resume:
             raise StoreError(f"{run.path} is already trained; use another --store to retrain")
-        return RunSummary(run.path, 0, 0, 0.0, 0.0, None)
+        return RunSummary(
+            run=run.path, steps=0, checkpoints=0, seconds=0.0, writer_seconds=0.0, final_loss=None
+        )
     if n_ckpt and not resume:
         raise StoreError(
             f"{run.path} already has {n_ckpt} checkpoints in the store; "
