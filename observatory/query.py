@@ -190,7 +190,8 @@ def _run_dataset(reader: RunReader) -> xr.Dataset:
         n_heads=family.spec.size(run.size).n_heads,
     )
     variables |= {name: xr.Variable(("step", *VIEW_DIMS[name]), v) for name, v in views.items()}
-    train_step = arrays["train_step"][:n_steps]
+    # The writer stores step records consecutively from 0: nothing to read for the coordinate.
+    train_step = np.arange(n_steps, dtype=np.int64)
     records = [name for name in STEP_RECORDS if name != "train_step"]
     variables |= {name: _variable(arrays[name], n_steps) for name in records}
     ds = xr.Dataset(

@@ -570,7 +570,10 @@ class RunReader:
 
     def steps(self) -> np.ndarray:
         """Committed checkpoint steps."""
-        return self.group["step"][: self.n_checkpoints]
+        # Checkpoints are committed in schedule order (a resumed run continues after its last
+        # committed one), so no read of the ``step`` array is needed: it is there for readers
+        # that do not know the markers.
+        return np.array(self.attrs["schedule"][: self.n_checkpoints], dtype=np.int64)
 
     def tokens_seen(self) -> np.ndarray:
         return self.group["tokens_seen"][: self.n_checkpoints]

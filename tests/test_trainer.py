@@ -164,6 +164,9 @@ def test_stop_after_then_resume_matches_and_refuses_without_resume(tiny_spec, tm
     train_family(tiny_spec, store=store, seeds=[0], progress=False, resume=True)
     clean = train_family(tiny_spec, store=tmp_path / "c.zarr", seeds=[0], progress=False)
     assert_bit_identical(final_params(store)[1], final_params(clean)[1])
+    resumed = FamilyStore(store).run("l2-d16", 0)  # steps() reads the schedule, not the array
+    assert np.array_equal(resumed.steps(), resumed.group["step"][: resumed.n_checkpoints])
+    assert list(resumed.steps()) == list(tiny_spec.checkpoints.steps(tiny_spec.train.steps))
 
 
 def test_train_run_reports_steps_checkpoints_and_final_loss(tiny_spec, tmp_path):
