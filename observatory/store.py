@@ -55,6 +55,8 @@ STEP_METRICS = ("loss", "lr", "grad_norm")
 METRIC_CHUNK = 4096
 READ_ATTEMPTS = 5  # see RunReader.read
 MAX_BUFFER_BYTES = 2**30  # checkpoints a writer holds in memory before it commits them
+ANALYSIS_FLUSH_ROWS = 256  # analysis rows buffered before they are written (one chunk) ...
+ANALYSIS_FLUSH_SECONDS = 10.0  # ... or after this long
 # Arrays of a run with a leading ``train_step`` dim: one entry per training step.
 STEP_RECORDS = ("train_step", "train_tokens", *STEP_METRICS, "batch_indices")
 
@@ -729,7 +731,9 @@ class AnalysisWriter:
     The group ``<run>/analysis/<name>`` holds one array per result variable with a leading
     ``step`` dim, plus a ``step`` array listing which checkpoint each row belongs to.  Rows are
     appended in any order; ``step`` is extended last, so readers only see finished rows and a
-    re-run can skip the checkpoints already listed.
+    re-run can skip the checkpoints already listed.  Appended rows are buffered and written
+    together (every ``ANALYSIS_FLUSH_ROWS`` rows or ``ANALYSIS_FLUSH_SECONDS``, and on
+    :meth:`flush`): each write resizes and rewrites a partly filled chunk of every array.
 
     Parameters
     ----------
@@ -781,11 +785,15 @@ class AnalysisWriter:
                 "step", shape=(0,), chunks=(4096,), dtype="int64", dimension_names=("step",)
             )
         self.group = group
-        self._variables = list(variables)
+        self._arrays = {variable: group[variable] for variable in variables}
+        self._steps = group["step"]
+        self._done = set(self._steps[:].tolist())
+        self._buffered: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self._last_flush = time.monotonic()
 
     def done_steps(self) -> set[int]:
-        """Checkpoint steps whose results are already stored."""
-        return set(self.group["step"][:].tolist())
+        """Checkpoint steps whose results are stored or buffered."""
+        return set(self._done)
 
     def write_extra(self, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
         """Store an array that does not depend on the checkpoint (e.g. the probe tokens)."""
@@ -794,12 +802,24 @@ class AnalysisWriter:
         )
 
     def append(self, steps: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        """Append the rows of ``steps`` (one per checkpoint) for every variable."""
-        start = self.group["step"].shape[0]
-        stop = start + len(steps)
-        for variable in self._variables:
-            array = self.group[variable]
-            array.resize((stop, *array.shape[1:]))
-            array[start:stop] = values[variable]
-        self.group["step"].resize((stop,))
-        self.group["step"][start:stop] = steps
+        """Buffer the rows of ``steps`` (one per checkpoint) for every variable."""
+        self._buffered.append((np.asarray(steps), values))
+        self._done.update(int(step) for step in steps)
+        rows = sum(len(steps) for steps, _ in self._buffered)
+        overdue = time.monotonic() - self._last_flush >= ANALYSIS_FLUSH_SECONDS
+        if rows >= ANALYSIS_FLUSH_ROWS or overdue:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows; ``step`` goes last, so readers never see a partial row."""
+        if self._buffered:
+            steps = np.concatenate([steps for steps, _ in self._buffered])
+            start = self._steps.shape[0]
+            stop = start + len(steps)
+            for variable, array in self._arrays.items():
+                array.resize((stop, *array.shape[1:]))
+                array[start:stop] = np.concatenate([v[variable] for _, v in self._buffered])
+            self._steps.resize((stop,))
+            self._steps[start:stop] = steps
+            self._buffered = []
+        self._last_flush = time.monotonic()

@@ -195,6 +195,7 @@ def analysed_copy(trained, path, *, threshold: float = 0.4):
                 variables={key: shapes[key] for key in variables},
             )
             writer.append(steps, variables)
+            writer.flush()
     return path
 
 

@@ -10,6 +10,7 @@ from observatory.errors import StoreError
 from observatory.spec import StoreSpec
 from observatory.store import (
     MOMENTS,
+    AnalysisWriter,
     Checkpoint,
     FamilyStore,
     RunWriter,
@@ -186,3 +187,29 @@ def test_a_buffer_smaller_than_a_shard_commits_in_parts(tiny_spec, tmp_path, mon
     assert list(reader.steps()) == [0, 1, 2, 3, 4]
     for step in range(5):
         assert np.all(reader.checkpoint(step).moments["exp_avg"]["lm_head.weight"] == step)
+
+
+def test_analysis_rows_are_buffered_then_written_step_last(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "ANALYSIS_FLUSH_ROWS", 4)
+    writer, shapes = make_writer(tiny_spec, tmp_path / "s.zarr")
+    writer.start()
+    writer.close(complete=True)
+    family = FamilyStore(tmp_path / "s.zarr", mode="r+")
+    results = AnalysisWriter(
+        family.run("l2-d16", 0),
+        "scores",
+        attrs={},
+        variables={"score": (("head",), (2,))},
+    )
+    results.append(np.array([8, 2]), {"score": np.array([[8, 8], [2, 2]], np.float32)})
+    assert results.done_steps() == {8, 2}  # buffered rows count as done for this job ...
+    covered, _ = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).analysis_arrays("scores")
+    assert len(covered) == 0  # ... but readers do not see them yet
+    results.append(np.array([5, 1]), {"score": np.array([[5, 5], [1, 1]], np.float32)})
+    covered, arrays = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).analysis_arrays("scores")
+    assert list(covered) == [8, 2, 5, 1]  # 4 rows: written together
+    assert np.array_equal(arrays["score"][:, 0], [8, 2, 5, 1])
+    results.append(np.array([3]), {"score": np.array([[3, 3]], np.float32)})
+    results.flush()
+    covered, arrays = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).analysis_arrays("scores")
+    assert list(covered) == [8, 2, 5, 1, 3] and arrays["score"][4, 1] == 3

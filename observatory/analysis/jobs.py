@@ -437,9 +437,15 @@ def run_analysis(
                     computed += len(steps)
                     bar.update(len(steps))
         finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            try:
+                # Even after Ctrl-C or a failed task, keep what was computed: a re-run skips it.
+                for run_writers in writers.values():
+                    for writer in run_writers.values():
+                        writer.flush()
+            finally:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
     return JobReport(computed=computed, skipped=skipped, runs=tuple(r.path for r in runs))
 
 
