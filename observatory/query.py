@@ -193,7 +193,7 @@ def _run_dataset(reader: RunReader) -> xr.Dataset:
     # The writer stores step records consecutively from 0: nothing to read for the coordinate.
     train_step = np.arange(n_steps, dtype=np.int64)
     records = [name for name in STEP_RECORDS if name != "train_step"]
-    variables |= {name: _variable(arrays[name], n_steps) for name in records}
+    variables |= {name: _variable(arrays[name], n_steps, reader=reader) for name in records}
     ds = xr.Dataset(
         variables,
         coords=_run_coords(reader) | {"train_step": train_step},
@@ -238,18 +238,19 @@ def _analysis_variables(reader: RunReader, steps: np.ndarray) -> dict[str, xr.Da
                     f"both have an array {key!r}"
                 )
             if _dims(array)[0] == "step":
-                variable = _variable(array, len(covered), covered)
+                variable = _variable(array, len(covered), covered, reader=reader)
                 values = xr.DataArray(variable, coords={"step": covered}).reindex(step=steps)
             else:
-                values = xr.DataArray(_variable(array, None))
+                values = xr.DataArray(_variable(array, None, reader=reader))
             out[key] = values.assign_attrs(dict(array.attrs), analysis=name)
     return out
 
 
-class _CheckpointArray:
-    """A checkpoint array as dask reads it: through :meth:`RunReader.read`.
+class _StoredArray:
+    """A run's array as dask reads it: through :meth:`RunReader.read`.
 
-    That read stays consistent while the run's writer commits more checkpoints.
+    That read stays consistent while the run's writer commits more checkpoints, and reports a
+    damaged chunk as a :class:`StoreError`.
     """
 
     def __init__(self, reader: RunReader, array: zarr.Array):
@@ -260,18 +261,16 @@ class _CheckpointArray:
         return self.reader.read(self.array, selection)
 
 
-def _variable(
-    array: zarr.Array, n: int | None, *content: object, reader: RunReader | None = None
-) -> xr.Variable:
+def _variable(array: zarr.Array, n: int | None, *content: object, reader: RunReader) -> xr.Variable:
     """A dask-backed variable of ``array[:n]``, one task per stored chunk (reads nothing).
 
     The dask name hashes the array's path, ``n`` and ``content`` (whatever else identifies
     the data), not the array itself: committed entries never change, and hashing a zarr array
-    costs more than everything else here.  Checkpoint arrays pass their ``reader``.
+    costs more than everything else here.
     """
     name = f"observatory-{tokenize(str(array.store_path), n, *content)}"
     meta = np.empty((0,) * array.ndim, dtype=array.dtype)
-    source = array if reader is None else _CheckpointArray(reader, array)
+    source = _StoredArray(reader, array)
     data = da.from_array(source, chunks=array.chunks, name=name, meta=meta)[:n]
     return xr.Variable(_dims(array), data)
 

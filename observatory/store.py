@@ -40,7 +40,7 @@ from typing import Any
 import numcodecs.blosc
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, parameter_dims
@@ -73,8 +73,20 @@ def _set_attrs(node: zarr.Group, **updates: Any) -> None:
     node.attrs[ATTRS_KEY] = _attrs(node) | updates
 
 
-def _compressor(store: StoreSpec) -> BloscCodec:
-    return BloscCodec(cname=store.compressor, clevel=store.compression_level, shuffle="shuffle")
+def _compressors(store: StoreSpec) -> list:
+    """Blosc, then a CRC32C checksum: a damaged chunk fails to read instead of decoding wrong."""
+    blosc = BloscCodec(cname=store.compressor, clevel=store.compression_level, shuffle="shuffle")
+    return [blosc, Crc32cCodec()]
+
+
+def _read(array: zarr.Array, selection: Any) -> np.ndarray:
+    """``array[selection]``, with a damaged chunk reported as a :class:`StoreError`."""
+    try:
+        return array[selection]
+    except (ValueError, RuntimeError, OSError) as err:  # checksum, Blosc or file errors
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
+        where = str(array.store_path).removeprefix("file://")
+        raise StoreError(f"{where}: stored data is damaged and cannot be read ({reason})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +246,7 @@ class RunWriter:
 
     def _create_arrays(self, spec, param_shapes, d_head, schedule, rng_bytes) -> None:
         group, shard = self._group, self._shard
-        compressors = [_compressor(spec.store)]
+        compressors = _compressors(spec.store)
 
         def checkpoint_array(
             parent: zarr.Group, name: str, shape, dims, dtype="float32", per_head=False
@@ -348,7 +360,7 @@ class RunWriter:
         if index < 0:
             raise StoreError(f"{self.run.path}: no committed checkpoint to resume from")
         names = _attrs(self._group)["parameters"]
-        return _read_checkpoint(self._group, names, lambda array: array[index])
+        return _read_checkpoint(self._group, names, lambda array: _read(array, index))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -637,7 +649,7 @@ class RunReader:
         """Per-step ``train_step``, ``loss``, ``lr``, ``grad_norm``, ``train_tokens``."""
         n = self.n_steps
         names = ("train_step", "train_tokens", *STEP_METRICS)
-        return {name: self.group[name][:n] for name in names}
+        return {name: _read(self.group[name], slice(0, n)) for name in names}
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Corpus indices of the batch consumed at training step ``step``."""
@@ -646,7 +658,7 @@ class RunReader:
                 f"{self.run.path}: no recorded batch for step {step} "
                 f"(recorded steps: 0..{self.n_steps - 1})"
             )
-        return self.group["batch_indices"][step]
+        return _read(self.group["batch_indices"], step)
 
     # -- analysis results ---------------------------------------------------------------------
 
@@ -687,7 +699,7 @@ class RunReader:
         return dict(self.group.arrays())
 
     def read(self, array: zarr.Array, selection: Any) -> np.ndarray:
-        """``array[selection]`` of a checkpoint array, consistent while a writer commits.
+        """``array[selection]`` of one of the run's arrays, consistent while a writer commits.
 
         zarr reads a shard with two requests (its index, then the chunks it needs), and the
         writer replaces the partly filled shard that holds the last committed checkpoint at
@@ -697,7 +709,7 @@ class RunReader:
         shards before it are never rewritten.  Unsharded chunks are read in one request.
         """
         if array.shards is None:
-            return array[selection]
+            return _read(array, selection)
         last = max(self.n_checkpoints - 1, 0) // array.shards[0]
         shard = (
             self.family.path
@@ -707,8 +719,8 @@ class RunReader:
         for attempt in range(READ_ATTEMPTS):
             before = _file_version(shard)
             try:
-                values = array[selection]
-            except Exception:  # e.g. blosc failing on bytes from another version of the shard
+                values = _read(array, selection)
+            except StoreError:  # e.g. blosc failing on bytes from another version of the shard
                 if attempt == READ_ATTEMPTS - 1 or _file_version(shard) == before:
                     raise
                 continue
@@ -760,6 +772,7 @@ class AnalysisWriter:
         recompute: bool = False,
     ):
         self.where = f"{reader.run.path}/{ANALYSIS_GROUP}/{name}"
+        self._compressors = _compressors(reader.family.spec.store)
         group = reader.analysis_group(name)
         if group is not None and recompute:
             del reader.group[f"{ANALYSIS_GROUP}/{name}"]
@@ -779,10 +792,16 @@ class AnalysisWriter:
                     chunks=(256, *shape),
                     dtype="float32",
                     fill_value=float("nan"),
+                    compressors=self._compressors,
                     dimension_names=("step", *dims),
                 )
             group.create_array(
-                "step", shape=(0,), chunks=(4096,), dtype="int64", dimension_names=("step",)
+                "step",
+                shape=(0,),
+                chunks=(4096,),
+                dtype="int64",
+                compressors=self._compressors,
+                dimension_names=("step",),
             )
         self.group = group
         self._arrays = {variable: group[variable] for variable in variables}
@@ -798,7 +817,12 @@ class AnalysisWriter:
     def write_extra(self, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
         """Store an array that does not depend on the checkpoint (e.g. the probe tokens)."""
         self.group.create_array(
-            name, data=values, dimension_names=dims, overwrite=True, chunks=values.shape
+            name,
+            data=values,
+            dimension_names=dims,
+            overwrite=True,
+            chunks=values.shape,
+            compressors=self._compressors,
         )
 
     def append(self, steps: np.ndarray, values: dict[str, np.ndarray]) -> None:

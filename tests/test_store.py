@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 import time
 
 import numpy as np
@@ -213,3 +214,28 @@ def test_analysis_rows_are_buffered_then_written_step_last(tiny_spec, tmp_path, 
     results.flush()
     covered, arrays = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).analysis_arrays("scores")
     assert list(covered) == [8, 2, 5, 1, 3] and arrays["score"][4, 1] == 3
+
+
+def damage(path):
+    """Flip one byte in the middle of a stored file."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_chunk_is_a_clear_error_not_wrong_numbers(trained_tiny, tmp_path):
+    _, trained = trained_tiny
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(trained, store)
+    run = FamilyStore(store).run("l2-d16", 0)
+    qkv = "gpt_neox.layers.attention.query_key_value.weight"  # sharded per head
+    damage(store / run.run.path / qkv / "c" / "0" / "0" / "0" / "0")  # checkpoints 0..3
+    damage(store / run.run.path / "gpt_neox.embed_in.weight" / "c" / "1" / "0" / "0")  # 4..7
+    damage(store / run.run.path / "loss" / "c" / "0")
+    with pytest.raises(StoreError, match=f"{qkv}.*damaged"):
+        run.parameters_at(1)
+    with pytest.raises(StoreError, match="embed_in.weight.*damaged"):
+        run.parameters_at(5)  # the 5th checkpoint
+    with pytest.raises(StoreError, match="loss.*damaged"):
+        run.metrics()
+    assert set(run.parameters_at(16)) == set(run.parameter_names)  # the 9th: still readable

@@ -187,3 +187,24 @@ def test_train_run_reports_steps_checkpoints_and_final_loss(tiny_spec, tmp_path)
     assert rest.final_loss == stored_loss[-1]  # a float32 loss, stored as float32
     done = train_run(tiny_spec, run, root, corpus, progress=False, resume=True)
     assert (done.steps, done.checkpoints, done.final_loss) == (0, 0, None)
+
+
+def test_resume_from_a_damaged_checkpoint_is_a_one_line_error_that_changes_nothing(
+    tiny_spec_path, tmp_path, capsys
+):
+    from observatory.cli import main
+    from tests.test_store import damage
+
+    store = tmp_path / "r.zarr"
+    args = ["train", str(tiny_spec_path), "--store", str(store), "--seeds", "0", "--no-progress"]
+    assert main([*args, "--stop-after", "7"]) == 0
+    run = FamilyStore(store).run("l2-d16", 0)
+    last_shard = (run.n_checkpoints - 1) // 4  # the tiny spec has 4 checkpoints per shard
+    damage(store / run.run.path / "lm_head.weight" / "c" / str(last_shard) / "0" / "0")
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lm_head.weight" in err and "damaged" in err
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before

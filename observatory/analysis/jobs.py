@@ -8,6 +8,7 @@ while training is still writing and a re-run computes only what is missing.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,6 +411,8 @@ def run_analysis(
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=None,
+                # A failed task reaches the user once, as this job's error; not as worker logs.
+                silence_logs=logging.CRITICAL,
             )
             client = Client(cluster)
         else:
