@@ -18,6 +18,7 @@ each round gives its own efficiency, and the median over rounds is the figure to
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import statistics
 import tempfile
@@ -44,7 +45,11 @@ def timed_jobs(store: Path, workers: int, block_size: int, repeats: int) -> tupl
     )
     with (
         LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,  # as run_analysis's own cluster: no shutdown noise
         ) as cluster,
         Client(cluster) as client,
     ):
