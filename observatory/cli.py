@@ -46,8 +46,21 @@ def _cmd_train(args: argparse.Namespace) -> None:
         resume=args.resume,
         progress=not args.no_progress,
         stop_after=args.stop_after,
+        on_run_end=_print_run_summary,
     )
     print(f"trained into {path}")
+
+
+def _print_run_summary(summary) -> None:
+    if not summary.steps:
+        print(f"{summary.run}: already trained")
+        return
+    print(
+        f"{summary.run}: {summary.steps} steps in {summary.seconds:.1f} s "
+        f"({summary.steps / summary.seconds:.1f} steps/s), {summary.checkpoints} checkpoints "
+        f"committed (writer busy {summary.writer_seconds:.1f} s), final loss "
+        f"{summary.final_loss:.4f}"
+    )
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:

@@ -45,6 +45,7 @@ def train_family(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    on_run_end: Callable[[RunSummary], None] | None = None,
 ) -> Path:
     """Train every run of the family (or the selected seeds/sizes) into one store.
 
@@ -66,6 +67,8 @@ def train_family(
     stop_after
         Stop every run after this many steps in this call, leaving it unfinished (for tests and
         for splitting long trainings; the run resumes later with ``resume=True``).
+    on_run_end
+        Called with each run's :class:`RunSummary` when the run stops.
 
     Returns
     -------
@@ -94,7 +97,11 @@ def train_family(
     for run in runs:
         size = spec.size(run.size)
         write_size_attrs(root, size, hf_config=build_config(spec.model, size).to_dict())
-        train_run(spec, run, root, corpus, resume=resume, progress=progress, stop_after=stop_after)
+        summary = train_run(
+            spec, run, root, corpus, resume=resume, progress=progress, stop_after=stop_after
+        )
+        if on_run_end is not None:
+            on_run_end(summary)
     return path
 
 

@@ -202,7 +202,8 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error_that_changes_nothi
     last_shard = (run.n_checkpoints - 1) // 4  # the tiny spec has 4 checkpoints per shard
     damage(store / run.run.path / "lm_head.weight" / "c" / str(last_shard) / "0" / "0")
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
-    capsys.readouterr()
+    out = capsys.readouterr().out  # one summary line per run, then the store
+    assert out.startswith("l2-d16/seed0: 7 steps in ") and f"trained into {store}" in out
 
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
