@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load, load_file, save_file
 
 import observatory as obs
-from observatory.models import build_config, layer_name, stack_layers, unstack_layers
+from observatory.models import build_config, build_model, layer_name, stack_layers, unstack_layers
 from observatory.spec import RunSpec, spec_from_dict
 from observatory.store import (
     MOMENTS,
@@ -87,7 +87,7 @@ def bench_spec(
 def build(spec: RunSpec, directory: Path) -> tuple[Path, list[Path]]:
     """Write the same checkpoints as an observatory store and as safetensors files."""
     size, run = spec.model.sizes[0], spec.runs()[0]
-    params = stack_layers(dict(spec.model.build(size, init_seed=0).named_parameters()))
+    params = stack_layers(dict(build_model(spec.model, size, init_seed=0).named_parameters()))
     store = directory / "bench.zarr"
     root = create_family(store, spec, data={"fingerprint": "bench"})
     write_size_attrs(root, size, hf_config=build_config(spec.model, size).to_dict())

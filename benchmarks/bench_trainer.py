@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from observatory.data import build_corpus
+from observatory.models import build_model
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, RunWriter, StepRecord, create_family
 from observatory.trainer import train_run
@@ -36,7 +38,7 @@ class BareLoop:
 
     def __init__(self, spec, run):
         self.spec = spec
-        self.model = spec.model.build(spec.model.sizes[0], init_seed=run.init_seed)
+        self.model = build_model(spec.model, spec.model.sizes[0], init_seed=run.init_seed)
         self.optimizer = spec.optimizer.build(self.model)
         self.seconds = 0.0
 
@@ -131,7 +133,7 @@ def main() -> None:
 
     spec = load_run_spec(args.spec)
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, steps=args.steps))
-    corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)
+    corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
     steps = spec.train.steps
     print(f"model: {spec.model.architecture} {spec.model.sizes[0]}")
     print(

@@ -25,7 +25,7 @@ import zarr
 from dask.base import tokenize
 from transformers import AutoConfig, PreTrainedModel
 
-from observatory.data import Corpus
+from observatory.data import Corpus, build_corpus
 from observatory.errors import StoreError
 from observatory.models import (
     PER_HEAD_DIMS,
@@ -478,7 +478,7 @@ def batch_at(path: str | Path, *, size: str, seed: int, step: int) -> torch.Tens
 
 @lru_cache(maxsize=2)
 def _corpus(data: DataSpec, context: int, vocab_size: int) -> Corpus:
-    return data.build(context=context, vocab_size=vocab_size)
+    return build_corpus(data, context=context, vocab_size=vocab_size)
 
 
 # --------------------------------------------------------------------------------------------

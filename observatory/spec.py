@@ -2,8 +2,10 @@
 
 A run spec describes a *model family*: every size in ``[[model.sizes]]`` is trained once per
 seed pair in ``[seeds]``.  Loading rejects unknown keys, wrong types and impossible
-combinations with a one-line :class:`~observatory.errors.SpecError` naming the key;
-``build()`` methods turn the validated spec into runtime objects.
+combinations with a one-line :class:`~observatory.errors.SpecError` naming the key.
+The runtime objects are built beside their code, which imports this module (never the
+reverse): :func:`observatory.models.build_model`, :func:`observatory.data.build_corpus`;
+``OptimizerSpec.build`` makes torch's AdamW.
 """
 
 from __future__ import annotations
@@ -183,12 +185,6 @@ class ModelSpec:
         _require(len(set(names)) == len(names), f"{where}.sizes: duplicate size names {names}")
         _require(0.0 <= self.rotary_pct <= 1.0, f"{where}.rotary_pct: must be in [0, 1]")
 
-    def build(self, size: SizeSpec, *, init_seed: int):
-        """Return a freshly initialised Hugging Face model of this size, seeded by ``init_seed``."""
-        from observatory.models import build_model
-
-        return build_model(self, size, init_seed=init_seed)
-
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -218,12 +214,6 @@ class DataSpec:
             for p in self.paths:
                 _require(Path(p).exists(), f"{where}.paths: corpus path {p!r} does not exist")
             _require(self.max_bytes > 0, f"{where}.max_bytes: must be positive")
-
-    def build(self, *, context: int, vocab_size: int):
-        """Return the corpus: an indexable set of token sequences of length ``context``."""
-        from observatory.data import build_corpus
-
-        return build_corpus(self, context=context, vocab_size=vocab_size)
 
 
 @dataclass(frozen=True)

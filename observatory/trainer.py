@@ -17,9 +17,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from observatory.data import DATA_ORDER_RULE, Corpus, batch_indices, data_order_fingerprint
+from observatory.data import (
+    DATA_ORDER_RULE,
+    Corpus,
+    batch_indices,
+    build_corpus,
+    data_order_fingerprint,
+)
 from observatory.errors import StoreError
-from observatory.models import build_config, stack_layers, unstack_layers
+from observatory.models import build_config, build_model, stack_layers, unstack_layers
 from observatory.spec import RunId, RunSpec
 from observatory.store import Checkpoint, RunWriter, StepRecord, create_family, write_size_attrs
 
@@ -76,7 +82,7 @@ def train_family(
         The store path.
     """
     path = Path(store or spec.default_store)
-    corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)
+    corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
     root = create_family(
         path,
         spec,
@@ -152,7 +158,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
     total_steps, batch_size = spec.train.steps, spec.train.batch_size
     tokens_per_step = spec.train.tokens_per_step
     schedule = spec.checkpoints.steps(total_steps)
-    model = spec.model.build(size, init_seed=run.init_seed)
+    model = build_model(spec.model, size, init_seed=run.init_seed)
     model.train()
     optimizer = spec.optimizer.build(model)
     writer = RunWriter(

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import torch
 
+from observatory.data import build_corpus
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, create_family
 from observatory.trainer import train_family, train_run
@@ -56,7 +57,7 @@ def test_init_seed_and_data_seed_vary_separately(tmp_path):
 
 
 def test_stored_indices_rebuild_the_exact_batches_the_trainer_consumed(tiny_spec, tmp_path):
-    corpus = tiny_spec.data.build(context=tiny_spec.train.context, vocab_size=16)
+    corpus = build_corpus(tiny_spec.data, context=tiny_spec.train.context, vocab_size=16)
     run = tiny_spec.runs()[1]
     root = create_family(tmp_path / "s.zarr", tiny_spec, data={"fingerprint": corpus.fingerprint})
     consumed = {}
@@ -74,7 +75,7 @@ def test_stored_indices_rebuild_the_exact_batches_the_trainer_consumed(tiny_spec
         == list(range(tiny_spec.train.steps))
         == list(reader.metrics()["train_step"])
     )
-    rebuilt_corpus = tiny_spec.data.build(context=tiny_spec.train.context, vocab_size=16)
+    rebuilt_corpus = build_corpus(tiny_spec.data, context=tiny_spec.train.context, vocab_size=16)
     for step, tokens in consumed.items():
         assert torch.equal(rebuilt_corpus.batch(reader.batch_indices(step)), tokens)
 
@@ -170,7 +171,7 @@ def test_stop_after_then_resume_matches_and_refuses_without_resume(tiny_spec, tm
 
 
 def test_train_run_reports_steps_checkpoints_and_final_loss(tiny_spec, tmp_path):
-    corpus = tiny_spec.data.build(context=tiny_spec.train.context, vocab_size=16)
+    corpus = build_corpus(tiny_spec.data, context=tiny_spec.train.context, vocab_size=16)
     run = tiny_spec.runs()[0]
     root = create_family(tmp_path / "s.zarr", tiny_spec, data={"fingerprint": corpus.fingerprint})
     schedule = tiny_spec.checkpoints.steps(tiny_spec.train.steps)

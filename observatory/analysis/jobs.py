@@ -152,13 +152,15 @@ class Plan:
 
 def held_out_tokens(run_spec: RunSpec, spec: HeldOutSpec) -> tuple[np.ndarray, str]:
     """Held-out sequences and a note of where they come from (stored as an attribute)."""
+    from observatory.data import build_corpus
+
     context, vocab = run_spec.train.context, run_spec.model.vocab_size
     data: DataSpec = run_spec.data
     if data.source == "induction":
         fresh = dataclasses.replace(data, seed=spec.seed, n_sequences=spec.n_sequences)
-        corpus = fresh.build(context=context, vocab_size=vocab)
+        corpus = build_corpus(fresh, context=context, vocab_size=vocab)
         return corpus.tokens, f"fresh synthetic corpus, seed {spec.seed}"
-    corpus = data.build(context=context, vocab_size=vocab)
+    corpus = build_corpus(data, context=context, vocab_size=vocab)
     rng = np.random.default_rng(spec.seed)
     picks = rng.choice(len(corpus), size=min(spec.n_sequences, len(corpus)), replace=False)
     return corpus.tokens[np.sort(picks)], f"sampled from the training text, seed {spec.seed}"

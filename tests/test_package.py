@@ -1,0 +1,97 @@
+"""The package's structure: no import circles among its modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import observatory
+
+PACKAGE = Path(observatory.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, ast.Module]:
+    """Every module of the package by dotted name, parsed."""
+    return {module_name(path): ast.parse(path.read_text()) for path in PACKAGE.rglob("*.py")}
+
+
+def imported(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """The package's modules that ``name`` imports anywhere (module level or in a function).
+
+    ``from package import name`` counts as importing the submodule ``package.name`` if there is
+    one, else the package itself.
+    """
+    is_package = (PACKAGE.parent / name.replace(".", "/")).is_dir()
+    package = name if is_package else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the importing module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                child = f"{base}.{alias.name}"
+                out.add(child if child in known else base)
+    return {target for target in out if target in known and target != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    parsed = modules()
+    known = set(parsed)
+    return {name: imported(name, tree, known) for name, tree in parsed.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path that ends where it starts, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return path[path.index(target) :] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_reports_a_cycle_and_accepts_a_tree():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_import_graph_sees_function_level_and_relative_imports():
+    tree = ast.parse(
+        "def f():\n    from observatory.store import FamilyStore\n"
+        "from . import errors\nfrom .models import parameter_dims\n"
+    )
+    known = {"observatory.store", "observatory.errors", "observatory.models", "observatory.query"}
+    assert imported("observatory.query", tree, known) == {
+        "observatory.store",
+        "observatory.errors",
+        "observatory.models",
+    }
+
+
+def test_no_import_cycle_among_observatory_modules():
+    graph = import_graph()
+    assert "observatory.store" in graph["observatory.query"]  # the graph is really read
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
