@@ -20,7 +20,6 @@ import observatory as obs
 from observatory import trainer
 from observatory.cli import main
 from observatory.errors import StoreError
-from observatory.spec import ModelSpec
 from observatory.store import ATTRS_KEY, FamilyStore
 
 SIZE = "l2-d16"
@@ -39,10 +38,10 @@ def captured(trained_tiny, tmp_path_factory):
     spec, _ = trained_tiny
     store = tmp_path_factory.mktemp("captured") / "tiny.zarr"
     models, built, batches = {}, [], {}
-    build = ModelSpec.build
+    build = trainer.build_model
 
-    def capture_build(self, size, *, init_seed):
-        model = build(self, size, init_seed=init_seed)
+    def capture_build(spec, size, *, init_seed):
+        model = build(spec, size, init_seed=init_seed)
         built.append(model)
         return model
 
@@ -54,7 +53,7 @@ def captured(trained_tiny, tmp_path_factory):
 
     train_run = trainer.train_run
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ModelSpec, "build", capture_build)
+        patch.setattr(trainer, "build_model", capture_build)
         patch.setattr(trainer, "train_run", capture_run)
         for seed, stop_after, resume in ((0, 10, False), (0, None, True), (1, 5, False)):
             trainer.train_family(
