@@ -1,9 +1,12 @@
 """Lazy queries over a family store: xarray views of every run, models and batches at a step.
 
-Every array is a dask view of the zarr store: opening reads metadata and the small step
-coordinates only, and a selection such as ``ds["W_Q"].sel(layer=1, head=2)`` reads just that
-head's chunks when computed.  Only committed checkpoints and step records are visible, so a
-store can be opened while a run is still training.
+Opening a store reads its attributes only.  Every array is lazy: a selection such as
+``ds["W_Q"].sel(layer=1, head=2)`` reads just that head's bytes when its values are needed
+(one region read of the stored parameter, however the view reshapes it).  :func:`open_run`
+and :func:`open` give lazily indexed arrays, as ``xarray.open_dataset`` does without
+``chunks`` (``.chunk()`` turns them into dask arrays); :func:`open_family` gives dask arrays.
+Only committed checkpoints and step records are visible, so a store can be opened while a run
+is still training.
 
 Dims: ``seed`` (runs of a family), ``step`` (checkpoint steps, with ``tokens_seen``),
 ``train_step`` (per-step metrics and batches), the parameter dims of
@@ -17,25 +20,16 @@ from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
-import zarr
-from dask.base import tokenize
 from transformers import AutoConfig, PreTrainedModel
 
 from observatory.data import Corpus, build_corpus
 from observatory.errors import StoreError
-from observatory.models import (
-    PER_HEAD_DIMS,
-    model_from_config,
-    parameter_dims,
-    transformer_lens_weights,
-    unstack_layers,
-)
+from observatory.models import PER_HEAD_DIMS, model_from_config, unstack_layers
 from observatory.spec import DataSpec
-from observatory.store import STEP_RECORDS, FamilyStore, RunReader
+from observatory.store import FamilyStore, LazyArray, RunReader
 
 # Dims of the per-head views of :func:`observatory.models.transformer_lens_weights`,
 # after the leading ``step`` dim.
@@ -108,7 +102,9 @@ def open_run(path: str | Path, *, size: str, seed: int) -> xr.Dataset:
     Returns
     -------
     xarray.Dataset
-        Dask-backed variables: the raw Hugging Face parameters under their stacked names
+        Lazily indexed variables (a selection reads only its region of the store, when its
+        values are needed; ``.chunk()`` makes them dask arrays): the raw Hugging Face
+        parameters under their stacked names
         (``[step, layer, ...]``), the per-head views of :data:`VIEW_DIMS` (``W_Q``, ``W_O``,
         ``b_Q``, ``W_E``, ``W_U``, ...), the per-step ``loss``, ``lr``, ``grad_norm``,
         ``train_tokens`` and ``batch_indices`` on the ``train_step`` dim, and every array of
@@ -139,10 +135,11 @@ def open_family(path: str | Path, *, size: str, seeds: Sequence[int] | None = No
     Returns
     -------
     xarray.Dataset
-        The datasets of :func:`open_run` concatenated along ``seed`` (with ``init_seed`` and
-        ``data_seed`` as coordinates on it).  Checkpoint steps and training steps are the
-        union over the runs, so a run that has committed fewer checkpoints than the others
-        (still training, or stopped) reads as NaN where it has no data.
+        The datasets of :func:`open_run`, dask-backed in the store's chunks, concatenated
+        along ``seed`` (with ``init_seed`` and ``data_seed`` as coordinates on it).
+        Checkpoint steps and training steps are the union over the runs, so a run that has
+        committed fewer checkpoints than the others (still training, or stopped) reads as NaN
+        where it has no data.
 
     Raises
     ------
@@ -159,7 +156,7 @@ def open_family(path: str | Path, *, size: str, seeds: Sequence[int] | None = No
         readers = family.size_runs(size)
     else:
         readers = [family.run(size, seed) for seed in seeds]
-    datasets = [_run_dataset(reader) for reader in readers]
+    datasets = [_run_dataset(reader, chunked=True) for reader in readers]
     tokens_seen: dict[int, int] = {}
     for ds in datasets:
         tokens_seen.update(ds["tokens_seen"].to_series().items())
@@ -176,24 +173,16 @@ def open_family(path: str | Path, *, size: str, seeds: Sequence[int] | None = No
     return combined.assign_coords(tokens_seen=("step", [tokens_seen[s] for s in steps]))
 
 
-def _run_dataset(reader: RunReader) -> xr.Dataset:
-    """The lazy dataset of one run (see :func:`open_run`)."""
+def _run_dataset(reader: RunReader, *, chunked: bool = False) -> xr.Dataset:
+    """The lazy dataset of one run (see :func:`open_run`); dask-backed if ``chunked``."""
     family, run = reader.family, reader.run
-    n_ckpt, n_steps = reader.n_checkpoints, reader.n_steps
-    arrays = reader.arrays()
-    variables = {
-        name: _variable(arrays[name], n_ckpt, reader=reader) for name in reader.parameter_names
-    }
-    views = transformer_lens_weights(
-        {name: variable.data for name, variable in variables.items()},
-        architecture=family.spec.model.architecture,
-        n_heads=family.spec.size(run.size).n_heads,
-    )
-    variables |= {name: xr.Variable(("step", *VIEW_DIMS[name]), v) for name, v in views.items()}
+    arrays = reader.lazy_arrays()
+    arrays |= views(arrays, architecture=family.spec.model.architecture)
     # The writer stores step records consecutively from 0: nothing to read for the coordinate.
-    train_step = np.arange(n_steps, dtype=np.int64)
-    records = [name for name in STEP_RECORDS if name != "train_step"]
-    variables |= {name: _variable(arrays[name], n_steps, reader=reader) for name in records}
+    train_step = np.arange(reader.n_steps, dtype=np.int64)
+    for name in ("step", "tokens_seen", "train_step"):  # coordinates, derived without reading
+        del arrays[name]
+    variables = {name: array.variable(chunked=chunked) for name, array in arrays.items()}
     ds = xr.Dataset(
         variables,
         coords=_run_coords(reader) | {"train_step": train_step},
@@ -204,7 +193,9 @@ def _run_dataset(reader: RunReader) -> xr.Dataset:
             "store": str(family.path),
         },
     )
-    analyses = _analysis_variables(reader, ds["step"].values)
+    analyses = _analysis_variables(reader, ds["step"].values, chunked=chunked)
+    if not analyses:
+        return ds
     try:
         return ds.assign(analyses)
     except ValueError as err:  # e.g. an analysis dim whose size clashes with the run's
@@ -226,64 +217,24 @@ def _run_coords(reader: RunReader) -> dict[str, object]:
     }
 
 
-def _analysis_variables(reader: RunReader, steps: np.ndarray) -> dict[str, xr.DataArray]:
+def _analysis_variables(
+    reader: RunReader, steps: np.ndarray, *, chunked: bool
+) -> dict[str, xr.Variable]:
     """Every array of every analysis group, aligned on the run's committed checkpoint steps."""
-    out: dict[str, xr.DataArray] = {}
+    out: dict[str, xr.Variable] = {}
     for name in reader.analyses():
-        covered, arrays = reader.analysis_arrays(name)
-        for key, array in arrays.items():
+        for key, array in reader.analysis_lazy_arrays(name, steps).items():
             if key in out:
                 raise StoreError(
                     f"{reader.run.path}: analyses {out[key].attrs['analysis']!r} and {name!r} "
                     f"both have an array {key!r}"
                 )
-            if _dims(array)[0] == "step":
-                variable = _variable(array, len(covered), covered, reader=reader)
-                values = xr.DataArray(variable, coords={"step": covered}).reindex(step=steps)
-            else:
-                values = xr.DataArray(_variable(array, None, reader=reader))
-            out[key] = values.assign_attrs(dict(array.attrs), analysis=name)
+            out[key] = array.variable(chunked=chunked)
     return out
 
 
-class _StoredArray:
-    """A run's array as dask reads it: through :meth:`RunReader.read`.
-
-    That read stays consistent while the run's writer commits more checkpoints, and reports a
-    damaged chunk as a :class:`StoreError`.
-    """
-
-    def __init__(self, reader: RunReader, array: zarr.Array):
-        self.reader, self.array = reader, array
-        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
-
-    def __getitem__(self, selection: object) -> np.ndarray:
-        return self.reader.read(self.array, selection)
-
-
-def _variable(array: zarr.Array, n: int | None, *content: object, reader: RunReader) -> xr.Variable:
-    """A dask-backed variable of ``array[:n]``, one task per stored chunk (reads nothing).
-
-    The dask name hashes the array's path, ``n`` and ``content`` (whatever else identifies
-    the data), not the array itself: committed entries never change, and hashing a zarr array
-    costs more than everything else here.
-    """
-    name = f"observatory-{tokenize(str(array.store_path), n, *content)}"
-    meta = np.empty((0,) * array.ndim, dtype=array.dtype)
-    source = _StoredArray(reader, array)
-    data = da.from_array(source, chunks=array.chunks, name=name, meta=meta)[:n]
-    return xr.Variable(_dims(array), data)
-
-
-def _dims(array: zarr.Array) -> tuple[str, ...]:
-    names = array.metadata.dimension_names
-    if names is None or None in names:
-        raise StoreError(f"{array.path}: array has no dimension names")
-    return tuple(names)
-
-
 # --------------------------------------------------------------------------------------------
-# Direct reads of one head.
+# TransformerLens views of the stacked parameters.
 
 
 # Where each per-head view lives in the stacked HF parameters: the parameter, and the view's
@@ -303,6 +254,100 @@ HEAD_BLOCKS: dict[str, dict[str, tuple[str, int, int]]] = {
     }
     | {"W_O": ("layers.attn.o_proj.weight", 0, 1)},
 }
+# The other views: a parameter (the first of these names that the run has), dims reordered.
+WHOLE_VIEWS: dict[str, dict[str, tuple[str, ...]]] = {
+    "gpt_neox": {
+        "b_O": ("gpt_neox.layers.attention.dense.bias",),
+        "W_E": ("gpt_neox.embed_in.weight",),
+        "W_U": ("lm_head.weight", "embed_out.weight"),  # embed_out: transformers < 5
+    },
+    "attn_only": {
+        "b_O": ("layers.attn.o_proj.bias",),
+        "W_E": ("embed.weight",),
+        "W_U": ("unembed.weight",),
+        "W_pos": ("pos_embed.weight",),
+    },
+}
+
+
+def views(arrays: dict[str, LazyArray], *, architecture: str) -> dict[str, LazyArray]:
+    """The TransformerLens views (:data:`VIEW_DIMS`) of a run's lazy stacked parameters."""
+    out: dict[str, LazyArray] = {
+        name: _View(arrays[param], ("step", *VIEW_DIMS[name]), block=(part, parts))
+        for name, (param, part, parts) in HEAD_BLOCKS[architecture].items()
+    }
+    for name, params in WHOLE_VIEWS[architecture].items():
+        param = next(param for param in params if param in arrays)
+        out[name] = _View(arrays[param], ("step", *VIEW_DIMS[name]))
+    return out
+
+
+class _View(LazyArray):
+    """A view of a stored parameter: its per-head dim split into ``head`` and ``d_head`` with
+    one block of each head's rows kept (if ``block = (part, parts)``), then dims reordered.
+
+    Indexing the view reads only the rows of the selected heads: one region of the stored
+    array when they are contiguous.
+    """
+
+    def __init__(
+        self, source: LazyArray, dims: tuple[str, ...], *, block: tuple[int, int] | None = None
+    ):
+        self.source, self.block, self.dims, self.attrs = source, block, dims, {}
+        shape, chunks, expanded = list(source.shape), list(source.chunks), list(source.dims)
+        self.axis = None
+        if block is not None:
+            axis = self.axis = next(i for i, d in enumerate(source.dims) if d in PER_HEAD_DIMS)
+            self.d_head = source.chunks[axis]  # per-head dims are stored in blocks of d_head
+            self.n_heads = shape[axis] // (block[1] * self.d_head)
+            expanded[axis : axis + 1] = ["head", "d_head"]
+            shape[axis : axis + 1] = [self.n_heads, self.d_head]
+            chunks[axis : axis + 1] = [1, self.d_head]
+        self.order = [expanded.index(dim) for dim in dims]  # view axis -> expanded axis
+        self.shape = tuple(shape[i] for i in self.order)
+        self.chunks = tuple(chunks[i] for i in self.order)
+        self.dtype = source.dtype
+        self.token = (*source.token, dims, block)
+
+    def read(self, key: tuple) -> np.ndarray:
+        expanded: list = [None] * len(key)
+        for axis, k in zip(self.order, key, strict=True):
+            expanded[axis] = k
+        kept = [i for i, k in enumerate(expanded) if not isinstance(k, int | np.integer)]
+        if self.axis is None:
+            values = self.source.read(tuple(expanded))
+        else:
+            values = self._read_heads(expanded)
+        return values.transpose([kept.index(i) for i in self.order if i in kept])
+
+    def _read_heads(self, expanded: list) -> np.ndarray:
+        """The rows that the (head, d_head) keys at ``self.axis`` select, read in one go."""
+        axis, (part, parts) = self.axis, self.block
+        heads = np.arange(self.n_heads)[expanded[axis]]
+        within = np.arange(self.d_head)[expanded[axis + 1]]
+        rows = np.add.outer((heads * parts + part) * self.d_head, within)
+        flat = rows.ravel()
+        others = expanded[:axis] + expanded[axis + 2 :]
+        if rows.ndim == 0:
+            row_key = int(rows)
+        elif len(flat) and np.array_equal(flat, np.arange(flat[0], flat[0] + len(flat))):
+            row_key = slice(int(flat[0]), int(flat[0]) + len(flat))
+        elif any(isinstance(k, np.ndarray) for k in others):  # zarr takes one array at most
+            row_key = slice(int(flat.min()), int(flat.max()) + 1) if len(flat) else slice(0, 0)
+        else:
+            row_key = flat
+        values = self.source.read((*expanded[:axis], row_key, *expanded[axis + 2 :]))
+        if rows.ndim == 0:
+            return values
+        position = sum(not isinstance(k, int | np.integer) for k in expanded[:axis])
+        if isinstance(row_key, slice) and row_key.stop - row_key.start != len(flat):
+            values = np.take(values, flat - row_key.start, axis=position)
+        shape = values.shape
+        return values.reshape(*shape[:position], *rows.shape, *shape[position + 1 :])
+
+
+# --------------------------------------------------------------------------------------------
+# Direct reads of one head.
 
 
 def head_weights(
@@ -349,15 +394,10 @@ def head_weights(
         if not 0 <= index < count:
             raise StoreError(f"{reader.run.path}: no {what} {index} ({what}s: 0..{count - 1})")
     name, part, parts = blocks[weight]
-    dims = parameter_dims(name)  # (layer, ...) with one per-head dim
-    per_head = next(dim for dim in dims if dim in PER_HEAD_DIMS)
-    start = (head * parts + part) * shape.d_head
-    select = {"layer": layer, per_head: slice(start, start + shape.d_head)}
-    region = (slice(0, reader.n_checkpoints), *(select.get(dim, slice(None)) for dim in dims))
-    values = reader.read(reader.parameter_array(name), region)
-    kept = ["d_head" if dim == per_head else dim for dim in dims if dim != "layer"]
-    out = xr.DataArray(values, dims=("step", *kept), coords=_run_coords(reader), name=weight)
-    return out.transpose("step", *VIEW_DIMS[weight][2:])
+    dims = ("step", *VIEW_DIMS[weight])
+    view = _View(reader.lazy_arrays([name])[name], dims, block=(part, parts))
+    values = view.read((slice(None), layer, head, *[slice(None)] * (len(dims) - 3)))
+    return xr.DataArray(values, dims=dims[:1] + dims[3:], coords=_run_coords(reader), name=weight)
 
 
 # --------------------------------------------------------------------------------------------

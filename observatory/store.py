@@ -37,9 +37,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numcodecs.blosc
 import numpy as np
+import xarray as xr
 import zarr
+from dask.base import tokenize
+from xarray.backends import BackendArray
+from xarray.core import indexing
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from observatory.errors import StoreError
@@ -313,6 +318,7 @@ class RunWriter:
             committed_checkpoints=0,
             committed_steps=0,
             complete=False,
+            layout={name: _array_layout(array) for name, array in group.arrays()},
         )
 
     def _checkpoint_arrays(self) -> dict[tuple[str, ...], zarr.Array]:
@@ -689,14 +695,51 @@ class RunReader:
 
     # -- lazy reading ------------------------------------------------------------------------
 
-    def arrays(self) -> dict[str, zarr.Array]:
-        """Every array of the run group by name, their metadata fetched concurrently.
+    def lazy_arrays(self, names: Sequence[str] | None = None) -> dict[str, StoredArray]:
+        """Every array of the run group (or those named), lazily read, cut to what is committed.
 
-        Only ``[:n_checkpoints]`` of the arrays with a leading ``step`` dim (the parameters,
-        ``step``, ``tokens_seen``) and ``[:n_steps]`` of those in :data:`STEP_RECORDS` is
-        committed.
+        Those with a leading ``step`` dim (the parameters, ``step``, ``tokens_seen``) end at
+        ``n_checkpoints``, those of :data:`STEP_RECORDS` at ``n_steps``.  Nothing is read: the
+        dims, shapes and dtypes come from the run's attributes (stores written before they
+        were recorded there have the arrays' metadata read instead).
         """
-        return dict(self.group.arrays())
+        layout = self.attrs.get("layout")
+        if layout is None:
+            arrays = self.group.arrays() if names is None else ((n, self.group[n]) for n in names)
+            layout = {name: _array_layout(array) for name, array in arrays}
+        if names is not None:
+            layout = {name: layout[name] for name in names}
+        lengths = {"step": self.n_checkpoints, "train_step": self.n_steps}
+        return {
+            name: StoredArray(self, name, entry, lengths[entry["dims"][0]])
+            for name, entry in layout.items()
+        }
+
+    def analysis_lazy_arrays(self, name: str, steps: np.ndarray) -> dict[str, StoredArray]:
+        """The arrays of an analysis, lazily read; those by ``step`` aligned on ``steps``.
+
+        Row ``i`` of an array with a leading ``step`` dim holds the result at ``steps[i]``, NaN
+        where the analysis has not covered that checkpoint.
+        """
+        covered, arrays = self.analysis_arrays(name)
+        position = {int(step): row for row, step in enumerate(covered)}
+        rows = np.array([position.get(int(step), -1) for step in steps], dtype=np.int64)
+        if np.array_equal(rows, np.arange(len(covered))):
+            rows = None  # stored in step order already: read rows as they are
+        out = {}
+        for key, array in arrays.items():
+            entry, path = _array_layout(array), f"{ANALYSIS_GROUP}/{name}/{key}"
+            by_step = entry["dims"][0] == "step"
+            out[key] = StoredArray(
+                self,
+                path,
+                entry,
+                len(steps) if by_step else array.shape[0],
+                rows=rows if by_step else None,
+                array=array,
+                attrs=dict(array.attrs) | {"analysis": name},
+            )
+        return out
 
     def read(self, array: zarr.Array, selection: Any) -> np.ndarray:
         """``array[selection]`` of one of the run's arrays, consistent while a writer commits.
@@ -847,3 +890,117 @@ class AnalysisWriter:
             self._steps[start:stop] = steps
             self._buffered = []
         self._last_flush = time.monotonic()
+
+
+# --------------------------------------------------------------------------------------------
+# Lazy reading: stored arrays as xarray backend arrays that read only what is indexed.
+
+
+def _array_layout(array: zarr.Array) -> dict[str, Any]:
+    """What a lazy array needs to know without reading: dims, shape after the first dim, ..."""
+    names = array.metadata.dimension_names
+    if names is None or None in names:
+        raise StoreError(f"{array.path}: array has no dimension names")
+    return {
+        "dims": list(names),
+        "shape": list(array.shape[1:]),
+        "dtype": str(array.dtype),
+        "chunks": list(array.chunks),
+    }
+
+
+class LazyArray(BackendArray):
+    """An array read region by region when indexed: by xarray, or by dask with slices.
+
+    Subclasses set ``dims``, ``shape``, ``dtype``, ``chunks`` (the preferred dask chunks),
+    ``token`` (a tuple that identifies the data) and ``attrs``, and implement :meth:`read`.
+    """
+
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    token: tuple
+    attrs: dict[str, Any]
+
+    def read(self, key: tuple) -> np.ndarray:
+        """``self[key]`` for a tuple of ints, slices with positive steps and at most one sorted
+        integer array (outer indexing)."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: indexing.ExplicitIndexer | tuple) -> np.ndarray:
+        if isinstance(key, indexing.ExplicitIndexer):
+            support = indexing.IndexingSupport.OUTER_1VECTOR
+            return indexing.explicit_indexing_adapter(key, self.shape, support, self.read)
+        return self.read(key)  # dask's tuple of slices
+
+    def variable(self, *, chunked: bool = False) -> xr.Variable:
+        """The array as an xarray variable: lazily indexed (a selection reads only its region
+        when its values are needed), or, if ``chunked``, dask-backed in the preferred chunks."""
+        if chunked:
+            meta = np.empty((0,) * self.ndim, dtype=self.dtype)
+            name = f"observatory-{tokenize(*self.token)}"
+            data = da.from_array(self, chunks=self.chunks, name=name, meta=meta)
+        else:
+            data = indexing.LazilyIndexedArray(self)
+        return xr.Variable(self.dims, data, self.attrs)
+
+
+class StoredArray(LazyArray):
+    """One array of a run, read through :meth:`RunReader.read`.
+
+    Reads stay consistent while the run's writer commits, and a damaged chunk is a
+    :class:`StoreError`.  The zarr array is opened at the first read.
+
+    Parameters
+    ----------
+    reader
+        The run.
+    path
+        The array's path in the run group.
+    layout
+        Its dims, shape after the first dim, dtype and chunks (see ``_array_layout``).
+    length
+        Entries along the first dim (the committed ones).
+    rows
+        Optional stored row of every entry along the first dim (-1: none, read as NaN).
+    array, attrs
+        The zarr array if it is open already, and attributes for the variable.
+    """
+
+    def __init__(
+        self,
+        reader: RunReader,
+        path: str,
+        layout: dict[str, Any],
+        length: int,
+        *,
+        rows: np.ndarray | None = None,
+        array: zarr.Array | None = None,
+        attrs: dict[str, Any] | None = None,
+    ):
+        self.reader, self.path, self.rows, self._array = reader, path, rows, array
+        self.dims = tuple(layout["dims"])
+        self.shape = (length, *layout["shape"])
+        self.dtype = np.dtype(layout["dtype"])
+        self.chunks = tuple(layout["chunks"])
+        self.attrs = attrs or {}
+        where = (str(reader.family.path), reader.run.path, path, self.shape)
+        self.token = where if rows is None else (*where, rows.tobytes())
+
+    def read(self, key: tuple) -> np.ndarray:
+        if self._array is None:
+            self._array = self.reader.group[self.path]
+        key = tuple(
+            slice(*k.indices(n)) if isinstance(k, slice) else k
+            for k, n in zip(key, self.shape, strict=True)
+        )
+        if self.rows is None:
+            return self.reader.read(self._array, key)
+        stored = np.atleast_1d(self.rows[key[0]])
+        found = stored >= 0
+        low, high = (stored[found].min(), stored[found].max() + 1) if found.any() else (0, 0)
+        block = self.reader.read(self._array, (slice(low, high), *key[1:]))
+        out = np.full((len(stored), *block.shape[1:]), np.nan, dtype=self.dtype)
+        out[found] = block[stored[found] - low]
+        return out if isinstance(key[0], slice | np.ndarray) else out[0]

@@ -1,4 +1,4 @@
-"""The package's structure: no import circles among its modules."""
+"""The package's structure: no import circles among its modules, zarr behind the store."""
 
 from __future__ import annotations
 
@@ -95,3 +95,19 @@ def test_no_import_cycle_among_observatory_modules():
     assert "observatory.store" in graph["observatory.query"]  # the graph is really read
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def imported_packages(tree: ast.Module) -> set[str]:
+    """Top-level names of every absolute import in ``tree``."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add((node.module or "").partition(".")[0])
+    return names
+
+
+def test_only_the_store_imports_zarr():
+    importers = [name for name, tree in modules().items() if "zarr" in imported_packages(tree)]
+    assert importers == ["observatory.store"]
