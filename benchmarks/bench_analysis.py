@@ -27,7 +27,7 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from observatory.analysis.jobs import AnalysisSpec, ExecutionSpec, run_analysis
+from observatory.jobs import AnalysisSpec, ExecutionSpec, run_analysis
 
 
 def timed_jobs(store: Path, workers: int, block_size: int, repeats: int) -> tuple[float, int]:

@@ -24,11 +24,11 @@ from observatory.analysis.summary import (
     Summary,
     check_results,
     head_label,
-    load_results,
     summary,
     token_loss_pca,
     tokens_per_step,
 )
+from observatory.results import load_results
 
 DPI = 120
 # Analyses the report draws on (all of them: figures for each).
@@ -46,7 +46,7 @@ def write_report(
     ----------
     path
         The family store (analysed with ``observatory analyze``), or a dataset from
-        :func:`~observatory.analysis.summary.load_results`.
+        :func:`~observatory.results.load_results`.
     out_dir
         Directory to write into (created if needed; existing report files are replaced).
     size

@@ -9,9 +9,9 @@ import pytest
 import xarray as xr
 
 from observatory.analysis import attention_patterns, head_scores
-from observatory.analysis.jobs import load_analysis_spec, make_plan, run_analysis
 from observatory.cli import main
 from observatory.errors import SpecError
+from observatory.jobs import load_analysis_spec, run_analysis, shared_data
 from observatory.query import model_at
 from observatory.store import FamilyStore
 
@@ -90,12 +90,12 @@ def test_local_cluster_job_scores_every_checkpoint_and_reruns_idempotently(store
     run = family.run("l2-d16", 1)
     steps, arrays = run.analysis_arrays("head_scores")
     assert sorted(steps) == sorted(run.steps())
-    plan = make_plan(spec, family.spec)
+    data = shared_data(family.spec, spec.probe, spec.held_out)
     row = int(np.flatnonzero(steps == 8)[0])
     model = model_at(store_copy, size="l2-d16", seed=1, step=8)
-    expected = head_scores(attention_patterns(model, plan.probe_tokens), plan.probe_tokens)
+    expected = head_scores(attention_patterns(model, data.probe_tokens), data.probe_tokens)
     np.testing.assert_allclose(arrays["induction_score"][row], expected["induction"], rtol=1e-6)
-    assert np.array_equal(run.analysis_group("head_scores")["probe_tokens"][:], plan.probe_tokens)
+    assert np.array_equal(run.analysis_group("head_scores")["probe_tokens"][:], data.probe_tokens)
 
     again = run_analysis(spec, progress=False)
     assert (again.computed, again.skipped) == (0, n_ckpt)

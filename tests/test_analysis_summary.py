@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from observatory.analysis.summary import load_results, summary, token_loss_pca
+from observatory.analysis.summary import summary, token_loss_pca
 from observatory.errors import StoreError
+from observatory.results import load_results
 
 TOKENS_PER_STEP = 2048
 TRAIN_STEPS = np.arange(1000)

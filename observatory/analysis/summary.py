@@ -57,58 +57,7 @@ def head_label(layer: int, head: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading.
-
-
-def load_results(
-    path: str | Path, *, size: str | None = None, require: tuple[str, ...] = ()
-) -> xr.Dataset:
-    """The per-step loss and the analysis results of one size of a family, in memory.
-
-    Parameters
-    ----------
-    path
-        The family store.
-    size
-        Size name; may be omitted when the store has a single size.
-    require
-        Variables that must hold results (e.g. ``("induction_score", "icl_score")``).
-
-    Returns
-    -------
-    xarray.Dataset
-        The variables of :data:`RESULTS` that exist (``loss[seed, train_step]``,
-        ``induction_score[seed, step, layer, head]``, ...), loaded, with coordinates ``seed``,
-        ``step``, ``tokens_seen``, ``train_step``; ``attrs``: ``store``, ``size`` and
-        ``analysis_parameters`` (``{analysis: parameters}`` as recorded by the analysis job).
-
-    Raises
-    ------
-    StoreError
-        If the store or size does not exist, or a required analysis has no results.
-    """
-    from observatory.query import open_family
-    from observatory.store import ATTRS_KEY, FamilyStore
-
-    family = FamilyStore(path)
-    if size is None:
-        sizes = family.sizes()
-        if len(sizes) != 1:
-            raise StoreError(
-                f"{family.path}: several sizes ({', '.join(sizes)}); choose one (--size)"
-            )
-        size = sizes[0]
-    parameters: dict[str, Any] = {}
-    for reader in family.size_runs(size):
-        for name in reader.analyses():
-            group = reader.analysis_group(name)
-            parameters.setdefault(name, dict(group.attrs.get(ATTRS_KEY, {})).get("parameters"))
-    family_ds = open_family(path, size=size)  # a seed without some analysis reads as NaN
-    names = [name for name in RESULTS if name in family_ds]
-    ds = family_ds[names].load()
-    ds.attrs = {"store": str(family.path), "size": size, "analysis_parameters": parameters}
-    check_results(ds, require)
-    return ds
+# Checking loaded results (loading them is I/O: observatory.results.load_results).
 
 
 def check_results(ds: xr.Dataset, require: tuple[str, ...]) -> None:
@@ -138,6 +87,8 @@ def _results(source: str | Path | xr.Dataset, size: str | None, require: tuple[s
     if isinstance(source, xr.Dataset):
         check_results(source, require)
         return source
+    from observatory.results import load_results
+
     return load_results(source, size=size, require=require)
 
 
@@ -320,7 +271,7 @@ def summary(
     Parameters
     ----------
     path
-        The family store, or a dataset from :func:`load_results`.
+        The family store, or a dataset from :func:`~observatory.results.load_results`.
     size
         Size name; may be omitted when the store has a single size.
     threshold
@@ -460,7 +411,7 @@ def token_loss_pca(
     Parameters
     ----------
     path
-        The family store, or a dataset from :func:`load_results`.
+        The family store, or a dataset from :func:`~observatory.results.load_results`.
     size
         Size name; may be omitted when the store has a single size.
     n_components
