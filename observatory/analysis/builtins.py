@@ -201,7 +201,7 @@ def _pattern_tokens(options: Any, data: SharedData) -> dict[str, tuple]:
             f"attention_patterns.sequence: {options.sequence} is not a probe sequence "
             f"(the probe has {len(data.probe_tokens)})"
         )
-    return {"tokens": (("probe_query",), data.probe_tokens[options.sequence])}
+    return {"pattern_tokens": (("probe_query",), data.probe_tokens[options.sequence])}
 
 
 def _check_sequence(options: Any, where: str) -> None:
@@ -220,7 +220,7 @@ def attention_patterns_analysis(model, data: SharedData, *, sequence: int = 0) -
     """Every head's attention pattern on one probe sequence (``sequence``: its index).
 
     ``attention_pattern[layer, head, probe_query, probe_key]``; the sequence's tokens are
-    stored beside it as ``tokens``.
+    stored beside it as ``pattern_tokens``.
     """
     tokens = data.probe_tokens[sequence : sequence + 1]
     return {"attention_pattern": patterns_of(model, tokens)[:, 0]}  # [layer, head, q, k]
