@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -185,28 +187,34 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
         If the path holds something else, or a store created by a different spec or corpus.
     """
     path = Path(path)
-    if path.exists():
-        root = _open_root(path, mode="r+")
-        stored = _attrs(root)
-        if stored["spec"] != spec.to_dict():
-            raise StoreError(
-                f"{path}: this store was created by a different spec "
-                f"(name {stored['spec'].get('name')!r}); use another --store"
-            )
-        if stored["data"]["fingerprint"] != data["fingerprint"]:
-            raise StoreError(
-                f"{path}: the corpus changed since this store was created "
-                f"(fingerprint {data['fingerprint']} vs {stored['data']['fingerprint']})"
-            )
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: is a file, not a store; use another --store")
+    attrs = {
+        "schema_version": SCHEMA_VERSION,
+        "spec": spec.to_dict(),
+        "versions": library_versions(),
+        "data": data,
+    }
+    if not path.exists():
+        try:  # the attributes are part of the group's one metadata document: no torn store
+            return zarr.create_group(path, attributes={ATTRS_KEY: attrs}, zarr_format=3)
+        except zarr.errors.ContainsGroupError:
+            pass  # another process created it just now: check it as any existing store
+    root = _open_root(path, mode="r+")
+    stored = _attrs(root)
+    if stored["spec"] != spec.to_dict() and not any(True for _ in root.groups()):
+        _set_attrs(root, **attrs)  # nothing trained yet (e.g. an earlier spec failed to build)
         return root
-    root = zarr.open_group(path, mode="w-")
-    _set_attrs(
-        root,
-        schema_version=SCHEMA_VERSION,
-        spec=spec.to_dict(),
-        versions=library_versions(),
-        data=data,
-    )
+    if stored["spec"] != spec.to_dict():
+        raise StoreError(
+            f"{path}: this store was created by a different spec "
+            f"(name {stored['spec'].get('name')!r}); use another --store"
+        )
+    if stored["data"]["fingerprint"] != data["fingerprint"]:
+        raise StoreError(
+            f"{path}: the corpus changed since this store was created "
+            f"(fingerprint {data['fingerprint']} vs {stored['data']['fingerprint']})"
+        )
     return root
 
 
@@ -233,6 +241,107 @@ def write_size_attrs(root: zarr.Group, size: SizeSpec, *, hf_config: dict[str, A
     """Record a size's spec and Hugging Face config on its group (created if needed)."""
     group = root.require_group(size.name)
     _set_attrs(group, size=size.__dict__, d_head=size.d_head, hf_config=hf_config)
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per run.
+
+LOCK_HEARTBEAT_SECONDS = 5.0  # a holder touches its lock this often ...
+LOCK_STALE_SECONDS = 60.0  # ... and a lock untouched for this long has no living holder
+
+
+class RunLock:
+    """Held by the one process that writes a run; a second writer gets a one-line error.
+
+    The lock is a small JSON file (holder host, pid, start time) created with exclusive
+    create, in ``<store>.locks/`` beside the store (not inside it, where zarr readers would
+    list it).  The holder's thread touches it every ``LOCK_HEARTBEAT_SECONDS``.  A lock whose
+    holder is gone is taken over: one whose pid no longer exists on this host at once, any
+    other once its heartbeat is ``LOCK_STALE_SECONDS`` old, so a SIGKILLed writer never
+    leaves a run locked for good.  On an object store the same protocol maps onto a
+    conditional put (``If-None-Match: *``) and the object's modification time.
+
+    Parameters
+    ----------
+    root
+        The family root group (from :func:`create_family`).
+    run
+        The run to lock.
+    """
+
+    def __init__(self, root: zarr.Group, run: RunId):
+        store = Path(root.store.root)
+        self.path = store.parent / f"{store.name}.locks" / f"{run.path.replace('/', '.')}.lock"
+        self.run = run
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(exist_ok=True)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        for _ in range(2):
+            try:
+                with open(self.path, "x") as file:
+                    json.dump(holder, file)
+                break
+            except FileExistsError:
+                self._take_over_if_stale()
+        else:
+            raise StoreError(f"{self.run.path}: could not take the lock {self.path}")
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()  # the last writer leaves no trace
+        except OSError:
+            pass
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+            age = time.time() - self.path.stat().st_mtime
+        except (OSError, ValueError):
+            holder, age = {}, LOCK_STALE_SECONDS  # being written, or torn by a crash
+        if not self._holder_gone(holder, age):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+            raise StoreError(
+                f"{self.run.path} is being written by pid {holder.get('pid')} on "
+                f"{holder.get('host')} (since {since}); wait for it to finish"
+            )
+        # Rename first: of several processes taking over the same stale lock, one wins.
+        stale = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            self.path.rename(stale)
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def _holder_gone(holder: dict, age: float) -> bool:
+        if age >= LOCK_STALE_SECONDS:
+            return True
+        if holder.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(holder.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -323,8 +323,19 @@ def select_runs(spec: AnalysisSpec, runs: list[RunId]) -> list[RunId]:
     ]
 
 
-def select_steps(spec: AnalysisSpec, committed: np.ndarray) -> list[int]:
-    """The job's checkpoint steps among a run's committed ones (missing ones are skipped)."""
+def select_steps(spec: AnalysisSpec, committed: np.ndarray, run: str = "") -> list[int]:
+    """The job's checkpoint steps among a run's committed ones.
+
+    Explicit ``steps`` that are not committed checkpoints of the run are a :class:`SpecError`
+    (nothing would be analysed for them).
+    """
+    absent = sorted(set(spec.steps) - {int(s) for s in committed})
+    if absent:
+        raise SpecError(
+            f"steps: {', '.join(map(str, absent[:5]))} {'is' if len(absent) == 1 else 'are'} "
+            f"not committed checkpoint steps of {run or 'the run'} "
+            f"({len(committed)} committed, last {int(committed[-1]) if len(committed) else '-'})"
+        )
     steps = [int(s) for s in committed if not spec.steps or int(s) in spec.steps]
     return steps[:: spec.every]
 
@@ -378,6 +389,9 @@ def run_analysis(
     writers: dict[str, dict[str, AnalysisWriter]] = {}
     blocks: list[tuple[RunId, list[int]]] = []
     skipped = 0
+    wanted = {}  # checked before anything is written
+    for run in runs:
+        wanted[run.path] = select_steps(spec, family.run(run.size, run.seed).steps(), run.path)
     for run in runs:
         reader = family.run(run.size, run.seed)
         size = family.spec.size(run.size)
@@ -397,9 +411,8 @@ def run_analysis(
                 "probe_tokens", plan.probe_tokens, ("probe_sequence", "probe_position")
             )
         done = set.intersection(*(w.done_steps() for w in writers[run.path].values()))
-        wanted = select_steps(spec, reader.steps())
-        pending = [s for s in wanted if s not in done]
-        skipped += len(wanted) - len(pending)
+        pending = [s for s in wanted[run.path] if s not in done]
+        skipped += len(wanted[run.path]) - len(pending)
         size_ = spec.execution.block_size
         blocks += [(run, pending[i : i + size_]) for i in range(0, len(pending), size_)]
 
