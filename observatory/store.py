@@ -18,9 +18,12 @@ Layout (zarr v3, one store per model family)::
 
 Checkpoint arrays are sharded along ``step``: one shard file holds ``checkpoints_per_shard``
 checkpoints of an array, split inside into per-layer, per-head chunks so that one head of one
-layer across all checkpoints reads only its own bytes.  Arrays are resized as checkpoints are
-committed, and a run's ``committed_checkpoints``/``committed_steps`` attrs are updated last:
-readers use only what those markers cover, so a crash never exposes a half-written checkpoint.
+layer across all checkpoints reads only its own bytes.  Arrays are created at their final
+length (every scheduled checkpoint, every step) and filled as checkpoints are committed; a run's
+``committed_checkpoints``/``committed_steps`` attrs are updated last: readers use only what
+those markers cover, so a crash never exposes a half-written checkpoint, and every chunk inside
+them exists (a missing one is damage: see :class:`_CheckedStore`).  A run's attrs are written
+after its arrays: a run without them was interrupted while being created and is not listed.
 """
 
 from __future__ import annotations
@@ -444,6 +447,9 @@ class RunWriter:
     # -- layout ------------------------------------------------------------------------------
 
     def _create_arrays(self, spec, param_shapes, d_head, schedule, rng_bytes) -> None:
+        # Every array is created at its final length (the schedule's checkpoints, the run's
+        # steps), so that any reader sees consistent lengths at any time; only what the
+        # commit markers cover is written.
         group, shard = self._group, self._shard
         compressors = _compressors(spec.store)
 
@@ -460,7 +466,7 @@ class RunWriter:
             sharded = per_head and any(dim in PER_HEAD_DIMS for dim in dims)
             parent.create_array(
                 name,
-                shape=(0, *shape),
+                shape=(len(schedule), *shape),
                 chunks=(shard, *chunks) if sharded else (shard, *shape),
                 shards=(shard, *shape) if sharded else None,
                 dtype=dtype,
@@ -474,7 +480,7 @@ class RunWriter:
         def vector(parent: zarr.Group, name: str, dims, dtype, trailing=()):
             parent.create_array(
                 name,
-                shape=(0, *trailing),
+                shape=(len(schedule) if dims[0] == "step" else spec.train.steps, *trailing),
                 chunks=(METRIC_CHUNK, *trailing),
                 dtype=dtype,
                 compressors=compressors,
@@ -536,12 +542,11 @@ class RunWriter:
         return bool(_attrs(self._group)["complete"])
 
     def truncate(self, n_checkpoints: int, n_steps: int) -> None:
-        """Drop anything past the given counts (left by a crash) before resuming."""
-        for array in self._ckpt_arrays.values():
-            array.resize((n_checkpoints, *array.shape[1:]))
-        for name in ("train_step", "train_tokens", "batch_indices", *STEP_METRICS):
-            array = self._group[name]
-            array.resize((n_steps, *array.shape[1:]))
+        """Move the markers back to the given counts before resuming.
+
+        What a crash left past them stays invisible and is overwritten as training goes on;
+        the arrays keep their full length (see :meth:`_create_arrays`).
+        """
         _set_attrs(self._group, committed_checkpoints=n_checkpoints, committed_steps=n_steps)
 
     def last_checkpoint(self) -> Checkpoint:
@@ -648,7 +653,8 @@ class RunWriter:
             if not len(block):
                 continue
             stop = start + len(block)
-            array.resize((stop, *array.shape[1:]))
+            if array.shape[0] < stop:  # a store from before arrays were created full length
+                array.resize((stop, *array.shape[1:]))
             array[start:stop] = block
 
 
