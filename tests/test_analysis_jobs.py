@@ -158,3 +158,20 @@ def test_job_runs_on_a_separate_dask_scheduler_and_worker(store_copy, tmp_path):
         scheduler.terminate()
         worker.wait(30)
         scheduler.wait(30)
+
+
+def test_explicit_steps_that_are_not_checkpoints_are_an_error_that_writes_nothing(
+    store_copy, tmp_path, capsys
+):
+    from tests.test_store import tree_bytes
+
+    before = tree_bytes(store_copy)
+    job = write_job(
+        tmp_path, store_copy, JOB.replace("analyses = [", "steps = [0, 3]\nanalyses = [")
+    )
+    assert main(["analyze", str(job), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and "steps: 3 is not committed checkpoint steps of l2-d16/seed0" in err
+    )
+    assert tree_bytes(store_copy) == before

@@ -212,3 +212,11 @@ def test_summary_of_a_store(trained_tiny, tmp_path):
     assert loaded["induction_score"].dims == ("seed", "step", "layer", "head")
     with pytest.raises(StoreError, match="no size 'big'"):
         load_results(path, size="big")
+
+
+def test_summary_of_a_store_without_analyses_says_nothing_was_analysed(trained_tiny):
+    from observatory.errors import StoreError
+
+    _, store = trained_tiny
+    with pytest.raises(StoreError, match="no results of analysis .*run `observatory analyze`"):
+        summary(store)
