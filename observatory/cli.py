@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
 
 from observatory.errors import ObservatoryError
@@ -23,15 +26,22 @@ typical session:
 
 
 def _int_list(text: str) -> list[int]:
-    """Parse ``"0-2"``, ``"0,3"`` or ``"1"`` into a list of ints."""
+    """Parse ``"0-2"``, ``"0,3"`` or ``"1"`` into a list of ints (each range ascending)."""
     out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds like 0-2 or 0,3, got {text!r}") from None
+    for part in text.split(","):
+        lo, dash, hi = part.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise argparse.ArgumentTypeError(f"expected seeds like 0-2 or 0,3, got {text!r}")
+        if dash and int(hi) < int(lo):
+            raise argparse.ArgumentTypeError(f"the range {part!r} is empty (write {hi}-{lo})")
+        out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
     return out
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of steps, got {text!r}")
+    return int(text)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -102,13 +112,22 @@ def _cmd_report(args: argparse.Namespace) -> None:
         print(f"  {path}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``observatory train: error: ...``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="observatory",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     train = commands.add_parser(
         "train",
@@ -128,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--stop-after",
-        type=int,
+        type=_positive_int,
         metavar="N",
         help="stop each run after N steps in this call (continue later with --resume)",
     )
@@ -198,20 +217,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; user errors print one line and return a non-zero exit code."""
+    """Run the CLI; every error prints one line and returns a non-zero exit code.
+
+    A user error (bad spec, store, selection, a full disk, too little memory) exits with 2.
+    An unexpected error exits with 1 and prints where its traceback was written;
+    ``OBSERVATORY_DEBUG=1`` lets it propagate instead.
+    """
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except ObservatoryError as err:
-        print(f"observatory: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
     except KeyboardInterrupt:
         print(
             "observatory: interrupted; committed checkpoints are kept (continue with --resume)",
             file=sys.stderr,
         )
         return 130
+    except OSError as err:  # e.g. a full disk or a path that cannot be written
+        where = f": {err.filename}" if err.filename else ""
+        return _fail(f"{err.strerror or err}{where}")
+    except MemoryError:
+        return _fail("out of memory (a smaller size, batch or corpus would fit)")
+    except Exception:
+        if os.environ.get("OBSERVATORY_DEBUG") == "1":
+            raise
+        return _internal_error()
     return 0
+
+
+def _fail(message: str) -> int:
+    print(
+        f"observatory: error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr
+    )
+    return 2
+
+
+def _internal_error() -> int:
+    """Write the traceback to a log file and print one line saying where it is."""
+    text = traceback.format_exc()
+    last = text.rstrip().splitlines()[-1]
+    handle, log = tempfile.mkstemp(prefix="observatory-error-", suffix=".log")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    print(
+        f"observatory: internal error: {last} (traceback in {log}; "
+        "OBSERVATORY_DEBUG=1 shows it here)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

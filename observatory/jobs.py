@@ -407,8 +407,19 @@ def select_runs(spec: AnalysisSpec, runs: list[RunId]) -> list[RunId]:
     ]
 
 
-def select_steps(spec: AnalysisSpec, committed: np.ndarray) -> list[int]:
-    """The job's checkpoint steps among a run's committed ones (missing ones are skipped)."""
+def select_steps(spec: AnalysisSpec, committed: np.ndarray, run: str = "") -> list[int]:
+    """The job's checkpoint steps among a run's committed ones.
+
+    Explicit ``steps`` that are not committed checkpoints of the run are a :class:`SpecError`
+    (nothing would be analysed for them).
+    """
+    absent = sorted(set(spec.steps) - {int(s) for s in committed})
+    if absent:
+        raise SpecError(
+            f"steps: {', '.join(map(str, absent[:5]))} {'is' if len(absent) == 1 else 'are'} "
+            f"not committed checkpoint steps of {run or 'the run'} "
+            f"({len(committed)} committed, last {int(committed[-1]) if len(committed) else '-'})"
+        )
     steps = [int(s) for s in committed if not spec.steps or int(s) in spec.steps]
     return steps[:: spec.every]
 
@@ -449,8 +460,13 @@ def _prepare(family, spec: AnalysisSpec, data: SharedData, recompute: bool):
     from observatory.store import AnalysisWriter
 
     configured = configure(spec)
+    runs = select_runs(spec, family.runs())
+    wanted = {  # checked for every run before anything is written
+        run.path: select_steps(spec, family.run(run.size, run.seed).steps(), run.path)
+        for run in runs
+    }
     work, skipped = [], 0
-    for run in select_runs(spec, family.runs()):
+    for run in runs:
         reader = family.run(run.size, run.seed)
         tasks = tasks_for(configured, size_dims(family.spec, run.size, data))
         writers = {}
@@ -466,9 +482,8 @@ def _prepare(family, spec: AnalysisSpec, data: SharedData, recompute: bool):
             for name, (dims, values) in constants.items():
                 writers[c.name].write_extra(name, np.asarray(values), tuple(dims))
         done = set.intersection(*(w.done_steps() for w in writers.values()))
-        wanted = select_steps(spec, reader.steps())
-        pending = [s for s in wanted if s not in done]
-        skipped += len(wanted) - len(pending)
+        pending = [s for s in wanted[run.path] if s not in done]
+        skipped += len(wanted[run.path]) - len(pending)
         size = spec.execution.block_size
         blocks = [pending[i : i + size] for i in range(0, len(pending), size)]
         work.append(_RunWork(run=run, writers=writers, tasks=tasks, blocks=blocks))

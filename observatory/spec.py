@@ -75,6 +75,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML allows inf and nan; no setting means them
+                raise SpecError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -128,7 +130,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{path}: not valid TOML ({err})") from None
 
@@ -233,6 +239,13 @@ class SeedSpec:
                 f"({len(self.data)} vs {len(self.init)}); use pairing = 'product' to cross them"
             )
         _require(all(s >= 0 for s in self.init + (self.data or ())), f"{where}: seeds must be >= 0")
+        pairs = self.pairs()
+        twice = sorted({pair for pair in pairs if pairs.count(pair) > 1})
+        _require(
+            not twice,
+            f"{where}: the seed pair (init, data) = {twice[0] if twice else ''} appears twice; "
+            "its runs would be identical",
+        )
 
     def pairs(self) -> list[tuple[int, int]]:
         """The (init_seed, data_seed) pair of every run, in run order."""
@@ -251,8 +264,10 @@ class TrainSpec:
     threads: int = 2
 
     def validate(self, where: str) -> None:
-        for key in ("steps", "batch_size", "context", "threads"):
+        for key in ("steps", "batch_size", "threads"):
             _require(getattr(self, key) > 0, f"{where}.{key}: must be positive")
+        # a model learns from predicting token k + 1 from tokens ..k: one token predicts nothing
+        _require(self.context >= 2, f"{where}.context: must be at least 2")
 
     @property
     def tokens_per_step(self) -> int:
@@ -275,6 +290,7 @@ class OptimizerSpec:
 
     def validate(self, where: str) -> None:
         _require(self.lr > 0, f"{where}.lr: must be positive")
+        _require(self.eps > 0, f"{where}.eps: must be positive")
         _require(len(self.betas) == 2, f"{where}.betas: need two numbers")
         _require(all(0 <= b < 1 for b in self.betas), f"{where}.betas: must be in [0, 1)")
         _require(self.weight_decay >= 0, f"{where}.weight_decay: must be >= 0")
@@ -364,6 +380,12 @@ class RunSpec:
 
     def validate(self, where: str) -> None:
         _require(bool(self.name) and "/" not in self.name, f"{where}.name: non-empty, no '/'")
+        late = [step for step in self.checkpoints.extra if step > self.train.steps]
+        _require(
+            not late,
+            f"{where}.checkpoints.extra: step {late[0] if late else ''} is after the last step "
+            f"({self.train.steps})",
+        )
         for size in self.model.sizes:
             _require(
                 self.train.context <= size.n_positions,

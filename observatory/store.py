@@ -18,19 +18,24 @@ Layout (zarr v3, one store per model family)::
 
 Checkpoint arrays are sharded along ``step``: one shard file holds ``checkpoints_per_shard``
 checkpoints of an array, split inside into per-layer, per-head chunks so that one head of one
-layer across all checkpoints reads only its own bytes.  Arrays are resized as checkpoints are
-committed, and a run's ``committed_checkpoints``/``committed_steps`` attrs are updated last:
-readers use only what those markers cover, so a crash never exposes a half-written checkpoint.
+layer across all checkpoints reads only its own bytes.  Arrays are created at their final
+length (every scheduled checkpoint, every step) and filled as checkpoints are committed; a run's
+``committed_checkpoints``/``committed_steps`` attrs are updated last: readers use only what
+those markers cover, so a crash never exposes a half-written checkpoint, and every chunk inside
+them exists (a missing one is damage: see :class:`_CheckedStore`).  A run's attrs are written
+after its arrays: a run without them was interrupted while being created and is not listed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import queue
+import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
@@ -46,6 +51,7 @@ from dask.base import tokenize
 from xarray.backends import BackendArray
 from xarray.core import indexing
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.storage import LocalStore, WrapperStore
 
 from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, parameter_dims
@@ -84,14 +90,87 @@ def _compressors(store: StoreSpec) -> list:
     return [blosc, Crc32cCodec()]
 
 
-def _read(array: zarr.Array, selection: Any) -> np.ndarray:
-    """``array[selection]``, with a damaged chunk reported as a :class:`StoreError`."""
+# Names of the metadata documents zarr may look for; every other key of a store is a chunk.
+_METADATA_KEYS = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
+# Array settings for every write: zarr skips chunks equal to the fill value by default, but a
+# reader must be able to tell a missing chunk (damage) from one that was never written.
+_WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+class _ChunkMissing(Exception):
+    """Raised inside zarr by :class:`_CheckedStore` for a chunk key that has no data."""
+
+
+class _CheckedStore(WrapperStore):
+    """A read-only view of a store in which a missing chunk is an error, not the fill value.
+
+    zarr reads an absent chunk (or shard) as the array's fill value.  Writers store every chunk
+    of every array, even one equal to the fill value, and readers only read what the commit
+    markers cover, so an absent chunk in a reader's selection can only mean damage.  Checking
+    it here, in the one place every read goes through, costs nothing on the hot paths (the
+    answer ``None`` of the store is already there) and works for any zarr store (local or
+    fsspec), unlike a manifest that every write would have to maintain.
+    """
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and not key.endswith(_METADATA_KEYS):
+            raise _ChunkMissing(key)
+        return value
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), value in zip(key_ranges, values, strict=True):
+            if value is None and not key.endswith(_METADATA_KEYS):
+                raise _ChunkMissing(key)
+        return values
+
+    def __str__(self) -> str:
+        return str(self._store)
+
+
+def _checked_store(path: Path) -> _CheckedStore:
+    return _CheckedStore(LocalStore(path, read_only=True))
+
+
+def _checked(array: zarr.Array) -> zarr.Array:
+    """``array`` as read through a :class:`_CheckedStore` (opened again if it is not)."""
+    if isinstance(array.store, _CheckedStore):
+        return array
+    store = _CheckedStore(array.store.with_read_only(True))
+    return zarr.open_array(store=store, path=array.path, mode="r", zarr_format=3)
+
+
+def _read(array: zarr.Array, selection: Any, steps: Callable | None = None) -> np.ndarray:
+    """``array[selection]``; a damaged or missing chunk is a :class:`StoreError`.
+
+    ``steps()`` returns the checkpoint steps along the array's first dim, to name the steps
+    a missing chunk held.
+    """
+    where = str(array.store_path).removeprefix("file://")
     try:
-        return array[selection]
+        return _checked(array)[selection]
+    except _ChunkMissing as err:
+        raise StoreError(f"{where}: {_missing_chunk(array, str(err), steps)}") from None
     except (ValueError, RuntimeError, OSError) as err:  # checksum, Blosc or file errors
         reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
-        where = str(array.store_path).removeprefix("file://")
         raise StoreError(f"{where}: stored data is damaged and cannot be read ({reason})") from None
+
+
+def _missing_chunk(array: zarr.Array, key: str, steps: Callable | None) -> str:
+    """What a missing chunk ``key`` of ``array`` held, for an error message."""
+    index = key.rpartition(f"{array.path}/c/")[2].split("/")
+    per = (array.shards or array.chunks)[0]
+    lo = int(index[0]) * per if index[0].isdigit() else 0
+    hi = max(min(lo + per, array.shape[0]) - 1, lo)
+    dim = (array.metadata.dimension_names or ("rows",))[0]
+    steps = steps() if steps is not None else ()
+    if hi < len(steps):
+        held = f"checkpoint steps {steps[lo]}..{steps[hi]}"
+    else:
+        held = f"{dim} {lo}..{hi}"
+    return f"stored data is missing: chunk {'/'.join(index)} ({held}) has no file"
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,36 +195,46 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
         If the path holds something else, or a store created by a different spec or corpus.
     """
     path = Path(path)
-    if path.exists():
-        root = _open_root(path, mode="r+")
-        stored = _attrs(root)
-        if stored["spec"] != spec.to_dict():
-            raise StoreError(
-                f"{path}: this store was created by a different spec "
-                f"(name {stored['spec'].get('name')!r}); use another --store"
-            )
-        if stored["data"]["fingerprint"] != data["fingerprint"]:
-            raise StoreError(
-                f"{path}: the corpus changed since this store was created "
-                f"(fingerprint {data['fingerprint']} vs {stored['data']['fingerprint']})"
-            )
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: is a file, not a store; use another --store")
+    attrs = {
+        "schema_version": SCHEMA_VERSION,
+        "spec": spec.to_dict(),
+        "versions": library_versions(),
+        "data": data,
+    }
+    if not path.exists():
+        try:  # the attributes are part of the group's one metadata document: no torn store
+            return zarr.create_group(path, attributes={ATTRS_KEY: attrs}, zarr_format=3)
+        except zarr.errors.ContainsGroupError:
+            pass  # another process created it just now: check it as any existing store
+    root = _open_root(path, mode="r+")
+    stored = _attrs(root)
+    if stored["spec"] != spec.to_dict() and not any(True for _ in root.groups()):
+        _set_attrs(root, **attrs)  # nothing trained yet (e.g. an earlier spec failed to build)
         return root
-    root = zarr.open_group(path, mode="w-")
-    _set_attrs(
-        root,
-        schema_version=SCHEMA_VERSION,
-        spec=spec.to_dict(),
-        versions=library_versions(),
-        data=data,
-    )
+    if stored["spec"] != spec.to_dict():
+        raise StoreError(
+            f"{path}: this store was created by a different spec "
+            f"(name {stored['spec'].get('name')!r}); use another --store"
+        )
+    if stored["data"]["fingerprint"] != data["fingerprint"]:
+        raise StoreError(
+            f"{path}: the corpus changed since this store was created "
+            f"(fingerprint {data['fingerprint']} vs {stored['data']['fingerprint']})"
+        )
     return root
 
 
 def _open_root(path: Path, *, mode: str) -> zarr.Group:
     if not path.exists():
         raise StoreError(f"{path}: no such store")
+    # Readers see a missing chunk as an error; writers must see it as "not written yet".
+    store = _checked_store(path) if mode == "r" else path
     try:
-        root = zarr.open_group(path, mode=mode, zarr_format=3)
+        root = zarr.open_group(store, mode=mode, zarr_format=3)
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{path}/zarr.json: metadata is not valid JSON ({err})") from None
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as err:
         raise StoreError(f"{path}: not a zarr store ({err})") from None
     version_ = _attrs(root).get("schema_version")
@@ -160,6 +249,107 @@ def write_size_attrs(root: zarr.Group, size: SizeSpec, *, hf_config: dict[str, A
     """Record a size's spec and Hugging Face config on its group (created if needed)."""
     group = root.require_group(size.name)
     _set_attrs(group, size=size.__dict__, d_head=size.d_head, hf_config=hf_config)
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per run.
+
+LOCK_HEARTBEAT_SECONDS = 5.0  # a holder touches its lock this often ...
+LOCK_STALE_SECONDS = 60.0  # ... and a lock untouched for this long has no living holder
+
+
+class RunLock:
+    """Held by the one process that writes a run; a second writer gets a one-line error.
+
+    The lock is a small JSON file (holder host, pid, start time) created with exclusive
+    create, in ``<store>.locks/`` beside the store (not inside it, where zarr readers would
+    list it).  The holder's thread touches it every ``LOCK_HEARTBEAT_SECONDS``.  A lock whose
+    holder is gone is taken over: one whose pid no longer exists on this host at once, any
+    other once its heartbeat is ``LOCK_STALE_SECONDS`` old, so a SIGKILLed writer never
+    leaves a run locked for good.  On an object store the same protocol maps onto a
+    conditional put (``If-None-Match: *``) and the object's modification time.
+
+    Parameters
+    ----------
+    root
+        The family root group (from :func:`create_family`).
+    run
+        The run to lock.
+    """
+
+    def __init__(self, root: zarr.Group, run: RunId):
+        store = Path(root.store.root)
+        self.path = store.parent / f"{store.name}.locks" / f"{run.path.replace('/', '.')}.lock"
+        self.run = run
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(exist_ok=True)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        for _ in range(2):
+            try:
+                with open(self.path, "x") as file:
+                    json.dump(holder, file)
+                break
+            except FileExistsError:
+                self._take_over_if_stale()
+        else:
+            raise StoreError(f"{self.run.path}: could not take the lock {self.path}")
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()  # the last writer leaves no trace
+        except OSError:
+            pass
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+            age = time.time() - self.path.stat().st_mtime
+        except (OSError, ValueError):
+            holder, age = {}, LOCK_STALE_SECONDS  # being written, or torn by a crash
+        if not self._holder_gone(holder, age):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+            raise StoreError(
+                f"{self.run.path} is being written by pid {holder.get('pid')} on "
+                f"{holder.get('host')} (since {since}); wait for it to finish"
+            )
+        # Rename first: of several processes taking over the same stale lock, one wins.
+        stale = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            self.path.rename(stale)
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def _holder_gone(holder: dict, age: float) -> bool:
+        if age >= LOCK_STALE_SECONDS:
+            return True
+        if holder.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(holder.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,9 +421,22 @@ class RunWriter:
         self._shard = spec.store.checkpoints_per_shard
         self._commit_seconds = spec.store.commit_seconds
         self._group = root.require_group(run.path)
-        if not _attrs(self._group):
+        if "schedule" not in _attrs(self._group):  # new, or its creation was interrupted
             self._create_arrays(spec, param_shapes, d_head, schedule, rng_bytes)
-            _set_attrs(self._group, data_order_fingerprint=data_order_fingerprint)
+            # The attributes go last: until they exist, readers do not see the run.
+            _set_attrs(
+                self._group,
+                init_seed=self.run.init_seed,
+                data_seed=self.run.data_seed,
+                schedule=list(schedule),
+                total_steps=spec.train.steps,
+                parameters=sorted(param_shapes),
+                committed_checkpoints=0,
+                committed_steps=0,
+                complete=False,
+                data_order_fingerprint=data_order_fingerprint,
+                layout={name: _array_layout(array) for name, array in self._group.arrays()},
+            )
         elif _attrs(self._group).get("data_order_fingerprint") != data_order_fingerprint:
             raise StoreError(f"{run.path}: the data order changed since this run was started")
         self._ckpt_arrays = self._checkpoint_arrays()
@@ -250,6 +453,9 @@ class RunWriter:
     # -- layout ------------------------------------------------------------------------------
 
     def _create_arrays(self, spec, param_shapes, d_head, schedule, rng_bytes) -> None:
+        # Every array is created at its final length (the schedule's checkpoints, the run's
+        # steps), so that any reader sees consistent lengths at any time; only what the
+        # commit markers cover is written.
         group, shard = self._group, self._shard
         compressors = _compressors(spec.store)
 
@@ -266,7 +472,7 @@ class RunWriter:
             sharded = per_head and any(dim in PER_HEAD_DIMS for dim in dims)
             parent.create_array(
                 name,
-                shape=(0, *shape),
+                shape=(len(schedule), *shape),
                 chunks=(shard, *chunks) if sharded else (shard, *shape),
                 shards=(shard, *shape) if sharded else None,
                 dtype=dtype,
@@ -274,17 +480,19 @@ class RunWriter:
                 fill_value=0,
                 dimension_names=("step", *dims),
                 attributes={"coordinates": "tokens_seen"},
+                overwrite=True,  # what an interrupted creation left
             )
 
         def vector(parent: zarr.Group, name: str, dims, dtype, trailing=()):
             parent.create_array(
                 name,
-                shape=(0, *trailing),
+                shape=(len(schedule) if dims[0] == "step" else spec.train.steps, *trailing),
                 chunks=(METRIC_CHUNK, *trailing),
                 dtype=dtype,
                 compressors=compressors,
                 fill_value=0,
                 dimension_names=dims,
+                overwrite=True,
             )
 
         for name, shape in param_shapes.items():
@@ -308,18 +516,6 @@ class RunWriter:
             "int64",
             trailing=(spec.train.batch_size,),
         )
-        _set_attrs(
-            group,
-            init_seed=self.run.init_seed,
-            data_seed=self.run.data_seed,
-            schedule=list(schedule),
-            total_steps=spec.train.steps,
-            parameters=sorted(param_shapes),
-            committed_checkpoints=0,
-            committed_steps=0,
-            complete=False,
-            layout={name: _array_layout(array) for name, array in group.arrays()},
-        )
 
     def _checkpoint_arrays(self) -> dict[tuple[str, ...], zarr.Array]:
         """Every array with a leading ``step`` dim, keyed by its path within the run."""
@@ -335,9 +531,9 @@ class RunWriter:
         return {key: self._array(path) for key, path in paths.items()}
 
     def _array(self, path: str) -> zarr.Array:
-        # Checkpoints are never all zeros worth skipping; checking each chunk for it would
-        # cost the writer more than compressing it.
-        return self._group[path].with_config({"write_empty_chunks": True})
+        # Every chunk is written, even one equal to the fill value: readers take a missing
+        # chunk for damage.  (Checking each chunk for it would also cost more than compressing.)
+        return self._group[path].with_config(_WRITE_CONFIG)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -352,12 +548,11 @@ class RunWriter:
         return bool(_attrs(self._group)["complete"])
 
     def truncate(self, n_checkpoints: int, n_steps: int) -> None:
-        """Drop anything past the given counts (left by a crash) before resuming."""
-        for array in self._ckpt_arrays.values():
-            array.resize((n_checkpoints, *array.shape[1:]))
-        for name in ("train_step", "train_tokens", "batch_indices", *STEP_METRICS):
-            array = self._group[name]
-            array.resize((n_steps, *array.shape[1:]))
+        """Move the markers back to the given counts before resuming.
+
+        What a crash left past them stays invisible and is overwritten as training goes on;
+        the arrays keep their full length (see :meth:`_create_arrays`).
+        """
         _set_attrs(self._group, committed_checkpoints=n_checkpoints, committed_steps=n_steps)
 
     def last_checkpoint(self) -> Checkpoint:
@@ -447,7 +642,7 @@ class RunWriter:
                 "batch_indices": [r.batch_indices for r in records],
                 **{m: [getattr(r, m) for r in records] for m in STEP_METRICS},
             }
-            arrays = {name: self._group[name] for name in columns}
+            arrays = {name: self._array(name) for name in columns}
             self._append(arrays, {name: np.stack(v) for name, v in columns.items()}, n_steps)
         # The markers go last: readers never see a checkpoint before all its arrays are written.
         _set_attrs(
@@ -464,7 +659,8 @@ class RunWriter:
             if not len(block):
                 continue
             stop = start + len(block)
-            array.resize((stop, *array.shape[1:]))
+            if array.shape[0] < stop:  # a store from before arrays were created full length
+                array.resize((stop, *array.shape[1:]))
             array[start:stop] = block
 
 
@@ -528,24 +724,37 @@ class FamilyStore:
 
     def sizes(self) -> list[str]:
         """Sizes that have at least one run in the store, in spec order."""
-        present = {name for name, _ in self.root.groups()}
+        present = {run.size for run in self.runs()}
         return [s.name for s in self.spec.model.sizes if s.name in present]
 
     def runs(self) -> list[RunId]:
-        """Runs that exist in the store (started, possibly unfinished)."""
-        return [run for run in self.spec.runs() if run.path in self.root]
+        """Runs that exist in the store (started, possibly unfinished).
+
+        A run whose creation was interrupted (arrays without the attributes that are written
+        last) does not exist for readers; ``observatory train --resume`` creates it again.
+        """
+        return [run for run in self.spec.runs() if self._group(run.path) is not None]
 
     def run(self, size: str, seed: int) -> RunReader:
         """The run of ``size`` and seed index ``seed``; a clear error lists what exists."""
         for run in self.spec.runs():  # the common case: one existence check, not one per run
-            if run.size == size and run.seed == seed and run.path in self.root:
-                return RunReader(self, run)
+            if run.size == size and run.seed == seed:
+                group = self._group(run.path)
+                if group is not None:
+                    return RunReader(self, run, group)
         seeds = [run.seed for run in self._size_run_ids(size)]
         raise StoreError(f"{self.path}: no seed {seed} for size {size!r} (seeds: {seeds})")
 
     def size_runs(self, size: str) -> list[RunReader]:
         """Readers of every run of ``size``, in seed order; a clear error lists the sizes."""
         return [RunReader(self, run) for run in self._size_run_ids(size)]
+
+    def _group(self, path: str) -> zarr.Group | None:
+        """The fully created run group at ``path``, or None."""
+        group = _node(self.root, path, self.path)
+        if group is None or "schedule" not in _attrs(group):  # attrs are written last
+            return None
+        return group
 
     def _size_run_ids(self, size: str) -> list[RunId]:
         runs = [run for run in self.runs() if run.size == size]
@@ -555,7 +764,7 @@ class FamilyStore:
         return runs
 
     def size_attrs(self, size: str) -> dict[str, Any]:
-        return _attrs(self.root[size])
+        return _attrs(_node(self.root, size, self.path))
 
     def disk_bytes(self, subpath: str = "") -> int:
         """Bytes on disk under the store (or one of its groups)."""
@@ -563,14 +772,38 @@ class FamilyStore:
         return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
 
 
-class RunReader:
-    """Committed checkpoints, metrics and data order of one run (read-only)."""
+def _node(parent: zarr.Group, path: str, where: Path) -> Any:
+    """``parent[path]`` or None if absent; unreadable metadata is a :class:`StoreError`."""
+    try:
+        return parent[path] if path in parent else None
+    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise StoreError(f"{where}/{path}/zarr.json: metadata is damaged ({reason})") from None
 
-    def __init__(self, family: FamilyStore, run: RunId):
+
+class RunReader:
+    """Committed checkpoints, metrics and data order of one run (read-only).
+
+    Opening checks the run's metadata against its commit markers (markers within the
+    schedule and the arrays' lengths), so that a store that disagrees with itself is an error
+    rather than wrong or misaligned values.
+    """
+
+    def __init__(self, family: FamilyStore, run: RunId, group: zarr.Group | None = None):
         self.family = family
         self.run = run
-        self.group = family.root[run.path]
+        self.group = group if group is not None else family._group(run.path)
+        if self.group is None:
+            raise StoreError(f"{family.path}: no run {run.path}")
         self.attrs = _attrs(self.group)
+        n_ckpt, n_steps = self.attrs["committed_checkpoints"], self.attrs["committed_steps"]
+        schedule, total = self.attrs["schedule"], self.attrs["total_steps"]
+        if not (0 <= n_ckpt <= len(schedule) and 0 <= n_steps <= total):
+            raise StoreError(
+                f"{family.path}/{run.path}: commit markers ({n_ckpt} checkpoints, {n_steps} "
+                f"steps) disagree with the schedule ({len(schedule)} checkpoints, {total} steps)"
+            )
+        self._committed = {"step": n_ckpt, "train_step": n_steps}
 
     @property
     def n_checkpoints(self) -> int:
@@ -596,7 +829,7 @@ class RunReader:
         return np.array(self.attrs["schedule"][: self.n_checkpoints], dtype=np.int64)
 
     def tokens_seen(self) -> np.ndarray:
-        return self.group["tokens_seen"][: self.n_checkpoints]
+        return self.read(self.group["tokens_seen"], slice(0, self.n_checkpoints))
 
     def checkpoint_index(self, step: int) -> int:
         """Position of ``step`` on the checkpoint axis; a clear error if it is not committed."""
@@ -614,7 +847,7 @@ class RunReader:
 
     def parameter_array(self, name: str) -> zarr.Array:
         """The raw zarr array of a stacked parameter; only ``[:n_checkpoints]`` is committed."""
-        return self.group[name]
+        return self._checked_array(name)
 
     def parameters_at(self, step: int) -> dict[str, np.ndarray]:
         """Stacked parameters of the checkpoint at ``step``."""
@@ -655,7 +888,7 @@ class RunReader:
         """Per-step ``train_step``, ``loss``, ``lr``, ``grad_norm``, ``train_tokens``."""
         n = self.n_steps
         names = ("train_step", "train_tokens", *STEP_METRICS)
-        return {name: _read(self.group[name], slice(0, n)) for name in names}
+        return {name: self.read(self.group[name], slice(0, n)) for name in names}
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Corpus indices of the batch consumed at training step ``step``."""
@@ -664,7 +897,7 @@ class RunReader:
                 f"{self.run.path}: no recorded batch for step {step} "
                 f"(recorded steps: 0..{self.n_steps - 1})"
             )
-        return _read(self.group["batch_indices"], step)
+        return self.read(self.group["batch_indices"], step)
 
     # -- analysis results ---------------------------------------------------------------------
 
@@ -696,7 +929,7 @@ class RunReader:
             raise StoreError(f"{self.run.path}: no analysis {name!r} (analyses: {self.analyses()})")
         arrays = dict(group.arrays())
         steps = arrays.pop("step", None)
-        return (np.zeros(0, np.int64) if steps is None else steps[:]), arrays
+        return (np.zeros(0, np.int64) if steps is None else _read(steps, slice(None))), arrays
 
     # -- lazy reading ------------------------------------------------------------------------
 
@@ -746,6 +979,21 @@ class RunReader:
             )
         return out
 
+    def _checked_array(self, path: str) -> zarr.Array:
+        array = self.group[path]
+        self._check_length(array)
+        return array
+
+    def _check_length(self, array: zarr.Array) -> None:
+        """A :class:`StoreError` if ``array`` is shorter than the commit markers say."""
+        dim = (array.metadata.dimension_names or (None,))[0]
+        needed = self._committed.get(dim, 0)
+        if array.shape[0] < needed and f"/{ANALYSIS_GROUP}/" not in f"/{array.path}":
+            raise StoreError(
+                f"{self.family.path}/{array.path}: metadata disagrees with the commit markers "
+                f"({array.shape[0]} entries along {dim!r}, {needed} committed)"
+            )
+
     def read(self, array: zarr.Array, selection: Any) -> np.ndarray:
         """``array[selection]`` of one of the run's arrays, consistent while a writer commits.
 
@@ -756,8 +1004,11 @@ class RunReader:
         atomic renames, so the read is repeated whenever that shard's file changed under it;
         shards before it are never rewritten.  Unsharded chunks are read in one request.
         """
+        self._check_length(array)
+        checkpoint_dim = array.metadata.dimension_names[0] == "step"
+        steps = self.steps if checkpoint_dim and ANALYSIS_GROUP not in array.path else None
         if array.shards is None:
-            return _read(array, selection)
+            return _read(array, selection, steps)
         last = max(self.n_checkpoints - 1, 0) // array.shards[0]
         shard = (
             self.family.path
@@ -767,7 +1018,7 @@ class RunReader:
         for attempt in range(READ_ATTEMPTS):
             before = _file_version(shard)
             try:
-                values = _read(array, selection)
+                values = _read(array, selection, steps)
             except StoreError:  # e.g. blosc failing on bytes from another version of the shard
                 if attempt == READ_ATTEMPTS - 1 or _file_version(shard) == before:
                     raise
@@ -855,9 +1106,11 @@ class AnalysisWriter:
                 dimension_names=("step",),
             )
         self.group = group
-        self._arrays = {variable: group[variable] for variable in variables}
-        self._steps = group["step"]
-        self._done = set(self._steps[:].tolist())
+        self._arrays = {
+            variable: group[variable].with_config(_WRITE_CONFIG) for variable in variables
+        }
+        self._steps = group["step"].with_config(_WRITE_CONFIG)
+        self._done = set(_read(self._steps, slice(None)).tolist())
         self._buffered: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
         self._last_flush = time.monotonic()
 
@@ -874,6 +1127,7 @@ class AnalysisWriter:
             overwrite=True,
             chunks=values.shape,
             compressors=self._compressors,
+            config=_WRITE_CONFIG,
         )
 
     def append(self, steps: np.ndarray, values: dict[str, np.ndarray]) -> None:

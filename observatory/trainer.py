@@ -8,6 +8,9 @@ continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +27,24 @@ from observatory.data import (
     build_corpus,
     data_order_fingerprint,
 )
-from observatory.errors import StoreError
-from observatory.models import build_config, build_model, stack_layers, unstack_layers
-from observatory.spec import RunId, RunSpec
-from observatory.store import Checkpoint, RunWriter, StepRecord, create_family, write_size_attrs
+from observatory.errors import SpecError, StoreError
+from observatory.models import (
+    build_config,
+    build_model,
+    model_from_config,
+    stack_layers,
+    unstack_layers,
+)
+from observatory.spec import RunId, RunSpec, SizeSpec
+from observatory.store import (
+    MAX_BUFFER_BYTES,
+    Checkpoint,
+    RunLock,
+    RunWriter,
+    StepRecord,
+    create_family,
+    write_size_attrs,
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,9 @@ def train_family(
         The store path.
     """
     path = Path(store or spec.default_store)
+    # Everything that can be checked is checked before the store is touched.
+    runs = select_runs(spec, seeds=seeds, sizes=sizes)
+    check_budget(spec, runs, path)
     corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
     root = create_family(
         path,
@@ -93,13 +113,6 @@ def train_family(
             "order_rule": DATA_ORDER_RULE,
         },
     )
-    runs = [
-        run
-        for run in spec.runs()
-        if (seeds is None or run.seed in seeds) and (sizes is None or run.size in sizes)
-    ]
-    if not runs:
-        raise StoreError(f"no runs selected (seeds {seeds}, sizes {sizes})")
     for run in runs:
         size = spec.size(run.size)
         write_size_attrs(root, size, hf_config=build_config(spec.model, size).to_dict())
@@ -109,6 +122,129 @@ def train_family(
         if on_run_end is not None:
             on_run_end(summary)
     return path
+
+
+def select_runs(
+    spec: RunSpec, *, seeds: list[int] | None = None, sizes: list[str] | None = None
+) -> list[RunId]:
+    """The runs of the selected seeds and sizes; a named seed or size that does not exist
+    is a :class:`SpecError` listing those that do."""
+    n_seeds = len(spec.seeds.pairs())
+    for seed in seeds or ():
+        if not 0 <= seed < n_seeds:
+            raise SpecError(f"--seeds: no seed {seed} in the spec (seeds: 0..{n_seeds - 1})")
+    names = [size.name for size in spec.model.sizes]
+    for size in sizes or ():
+        if size not in names:
+            raise SpecError(f"--sizes: no size {size!r} in the spec (sizes: {', '.join(names)})")
+    return [
+        run
+        for run in spec.runs()
+        if (seeds is None or run.seed in seeds) and (sizes is None or run.size in sizes)
+    ]
+
+
+def check_budget(spec: RunSpec, runs: list[RunId], path: Path) -> None:
+    """Refuse, before allocating anything, a spec that cannot fit this machine.
+
+    Estimates the memory a run needs (parameters, gradients and AdamW state; the checkpoints
+    the writer buffers; the corpus; a batch's activations) against the memory available, and
+    the disk its checkpoints and step records take (uncompressed) against the free space.
+
+    Raises
+    ------
+    SpecError
+        Naming the largest need, e.g. ``needs ~192.0 TB of memory for the parameters,
+        gradients and AdamW state of size 'x'; this machine has 24.0 GB available``.
+    """
+    train = spec.train
+    n_ckpt = _schedule_length(spec)
+    if spec.data.source == "induction":
+        corpus = spec.data.n_sequences * train.context * 8
+    else:
+        corpus = spec.data.max_bytes * 8 * train.context // (train.context - 1)
+    memory, disk = {}, 0
+    for size in {run.size: spec.size(run.size) for run in runs}.values():
+        params = _parameter_count(spec, size) * 4
+        state = 3 * params  # weights and the two AdamW moments, as one checkpoint holds them
+        slots = max(1, min(spec.store.checkpoints_per_shard, MAX_BUFFER_BYTES // max(state, 1)))
+        activations = (
+            train.batch_size
+            * train.context
+            * 4
+            * (
+                16 * size.d_model * size.n_layers
+                + 3 * size.n_heads * train.context * size.n_layers
+                + 4 * spec.model.vocab_size
+            )
+        )
+        memory[f"the parameters, gradients and AdamW state of size {size.name!r}"] = 4 * params
+        memory[f"the checkpoints the writer buffers for size {size.name!r}"] = (slots + 1) * state
+        memory[f"the activations of a batch of size {size.name!r}"] = activations
+        runs_of_size = sum(run.size == size.name for run in runs)
+        disk += runs_of_size * (n_ckpt * state + train.steps * (train.batch_size * 8 + 40))
+    memory["the corpus"] = corpus
+    memory["the checkpoint schedule"] = n_ckpt * 100
+    largest = max(memory, key=memory.get)
+    available = _available_memory()
+    if sum(memory.values()) > available:
+        raise SpecError(
+            f"needs ~{_human(sum(memory.values()))} of memory, ~{_human(memory[largest])} of it "
+            f"for {largest}; this machine has {_human(available)} available"
+        )
+    free = shutil.disk_usage(_existing_parent(path)).free
+    if disk > free:
+        raise SpecError(
+            f"needs up to ~{_human(disk)} on disk for {len(runs)} run(s) of {n_ckpt} "
+            f"checkpoints and {train.steps} steps; {_existing_parent(path)} has {_human(free)} free"
+        )
+
+
+def _schedule_length(spec: RunSpec) -> int:
+    """An upper bound on the number of checkpoints, without listing them."""
+    steps, checkpoints = spec.train.steps, spec.checkpoints
+    if checkpoints.every_step:
+        return steps + 1
+    count = 2 + len(checkpoints.extra) + steps.bit_length() * checkpoints.log_spaced
+    return count + (steps // checkpoints.every + 1 if checkpoints.every else 0)
+
+
+def _parameter_count(spec: RunSpec, size: SizeSpec) -> int:
+    """Exact parameter count of a size, from models of 1 and 2 layers on torch's meta device."""
+    counts = []
+    for n_layers in (1, 2):
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = model_from_config(
+                build_config(spec.model, dataclasses.replace(size, n_layers=n_layers))
+            )
+        counts.append(sum(p.numel() for p in model.parameters()))
+    return counts[0] + (size.n_layers - 1) * (counts[1] - counts[0])
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
 
 
 def train_run(
@@ -139,16 +275,17 @@ def train_run(
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.train.threads)
     try:
-        return _train(
-            spec,
-            run,
-            root,
-            corpus,
-            resume=resume,
-            progress=progress,
-            stop_after=stop_after,
-            on_batch=on_batch,
-        )
+        with RunLock(root, run):  # one writer per run: a second one gets a one-line error
+            return _train(
+                spec,
+                run,
+                root,
+                corpus,
+                resume=resume,
+                progress=progress,
+                stop_after=stop_after,
+                on_batch=on_batch,
+            )
     finally:
         torch.set_num_threads(threads)
 

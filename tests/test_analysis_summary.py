@@ -244,3 +244,11 @@ def test_summary_ranks_the_best_head_by_its_ablation_effect(planted):
     assert (per_seed["ablation_step"] == CHECKPOINTS[-1]).all()
     assert "best's rank" in str(summary(with_causal_results(planted)))
     assert "best_head_ablation_rank" not in summary(planted).per_seed  # without ablations
+
+
+def test_summary_of_a_store_without_analyses_says_nothing_was_analysed(trained_tiny):
+    from observatory.errors import StoreError
+
+    _, store = trained_tiny
+    with pytest.raises(StoreError, match="no results of analysis .*run `observatory analyze`"):
+        summary(store)

@@ -314,3 +314,20 @@ def test_compute_runs_builtins_and_decorated_functions_in_process(trained_tiny):
     patterns = obs.compute("attention_patterns", store, size="l2-d16", steps=[8])
     rows = patterns["attention_pattern"].sum("probe_key").values
     np.testing.assert_allclose(rows, 1.0, rtol=1e-5)  # every query's attention sums to one
+
+
+def test_explicit_steps_that_are_not_checkpoints_are_an_error_that_writes_nothing(
+    store_copy, tmp_path, capsys
+):
+    from tests.test_store import tree_bytes
+
+    before = tree_bytes(store_copy)
+    job = write_job(
+        tmp_path, store_copy, JOB.replace("analyses = [", "steps = [0, 3]\nanalyses = [")
+    )
+    assert main(["analyze", str(job), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and "steps: 3 is not committed checkpoint steps of l2-d16/seed0" in err
+    )
+    assert tree_bytes(store_copy) == before

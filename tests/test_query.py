@@ -387,3 +387,52 @@ def test_models_at_yields_the_same_weights_as_model_at(trained_tiny):
     for step, model in models_at(store, size="l2-d16", seed=1, steps=steps):
         expected = obs.model_at(store, size="l2-d16", seed=1, step=step)
         assert torch.equal(model(tokens).logits, expected(tokens).logits), step
+
+
+def read_committed(store, group, tries=10):
+    """The README's recipe for reading a run with plain xarray while it trains."""
+    for attempt in range(tries):
+        try:
+            run = xr.open_zarr(store, group=group, consolidated=False)
+            marks = run.attrs["observatory"]
+            return run.isel(
+                step=slice(0, marks["committed_checkpoints"]),
+                train_step=slice(0, marks["committed_steps"]),
+            ).load()
+        except ValueError:  # checksum: the last shard was replaced while it was being read
+            if attempt == tries - 1:
+                raise
+    return None
+
+
+def test_plain_xarray_polling_a_training_run_sees_only_whole_checkpoints(tmp_path):
+    """The README's plain-xarray recipe works while a run trains: arrays never change length."""
+    from observatory.spec import load_run_spec
+    from tests.conftest import TINY_TOML, write_spec
+
+    text = TINY_TOML.replace("steps = 24", "steps = 150").replace("every = 5", "every = 3")
+    spec_path = write_spec(tmp_path, text.replace("init = [0, 1]\ndata = [5, 6]", "init = [0]"))
+    schedule = list(load_run_spec(spec_path).checkpoints.steps(150))
+    store = tmp_path / "s.zarr"
+    command = [sys.executable, "-m", "observatory.cli", "train", str(spec_path)]
+    proc = subprocess.Popen(
+        [*command, "--store", str(store), "--no-progress"], stdout=subprocess.DEVNULL
+    )
+    seen = []
+    try:
+        while proc.poll() is None or not seen:
+            group = store / SIZE / "seed0" / "zarr.json"
+            if not group.exists() or ATTRS_KEY not in json.loads(group.read_text())["attributes"]:
+                continue  # the run is being created: its attributes are written last
+            run = read_committed(store, f"{SIZE}/seed0")
+            n = len(run["step"])
+            assert run["step"].values.tolist() == schedule[:n]
+            for name in (QKV, "lm_head.weight"):  # sharded per head, and one chunk per file
+                values = np.abs(run[name].values)
+                rows = values.max(axis=tuple(range(1, values.ndim)))
+                assert np.all(rows > 0), "a checkpoint read as zeros"
+            assert np.all(run["loss"].values > 0)
+            seen.append(n)
+    finally:
+        assert proc.wait() == 0
+    assert len(set(seen)) > 2 and seen[-1] == len(schedule), seen

@@ -96,3 +96,33 @@ def test_console_command_reports_bad_spec_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"observatory: error: {path}: train.steps: must be positive"
     ]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("lr = 3e-3", "lr = inf", "optimizer.lr: expected a finite number, got inf"),
+        ("lr = 3e-3", "lr = nan", "optimizer.lr: expected a finite number, got nan"),
+        ("lr = 3e-3", "lr = 3e-3\neps = -1e-8", "optimizer.eps: must be positive"),
+        ("context = 16", "context = 1", "train.context: must be at least 2"),
+        ("every = 5", "every = 5\nextra = [25]", "checkpoints.extra: step 25 is after the last"),
+        ("init = [0, 1]\ndata = [5, 6]", "init = [0, 0]\ndata = [5, 5]", "(0, 5) appears twice"),
+    ],
+)
+def test_meaningless_values_are_one_line_errors_before_any_store(
+    tmp_path, capsys, old, new, message
+):
+    assert old in TINY_TOML
+    path = write_spec(tmp_path, TINY_TOML.replace(old, new))
+    assert main(["train", str(path), "--store", str(tmp_path / "s.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_spec_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(TINY_TOML.replace('"tiny"', '"caf\xe9"').encode("latin-1"))
+    assert main(["train", str(path), "--store", str(tmp_path / "s.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a UTF-8 text file" in err

@@ -5,9 +5,11 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from observatory.data import build_corpus
+from observatory.errors import StoreError
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, create_family
 from observatory.trainer import train_family, train_run
@@ -190,23 +192,188 @@ def test_train_run_reports_steps_checkpoints_and_final_loss(tiny_spec, tmp_path)
     assert (done.steps, done.checkpoints, done.final_loss) == (0, 0, None)
 
 
+@pytest.mark.parametrize(
+    "harm, array, message",
+    [
+        ("flip", "lm_head.weight", "damaged"),
+        ("delete", "state/exp_avg/gpt_neox.layers.mlp.dense_h_to_4h.weight", "missing"),
+    ],
+)
 def test_resume_from_a_damaged_checkpoint_is_a_one_line_error_that_changes_nothing(
-    tiny_spec_path, tmp_path, capsys
+    tiny_spec_path, tmp_path, capsys, harm, array, message
 ):
     from observatory.cli import main
-    from tests.test_store import damage
+    from tests.test_store import damage, tree_bytes
 
     store = tmp_path / "r.zarr"
     args = ["train", str(tiny_spec_path), "--store", str(store), "--seeds", "0", "--no-progress"]
     assert main([*args, "--stop-after", "7"]) == 0
     run = FamilyStore(store).run("l2-d16", 0)
     last_shard = (run.n_checkpoints - 1) // 4  # the tiny spec has 4 checkpoints per shard
-    damage(store / run.run.path / "lm_head.weight" / "c" / str(last_shard) / "0" / "0")
-    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    shard = store / run.run.path / array / "c" / str(last_shard) / "0"
+    shard = next(p for p in sorted(shard.rglob("*")) + [shard] if p.is_file())
+    damage(shard) if harm == "flip" else shard.unlink()  # a moment shard: resume needs it
+    before = tree_bytes(store)
     out = capsys.readouterr().out  # one summary line per run, then the store
     assert out.startswith("l2-d16/seed0: 7 steps in ") and f"trained into {store}" in out
 
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "lm_head.weight" in err and "damaged" in err
-    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    assert err.count("\n") == 1 and array in err and message in err
+    assert tree_bytes(store) == before
+
+
+def test_a_second_writer_of_a_run_gets_one_line_naming_the_holder(tiny_spec_path, tmp_path, capsys):
+    from observatory.cli import main
+    from observatory.store import RunLock
+    from tests.test_store import tree_bytes
+
+    store = tmp_path / "s.zarr"
+    args = ["train", str(tiny_spec_path), "--store", str(store), "--seeds", "0", "--no-progress"]
+    assert main([*args, "--stop-after", "3"]) == 0
+    spec = load_run_spec(tiny_spec_path)
+    root = create_family(store, spec, data=FamilyStore(store).attrs["data"])
+    before = tree_bytes(store)
+    with RunLock(root, spec.runs()[0]):  # another writer holds the run
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert f"l2-d16/seed0 is being written by pid {os.getpid()} on " in err
+        assert tree_bytes(store) == before
+    assert main([*args, "--resume"]) == 0
+
+
+def test_a_lock_left_by_a_killed_writer_is_taken_over(tiny_spec, tmp_path):
+    import json
+    import socket
+
+    from observatory.store import RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid no longer exists
+    root = create_family(tmp_path / "s.zarr", tiny_spec, data={"fingerprint": "f"})
+    lock = RunLock(root, tiny_spec.runs()[0])
+    lock.path.parent.mkdir()
+    holder = {"host": socket.gethostname(), "pid": dead.pid, "since": 0}
+    lock.path.write_text(json.dumps(holder))
+    with lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not lock.path.exists() and not lock.path.parent.exists()
+    lock.path.parent.mkdir()
+    lock.path.write_text(json.dumps(holder | {"host": "elsewhere"}))  # alive, for all we know
+    with pytest.raises(StoreError, match="being written by pid"):
+        with lock:
+            pass
+    old = time.time() - 3600  # ... until its heartbeat is stale
+    os.utime(lock.path, (old, old))
+    with lock:
+        pass
+
+
+def cli_train(spec_path, store, *extra):
+    command = [sys.executable, "-m", "observatory.cli", "train", str(spec_path)]
+    return [*command, "--store", str(store), "--no-progress", *extra]
+
+
+def test_two_concurrent_trainings_of_one_store_leave_a_single_runs_result(tiny_spec_path, tmp_path):
+    store = tmp_path / "s.zarr"
+    procs = [
+        subprocess.Popen(
+            cli_train(tiny_spec_path, store, "--seeds", "0"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = sorted((p.wait(), p.stderr.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 2], results
+    err = results[1][1]
+    assert err.count("\n") == 1, err
+    assert "is being written by pid" in err or "already trained" in err, err
+    spec = load_run_spec(tiny_spec_path)
+    clean = train_family(spec, store=tmp_path / "clean.zarr", seeds=[0], progress=False)
+    assert_bit_identical(final_params(store)[1], final_params(clean)[1])
+    ours, theirs = FamilyStore(store).run("l2-d16", 0), FamilyStore(clean).run("l2-d16", 0)
+    assert np.array_equal(ours.metrics()["loss"], theirs.metrics()["loss"])
+
+
+class Crash(BaseException):
+    """Stands for a SIGKILL: nothing after the point it is raised at runs."""
+
+
+def crash_at(monkeypatch, phase):
+    """Make training stop dead at ``phase``, leaving the store as a kill there would."""
+    from observatory import store as store_module
+
+    if phase == "creation":  # arrays created, attributes not yet written
+        original = store_module.RunWriter._create_arrays
+
+        def create(self, *args):
+            original(self, *args)
+            raise Crash
+
+        monkeypatch.setattr(store_module.RunWriter, "_create_arrays", create)
+        return
+    commits = {"first commit": 1, "mid-run": 4, "final flush": None}[phase]
+    original_set = store_module._set_attrs
+    calls = []
+
+    def set_attrs(node, **updates):
+        # a commit writes every array, then the markers: crash before the markers
+        if "committed_checkpoints" in updates and updates["committed_checkpoints"]:
+            calls.append(updates)
+            final = commits is None and updates["committed_steps"] == 24
+            if len(calls) == commits or final:
+                raise Crash
+        original_set(node, **updates)
+
+    monkeypatch.setattr(store_module, "_set_attrs", set_attrs)
+
+
+@pytest.mark.parametrize("phase", ["creation", "first commit", "mid-run", "final flush"])
+def test_a_crash_at_any_phase_resumes_to_bit_identical_results(
+    tiny_spec, tmp_path, monkeypatch, phase
+):
+    store = tmp_path / "s.zarr"
+    with monkeypatch.context() as patch:
+        crash_at(patch, phase)
+        with pytest.raises((Crash, StoreError)):
+            train_family(tiny_spec, store=store, seeds=[0], progress=False)
+    assert not (tmp_path / "s.zarr.locks").exists()  # released even so
+    readers_view = [run.path for run in FamilyStore(store).runs()]
+    assert readers_view == ([] if phase == "creation" else ["l2-d16/seed0"])
+    train_family(tiny_spec, store=store, seeds=[0], resume=True, progress=False)
+    clean = train_family(tiny_spec, store=tmp_path / "clean.zarr", seeds=[0], progress=False)
+    assert_bit_identical(final_params(store)[1], final_params(clean)[1])
+    ours, theirs = FamilyStore(store).run("l2-d16", 0), FamilyStore(clean).run("l2-d16", 0)
+    assert ours.complete and np.array_equal(ours.steps(), theirs.steps())
+    assert np.array_equal(ours.metrics()["loss"], theirs.metrics()["loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_signal_right_after_start_resumes_to_bit_identical_results(tiny_spec_path, tmp_path, sig):
+    """A real signal as early as the store appears (creation or first commit)."""
+    store = tmp_path / "s.zarr"
+    proc = subprocess.Popen(
+        cli_train(tiny_spec_path, store, "--seeds", "0"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (store / "l2-d16").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    code = proc.wait()
+    err = proc.stderr.read()
+    assert code in (0, 130, -signal.SIGKILL), err
+    assert err.count("Traceback") == 0, err
+    assert (
+        subprocess.run(cli_train(tiny_spec_path, store, "--seeds", "0", "--resume")).returncode == 0
+    )
+    spec = load_run_spec(tiny_spec_path)
+    clean = train_family(spec, store=tmp_path / "clean.zarr", seeds=[0], progress=False)
+    assert_bit_identical(final_params(store)[1], final_params(clean)[1])
