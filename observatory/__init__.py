@@ -17,6 +17,7 @@ _LAZY = {
         "observatory.query",
     ),
     "summary": "observatory.analysis.summary",
+    "replay": "observatory.replayer",
 }
 
 __all__ = list(_LAZY)

@@ -208,6 +208,8 @@ class RunWriter:
         Size of the torch RNG state.
     data_order_fingerprint
         Fingerprint of the run's data order (checked when the run is reopened).
+    recipe
+        What else decides the run's numbers (library versions, threads, CPU), for replay.
     """
 
     def __init__(
@@ -221,6 +223,7 @@ class RunWriter:
         schedule: tuple[int, ...],
         rng_bytes: int,
         data_order_fingerprint: str,
+        recipe: dict[str, Any] | None = None,
     ):
         self.run = run
         self._shard = spec.store.checkpoints_per_shard
@@ -228,7 +231,9 @@ class RunWriter:
         self._group = root.require_group(run.path)
         if not _attrs(self._group):
             self._create_arrays(spec, param_shapes, d_head, schedule, rng_bytes)
-            _set_attrs(self._group, data_order_fingerprint=data_order_fingerprint)
+            _set_attrs(
+                self._group, data_order_fingerprint=data_order_fingerprint, recipe=recipe or {}
+            )
         elif _attrs(self._group).get("data_order_fingerprint") != data_order_fingerprint:
             raise StoreError(f"{run.path}: the data order changed since this run was started")
         self._ckpt_arrays = self._checkpoint_arrays()
@@ -650,6 +655,24 @@ class RunReader:
         n = self.n_steps
         names = ("train_step", "train_tokens", *STEP_METRICS)
         return {name: _read(self.group[name], slice(0, n)) for name in names}
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """Library versions, threads and CPU the run was trained with (empty if not recorded)."""
+        return dict(self.attrs.get("recipe", {}))
+
+    def keyframe_steps(self) -> np.ndarray:
+        """Committed checkpoint steps that hold the whole training state (replay starts there)."""
+        return self.steps()
+
+    def batch_indices_between(self, start: int, stop: int) -> np.ndarray:
+        """Corpus indices of the batches of training steps ``start .. stop - 1``, one read."""
+        if not 0 <= start <= stop <= self.n_steps:
+            raise StoreError(
+                f"{self.run.path}: no recorded batches for steps {start}..{stop - 1} "
+                f"(recorded steps: 0..{self.n_steps - 1})"
+            )
+        return _read(self.group["batch_indices"], slice(start, stop))
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Corpus indices of the batch consumed at training step ``step``."""

@@ -9,8 +9,10 @@ continues exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -126,13 +128,7 @@ def train_run(
     RunSummary
         Steps, checkpoints and time of this call.
     """
-    # Determinism: one seed fixes the initial weights; the data order has its own seed and
-    # is a pure function of the step, so no loader state can drift. The thread count is fixed
-    # by the spec because CPU reductions round differently with a different split of the work.
-    torch.use_deterministic_algorithms(True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(spec.train.threads)
-    try:
+    with recipe(spec.train.threads):
         return _train(
             spec,
             run,
@@ -143,8 +139,39 @@ def train_run(
             stop_after=stop_after,
             on_batch=on_batch,
         )
+
+
+@contextmanager
+def recipe(threads: int) -> Iterator[None]:
+    """Run the block under the numerics the recipe fixes: deterministic kernels, ``threads``.
+
+    Determinism: one seed fixes the initial weights; the data order has its own seed and is a
+    pure function of the step, so no loader state can drift. The thread count is fixed by the
+    spec because CPU reductions round differently with a different split of the work.
+    """
+    torch.use_deterministic_algorithms(True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
+
+
+def recipe_record(spec: RunSpec) -> dict[str, str | int]:
+    """What, besides the spec and the seeds, decides a run's numbers bit for bit.
+
+    Stored with every run: replay refuses (or, if asked, warns) where the machine it runs on
+    differs, since the same floats are only promised for the same kernels and work split.
+    """
+    return {
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "threads": spec.train.threads,
+        "device": "cpu",
+        # the SIMD kernels torch dispatches to (e.g. AVX2 vs AVX512) round differently
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -> RunSummary:
@@ -163,6 +190,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
         d_head=size.d_head,
         schedule=schedule,
         rng_bytes=torch.get_rng_state().numel(),
+        recipe=recipe_record(spec),
         data_order_fingerprint=data_order_fingerprint(
             data_seed=run.data_seed, dataset_size=len(corpus)
         ),
@@ -186,7 +214,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
         # restored bit for bit, so the continuation equals an uninterrupted run.
         last = writer.last_checkpoint()
         start = last.step
-        _restore(model, optimizer, last)
+        restore(model, optimizer, last)
     writer.truncate(n_ckpt, start)  # drop what a crash left past the checkpoint; it is redone
     writer.start()
 
@@ -221,16 +249,9 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
                 on_batch(step, tokens)
 
             lr = spec.optimizer.lr_at(step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            # clip_grad_norm_ returns the norm before clipping; max_norm=inf only measures it
-            max_norm = spec.optimizer.grad_clip or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            loss, grad_norm = train_step(
+                model, optimizer, tokens, lr=lr, grad_clip=spec.optimizer.grad_clip
+            )
             loss_value = loss.item()
             writer.put_step(
                 StepRecord(
@@ -266,6 +287,49 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
     )
 
 
+def train_step(
+    model,
+    optimizer,
+    tokens: torch.Tensor,
+    *,
+    lr: float,
+    grad_clip: float,
+    before_update: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch: the step of training, and of replay (one function).
+
+    Parameters
+    ----------
+    model, optimizer
+        The model (train mode) and its AdamW optimizer.
+    tokens
+        ``[batch, context]`` token ids; the model learns to predict each next token.
+    lr
+        Learning rate of this step (``spec.optimizer.lr_at(step, total_steps)``).
+    grad_clip
+        Clip the gradient norm to this (0: no clipping).
+    before_update
+        Called with the loss after the backward pass, while the parameters hold this batch's
+        unclipped gradients and the weights that produced them (replay's ``on_step``).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The loss and the gradient norm before clipping (0-dim tensors).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    if before_update is not None:
+        before_update(loss)
+    # clip_grad_norm_ returns the norm before clipping; max_norm=inf only measures it
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
 def _snapshot(model, optimizer, step: int, tokens_seen: int) -> Checkpoint:
     """Copy weights, AdamW moments and RNG state; the writer thread stores the copies."""
     params = dict(model.named_parameters())
@@ -287,7 +351,7 @@ def _snapshot(model, optimizer, step: int, tokens_seen: int) -> Checkpoint:
     )
 
 
-def _restore(model, optimizer, checkpoint: Checkpoint) -> None:
+def restore(model, optimizer, checkpoint: Checkpoint) -> None:
     """Load a checkpoint's weights, AdamW state and RNG state into ``model`` and ``optimizer``."""
     params = unstack_layers(checkpoint.params)
     with torch.no_grad():
