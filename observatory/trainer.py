@@ -8,6 +8,7 @@ continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -179,6 +180,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
     total_steps, batch_size = spec.train.steps, spec.train.batch_size
     tokens_per_step = spec.train.tokens_per_step
     schedule = spec.checkpoints.steps(total_steps)
+    keyframes = spec.checkpoints.keyframes(total_steps)
     model = spec.model.build(size, init_seed=run.init_seed)
     model.train()
     optimizer = spec.optimizer.build(model)
@@ -189,6 +191,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
         param_shapes={k: v.shape for k, v in stack_layers(dict(model.named_parameters())).items()},
         d_head=size.d_head,
         schedule=schedule,
+        keyframes=keyframes,
         rng_bytes=torch.get_rng_state().numel(),
         recipe=recipe_record(spec),
         data_order_fingerprint=data_order_fingerprint(
@@ -210,15 +213,16 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
 
     start = 0
     if n_ckpt:
-        # Resume from the last committed checkpoint: weights, AdamW moments and RNG state are
+        # Resume from the last committed keyframe: weights, AdamW moments and RNG state are
         # restored bit for bit, so the continuation equals an uninterrupted run.
-        last = writer.last_checkpoint()
+        last = writer.last_keyframe()
         start = last.step
         restore(model, optimizer, last)
-    writer.truncate(n_ckpt, start)  # drop what a crash left past the checkpoint; it is redone
+        n_ckpt = schedule.index(start) + 1
+    writer.truncate(n_ckpt, start)  # drop what a crash left past the keyframe; it is redone
     writer.start()
 
-    checkpoint_steps = set(schedule)
+    checkpoint_steps, keyframe_steps = set(schedule), set(keyframes)
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     bar = tqdm(
         total=total_steps,
@@ -234,7 +238,8 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
     try:
         for step in range(start, end + 1):
             if step in checkpoint_steps and not (step == start and n_ckpt):
-                writer.put_checkpoint(_snapshot(model, optimizer, step, step * tokens_per_step))
+                state = step in keyframe_steps  # optimizer and RNG state only at keyframes
+                writer.put_checkpoint(_snapshot(model, optimizer, step, tokens_per_step, state))
             if step == total_steps:
                 finished = True
                 break
@@ -330,9 +335,14 @@ def train_step(
     return loss, grad_norm
 
 
-def _snapshot(model, optimizer, step: int, tokens_seen: int) -> Checkpoint:
-    """Copy weights, AdamW moments and RNG state; the writer thread stores the copies."""
+def _snapshot(model, optimizer, step: int, tokens_per_step: int, state: bool) -> Checkpoint:
+    """Copy the weights (and, if ``state``, AdamW moments and RNG state) for the writer."""
     params = dict(model.named_parameters())
+    checkpoint = Checkpoint(
+        step=step, tokens_seen=step * tokens_per_step, params=stack_layers(params)
+    )
+    if not state:
+        return checkpoint
     moments = {}
     for moment in ("exp_avg", "exp_avg_sq"):
         # Before the first update AdamW has no state yet: the moments are zero.
@@ -342,13 +352,8 @@ def _snapshot(model, optimizer, step: int, tokens_seen: int) -> Checkpoint:
                 for name, p in params.items()
             }
         )
-    return Checkpoint(
-        step=step,
-        tokens_seen=tokens_seen,
-        params=stack_layers(params),
-        moments=moments,
-        rng_state=torch.get_rng_state().numpy().copy(),
-    )
+    rng_state = torch.get_rng_state().numpy().copy()
+    return dataclasses.replace(checkpoint, moments=moments, rng_state=rng_state)
 
 
 def restore(model, optimizer, checkpoint: Checkpoint) -> None:
