@@ -102,3 +102,14 @@ def test_bad_input_is_exit_code_2(trained_tiny, tmp_path, capsys):
     assert verify(capsys, tmp_path / "nothing.zarr")[0] == 2
     code, _, err = verify(capsys, store, "--seeds", "7", "--quick")
     assert code == 2 and "no seed 7" in err and err.count("\n") == 1
+
+
+def test_a_run_still_training_verifies_what_is_committed(tiny_spec, tmp_path, capsys):
+    from observatory.trainer import train_family
+
+    store = train_family(
+        tiny_spec, store=tmp_path / "s.zarr", seeds=[0], progress=False, stop_after=10
+    )
+    code, out, _ = verify(capsys, store, "--quick")
+    assert code == 0, out
+    assert out.splitlines()[1].split() == ["l2-d16/seed0", "7", "0", "ok"]  # 0 1 2 4 5 8 10
