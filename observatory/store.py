@@ -389,7 +389,8 @@ class RunWriter:
 
     def truncate(self, n_checkpoints: int, n_steps: int) -> None:
         """Drop anything past the given counts (left by a crash) before resuming."""
-        lengths = {"step": n_checkpoints, KEYFRAME: _keyframe_count(self._group, n_checkpoints)}
+        n_keyframes = _keyframe_count(_attrs(self._group), n_checkpoints)
+        lengths = {"step": n_checkpoints, KEYFRAME: n_keyframes}
         for axis, arrays in self._ckpt_arrays.items():
             for array in arrays.values():
                 array.resize((lengths[axis], *array.shape[1:]))
@@ -400,7 +401,7 @@ class RunWriter:
 
     def last_keyframe(self) -> Checkpoint:
         """The last committed keyframe (a whole training state), for resuming."""
-        keyframe = _keyframe_count(self._group, self.committed[0]) - 1
+        keyframe = _keyframe_count(_attrs(self._group), self.committed[0]) - 1
         if keyframe < 0:
             raise StoreError(f"{self.run.path}: no committed checkpoint to resume from")
         attrs = _attrs(self._group)
@@ -489,7 +490,7 @@ class RunWriter:
         n_ckpt, n_steps = self.committed
         n_new = len(checkpoints["step"][("step",)])
         self._append(self._ckpt_arrays["step"], checkpoints["step"], n_ckpt)
-        n_keyframes = _keyframe_count(self._group, n_ckpt)
+        n_keyframes = _keyframe_count(_attrs(self._group), n_ckpt)
         self._append(self._ckpt_arrays[KEYFRAME], checkpoints[KEYFRAME], n_keyframes)
         if records:
             if records[0].step != n_steps:
@@ -562,9 +563,8 @@ def _checkpoint_rows(checkpoint: Checkpoint) -> dict[str, dict[tuple[str, ...], 
     return rows
 
 
-def _keyframe_count(group: zarr.Group, n_checkpoints: int) -> int:
-    """How many keyframes the first ``n_checkpoints`` checkpoints of a run hold."""
-    attrs = _attrs(group)
+def _keyframe_count(attrs: dict[str, Any], n_checkpoints: int) -> int:
+    """How many keyframes the first ``n_checkpoints`` checkpoints of a run (``attrs``) hold."""
     if not n_checkpoints:
         return 0
     last = attrs["schedule"][n_checkpoints - 1]
@@ -821,7 +821,7 @@ class RunReader:
 
     def keyframe_steps(self) -> np.ndarray:
         """Committed checkpoint steps that hold the whole training state (replay starts there)."""
-        count = _keyframe_count(self.group, self.n_checkpoints)
+        count = _keyframe_count(self.attrs, self.n_checkpoints)
         return np.array(self.attrs["keyframes"][:count], dtype=np.int64)
 
     def batch_indices_between(self, start: int, stop: int) -> np.ndarray:
