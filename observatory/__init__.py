@@ -18,6 +18,7 @@ _LAZY = {
     ),
     "summary": "observatory.analysis.summary",
     "compute": "observatory.jobs",
+    "replay": "observatory.replayer",
 }
 # ``obs.analysis`` is the ``observatory.analysis`` package, which is callable: the decorator
 # ``@obs.analysis(variables=...)`` (a plain function would be shadowed by the subpackage).
