@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import observatory as obs
+from observatory.data import build_corpus
 from observatory.query import stored_corpus
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, create_family
@@ -54,7 +55,7 @@ def main() -> None:
 
     spec = load_run_spec(args.spec)
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, steps=args.steps))
-    corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)
+    corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
     print(f"model: {spec.model.architecture} {spec.model.sizes[0]}; {args.steps} steps")
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:

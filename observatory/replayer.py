@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from observatory.data import Corpus
 from observatory.errors import StoreError
+from observatory.models import build_model
 from observatory.query import stored_corpus
 from observatory.spec import RunSpec
 from observatory.store import FamilyStore, RunReader
@@ -158,7 +159,7 @@ class ReplaySource:
         state = self.reader.checkpoint(keyframe)
         indices = self.reader.batch_indices_between(keyframe, stop)
         with torch.random.fork_rng(devices=[]):  # building draws init numbers; keep the caller's
-            model = spec.model.build(spec.size(run.size), init_seed=run.init_seed)
+            model = build_model(spec.model, spec.size(run.size), init_seed=run.init_seed)
             model.train()
             optimizer = spec.optimizer.build(model)
             restore(model, optimizer, state)  # sets the recorded RNG state ...

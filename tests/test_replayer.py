@@ -4,7 +4,7 @@ import torch
 
 import observatory as obs
 from observatory.errors import StoreError
-from observatory.models import stack_layers, unstack_layers
+from observatory.models import build_model, stack_layers, unstack_layers
 from observatory.replayer import RecipeError
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore
@@ -71,7 +71,7 @@ def test_on_step_gets_the_gradients_of_every_step(trained_tiny):
     assert [s for s, _ in replayed] == [9, 10, 11, 12]
     assert [c[0] for c in calls] == [8, 9, 10, 11]  # from the keyframe at 8
     loss = run.metrics()["loss"]
-    fresh = spec.model.build(spec.size("l2-d16"), init_seed=0)
+    fresh = build_model(spec.model, spec.size("l2-d16"), init_seed=0)
     torch.set_num_threads(spec.train.threads)
     for step, stacked, batch, step_loss, grads in calls:
         if step in run.steps():
