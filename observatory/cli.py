@@ -52,6 +52,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _print_run_summary(summary) -> None:
+    from observatory.analysis.phase import FINAL_LOSS
+
     if not summary.steps:
         print(f"{summary.run}: already trained")
         return
@@ -59,7 +61,8 @@ def _print_run_summary(summary) -> None:
         f"{summary.run}: {summary.steps} steps in {summary.seconds:.1f} s "
         f"({summary.steps / summary.seconds:.1f} steps/s), {summary.checkpoints} checkpoints "
         f"committed (writer busy {summary.writer_seconds:.1f} s), final loss "
-        f"{summary.final_loss:.4f}"
+        f"{summary.final_loss:.4f} ({FINAL_LOSS}"
+        f"{'' if summary.complete else '; run incomplete, continue with --resume'})"
     )
 
 
@@ -89,7 +92,13 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from observatory.report import write_report
 
-    files = write_report(args.store, args.out, size=args.size)
+    files = write_report(
+        args.store,
+        args.out,
+        size=args.size,
+        seeds=args.seeds,
+        include_incomplete=args.include_incomplete,
+    )
     print(f"wrote {len(files)} files into {args.out}:")
     for path in files:
         print(f"  {path}")
@@ -168,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Summarise circuit formation in an analysed store (run `observatory "
         "analyze` first): per seed, the induction heads, the emergence step of the best one, "
         "the loss bump and the ICL score either side of it; across seeds, mean, std and a "
-        "bootstrap CI. Writes PNG figures (loss curves, induction-score heatmaps, emergence, "
-        "ICL score, per-token-loss PCA, previous-token heads), one self-contained HTML page "
+        "t-interval (BCa bootstrap from 10 seeds), with the seeds left out and why "
+        "(incomplete, not analysed, not formed, no bump). Writes PNG figures (loss curves, "
+        "induction-score heatmaps, emergence, ICL score, per-token-loss PCA, previous-token "
+        "heads), one self-contained HTML page "
         "(report.html) and summary.csv / summary_across_seeds.csv / summary.json.",
     )
     report.add_argument("store", help="family store (*.zarr), analysed")
@@ -177,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="DIR", help="directory to write into (created if needed)"
     )
     report.add_argument("--size", help="size name (default: the store's only size)")
+    report.add_argument("--seeds", type=_int_list, help="seed indices to report, e.g. 0-1 or 0,2")
+    report.add_argument(
+        "--include-incomplete",
+        action="store_true",
+        help="keep incomplete runs in the across-seed statistics (default: left out, marked)",
+    )
     report.set_defaults(func=_cmd_report)
     return parser
 

@@ -35,10 +35,17 @@ DPI = 120
 REQUIRED = ("loss", "induction_score", "previous_token_score", "icl_score", "token_loss")
 LOSS_BINS = 60  # log-spaced bins averaging the noisy per-step loss on its log axis
 LINESTYLES = ("-", "--", ":", "-.")
+CI_NAMES = {"t": "t-interval", "bca": "BCa bootstrap CI"}
+NOT_DRAWN = ("not analysed", "not trained")  # seeds without results: in the tables only
 
 
 def write_report(
-    path: str | Path | xr.Dataset, out_dir: str | Path, *, size: str | None = None
+    path: str | Path | xr.Dataset,
+    out_dir: str | Path,
+    *,
+    size: str | None = None,
+    seeds: list[int] | None = None,
+    include_incomplete: bool = False,
 ) -> list[Path]:
     """Write the figures, the summary tables and one self-contained HTML page.
 
@@ -51,6 +58,12 @@ def write_report(
         Directory to write into (created if needed; existing report files are replaced).
     size
         Size name; may be omitted when the store has a single size.
+    seeds
+        Seed indices to report (default: every seed).
+    include_incomplete
+        Keep incomplete runs in the cross-seed statistics (see
+        :func:`~observatory.analysis.summary.summary`); they are drawn and marked either way.
+        Seeds without results (not trained or not analysed) are listed, not drawn.
 
     Returns
     -------
@@ -64,9 +77,14 @@ def write_report(
     StoreError
         If the store or size does not exist or an analysis has no results.
     """
-    ds = path if isinstance(path, xr.Dataset) else load_results(path, size=size)
+    if isinstance(path, xr.Dataset):
+        ds = path if seeds is None else path.sel(seed=seeds)
+    else:
+        ds = load_results(path, size=size, seeds=seeds)
     check_results(ds, REQUIRED)
-    result = summary(ds)
+    result = summary(ds, include_incomplete=include_incomplete)
+    drawn = result.per_seed.index[~result.per_seed["left_out"].isin(NOT_DRAWN)]
+    ds = ds.sel(seed=list(drawn))
     pca = token_loss_pca(ds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,8 +250,8 @@ def induction_emergence(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Fig
             stats["ci_high"],
             color="0.6",
             alpha=0.25,
-            label=f"{stats['confidence']:.0%} bootstrap CI of the mean midpoint "
-            f"({stats['mean']:.0f}; n = {int(stats['n'])} seeds)",
+            label=f"{stats['confidence']:.0%} {CI_NAMES[stats['ci_method']]} of the mean "
+            f"midpoint ({stats['mean']:.0f}; n = {int(stats['n'])} seeds)",
         )
     ax.set_xlabel("checkpoint step")
     convention = result.parameters.get("induction_score_convention")
@@ -356,7 +374,8 @@ FIGURES: dict[str, tuple[str, str, Callable[[xr.Dataset, Summary, xr.Dataset], F
     "induction_emergence.png": (
         "Emergence of the induction head",
         "Induction score of each seed's best head, the threshold, each seed's emergence "
-        "midpoint (dashed) and the bootstrap CI of the mean midpoint across seeds.",
+        "midpoint (dashed) and the CI of the mean midpoint across seeds (t-interval below 10 "
+        "seeds).",
         induction_emergence,
     ),
     "icl_score.png": (

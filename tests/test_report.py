@@ -58,3 +58,16 @@ def test_cli_report_of_a_store(trained_tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "report.html" in printed and "loss_pca.png" in printed
     assert (tmp_path / "report" / "report.html").exists()
+
+
+def test_report_of_a_store_with_an_untrained_seed(trained_tiny, tmp_path, capsys):
+    _, trained = trained_tiny
+    store = analysed_copy(trained, tmp_path / "tiny.zarr", untrained=(1,))
+    out = tmp_path / "report"
+    assert main(["report", str(store), "--out", str(out)]) == 0
+    per_seed = pd.read_csv(out / "summary.csv", index_col="seed")
+    assert per_seed.loc[1, "left_out"] == "not trained" and per_seed.loc[0, "best_head"] == "L1H0"
+    assert "not trained" in (out / "report.html").read_text()
+    assert main(["report", str(store), "--out", str(tmp_path / "one"), "--seeds", "0"]) == 0
+    assert pd.read_csv(tmp_path / "one" / "summary.csv")["seed"].tolist() == [0]
+    capsys.readouterr()

@@ -27,6 +27,8 @@ from observatory.analysis.stats import (
     linear_cka,
     match_heads,
     seed_summary,
+    t_interval,
+    variance_split,
 )
 
 __all__ = [
@@ -51,5 +53,7 @@ __all__ = [
     "match_heads",
     "repeated_tokens",
     "seed_summary",
+    "t_interval",
     "token_losses",
+    "variance_split",
 ]

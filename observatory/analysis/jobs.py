@@ -173,14 +173,19 @@ def make_plan(spec: AnalysisSpec, run_spec: RunSpec) -> Plan:
         repeated_tokens,
     )
 
-    context = run_spec.train.context
+    context, vocab = run_spec.train.context, run_spec.model.vocab_size
+    counts = None  # synthetic corpora: uniform vocabularies, draw from all of it
+    if run_spec.data.source == "text":  # only tokens that occur (Olsson et al.)
+        corpus = run_spec.data.build(context=context, vocab_size=vocab)
+        counts = np.bincount(corpus.tokens.ravel(), minlength=vocab)
     probe = repeated_tokens(
-        vocab_size=run_spec.model.vocab_size,
+        vocab_size=vocab,
         n_ctx=context,
         seed=spec.probe.seed,
         n_sequences=spec.probe.n_sequences,
         block_length=spec.probe.block_length,
         repeats=spec.probe.repeats,
+        token_counts=counts,
     )
     held_out, source = held_out_tokens(run_spec, spec.held_out)
     early, late = icl_positions(held_out.shape[1])
