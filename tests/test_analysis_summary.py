@@ -36,7 +36,8 @@ def synthetic_results(seeds=(0, 1, 2), *, n_held_out: int = 16) -> xr.Dataset:
     """
     rng = np.random.default_rng(0)
     direction = rng.normal(0, 1, n_held_out)  # shared: the seeds learn the same tokens
-    loss, induction, previous, icl, token_loss = [], [], [], [], []
+    loss, induction, previous, icl, token_loss, copying, by_position = [], [], [], [], [], [], []
+    position = np.arange(63)
     for seed in seeds:
         start, end, heads = PLANTED[seed]
         u = np.clip((TRAIN_STEPS - start) / (end - start), 0, 1)
@@ -52,6 +53,9 @@ def synthetic_results(seeds=(0, 1, 2), *, n_held_out: int = 16) -> xr.Dataset:
         icl.append(-0.05 - 1.8 * rise)
         noise = rng.normal(0, 0.05, (CHECKPOINTS.size, n_held_out))
         token_loss.append(4.0 - np.outer(rise, 2 + direction) + noise)
+        copying.append(np.where(scores > 0.3, 0.9, 0.1) + rng.uniform(-0.05, 0.05, scores.shape))
+        # late positions gain after the phase change; early ones do not
+        by_position.append(4.0 - np.outer(rise, 3.0 * position / (position + 8)))
     heads = ("seed", "step", "layer", "head")
     return xr.Dataset(
         {
@@ -60,6 +64,8 @@ def synthetic_results(seeds=(0, 1, 2), *, n_held_out: int = 16) -> xr.Dataset:
             "previous_token_score": (heads, np.array(previous)),
             "icl_score": (("seed", "step"), np.array(icl)),
             "token_loss": (("seed", "step", "held_out"), np.array(token_loss)),
+            "copying_score": (heads, np.array(copying)),
+            "loss_by_position": (("seed", "step", "position"), np.array(by_position)),
         },
         coords={
             "seed": list(seeds),

@@ -6,7 +6,8 @@ Across seeds: mean, std and a bootstrap CI of the emergence and bump steps. Also
 per-token-loss PCA trajectory (one fit over every checkpoint of every seed).
 
 Heads are named ``L{layer}H{head}``; head identities are per seed (the same label in two seeds
-is not the same circuit, see ``match_heads`` for explicit matching).
+is not the same circuit): :func:`seed_alignment` matches heads across seeds explicitly and
+compares the seeds with linear CKA.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import xarray as xr
 
 from observatory.analysis.icl import loss_pca
 from observatory.analysis.phase import FINAL_LOSS, SEGMENTATION, emergence, final_loss, loss_bump
-from observatory.analysis.stats import BOOTSTRAP_MIN_N, seed_summary, variance_split
+from observatory.analysis.stats import (
+    BOOTSTRAP_MIN_N,
+    linear_cka,
+    match_heads,
+    seed_summary,
+    variance_split,
+)
 from observatory.errors import StoreError
 
 DEFAULT_THRESHOLD = 0.5
@@ -683,6 +690,124 @@ def token_loss_pca(
         },
         attrs={"method": "joint PCA over every (seed, checkpoint) with per-token losses"},
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Head matching and representation similarity across seeds.
+
+# Head scores that make up a head's profile for CKA (those present are used).
+PROFILE_SCORES = (
+    "induction_score",
+    "previous_token_score",
+    "duplicate_token_score",
+    "copying_score",
+    "tl_induction_score",
+    "tl_previous_token_score",
+    "tl_duplicate_token_score",
+)
+CKA_RULE = (
+    "linear CKA (unbiased HSIC) between a seed and the reference seed at each checkpoint both "
+    "analysed; samples: the heads, paired by the Hungarian matching of induction-score "
+    "trajectories; features: each head's scores ({scores}) at that checkpoint"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class SeedAlignment:
+    """Heads matched across seeds and the similarity of the seeds' head-score profiles.
+
+    Attributes
+    ----------
+    reference
+        The seed every other seed is matched to (the first seed used).
+    matches
+        One row per (other seed, head of the reference): ``seed``, ``reference_head``,
+        ``matched_head`` (labels like ``L1H2``) and ``distance`` (Euclidean distance of the
+        induction-score trajectories over the common checkpoints).
+    cka
+        ``cka[seed, step]`` for the other seeds: linear CKA of the head-score profiles with
+        the reference's (see :data:`CKA_RULE`); NaN where either has no analysed checkpoint
+        at that step (or a profile is constant).
+    rule
+        How the CKA was computed (which scores are the features).
+    """
+
+    reference: int
+    matches: pd.DataFrame
+    cka: xr.DataArray
+    rule: str
+
+
+def seed_alignment(ds: xr.Dataset, seeds: list[int] | None = None) -> SeedAlignment | None:
+    """Match heads across seeds (Hungarian) and compare the seeds with linear CKA.
+
+    Head identity is not stable across seeds: each seed's heads are matched one-to-one to
+    the reference seed's by their induction-score trajectories
+    (:func:`~observatory.analysis.match_heads`). At every checkpoint both seeds analysed,
+    each seed is represented by the matrix ``[head, score]`` of its heads' scores (the
+    variables of :data:`PROFILE_SCORES` that exist), rows in matched order, and compared with
+    :func:`~observatory.analysis.linear_cka` using the unbiased HSIC (few samples: one per
+    head). Model activations would be a richer representation, but they are not stored.
+
+    Parameters
+    ----------
+    ds
+        Results as from :func:`load_results`.
+    seeds
+        The seeds to align (default: every seed with induction scores); the first is the
+        reference.
+
+    Returns
+    -------
+    SeedAlignment or None
+        None if fewer than two seeds have induction scores or there are fewer than 4 heads.
+    """
+    if seeds is None:
+        analysed = ds["induction_score"].notnull().any(["step", "layer", "head"])
+        seeds = [int(seed) for seed in ds["seed"].values[analysed.values]]
+    n_heads = ds.sizes["layer"] * ds.sizes["head"]
+    if len(seeds) < 2 or n_heads < 4:
+        return None
+    scores = [name for name in PROFILE_SCORES if name in ds]
+    reference = seeds[0]
+    labels = [head_label(layer, head) for layer in ds["layer"].values for head in ds["head"].values]
+    rows, cka = [], np.full((len(seeds) - 1, ds.sizes["step"]), np.nan)
+    ref_profile = _profiles(ds.sel(seed=reference), scores)  # [step, head, score]
+    for i, seed in enumerate(seeds[1:]):
+        profile = _profiles(ds.sel(seed=seed), scores)
+        common = np.isfinite(ref_profile).all(axis=(1, 2)) & np.isfinite(profile).all(axis=(1, 2))
+        if not common.any():
+            continue
+        match = match_heads(ref_profile[common, :, 0].T, profile[common, :, 0].T)
+        rows += [
+            {
+                "seed": seed,
+                "reference_head": labels[a],
+                "matched_head": labels[b],
+                "distance": float(d),
+            }
+            for a, b, d in zip(match.a, match.b, match.distance, strict=True)
+        ]
+        for step in np.flatnonzero(common):
+            x, y = ref_profile[step][match.a], profile[step][match.b]
+            with np.errstate(invalid="ignore", divide="ignore"):  # constant profiles: NaN
+                cka[i, step] = linear_cka(x, y, unbiased=True)
+    return SeedAlignment(
+        reference=reference,
+        matches=pd.DataFrame(rows),
+        cka=xr.DataArray(
+            cka, dims=("seed", "step"), coords={"seed": seeds[1:], "step": ds["step"].values}
+        ),
+        rule=CKA_RULE.format(scores=", ".join(scores)),
+    )
+
+
+def _profiles(one: xr.Dataset, scores: list[str]) -> np.ndarray:
+    """``[step, head, score]``: every head's scores at every checkpoint of one seed."""
+    stacked = np.stack(
+        [one[name].transpose("step", "layer", "head").values for name in scores], axis=-1
+    )
+    return stacked.reshape(stacked.shape[0], -1, len(scores))
 
 
 # --------------------------------------------------------------------------------------------
