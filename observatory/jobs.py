@@ -287,14 +287,20 @@ def held_out_tokens(run_spec: RunSpec, spec: HeldOutSpec) -> tuple[np.ndarray, s
 def shared_data(run_spec: RunSpec, probe: ProbeSpec, held_out: HeldOutSpec) -> SharedData:
     """Generate the probe and held-out data from their recorded seeds."""
     tokens, source = held_out_tokens(run_spec, held_out)
+    context, vocab = run_spec.train.context, run_spec.model.vocab_size
+    counts = None  # synthetic corpora: uniform vocabularies, draw from all of it
+    if run_spec.data.source == "text":  # only tokens that occur (Olsson et al.)
+        corpus = build_corpus(run_spec.data, context=context, vocab_size=vocab)
+        counts = np.bincount(corpus.tokens.ravel(), minlength=vocab)
     return SharedData(
         probe=repeated_tokens(
-            vocab_size=run_spec.model.vocab_size,
-            n_ctx=run_spec.train.context,
+            vocab_size=vocab,
+            n_ctx=context,
             seed=probe.seed,
             n_sequences=probe.n_sequences,
             block_length=probe.block_length,
             repeats=probe.repeats,
+            token_counts=counts,
         ),
         held_out_tokens=tokens,
         held_out_seed=held_out.seed,

@@ -214,6 +214,7 @@ def _run_coords(reader: RunReader) -> dict[str, object]:
         "seed": run.seed,
         "init_seed": run.init_seed,
         "data_seed": run.data_seed,
+        "complete": reader.complete,  # every scheduled step trained
     }
 
 
