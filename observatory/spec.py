@@ -200,7 +200,7 @@ class DataSpec:
     period_min: int = 8  # synthetic: each sequence repeats a random block of this many ...
     period_max: int = 32  # ... to this many tokens, drawn per sequence
     bigram_fraction: float = 0.0  # synthetic: fraction of sequences from a Markov-bigram chain
-    paths: tuple[str, ...] = ()  # text: files or directories
+    paths: tuple[str, ...] = ()  # text: files or directories; "{stdlib}" is Python's stdlib
     glob: str = "*.py"  # text: which files of a directory to read
     max_bytes: int = 8_000_000  # text: read at most this many bytes
 
@@ -214,10 +214,17 @@ class DataSpec:
             _require(0.0 <= self.bigram_fraction <= 1.0, f"{where}.bigram_fraction: not in [0, 1]")
             _require(not self.paths, f"{where}.paths: only for source = 'text'")
         else:
+            # The files are checked when the corpus is built, not here: a store records its
+            # spec, and it stays readable on machines that do not have the corpus.
             _require(len(self.paths) > 0, f"{where}.paths: source = 'text' needs corpus paths")
-            for p in self.paths:
-                _require(Path(p).exists(), f"{where}.paths: corpus path {p!r} does not exist")
             _require(self.max_bytes > 0, f"{where}.max_bytes: must be positive")
+
+    def corpus_paths(self) -> list[Path]:
+        """``paths`` with ``{stdlib}`` replaced by this interpreter's standard library."""
+        import sysconfig
+
+        stdlib = sysconfig.get_paths()["stdlib"]
+        return [Path(p.replace("{stdlib}", stdlib)) for p in self.paths]
 
     def build(self, *, context: int, vocab_size: int):
         """Return the corpus: an indexable set of token sequences of length ``context``."""
@@ -259,10 +266,22 @@ class TrainSpec:
     context: int  # tokens per training sequence
     # CPU float reductions depend on the thread count, so it is part of the recipe.
     threads: int = 2
+    # Weights are bit-identical across runs on the same device type, not across types.
+    device: Literal["cpu", "cuda"] = "cpu"
 
     def validate(self, where: str) -> None:
         for key in ("steps", "batch_size", "context", "threads"):
             _require(getattr(self, key) > 0, f"{where}.{key}: must be positive")
+
+    def require_device(self, where: str = "train.device") -> None:
+        """Fail with one line if this machine cannot train on ``device`` (checked at training
+        time, not on load: a store trained on a GPU stays readable without one)."""
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise SpecError(
+                f"{where}: 'cuda' but no CUDA device is available here (torch {torch.__version__})"
+            )
 
     @property
     def tokens_per_step(self) -> int:

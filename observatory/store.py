@@ -114,7 +114,7 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
     if path.exists():
         root = _open_root(path, mode="r+")
         stored = _attrs(root)
-        if stored["spec"] != spec.to_dict():
+        if spec_from_dict(stored["spec"]) != spec:  # keys added since take their defaults
             raise StoreError(
                 f"{path}: this store was created by a different spec "
                 f"(name {stored['spec'].get('name')!r}); use another --store"
@@ -344,6 +344,13 @@ class RunWriter:
     @property
     def complete(self) -> bool:
         return bool(_attrs(self._group)["complete"])
+
+    def record_device(self, device: dict[str, str]) -> None:
+        """Add the device this call trains on (type, name, CUDA and cuDNN versions) to the
+        run's ``devices``: a resumed run lists every device it was trained on."""
+        devices = _attrs(self._group).get("devices", [])
+        if device not in devices:
+            _set_attrs(self._group, devices=[*devices, device])
 
     def truncate(self, n_checkpoints: int, n_steps: int) -> None:
         """Drop anything past the given counts (left by a crash) before resuming."""

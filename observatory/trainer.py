@@ -1,13 +1,16 @@
 """Deterministic training of a model family, with dense checkpoints in one zarr store.
 
-Reads top to bottom: :func:`train_family` loops over runs (size x seed pair) and
-:func:`train_run` is the training loop of one run.  Everything a run does is a function of the
+Reads top to bottom: :func:`train_family` loops over runs (size x seed pair), one after another
+or as one task per run on dask.distributed, and :func:`train_run` is the training loop of one
+run.  Everything a run does is a function of the
 spec and its two seeds, so the same spec gives bit-identical weights on CPU, and a resumed run
 continues exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +21,17 @@ import torch
 from tqdm.auto import tqdm
 
 from observatory.data import DATA_ORDER_RULE, Corpus, batch_indices, data_order_fingerprint
-from observatory.errors import StoreError
+from observatory.errors import ObservatoryError, StoreError
 from observatory.models import build_config, stack_layers, unstack_layers
 from observatory.spec import RunId, RunSpec
-from observatory.store import Checkpoint, RunWriter, StepRecord, create_family, write_size_attrs
+from observatory.store import (
+    Checkpoint,
+    FamilyStore,
+    RunWriter,
+    StepRecord,
+    create_family,
+    write_size_attrs,
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,14 @@ def train_family(
     progress: bool = True,
     stop_after: int | None = None,
     on_run_end: Callable[[RunSummary], None] | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> Path:
     """Train every run of the family (or the selected seeds/sizes) into one store.
+
+    Runs train one after another in this process, or, with ``workers`` or ``scheduler``, as
+    one dask.distributed task per run: this process creates the family's metadata, and each
+    run is written by the one worker process that trains it.
 
     Parameters
     ----------
@@ -63,12 +79,16 @@ def train_family(
         Continue unfinished runs from their last committed checkpoint and skip finished ones.
         Without it, a run that already has data in the store is an error.
     progress
-        Show a progress bar per run.
+        Show a progress bar per run (on a cluster: one bar over the runs).
     stop_after
         Stop every run after this many steps in this call, leaving it unfinished (for tests and
         for splitting long trainings; the run resumes later with ``resume=True``).
     on_run_end
         Called with each run's :class:`RunSummary` when the run stops.
+    workers
+        Train on a local dask cluster of this many single-threaded worker processes.
+    scheduler
+        Train on the running dask cluster at this address (``tcp://host:8786``).
 
     Returns
     -------
@@ -76,6 +96,8 @@ def train_family(
         The store path.
     """
     path = Path(store or spec.default_store)
+    if workers is None and scheduler is None:
+        spec.train.require_device()  # on a cluster, each worker checks its own
     corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)
     root = create_family(
         path,
@@ -94,15 +116,76 @@ def train_family(
     ]
     if not runs:
         raise StoreError(f"no runs selected (seeds {seeds}, sizes {sizes})")
-    for run in runs:
-        size = spec.size(run.size)
+    for name in dict.fromkeys(run.size for run in runs):
+        size = spec.size(name)
         write_size_attrs(root, size, hf_config=build_config(spec.model, size).to_dict())
-        summary = train_run(
-            spec, run, root, corpus, resume=resume, progress=progress, stop_after=stop_after
-        )
-        if on_run_end is not None:
+    on_run_end = on_run_end or (lambda summary: None)
+    if workers is None and scheduler is None:
+        for run in runs:
+            summary = train_run(
+                spec, run, root, corpus, resume=resume, progress=progress, stop_after=stop_after
+            )
             on_run_end(summary)
+        return path
+    from observatory.cluster import dask_client
+
+    with dask_client(scheduler=scheduler, workers=workers or 0) as client:
+        _train_on_cluster(
+            client,
+            spec,
+            str(path),
+            runs,
+            corpus,
+            resume=resume,
+            progress=progress,
+            stop_after=stop_after,
+            on_run_end=on_run_end,
+        )
     return path
+
+
+def _train_on_cluster(
+    client, spec, store, runs, corpus, *, resume, progress, stop_after, on_run_end
+) -> None:
+    """One task per run; report each run as it ends, and every failed run at the end."""
+    from distributed import as_completed
+
+    shared_corpus = client.scatter(corpus, broadcast=True)  # workers need not have the files
+    futures = {
+        client.submit(
+            _train_task,
+            spec,
+            store,
+            run,
+            shared_corpus,
+            resume=resume,
+            stop_after=stop_after,
+            key=f"train-{run.path}",
+            pure=False,
+        ): run
+        for run in runs
+    }
+    failed = []
+    with tqdm(total=len(runs), unit="run", desc="train", disable=not progress) as bar:
+        for future in as_completed(futures):
+            try:
+                summary = future.result()
+            except ObservatoryError as err:
+                failed.append(str(err))
+            except Exception as err:  # e.g. KilledWorker: the run is left resumable
+                failed.append(f"{futures[future].path}: {type(err).__name__}: {err}")
+            else:
+                with tqdm.external_write_mode():
+                    on_run_end(summary)
+            bar.update(1)
+    if failed:
+        raise StoreError(f"{len(failed)} of {len(runs)} runs failed: {'; '.join(failed)}")
+
+
+def _train_task(spec, store, run, corpus, *, resume, stop_after) -> RunSummary:
+    """Train one run on a dask worker, into the store the client created."""
+    root = FamilyStore(store, mode="r+").root
+    return train_run(spec, run, root, corpus, resume=resume, progress=False, stop_after=stop_after)
 
 
 def train_run(
@@ -129,7 +212,9 @@ def train_run(
     # Determinism: one seed fixes the initial weights; the data order has its own seed and
     # is a pure function of the step, so no loader state can drift. The thread count is fixed
     # by the spec because CPU reductions round differently with a different split of the work.
+    spec.train.require_device()
     torch.use_deterministic_algorithms(True)
+    device = _setup_device(spec.train.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.train.threads)
     try:
@@ -142,17 +227,43 @@ def train_run(
             progress=progress,
             stop_after=stop_after,
             on_batch=on_batch,
+            device=device,
         )
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -> RunSummary:
+def _setup_device(device: str) -> dict[str, str]:
+    """Make training on ``device`` deterministic; what to record about it with the run.
+
+    Weights are bit-identical from run to run on one device type (CPU with the spec's thread
+    count; CUDA with deterministic kernels), not from one device type to another.
+    """
+    if device == "cpu":
+        return {"type": "cpu", "name": platform.processor() or platform.machine()}
+    # cuBLAS needs a fixed workspace to reduce deterministically; TF32 would round differently.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return {
+        "type": "cuda",
+        "name": torch.cuda.get_device_name(),
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()),
+    }
+
+
+def _train(
+    spec, run, root, corpus, *, resume, progress, stop_after, on_batch, device
+) -> RunSummary:
     size = spec.size(run.size)
     total_steps, batch_size = spec.train.steps, spec.train.batch_size
     tokens_per_step = spec.train.tokens_per_step
     schedule = spec.checkpoints.steps(total_steps)
-    model = spec.model.build(size, init_seed=run.init_seed)
+    # Initialised on the CPU, so the initial weights are the same on every device.
+    model = spec.model.build(size, init_seed=run.init_seed).to(spec.train.device)
     model.train()
     optimizer = spec.optimizer.build(model)
     writer = RunWriter(
@@ -167,6 +278,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
             data_seed=run.data_seed, dataset_size=len(corpus)
         ),
     )
+    writer.record_device(device)
     n_ckpt, n_steps = writer.committed
     if writer.complete:
         if not resume:
@@ -219,6 +331,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
             tokens = corpus.batch(indices)  # [batch, context]
             if on_batch is not None:
                 on_batch(step, tokens)
+            tokens = tokens.to(spec.train.device)
 
             lr = spec.optimizer.lr_at(step, total_steps)
             for group in optimizer.param_groups:
@@ -299,7 +412,7 @@ def _restore(model, optimizer, checkpoint: Checkpoint) -> None:
             optimizer.state[p] = {
                 # AdamW keeps its step count as a float32 tensor
                 "step": torch.tensor(float(checkpoint.step), dtype=torch.float32),
-                "exp_avg": moments["exp_avg"][name].clone(),
-                "exp_avg_sq": moments["exp_avg_sq"][name].clone(),
+                "exp_avg": moments["exp_avg"][name].to(p.device, copy=True),
+                "exp_avg_sq": moments["exp_avg_sq"][name].to(p.device, copy=True),
             }
     torch.set_rng_state(torch.from_numpy(np.array(checkpoint.rng_state, dtype=np.uint8)))

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from observatory.spec import RunSpec, load_run_spec
@@ -78,3 +85,71 @@ def trained_tiny(tmp_path_factory) -> tuple[RunSpec, Path]:
     spec = load_run_spec(write_spec(directory))
     store = train_family(spec, store=directory / "tiny.zarr", progress=False)
     return spec, store
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def dask_processes(n_workers: int, *, nanny: bool = True) -> Iterator[str]:
+    """A ``dask scheduler`` and ``n_workers`` single-threaded ``dask worker`` processes on
+    loopback, stopped on exit; yields the scheduler address."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+            + ["--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            **quiet,
+        )
+    ]
+    worker = [sys.executable, "-m", "distributed.cli.dask_worker", address]
+    worker += ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+    worker += [] if nanny else ["--no-nanny"]
+    procs += [subprocess.Popen(worker, **quiet) for _ in range(n_workers)]
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # wait until every worker has joined
+            try:
+                with Client(address, timeout=5) as client:
+                    if len(client.scheduler_info()["workers"]) == n_workers:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "dask scheduler/workers did not start"
+            time.sleep(0.5)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def store_arrays(path) -> dict[str, np.ndarray]:
+    """Every array of a zarr store by its path, read whole."""
+    import zarr
+
+    root = zarr.open_group(path, mode="r")
+    members = root.members(max_depth=None)
+    return {name: node[...] for name, node in members if isinstance(node, zarr.Array)}
+
+
+def assert_stores_identical(a, b) -> None:
+    """Same arrays, shapes, dtypes and bits in two stores."""
+    left, right = store_arrays(a), store_arrays(b)
+    assert sorted(left) == sorted(right)
+    for name, values in left.items():
+        assert values.dtype == right[name].dtype, name
+        assert values.shape == right[name].shape, name
+        assert values.tobytes() == right[name].tobytes(), name

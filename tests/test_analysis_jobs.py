@@ -1,8 +1,4 @@
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +10,7 @@ from observatory.cli import main
 from observatory.errors import SpecError
 from observatory.query import model_at
 from observatory.store import FamilyStore
+from tests.conftest import dask_processes
 
 JOB = """\
 store = "{store}"
@@ -113,48 +110,11 @@ def test_results_are_readable_with_plain_xarray(store_copy, tmp_path):
     assert np.all(np.isfinite(ds["induction_score"].values))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_job_runs_on_a_separate_dask_scheduler_and_worker(store_copy, tmp_path):
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    scheduler = subprocess.Popen(
-        [*dask, "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address]
-        + ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        from distributed import Client
-
-        deadline = time.monotonic() + 60
-        while True:  # wait until the worker has joined
-            try:
-                with Client(address, timeout=5) as client:
-                    if client.scheduler_info()["workers"]:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "dask scheduler/worker did not start"
-            time.sleep(0.5)
+    with dask_processes(1) as address:
         spec = load_analysis_spec(write_job(tmp_path, store_copy))
         report = run_analysis(spec, scheduler=address, progress=False)
         assert report.computed > 0
         steps, arrays = FamilyStore(store_copy).run("l2-d16", 0).analysis_arrays("icl")
         assert len(steps) == FamilyStore(store_copy).run("l2-d16", 0).n_checkpoints
         assert np.all(np.isfinite(arrays["icl_score"][:]))
-    finally:
-        worker.terminate()
-        scheduler.terminate()
-        worker.wait(30)
-        scheduler.wait(30)

@@ -8,8 +8,6 @@ while training is still writing and a re-run computes only what is missing.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -302,10 +300,6 @@ def analyse_block(
     }
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def select_runs(spec: AnalysisSpec, runs: list[RunId]) -> list[RunId]:
     """The job's runs among those present; a clear error if a named size or seed is absent."""
     sizes = {r.size for r in runs}
@@ -367,9 +361,7 @@ def run_analysis(
     -------
     JobReport
     """
-    from distributed import Client, LocalCluster, as_completed
-    from tqdm.auto import tqdm
-
+    from observatory.cluster import dask_client
     from observatory.store import AnalysisWriter, FamilyStore
 
     family = FamilyStore(spec.store, mode="r+")
@@ -405,51 +397,45 @@ def run_analysis(
 
     computed = 0
     if blocks:
-        if scheduler is None:
-            cluster = LocalCluster(
-                n_workers=spec.execution.workers or default_workers(),
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                # A failed task reaches the user once, as this job's error; not as worker logs.
-                silence_logs=logging.CRITICAL,
-            )
-            client = Client(cluster)
-        else:
-            cluster, client = None, Client(scheduler)
-        try:
-            shared_plan = client.scatter(plan, broadcast=True)
-            futures = [
-                client.submit(
-                    analyse_block,
-                    str(family.path),
-                    run.size,
-                    run.seed,
-                    steps,
-                    shared_plan,
-                    pure=False,
-                )
-                for run, steps in blocks
-            ]
-            owner = {f.key: (run, steps) for f, (run, steps) in zip(futures, blocks, strict=True)}
-            total = sum(len(steps) for _, steps in blocks)
-            with tqdm(total=total, unit="ckpt", desc="analyse", disable=not progress) as bar:
-                for future in as_completed(futures):
-                    run, steps = owner[future.key]
-                    _write_block(writers[run.path], steps, future.result())
-                    computed += len(steps)
-                    bar.update(len(steps))
-        finally:
-            try:
-                # Even after Ctrl-C or a failed task, keep what was computed: a re-run skips it.
-                for run_writers in writers.values():
-                    for writer in run_writers.values():
-                        writer.flush()
-            finally:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+        with dask_client(scheduler=scheduler, workers=spec.execution.workers) as client:
+            computed = _run_blocks(client, family, blocks, plan, writers, progress=progress)
     return JobReport(computed=computed, skipped=skipped, runs=tuple(r.path for r in runs))
+
+
+def _run_blocks(client, family, blocks, plan, writers, *, progress: bool) -> int:
+    """Submit every block and write each result as it arrives; returns checkpoints done."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    computed = 0
+    try:
+        shared_plan = client.scatter(plan, broadcast=True)
+        futures = [
+            client.submit(
+                analyse_block,
+                str(family.path),
+                run.size,
+                run.seed,
+                steps,
+                shared_plan,
+                pure=False,
+            )
+            for run, steps in blocks
+        ]
+        owner = {f.key: (run, steps) for f, (run, steps) in zip(futures, blocks, strict=True)}
+        total = sum(len(steps) for _, steps in blocks)
+        with tqdm(total=total, unit="ckpt", desc="analyse", disable=not progress) as bar:
+            for future in as_completed(futures):
+                run, steps = owner[future.key]
+                _write_block(writers[run.path], steps, future.result())
+                computed += len(steps)
+                bar.update(len(steps))
+    finally:
+        # Even after Ctrl-C or a failed task, keep what was computed: a re-run skips it.
+        for run_writers in writers.values():
+            for writer in run_writers.values():
+                writer.flush()
+    return computed
 
 
 def _write_block(writers, steps: list[int], results: dict[str, dict[str, np.ndarray]]) -> None:
