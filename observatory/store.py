@@ -21,12 +21,20 @@ checkpoints of an array, split inside into per-layer, per-head chunks so that on
 layer across all checkpoints reads only its own bytes.  Arrays are resized as checkpoints are
 committed, and a run's ``committed_checkpoints``/``committed_steps`` attrs are updated last:
 readers use only what those markers cover, so a crash never exposes a half-written checkpoint.
+
+A store lives at a local path or at any fsspec URL (``s3://``, ``gs://``, ... read-write;
+``http(s)://`` read-only); credentials and endpoints come from the environment and fsspec's
+configuration, never from the store.  Every file is written whole (a rename on disk, one PUT
+on an object store) and the markers last, so the commit protocol needs no atomic directory
+operation: on a store with read-after-write consistency (S3), a reader that sees the markers
+sees every object they cover.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import threading
 import time
@@ -90,6 +98,42 @@ def _read(array: zarr.Array, selection: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Where a store lives: a local directory or an fsspec URL.
+
+READ_ONLY_PROTOCOLS = ("http", "https")
+
+
+def location(path: str | os.PathLike) -> str | Path:
+    """A store location: a local :class:`~pathlib.Path`, or a URL for fsspec (``s3://...``).
+
+    URLs stay strings (a ``Path`` would fold ``//``); ``file://`` URLs become paths.
+    """
+    text = os.fspath(path)
+    if "://" in text and not text.startswith("file://"):
+        return text.rstrip("/")
+    return Path(text.removeprefix("file://"))
+
+
+def _filesystem(where: str):
+    """The fsspec filesystem of a URL (configured from the environment) and the path in it."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(where)
+
+
+def _exists(where: str | Path) -> bool:
+    if isinstance(where, Path):
+        return where.exists()
+    fs, path = _filesystem(where)
+    return fs.exists(f"{path}/zarr.json")  # object stores have no directories
+
+
+def _require_writable(where: str | Path) -> None:
+    if isinstance(where, str) and where.partition("://")[0] in READ_ONLY_PROTOCOLS:
+        raise StoreError(f"{where}: http(s) stores are read-only")
+
+
+# --------------------------------------------------------------------------------------------
 # Family level: create / open.
 
 
@@ -99,7 +143,7 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
     Parameters
     ----------
     path
-        Store directory (``*.zarr``).
+        Store directory (``*.zarr``) or URL (``s3://bucket/family.zarr``).
     spec
         The family's run spec, stored in the root attributes.
     data
@@ -110,8 +154,9 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
     StoreError
         If the path holds something else, or a store created by a different spec or corpus.
     """
-    path = Path(path)
-    if path.exists():
+    path = location(path)
+    _require_writable(path)
+    if _exists(path):
         root = _open_root(path, mode="r+")
         stored = _attrs(root)
         if spec_from_dict(stored["spec"]) != spec:  # keys added since take their defaults
@@ -125,7 +170,7 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
                 f"(fingerprint {data['fingerprint']} vs {stored['data']['fingerprint']})"
             )
         return root
-    root = zarr.open_group(path, mode="w-")
+    root = zarr.open_group(str(path), mode="w-")
     _set_attrs(
         root,
         schema_version=SCHEMA_VERSION,
@@ -136,11 +181,13 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
     return root
 
 
-def _open_root(path: Path, *, mode: str) -> zarr.Group:
-    if not path.exists():
+def _open_root(path: str | Path, *, mode: str) -> zarr.Group:
+    if mode != "r":
+        _require_writable(path)
+    if not _exists(path):
         raise StoreError(f"{path}: no such store")
     try:
-        root = zarr.open_group(path, mode=mode, zarr_format=3)
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as err:
         raise StoreError(f"{path}: not a zarr store ({err})") from None
     version_ = _attrs(root).get("schema_version")
@@ -513,7 +560,9 @@ class FamilyStore:
     Parameters
     ----------
     path
-        The store directory.
+        The store directory or URL (see :func:`location`).
+    mode
+        ``"r"`` to read, ``"r+"`` to add analysis results.
 
     Raises
     ------
@@ -521,8 +570,8 @@ class FamilyStore:
         If the store is missing or is not an observatory store.
     """
 
-    def __init__(self, path: str | Path, *, mode: str = "r"):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, *, mode: str = "r"):
+        self.path = location(path)
         self.root = _open_root(self.path, mode=mode)
         self.attrs = _attrs(self.root)
         self.spec = _parse_spec(json.dumps(self.attrs["spec"], sort_keys=True))
@@ -559,9 +608,29 @@ class FamilyStore:
         return _attrs(self.root[size])
 
     def disk_bytes(self, subpath: str = "") -> int:
-        """Bytes on disk under the store (or one of its groups)."""
-        base = self.path / subpath
-        return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+        """Bytes stored under the store (or one of its groups)."""
+        if isinstance(self.path, Path):
+            base = self.path / subpath
+            return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+        fs, root = _filesystem(self.path)
+        return int(fs.du(f"{root}/{subpath}".rstrip("/"), total=True))
+
+    def object_version(self, key: str) -> Any:
+        """What changes when the file or object ``key`` of the store is replaced (``None``
+        if absent): inode and mtime on disk, the ETag (or modification time) of an object."""
+        if isinstance(self.path, Path):
+            try:
+                stat = (self.path / key).stat()
+            except FileNotFoundError:
+                return None
+            return stat.st_ino, stat.st_mtime_ns
+        fs, root = _filesystem(self.path)
+        fs.invalidate_cache(f"{root}/{key}")
+        try:
+            info = fs.info(f"{root}/{key}")
+        except FileNotFoundError:
+            return None
+        return info.get("ETag") or info.get("LastModified") or info.get("mtime"), info["size"]
 
 
 class RunReader:
@@ -711,37 +780,29 @@ class RunReader:
         zarr reads a shard with two requests (its index, then the chunks it needs), and the
         writer replaces the partly filled shard that holds the last committed checkpoint at
         every commit.  A read can thus pair one version's index with the next version's bytes,
-        which fails to decode or, rarely, decodes as another chunk.  Shards are replaced by
-        atomic renames, so the read is repeated whenever that shard's file changed under it;
-        shards before it are never rewritten.  Unsharded chunks are read in one request.
+        which fails to decode or, rarely, decodes as another chunk.  Shards are replaced whole
+        (an atomic rename on disk, one PUT on an object store), so the read is repeated
+        whenever that shard's version (inode and mtime, or ETag) changed under it; shards
+        before it are never rewritten.  Unsharded chunks are read in one request.
         """
         if array.shards is None:
             return _read(array, selection)
         last = max(self.n_checkpoints - 1, 0) // array.shards[0]
-        shard = (
-            self.family.path
-            / array.path
-            / array.metadata.encode_chunk_key((last,) + (0,) * (array.ndim - 1))
+        shard = f"{array.path}/" + array.metadata.encode_chunk_key(
+            (last,) + (0,) * (array.ndim - 1)
         )
+        version = self.family.object_version
         for attempt in range(READ_ATTEMPTS):
-            before = _file_version(shard)
+            before = version(shard)
             try:
                 values = _read(array, selection)
             except StoreError:  # e.g. blosc failing on bytes from another version of the shard
-                if attempt == READ_ATTEMPTS - 1 or _file_version(shard) == before:
+                if attempt == READ_ATTEMPTS - 1 or version(shard) == before:
                     raise
                 continue
-            if _file_version(shard) == before:
+            if version(shard) == before:
                 return values
         raise StoreError(f"{array.path}: its last shard kept changing while it was read")
-
-
-def _file_version(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns
 
 
 class AnalysisWriter:

@@ -2,9 +2,9 @@
 
 Reads top to bottom: :func:`train_family` loops over runs (size x seed pair), one after another
 or as one task per run on dask.distributed, and :func:`train_run` is the training loop of one
-run.  Everything a run does is a function of the
-spec and its two seeds, so the same spec gives bit-identical weights on CPU, and a resumed run
-continues exactly where the interrupted one stopped.
+run.  Everything a run does is a function of the spec and its two seeds, so the same spec gives
+bit-identical weights on one device type, and a resumed run continues exactly where the
+interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from observatory.store import (
     RunWriter,
     StepRecord,
     create_family,
+    location,
     write_size_attrs,
 )
 
@@ -58,7 +59,7 @@ def train_family(
     on_run_end: Callable[[RunSummary], None] | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
-) -> Path:
+) -> str | Path:
     """Train every run of the family (or the selected seeds/sizes) into one store.
 
     Runs train one after another in this process, or, with ``workers`` or ``scheduler``, as
@@ -70,7 +71,7 @@ def train_family(
     spec
         The family's run spec.
     store
-        Store path; defaults to ``spec.default_store``.
+        Store path or URL (``s3://bucket/family.zarr``); defaults to ``spec.default_store``.
     seeds
         Seed indices to train (default: all).
     sizes
@@ -92,10 +93,10 @@ def train_family(
 
     Returns
     -------
-    pathlib.Path
-        The store path.
+    pathlib.Path or str
+        The store path, or its URL.
     """
-    path = Path(store or spec.default_store)
+    path = location(store or spec.default_store)
     if workers is None and scheduler is None:
         spec.train.require_device()  # on a cluster, each worker checks its own
     corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import http.server
+import logging
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -153,3 +159,87 @@ def assert_stores_identical(a, b) -> None:
         assert values.dtype == right[name].dtype, name
         assert values.shape == right[name].shape, name
         assert values.tobytes() == right[name].tobytes(), name
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """An S3 bucket on a moto server on loopback; fsspec in this process and in child processes
+    (through the environment) points at it.  Yields the bucket's URL."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "observatory-test-key",
+        "AWS_SECRET_ACCESS_KEY": "observatory-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    saved_env = {key: os.environ.get(key) for key in env}
+    saved_conf = copy.deepcopy(fsspec.config.conf)
+    os.environ.update(env)
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = env["FSSPEC_S3_ENDPOINT_URL"]
+    try:
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("observatory-test")
+        yield "s3://observatory-test"
+    finally:
+        server.stop()
+        fsspec.config.conf.clear()
+        fsspec.config.conf.update(saved_conf)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that answers Range requests (as object stores and CDNs do) and
+    logs ``(path, bytes sent)`` of every GET into ``served``."""
+
+    served: list[tuple[str, int]]
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path = self.translate_path(self.path)
+        spec = self.headers.get("Range", "")
+        if not spec.startswith("bytes=") or not os.path.isfile(path):
+            size = os.path.getsize(path) if os.path.isfile(path) else 0
+            self.served.append((self.path, size))
+            return super().do_GET()
+        data = Path(path).read_bytes()
+        first, _, last = spec.removeprefix("bytes=").partition("-")
+        if not first:  # the last N bytes
+            start, stop = max(len(data) - int(last), 0), len(data)
+        else:
+            start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
+        body = data[start:stop]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.served.append((self.path, len(body)))
+
+
+@contextmanager
+def http_server(directory: Path) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """Serve ``directory`` read-only on loopback; yields its URL and the log of GETs."""
+    served: list[tuple[str, int]] = []
+    handler = type("Handler", (RangeRequestHandler,), {"served": served})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(directory))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

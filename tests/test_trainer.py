@@ -235,7 +235,7 @@ def _cli_train(spec_path, store, *args, wait=True):
     command = [sys.executable, "-m", "observatory.cli", "train", str(spec_path)]
     command += ["--store", str(store), "--no-progress", *args]
     if wait:
-        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+        return subprocess.run(command, capture_output=True, text=True, timeout=1800)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -254,7 +254,7 @@ def _kill_a_worker_mid_run(address, store) -> str:
 
     with Client(address, timeout=10) as client:
         pids = client.run(os.getpid)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
             for worker, keys in client.processing().items():
                 for key in keys:
@@ -270,8 +270,7 @@ def _kill_a_worker_mid_run(address, store) -> str:
 def test_family_on_a_dask_cluster_is_bit_identical_to_sequential_even_after_a_worker_dies(
     tmp_path,
 ):
-    text = FAMILY_TOML.replace("steps = 24", "steps = 150").replace("every = 5", "every = 10")
-    spec_path = write_spec(tmp_path, text)
+    spec_path = write_spec(tmp_path, FAMILY_TOML.replace("steps = 24", "steps = 40"))
     sequential = train_family(load_run_spec(spec_path), store=tmp_path / "seq.zarr", progress=False)
     killed = tmp_path / "killed.zarr"
     with dask_processes(2, nanny=False) as address:
@@ -284,7 +283,7 @@ def test_family_on_a_dask_cluster_is_bit_identical_to_sequential_even_after_a_wo
         try:
             victim = _kill_a_worker_mid_run(address, killed)
         finally:
-            _, err = proc.communicate(timeout=600)
+            _, err = proc.communicate(timeout=1800)
         assert proc.returncode == 2, err
         assert victim in err and "--resume" in err and "Traceback" not in err
         assert not FamilyStore(killed).run(*victim.split("/seed")).complete
