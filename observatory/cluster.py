@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from observatory.errors import ObservatoryError
+
 
 def default_workers() -> int:
     """The cores this process may use: one single-threaded worker process per core."""
@@ -28,11 +30,20 @@ def dask_client(*, scheduler: str | None = None, workers: int = 0) -> Iterator:
     Yields
     ------
     distributed.Client
+
+    Raises
+    ------
+    ObservatoryError
+        If no scheduler answers at ``scheduler``.
     """
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler, timeout=30)
+        except (OSError, ValueError) as err:
+            raise ObservatoryError(f"{scheduler}: no dask scheduler answers ({err})") from None
+        with client:
             yield client
         return
     cluster = LocalCluster(

@@ -214,9 +214,9 @@ class DataSpec:
             _require(0.0 <= self.bigram_fraction <= 1.0, f"{where}.bigram_fraction: not in [0, 1]")
             _require(not self.paths, f"{where}.paths: only for source = 'text'")
         else:
-            # The files are checked when the corpus is built, not here: a store records its
-            # spec, and it stays readable on machines that do not have the corpus.
             _require(len(self.paths) > 0, f"{where}.paths: source = 'text' needs corpus paths")
+            for p in self.corpus_paths():
+                _require(p.exists(), f"{where}.paths: corpus path {str(p)!r} does not exist")
             _require(self.max_bytes > 0, f"{where}.max_bytes: must be positive")
 
     def corpus_paths(self) -> list[Path]:
