@@ -114,11 +114,20 @@ def location(path: str | os.PathLike) -> str | Path:
     return Path(text.removeprefix("file://"))
 
 
+def _storage_options(where: str | Path) -> dict[str, Any] | None:
+    # A store changes while it is read (training, analysis jobs): never reuse a listing.
+    return None if isinstance(where, Path) else {"use_listings_cache": False}
+
+
+def _open_group(where: str | Path, *, mode: str, **kwargs) -> zarr.Group:
+    return zarr.open_group(str(where), mode=mode, storage_options=_storage_options(where), **kwargs)
+
+
 def _filesystem(where: str):
     """The fsspec filesystem of a URL (configured from the environment) and the path in it."""
     import fsspec
 
-    return fsspec.core.url_to_fs(where)
+    return fsspec.core.url_to_fs(where, **_storage_options(where))
 
 
 def _exists(where: str | Path) -> bool:
@@ -170,7 +179,7 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
                 f"(fingerprint {data['fingerprint']} vs {stored['data']['fingerprint']})"
             )
         return root
-    root = zarr.open_group(str(path), mode="w-")
+    root = _open_group(path, mode="w-")
     _set_attrs(
         root,
         schema_version=SCHEMA_VERSION,
@@ -187,7 +196,7 @@ def _open_root(path: str | Path, *, mode: str) -> zarr.Group:
     if not _exists(path):
         raise StoreError(f"{path}: no such store")
     try:
-        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        root = _open_group(path, mode=mode, zarr_format=3)
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as err:
         raise StoreError(f"{path}: not a zarr store ({err})") from None
     version_ = _attrs(root).get("schema_version")
