@@ -40,9 +40,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of steps, got {text!r}")
-    return int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -59,6 +63,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         stop_after=args.stop_after,
         on_run_end=_print_run_summary,
+        workers=args.workers,
+        scheduler=args.scheduler,
     )
     print(f"trained into {path}")
 
@@ -183,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="stop each run after N steps in this call (continue later with --resume)",
+    )
+    cluster = train.add_mutually_exclusive_group()
+    cluster.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="train runs in parallel on a local dask cluster of N single-threaded worker "
+        "processes (each run uses the spec's torch threads)",
+    )
+    cluster.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="train runs as tasks on a running dask cluster, e.g. tcp://host:8786 "
+        "(dask-jobqueue on Slurm, ...); every worker must reach the store",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)

@@ -85,7 +85,7 @@ def induction_corpus(spec: DataSpec, *, context: int, vocab_size: int) -> np.nda
 def text_files(spec: DataSpec) -> list[Path]:
     """The corpus files, in a stable order: files as given, directories searched by ``glob``."""
     files: list[Path] = []
-    for entry in map(Path, spec.paths):
+    for entry in spec.corpus_paths():
         if not entry.exists():
             raise SpecError(f"data.paths: corpus path {str(entry)!r} does not exist")
         files.extend(sorted(entry.rglob(spec.glob)) if entry.is_dir() else [entry])

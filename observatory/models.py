@@ -297,7 +297,7 @@ def stack_layers(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     groups: dict[str, dict[int, np.ndarray]] = {}
     out: dict[str, np.ndarray] = {}
     for name, tensor in tensors.items():
-        array = tensor.detach().to(torch.float32).numpy()
+        array = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
         stacked, layer = stacked_name(name)
         if layer is None:
             out[name] = array.copy()

@@ -202,7 +202,7 @@ class DataSpec:
     period_min: int = 8  # synthetic: each sequence repeats a random block of this many ...
     period_max: int = 32  # ... to this many tokens, drawn per sequence
     bigram_fraction: float = 0.0  # synthetic: fraction of sequences from a Markov-bigram chain
-    paths: tuple[str, ...] = ()  # text: files or directories
+    paths: tuple[str, ...] = ()  # text: files or directories; "{stdlib}" is Python's stdlib
     glob: str = "*.py"  # text: which files of a directory to read
     max_bytes: int = 8_000_000  # text: read at most this many bytes
 
@@ -217,9 +217,16 @@ class DataSpec:
             _require(not self.paths, f"{where}.paths: only for source = 'text'")
         else:
             _require(len(self.paths) > 0, f"{where}.paths: source = 'text' needs corpus paths")
-            for p in self.paths:
-                _require(Path(p).exists(), f"{where}.paths: corpus path {p!r} does not exist")
+            for p in self.corpus_paths():
+                _require(p.exists(), f"{where}.paths: corpus path {str(p)!r} does not exist")
             _require(self.max_bytes > 0, f"{where}.max_bytes: must be positive")
+
+    def corpus_paths(self) -> list[Path]:
+        """``paths`` with ``{stdlib}`` replaced by this interpreter's standard library."""
+        import sysconfig
+
+        stdlib = sysconfig.get_paths()["stdlib"]
+        return [Path(p.replace("{stdlib}", stdlib)) for p in self.paths]
 
 
 @dataclass(frozen=True)
@@ -262,12 +269,24 @@ class TrainSpec:
     context: int  # tokens per training sequence
     # CPU float reductions depend on the thread count, so it is part of the recipe.
     threads: int = 2
+    # Weights are bit-identical across runs on the same device type, not across types.
+    device: Literal["cpu", "cuda"] = "cpu"
 
     def validate(self, where: str) -> None:
         for key in ("steps", "batch_size", "threads"):
             _require(getattr(self, key) > 0, f"{where}.{key}: must be positive")
         # a model learns from predicting token k + 1 from tokens ..k: one token predicts nothing
         _require(self.context >= 2, f"{where}.context: must be at least 2")
+
+    def require_device(self, where: str = "train.device") -> None:
+        """Fail with one line if this machine cannot train on ``device`` (checked at training
+        time, not on load: a store trained on a GPU stays readable without one)."""
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise SpecError(
+                f"{where}: 'cuda' but no CUDA device is available here (torch {torch.__version__})"
+            )
 
     @property
     def tokens_per_step(self) -> int:

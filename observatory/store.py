@@ -24,6 +24,13 @@ length (every scheduled checkpoint, every step) and filled as checkpoints are co
 those markers cover, so a crash never exposes a half-written checkpoint, and every chunk inside
 them exists (a missing one is damage: see :class:`_CheckedStore`).  A run's attrs are written
 after its arrays: a run without them was interrupted while being created and is not listed.
+
+A store lives at a local path or at any fsspec URL (``s3://``, ``gs://``, ... read-write;
+``http(s)://`` read-only); credentials and endpoints come from the environment and fsspec's
+configuration, never from the store.  Every file is written whole (a rename on disk, one PUT
+on an object store) and the markers last, so the commit protocol needs no atomic directory
+operation: on a store with read-after-write consistency (S3), a reader that sees the markers
+sees every object they cover.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from dask.base import tokenize
 from xarray.backends import BackendArray
 from xarray.core import indexing
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, parameter_dims
@@ -135,8 +142,11 @@ class _CheckedStore(WrapperStore):
         return str(self._store)
 
 
-def _checked_store(path: Path) -> _CheckedStore:
-    return _CheckedStore(LocalStore(path, read_only=True))
+def _checked_store(where: str | Path) -> _CheckedStore:
+    if isinstance(where, Path):
+        return _CheckedStore(LocalStore(where, read_only=True))
+    base = FsspecStore.from_url(where, storage_options=_storage_options(where), read_only=True)
+    return _CheckedStore(base)
 
 
 def _checked(array: zarr.Array) -> zarr.Array:
@@ -179,6 +189,51 @@ def _missing_chunk(array: zarr.Array, key: str, steps: Callable | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Where a store lives: a local directory or an fsspec URL.
+
+READ_ONLY_PROTOCOLS = ("http", "https")
+
+
+def location(path: str | os.PathLike) -> str | Path:
+    """A store location: a local :class:`~pathlib.Path`, or a URL for fsspec (``s3://...``).
+
+    URLs stay strings (a ``Path`` would fold ``//``); ``file://`` URLs become paths.
+    """
+    text = os.fspath(path)
+    if "://" in text and not text.startswith("file://"):
+        return text.rstrip("/")
+    return Path(text.removeprefix("file://"))
+
+
+def _storage_options(where: str | Path) -> dict[str, Any] | None:
+    # A store changes while it is read (training, analysis jobs): never reuse a listing.
+    return None if isinstance(where, Path) else {"use_listings_cache": False}
+
+
+def _open_group(where: str | Path, *, mode: str, **kwargs) -> zarr.Group:
+    return zarr.open_group(str(where), mode=mode, storage_options=_storage_options(where), **kwargs)
+
+
+def _filesystem(where: str):
+    """The fsspec filesystem of a URL (configured from the environment) and the path in it."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(where, **_storage_options(where))
+
+
+def _exists(where: str | Path) -> bool:
+    if isinstance(where, Path):
+        return where.exists()
+    fs, path = _filesystem(where)
+    return fs.exists(f"{path}/zarr.json")  # object stores have no directories
+
+
+def _require_writable(where: str | Path) -> None:
+    if isinstance(where, str) and where.partition("://")[0] in READ_ONLY_PROTOCOLS:
+        raise StoreError(f"{where}: http(s) stores are read-only")
+
+
+# --------------------------------------------------------------------------------------------
 # Family level: create / open.
 
 
@@ -188,7 +243,7 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
     Parameters
     ----------
     path
-        Store directory (``*.zarr``).
+        Store directory (``*.zarr``) or URL (``s3://bucket/family.zarr``).
     spec
         The family's run spec, stored in the root attributes.
     data
@@ -199,8 +254,9 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
     StoreError
         If the path holds something else, or a store created by a different spec or corpus.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
+    path = location(path)
+    _require_writable(path)
+    if isinstance(path, Path) and path.exists() and not path.is_dir():
         raise StoreError(f"{path}: is a file, not a store; use another --store")
     attrs = {
         "schema_version": SCHEMA_VERSION,
@@ -208,17 +264,23 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
         "versions": library_versions(),
         "data": data,
     }
-    if not path.exists():
+    if not _exists(path):
         try:  # the attributes are part of the group's one metadata document: no torn store
-            return zarr.create_group(path, attributes={ATTRS_KEY: attrs}, zarr_format=3)
+            return zarr.create_group(
+                str(path),
+                attributes={ATTRS_KEY: attrs},
+                zarr_format=3,
+                storage_options=_storage_options(path),
+            )
         except zarr.errors.ContainsGroupError:
             pass  # another process created it just now: check it as any existing store
     root = _open_root(path, mode="r+")
     stored = _attrs(root)
-    if stored["spec"] != spec.to_dict() and not any(True for _ in root.groups()):
+    same_spec = spec_from_dict(stored["spec"]) == spec  # keys added since take their defaults
+    if not same_spec and not any(True for _ in root.groups()):
         _set_attrs(root, **attrs)  # nothing trained yet (e.g. an earlier spec failed to build)
         return root
-    if stored["spec"] != spec.to_dict():
+    if not same_spec:
         raise StoreError(
             f"{path}: this store was created by a different spec "
             f"(name {stored['spec'].get('name')!r}); use another --store"
@@ -231,13 +293,17 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
     return root
 
 
-def _open_root(path: Path, *, mode: str) -> zarr.Group:
-    if not path.exists():
+def _open_root(path: str | Path, *, mode: str) -> zarr.Group:
+    if mode != "r":
+        _require_writable(path)
+    if not _exists(path):
         raise StoreError(f"{path}: no such store")
     # Readers see a missing chunk as an error; writers must see it as "not written yet".
-    store = _checked_store(path) if mode == "r" else path
     try:
-        root = zarr.open_group(store, mode=mode, zarr_format=3)
+        if mode == "r":
+            root = zarr.open_group(_checked_store(path), mode=mode, zarr_format=3)
+        else:
+            root = _open_group(path, mode=mode, zarr_format=3)
     except json.JSONDecodeError as err:
         raise StoreError(f"{path}/zarr.json: metadata is not valid JSON ({err})") from None
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as err:
@@ -588,6 +654,13 @@ class RunWriter:
     def complete(self) -> bool:
         return bool(_attrs(self._group)["complete"])
 
+    def record_device(self, device: dict[str, str]) -> None:
+        """Add the device this call trains on (type, name, CUDA and cuDNN versions) to the
+        run's ``devices``: a resumed run lists every device it was trained on."""
+        devices = _attrs(self._group).get("devices", [])
+        if device not in devices:
+            _set_attrs(self._group, devices=[*devices, device])
+
     def truncate(self, n_checkpoints: int, n_steps: int) -> None:
         """Move the markers back to the given counts before resuming.
 
@@ -810,7 +883,9 @@ class FamilyStore:
     Parameters
     ----------
     path
-        The store directory.
+        The store directory or URL (see :func:`location`).
+    mode
+        ``"r"`` to read, ``"r+"`` to add analysis results.
 
     Raises
     ------
@@ -818,8 +893,8 @@ class FamilyStore:
         If the store is missing or is not an observatory store.
     """
 
-    def __init__(self, path: str | Path, *, mode: str = "r"):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, *, mode: str = "r"):
+        self.path = location(path)
         self.root = _open_root(self.path, mode=mode)
         self.attrs = _attrs(self.root)
         self.spec = _parse_spec(json.dumps(self.attrs["spec"], sort_keys=True))
@@ -869,9 +944,29 @@ class FamilyStore:
         return _attrs(_node(self.root, size, self.path))
 
     def disk_bytes(self, subpath: str = "") -> int:
-        """Bytes on disk under the store (or one of its groups)."""
-        base = self.path / subpath
-        return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+        """Bytes stored under the store (or one of its groups)."""
+        if isinstance(self.path, Path):
+            base = self.path / subpath
+            return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+        fs, root = _filesystem(self.path)
+        return int(fs.du(f"{root}/{subpath}".rstrip("/"), total=True))
+
+    def object_version(self, key: str) -> Any:
+        """What changes when the file or object ``key`` of the store is replaced (``None``
+        if absent): inode and mtime on disk, the ETag (or modification time) of an object."""
+        if isinstance(self.path, Path):
+            try:
+                stat = (self.path / key).stat()
+            except FileNotFoundError:
+                return None
+            return stat.st_ino, stat.st_mtime_ns
+        fs, root = _filesystem(self.path)
+        fs.invalidate_cache(f"{root}/{key}")
+        try:
+            info = fs.info(f"{root}/{key}")
+        except FileNotFoundError:
+            return None
+        return info.get("ETag") or info.get("LastModified") or info.get("mtime"), info["size"]
 
 
 def _node(parent: zarr.Group, path: str, where: Path) -> Any:
@@ -1186,9 +1281,10 @@ class RunReader:
         zarr reads a shard with two requests (its index, then the chunks it needs), and the
         writer replaces the partly filled shard that holds the last committed checkpoint at
         every commit.  A read can thus pair one version's index with the next version's bytes,
-        which fails to decode or, rarely, decodes as another chunk.  Shards are replaced by
-        atomic renames, so the read is repeated whenever that shard's file changed under it;
-        shards before it are never rewritten.  Unsharded chunks are read in one request.
+        which fails to decode or, rarely, decodes as another chunk.  Shards are replaced whole
+        (an atomic rename on disk, one PUT on an object store), so the read is repeated
+        whenever that shard's version (inode and mtime, or ETag) changed under it; shards
+        before it are never rewritten.  Unsharded chunks are read in one request.
         """
         self._check_length(array)
         checkpoint_dim = array.metadata.dimension_names[0] == "step"
@@ -1196,20 +1292,19 @@ class RunReader:
         if array.shards is None:
             return _read(array, selection, steps)
         last = max(self.n_checkpoints - 1, 0) // array.shards[0]
-        shard = (
-            self.family.path
-            / array.path
-            / array.metadata.encode_chunk_key((last,) + (0,) * (array.ndim - 1))
+        shard = f"{array.path}/" + array.metadata.encode_chunk_key(
+            (last,) + (0,) * (array.ndim - 1)
         )
+        version = self.family.object_version
         for attempt in range(READ_ATTEMPTS):
-            before = _file_version(shard)
+            before = version(shard)
             try:
                 values = _read(array, selection, steps)
             except StoreError:  # e.g. blosc failing on bytes from another version of the shard
-                if attempt == READ_ATTEMPTS - 1 or _file_version(shard) == before:
+                if attempt == READ_ATTEMPTS - 1 or version(shard) == before:
                     raise
                 continue
-            if _file_version(shard) == before:
+            if version(shard) == before:
                 return values
         raise StoreError(f"{array.path}: its last shard kept changing while it was read")
 
@@ -1219,14 +1314,6 @@ def _shown(steps: np.ndarray) -> str:
     if len(steps) > 6:
         shown += f", ..., {steps[-1]}"
     return shown or "none"
-
-
-def _file_version(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns
 
 
 class AnalysisWriter:

@@ -1,9 +1,10 @@
 """Deterministic training of a model family, with dense checkpoints in one zarr store.
 
-Reads top to bottom: :func:`train_family` loops over runs (size x seed pair) and
-:func:`train_run` is the training loop of one run.  Everything a run does is a function of the
-spec and its two seeds, so the same spec gives bit-identical weights on CPU, and a resumed run
-continues exactly where the interrupted one stopped.
+Reads top to bottom: :func:`train_family` loops over runs (size x seed pair), one after another
+or as one task per run on dask.distributed, and :func:`train_run` is the training loop of one
+run.  Everything a run does is a function of the spec and its two seeds, so the same spec gives
+bit-identical weights on one device type, and a resumed run continues exactly where the
+interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +33,7 @@ from observatory.data import (
     build_corpus,
     data_order_fingerprint,
 )
-from observatory.errors import SpecError, StoreError
+from observatory.errors import ObservatoryError, SpecError, StoreError
 from observatory.models import (
     build_config,
     build_model,
@@ -43,10 +45,12 @@ from observatory.spec import RunId, RunSpec, SizeSpec
 from observatory.store import (
     MAX_BUFFER_BYTES,
     Checkpoint,
+    FamilyStore,
     RunLock,
     RunWriter,
     StepRecord,
     create_family,
+    location,
     write_size_attrs,
 )
 
@@ -74,15 +78,21 @@ def train_family(
     progress: bool = True,
     stop_after: int | None = None,
     on_run_end: Callable[[RunSummary], None] | None = None,
-) -> Path:
+    workers: int | None = None,
+    scheduler: str | None = None,
+) -> str | Path:
     """Train every run of the family (or the selected seeds/sizes) into one store.
+
+    Runs train one after another in this process, or, with ``workers`` or ``scheduler``, as
+    one dask.distributed task per run: this process creates the family's metadata, and each
+    run is written by the one worker process that trains it.
 
     Parameters
     ----------
     spec
         The family's run spec.
     store
-        Store path; defaults to ``spec.default_store``.
+        Store path or URL (``s3://bucket/family.zarr``); defaults to ``spec.default_store``.
     seeds
         Seed indices to train (default: all).
     sizes
@@ -91,22 +101,28 @@ def train_family(
         Continue unfinished runs from their last committed checkpoint and skip finished ones.
         Without it, a run that already has data in the store is an error.
     progress
-        Show a progress bar per run.
+        Show a progress bar per run (on a cluster: one bar over the runs).
     stop_after
         Stop every run after this many steps in this call, leaving it unfinished (for tests and
         for splitting long trainings; the run resumes later with ``resume=True``).
     on_run_end
         Called with each run's :class:`RunSummary` when the run stops.
+    workers
+        Train on a local dask cluster of this many single-threaded worker processes.
+    scheduler
+        Train on the running dask cluster at this address (``tcp://host:8786``).
 
     Returns
     -------
-    pathlib.Path
-        The store path.
+    pathlib.Path or str
+        The store path, or its URL.
     """
-    path = Path(store or spec.default_store)
+    path = location(store or spec.default_store)
     # Everything that can be checked is checked before the store is touched.
     runs = select_runs(spec, seeds=seeds, sizes=sizes)
     check_budget(spec, runs, path)
+    if workers is None and scheduler is None:
+        spec.train.require_device()  # on a cluster, each worker checks its own
     corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
     root = create_family(
         path,
@@ -118,14 +134,31 @@ def train_family(
             "order_rule": DATA_ORDER_RULE,
         },
     )
-    for run in runs:
-        size = spec.size(run.size)
+    for name in dict.fromkeys(run.size for run in runs):
+        size = spec.size(name)
         write_size_attrs(root, size, hf_config=build_config(spec.model, size).to_dict())
-        summary = train_run(
-            spec, run, root, corpus, resume=resume, progress=progress, stop_after=stop_after
-        )
-        if on_run_end is not None:
+    on_run_end = on_run_end or (lambda summary: None)
+    if workers is None and scheduler is None:
+        for run in runs:
+            summary = train_run(
+                spec, run, root, corpus, resume=resume, progress=progress, stop_after=stop_after
+            )
             on_run_end(summary)
+        return path
+    from observatory.cluster import dask_client
+
+    with dask_client(scheduler=scheduler, workers=workers or 0) as client:
+        _train_on_cluster(
+            client,
+            spec,
+            str(path),
+            runs,
+            corpus,
+            resume=resume,
+            progress=progress,
+            stop_after=stop_after,
+            on_run_end=on_run_end,
+        )
     return path
 
 
@@ -149,7 +182,7 @@ def select_runs(
     ]
 
 
-def check_budget(spec: RunSpec, runs: list[RunId], path: Path) -> None:
+def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
     """Refuse, before allocating anything, a spec that cannot fit this machine.
 
     Estimates the memory a run needs (parameters, gradients and AdamW state; the checkpoints
@@ -197,6 +230,8 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: Path) -> None:
             f"needs ~{_human(sum(memory.values()))} of memory, ~{_human(memory[largest])} of it "
             f"for {largest}; this machine has {_human(available)} available"
         )
+    if not isinstance(path, Path):  # an object store: no free space to ask for
+        return
     free = shutil.disk_usage(_existing_parent(path)).free
     if disk > free:
         raise SpecError(
@@ -252,6 +287,50 @@ def _human(n: float) -> str:
     raise AssertionError  # unreachable
 
 
+def _train_on_cluster(
+    client, spec, store, runs, corpus, *, resume, progress, stop_after, on_run_end
+) -> None:
+    """One task per run; report each run as it ends, and every failed run at the end."""
+    from distributed import as_completed
+
+    shared_corpus = client.scatter(corpus, broadcast=True)  # workers need not have the files
+    futures = {
+        client.submit(
+            _train_task,
+            spec,
+            store,
+            run,
+            shared_corpus,
+            resume=resume,
+            stop_after=stop_after,
+            key=f"train-{run.path}",
+            pure=False,
+        ): run
+        for run in runs
+    }
+    failed = []
+    with tqdm(total=len(runs), unit="run", desc="train", disable=not progress) as bar:
+        for future in as_completed(futures):
+            try:
+                summary = future.result()
+            except ObservatoryError as err:
+                failed.append(str(err))
+            except Exception as err:  # e.g. KilledWorker: the run is left resumable
+                failed.append(f"{futures[future].path}: {type(err).__name__}: {err}")
+            else:
+                with tqdm.external_write_mode():
+                    on_run_end(summary)
+            bar.update(1)
+    if failed:
+        raise StoreError(f"{len(failed)} of {len(runs)} runs failed: {'; '.join(failed)}")
+
+
+def _train_task(spec, store, run, corpus, *, resume, stop_after) -> RunSummary:
+    """Train one run on a dask worker, into the store the client created."""
+    root = FamilyStore(store, mode="r+").root
+    return train_run(spec, run, root, corpus, resume=resume, progress=False, stop_after=stop_after)
+
+
 def train_run(
     spec: RunSpec,
     run: RunId,
@@ -273,6 +352,8 @@ def train_run(
     RunSummary
         Steps, checkpoints and time of this call.
     """
+    spec.train.require_device()
+    device = _setup_device(spec.train.device)
     # One writer per run: a second one gets a one-line error.
     with recipe(spec.train.threads), RunLock(root, run):
         return _train(
@@ -284,6 +365,7 @@ def train_run(
             progress=progress,
             stop_after=stop_after,
             on_batch=on_batch,
+            device=device,
         )
 
 
@@ -314,19 +396,44 @@ def recipe_record(spec: RunSpec) -> dict[str, str | int]:
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "threads": spec.train.threads,
-        "device": "cpu",
+        "device": spec.train.device,
         # the SIMD kernels torch dispatches to (e.g. AVX2 vs AVX512) round differently
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
-def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -> RunSummary:
+def _setup_device(device: str) -> dict[str, str]:
+    """Make training on ``device`` deterministic; what to record about it with the run.
+
+    Weights are bit-identical from run to run on one device type (CPU with the spec's thread
+    count; CUDA with deterministic kernels), not from one device type to another.
+    """
+    if device == "cpu":
+        return {"type": "cpu", "name": platform.processor() or platform.machine()}
+    # cuBLAS needs a fixed workspace to reduce deterministically; TF32 would round differently.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return {
+        "type": "cuda",
+        "name": torch.cuda.get_device_name(),
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()),
+    }
+
+
+def _train(
+    spec, run, root, corpus, *, resume, progress, stop_after, on_batch, device
+) -> RunSummary:
     size = spec.size(run.size)
     total_steps, batch_size = spec.train.steps, spec.train.batch_size
     tokens_per_step = spec.train.tokens_per_step
     schedule = spec.checkpoints.steps(total_steps)
     keyframes = spec.checkpoints.keyframes(total_steps)
-    model = build_model(spec.model, size, init_seed=run.init_seed)
+    # Initialised on the CPU, so the initial weights are the same on every device.
+    model = build_model(spec.model, size, init_seed=run.init_seed).to(spec.train.device)
     model.train()
     optimizer = spec.optimizer.build(model)
     writer = RunWriter(
@@ -343,6 +450,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
             data_seed=run.data_seed, dataset_size=len(corpus)
         ),
     )
+    writer.record_device(device)
     n_ckpt, n_steps = writer.committed
     if writer.complete:
         if not resume:
@@ -404,6 +512,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
             tokens = corpus.batch(indices)  # [batch, context]
             if on_batch is not None:
                 on_batch(step, tokens)
+            tokens = tokens.to(spec.train.device)
 
             lr = spec.optimizer.lr_at(step, total_steps)
             loss, grad_norm = train_step(
@@ -522,7 +631,7 @@ def restore(model, optimizer, checkpoint: Checkpoint) -> None:
             optimizer.state[p] = {
                 # AdamW keeps its step count as a float32 tensor
                 "step": torch.tensor(float(checkpoint.step), dtype=torch.float32),
-                "exp_avg": moments["exp_avg"][name].clone(),
-                "exp_avg_sq": moments["exp_avg_sq"][name].clone(),
+                "exp_avg": moments["exp_avg"][name].to(p.device, copy=True),
+                "exp_avg_sq": moments["exp_avg_sq"][name].to(p.device, copy=True),
             }
     torch.set_rng_state(torch.from_numpy(np.array(checkpoint.rng_state, dtype=np.uint8)))

@@ -18,14 +18,13 @@ written.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from observatory.cluster import dask_client
 from observatory.data import batch_indices
 from observatory.errors import StoreError
 from observatory.spec import RunId
@@ -235,7 +234,7 @@ def _replay_all(
     if not tasks:
         return
     total = sum(end - start for _, segments in tasks for start, end in segments)
-    with _client(scheduler, workers) as client:
+    with dask_client(scheduler=scheduler, workers=workers or 0) as client:
         futures = {
             client.submit(replay_segments, str(path), run.size, run.seed, segments, pure=False): (
                 run,
@@ -252,30 +251,6 @@ def _replay_all(
                     compared, failure = 0, str(err)
                 bar.update(sum(end - start for start, end in segments))
                 yield run, compared, failure
-
-
-@contextmanager
-def _client(scheduler: str | None, workers: int | None):
-    """A dask client on ``scheduler``, or on a local cluster of single-threaded processes."""
-    from distributed import Client, LocalCluster
-
-    from observatory.analysis.jobs import default_workers
-
-    if scheduler is not None:
-        with Client(scheduler) as client:
-            yield client
-        return
-    with (
-        LocalCluster(
-            n_workers=workers or default_workers(),
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.CRITICAL,  # failures reach the user once, in the table
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
 
 
 def format_verdicts(verdicts: list[RunVerdict]) -> str:

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import http.server
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from observatory.spec import RunSpec, load_run_spec
@@ -78,3 +91,155 @@ def trained_tiny(tmp_path_factory) -> tuple[RunSpec, Path]:
     spec = load_run_spec(write_spec(directory))
     store = train_family(spec, store=directory / "tiny.zarr", progress=False)
     return spec, store
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def dask_processes(n_workers: int, *, nanny: bool = True) -> Iterator[str]:
+    """A ``dask scheduler`` and ``n_workers`` single-threaded ``dask worker`` processes on
+    loopback, stopped on exit; yields the scheduler address."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+            + ["--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            **quiet,
+        )
+    ]
+    worker = [sys.executable, "-m", "distributed.cli.dask_worker", address]
+    worker += ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+    worker += [] if nanny else ["--no-nanny"]
+    procs += [subprocess.Popen(worker, **quiet) for _ in range(n_workers)]
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # wait until every worker has joined
+            try:
+                with Client(address, timeout=5) as client:
+                    if len(client.scheduler_info()["workers"]) == n_workers:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "dask scheduler/workers did not start"
+            time.sleep(0.5)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def store_arrays(path) -> dict[str, np.ndarray]:
+    """Every array of a zarr store by its path, read whole."""
+    import zarr
+
+    root = zarr.open_group(path, mode="r")
+    members = root.members(max_depth=None)
+    return {name: node[...] for name, node in members if isinstance(node, zarr.Array)}
+
+
+def assert_stores_identical(a, b) -> None:
+    """Same arrays, shapes, dtypes and bits in two stores."""
+    left, right = store_arrays(a), store_arrays(b)
+    assert sorted(left) == sorted(right)
+    for name, values in left.items():
+        assert values.dtype == right[name].dtype, name
+        assert values.shape == right[name].shape, name
+        assert values.tobytes() == right[name].tobytes(), name
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """An S3 bucket on a moto server on loopback; fsspec in this process and in child processes
+    (through the environment) points at it.  Yields the bucket's URL."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "observatory-test-key",
+        "AWS_SECRET_ACCESS_KEY": "observatory-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    saved_env = {key: os.environ.get(key) for key in env}
+    saved_conf = copy.deepcopy(fsspec.config.conf)
+    os.environ.update(env)
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = env["FSSPEC_S3_ENDPOINT_URL"]
+    try:
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("observatory-test")
+        yield "s3://observatory-test"
+    finally:
+        server.stop()
+        fsspec.config.conf.clear()
+        fsspec.config.conf.update(saved_conf)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that answers Range requests (as object stores and CDNs do) and
+    logs ``(path, bytes sent)`` of every GET into ``served``."""
+
+    served: list[tuple[str, int]]
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path = self.translate_path(self.path)
+        spec = self.headers.get("Range", "")
+        if not spec.startswith("bytes=") or not os.path.isfile(path):
+            size = os.path.getsize(path) if os.path.isfile(path) else 0
+            self.served.append((self.path, size))
+            return super().do_GET()
+        data = Path(path).read_bytes()
+        first, _, last = spec.removeprefix("bytes=").partition("-")
+        if not first:  # the last N bytes
+            start, stop = max(len(data) - int(last), 0), len(data)
+        else:
+            start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
+        body = data[start:stop]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.served.append((self.path, len(body)))
+
+
+@contextmanager
+def http_server(directory: Path) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """Serve ``directory`` read-only on loopback; yields its URL and the log of GETs."""
+    served: list[tuple[str, int]] = []
+    handler = type("Handler", (RangeRequestHandler,), {"served": served})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(directory))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

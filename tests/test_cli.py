@@ -22,8 +22,8 @@ def one_line_error(capsys) -> str:
     [
         (["--seeds", "3-1"], "the range '3-1' is empty"),
         (["--seeds", "0-x"], "expected seeds like 0-2 or 0,3"),
-        (["--stop-after", "-3"], "expected a positive number of steps, got '-3'"),
-        (["--stop-after", "0"], "expected a positive number of steps"),
+        (["--stop-after", "-3"], "expected a positive number, got '-3'"),
+        (["--stop-after", "0"], "expected a positive number"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )

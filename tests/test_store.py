@@ -444,3 +444,135 @@ def test_a_run_whose_creation_was_interrupted_is_invisible_then_recreated(tiny_s
     writer, _ = make_writer(tiny_spec, tmp_path / "s.zarr")
     assert writer.committed == (0, 0)
     assert FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).n_checkpoints == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Stores at URLs: S3 (a moto server on loopback) and plain HTTP, read-only.
+
+S3_JOB = """\
+store = "{store}"
+analyses = ["head_scores", "icl"]
+
+[probe]
+n_sequences = 3
+
+[held_out]
+n_sequences = 6
+
+[execution]
+workers = 1
+block_size = 8
+"""
+
+
+def _analyse(store, directory):
+    from observatory.jobs import load_analysis_spec, run_analysis
+
+    job = directory / f"job{len(list(directory.glob('job*')))}.toml"
+    job.write_text(S3_JOB.format(store=store))
+    return run_analysis(load_analysis_spec(job), progress=False)
+
+
+@pytest.mark.slow
+def test_a_family_in_s3_trains_analyses_and_reads_back_as_on_local_disk(
+    tiny_spec, s3_bucket, tmp_path, capsys
+):
+    import xarray as xr
+
+    from observatory import open_family
+    from observatory.cli import main
+    from observatory.trainer import train_family
+
+    url = f"{s3_bucket}/family.zarr"
+    assert train_family(tiny_spec, store=url, progress=False) == url
+    local = train_family(tiny_spec, store=tmp_path / "local.zarr", progress=False)
+    assert _analyse(url, tmp_path).computed == _analyse(local, tmp_path).computed > 0
+    from_s3, from_disk = open_family(url, size="l2-d16"), open_family(local, size="l2-d16")
+    xr.testing.assert_equal(from_s3, from_disk)  # every variable, analyses included
+    assert "induction_score" in from_s3
+    assert main(["inspect", url]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(url) and "complete" in shown
+    assert "observatory-test-secret" not in shown  # credentials are never printed ...
+    fs, path = store_module._filesystem(url)
+    stored = b"".join(fs.cat(f) for f in fs.find(path) if f.endswith("zarr.json"))
+    assert b"observatory-test-secret" not in stored and b"test-key" not in stored  # ... nor stored
+
+
+def _committed_snapshot(url):
+    """Every committed checkpoint of seed 0 that a reader can see now: {step: weights}."""
+    from observatory.store import FamilyStore
+
+    try:
+        reader = FamilyStore(url).run("l2-d16", 0)
+    except StoreError:
+        return {}  # not created yet
+    steps = [int(s) for s in reader.steps()]
+    if not steps:
+        return {}
+    params = reader.parameters_for(steps)
+    return {step: {k: v[i] for k, v in params.items()} for i, step in enumerate(steps)}
+
+
+@pytest.mark.slow
+def test_a_reader_polling_s3_during_training_never_sees_a_partial_checkpoint(s3_bucket, tmp_path):
+    import threading
+
+    from observatory.spec import load_run_spec
+    from observatory.store import FamilyStore
+    from observatory.trainer import train_family
+    from tests.conftest import TINY_TOML, write_spec
+
+    text = TINY_TOML.replace("init = [0, 1]\ndata = [5, 6]", "init = [0]\ndata = [5]")
+    spec = load_run_spec(write_spec(tmp_path, text.replace("every = 5", "every = 2")))
+    url = f"{s3_bucket}/polled.zarr"
+    training = threading.Thread(
+        target=train_family, args=(spec,), kwargs={"store": url, "progress": False}
+    )
+    training.start()
+    seen = []
+    while training.is_alive():
+        seen.append(_committed_snapshot(url))
+    training.join()
+    final = FamilyStore(url).run("l2-d16", 0)
+    assert final.complete
+    done = _committed_snapshot(url)
+    sizes = sorted({len(snapshot) for snapshot in seen})
+    assert len(sizes) >= 3, f"the reader saw too few commits ({sizes})"
+    for snapshot in seen:  # what a reader saw is what the finished store holds, bit for bit
+        for step, params in snapshot.items():
+            for name, values in params.items():
+                assert values.tobytes() == done[step][name].tobytes(), (step, name)
+
+
+def test_a_store_served_over_http_reads_lazily_and_is_read_only(trained_tiny, tmp_path, capsys):
+    import xarray as xr
+
+    from observatory import open_family
+    from observatory.cli import main
+    from observatory.store import FamilyStore, create_family
+    from tests.conftest import http_server
+
+    spec, local = trained_tiny
+    with http_server(local.parent) as (base, served):
+        url = f"{base}/{local.name}"
+        assert main(["inspect", url]) == 0
+        assert "seed1" in capsys.readouterr().out
+        remote = open_family(url, size="l2-d16")
+        xr.testing.assert_equal(remote, open_family(local, size="l2-d16"))
+
+        served.clear()
+        head = remote["W_Q"].sel(layer=1, head=0).values  # every seed and checkpoint
+        assert head.shape[:2] == (2, len(remote["step"]))
+        qkv = "gpt_neox.layers.attention.query_key_value.weight"
+        data = [(path, n) for path, n in served if not path.endswith("zarr.json")]
+        assert data and all(f"/{qkv}/c/" in path for path, _ in data), data
+        files = {path for path, _ in data}
+        total = sum((local.parent / path.lstrip("/")).stat().st_size for path in files)
+        # two of the 12 inner chunks of each shard (W_Q and its index), never whole files
+        assert sum(n for _, n in data) < total / 4
+
+        with pytest.raises(StoreError, match="read-only"):
+            FamilyStore(url, mode="r+")
+        with pytest.raises(StoreError, match="read-only"):
+            create_family(url, spec, data={"fingerprint": "x"})

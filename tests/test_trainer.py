@@ -14,7 +14,7 @@ from observatory.errors import StoreError
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, create_family
 from observatory.trainer import train_family, train_run
-from tests.conftest import TINY_TOML, write_spec
+from tests.conftest import TINY_TOML, assert_stores_identical, dask_processes, write_spec
 
 
 def final_params(store, seed=0):
@@ -424,3 +424,119 @@ def test_a_signal_right_after_start_resumes_to_bit_identical_results(tiny_spec_p
     spec = load_run_spec(tiny_spec_path)
     clean = train_family(spec, store=tmp_path / "clean.zarr", seeds=[0], progress=False)
     assert_bit_identical(final_params(store)[1], final_params(clean)[1])
+
+
+FAMILY_TOML = TINY_TOML.replace(
+    "init = [0, 1]\ndata = [5, 6]", "init = [0, 1, 2, 3]\ndata = [5, 6, 7, 8]"
+)
+
+
+def test_local_workers_train_the_same_store_as_one_process(trained_tiny, tmp_path):
+    from observatory.errors import StoreError
+
+    spec, sequential = trained_tiny
+    store = tmp_path / "parallel.zarr"
+    summaries = []
+    train_family(spec, store=store, workers=2, progress=False, on_run_end=summaries.append)
+    assert sorted(s.run for s in summaries) == ["l2-d16/seed0", "l2-d16/seed1"]
+    assert all(s.steps == spec.train.steps for s in summaries)
+    assert_stores_identical(sequential, store)
+    with pytest.raises(StoreError, match="2 of 2 runs failed: .*already trained"):
+        train_family(spec, store=store, workers=2, progress=False)
+
+
+def _cli_train(spec_path, store, *args, wait=True):
+    command = [sys.executable, "-m", "observatory.cli", "train", str(spec_path)]
+    command += ["--store", str(store), "--no-progress", *args]
+    if wait:
+        return subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _running_checkpoints(store, run_path) -> int:
+    """Committed checkpoints of a run that is still training (0 if absent or complete)."""
+    try:
+        run = FamilyStore(store).run(*run_path.split("/seed"))
+    except Exception:
+        return 0
+    return 0 if run.complete else run.n_checkpoints
+
+
+def _kill_a_worker_mid_run(address, store) -> str:
+    """SIGKILL the worker process of a run that has committed checkpoints and is unfinished."""
+    from distributed import Client
+
+    with Client(address, timeout=10) as client:
+        pids = client.run(os.getpid)
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            for worker, keys in client.processing().items():
+                for key in keys:
+                    run_path = str(key).removeprefix("train-")
+                    if _running_checkpoints(store, run_path) >= 2:
+                        os.kill(pids[worker], signal.SIGKILL)
+                        return run_path
+            time.sleep(0.01)
+    raise AssertionError("no run was caught mid-way")
+
+
+@pytest.mark.slow
+def test_family_on_a_dask_cluster_is_bit_identical_to_sequential_even_after_a_worker_dies(
+    tmp_path,
+):
+    spec_path = write_spec(tmp_path, FAMILY_TOML.replace("steps = 24", "steps = 40"))
+    sequential = train_family(load_run_spec(spec_path), store=tmp_path / "seq.zarr", progress=False)
+    killed = tmp_path / "killed.zarr"
+    with dask_processes(2, nanny=False) as address:
+        done = _cli_train(spec_path, tmp_path / "dask.zarr", "--scheduler", address)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count(" steps in ") == 4  # a line per run
+        assert_stores_identical(sequential, tmp_path / "dask.zarr")
+
+        proc = _cli_train(spec_path, killed, "--scheduler", address, wait=False)
+        try:
+            victim = _kill_a_worker_mid_run(address, killed)
+        finally:
+            _, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 2, err
+        assert victim in err and "--resume" in err and "Traceback" not in err
+        assert not FamilyStore(killed).run(*victim.split("/seed")).complete
+
+        resumed = _cli_train(spec_path, killed, "--scheduler", address, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+    assert_stores_identical(sequential, killed)
+
+
+def test_the_training_device_is_recorded_with_the_run(trained_tiny):
+    _, store = trained_tiny
+    devices = FamilyStore(store).run("l2-d16", 0).attrs["devices"]
+    assert [d["type"] for d in devices] == ["cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    from observatory.cli import main
+
+    text = TINY_TOML.replace("context = 16\n", 'context = 16\ndevice = "cuda"\n')
+    store = tmp_path / "gpu.zarr"
+    assert main(["train", str(write_spec(tmp_path, text)), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.device: 'cuda' but no CUDA device" in err
+    assert not store.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_is_deterministic_and_records_the_gpu(tmp_path):
+    text = TINY_TOML.replace("context = 16\n", 'context = 16\ndevice = "cuda"\n')
+    spec = load_run_spec(write_spec(tmp_path, text))
+    first = train_family(spec, store=tmp_path / "a.zarr", progress=False)
+    second = train_family(spec, store=tmp_path / "b.zarr", progress=False)
+    assert_stores_identical(first, second)
+    (device,) = FamilyStore(first).run("l2-d16", 0).attrs["devices"]
+    assert device["type"] == "cuda" and device["name"] == torch.cuda.get_device_name()
+    assert device["cuda"] == torch.version.cuda
+    # resuming on the GPU continues exactly, as on the CPU
+    train_family(spec, store=tmp_path / "c.zarr", progress=False, stop_after=9)
+    train_family(spec, store=tmp_path / "c.zarr", progress=False, resume=True)
+    assert_stores_identical(first, tmp_path / "c.zarr")

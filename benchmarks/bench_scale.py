@@ -1,0 +1,159 @@
+"""Scaling out: parallel training on dask workers, a Pythia-14M-shaped size, reads from S3.
+
+Prints three figures, each against a baseline measured in the same process:
+
+1. family wall time with ``--workers 2`` vs one process, one torch thread per run (the demo
+   spec with ``threads = 1``; target >= 1.7x on 2 cores);
+2. for the Pythia-14M-shaped size (``runs/pythia14m.toml``): the trainer-vs-bare-loop speed
+   ratio (the lock-step measurement of ``bench_trainer.py``; target >= 0.95) and the peak
+   RSS of a process that trains it, against the model's training state plus the writer's
+   buffer;
+3. bytes fetched from S3 (a moto server on loopback) to read one head of one layer across all
+   checkpoints, vs to read every checkpoint's weights whole.
+
+    python benchmarks/bench_scale.py [--steps 200] [--runs 2] [--big-steps 100]
+
+Timings on a shared machine are noisy: run it when the machine is otherwise idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import multiprocessing
+import os
+import resource
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from bench_trainer import lockstep_round
+
+from observatory.spec import load_run_spec
+from observatory.store import MAX_BUFFER_BYTES
+from observatory.trainer import train_family
+
+
+def with_train(spec, **changes):
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, **changes))
+
+
+def family_speedup(spec_path: str, steps: int, runs: int, tmp: Path) -> str:
+    """Wall time of a family trained by one process vs by a local cluster of 2 workers."""
+    spec = with_train(load_run_spec(spec_path), steps=steps, threads=1)
+    seeds = list(range(runs))
+    start = time.perf_counter()
+    train_family(spec, store=tmp / "sequential.zarr", seeds=seeds, progress=False)
+    sequential = time.perf_counter() - start
+    start = time.perf_counter()  # cluster start-up included
+    train_family(spec, store=tmp / "workers.zarr", seeds=seeds, workers=2, progress=False)
+    parallel = time.perf_counter() - start
+    return (
+        f"family of {runs} runs x {steps} steps, 1 torch thread per run: one process "
+        f"{sequential:.1f} s, --workers 2 {parallel:.1f} s -> speed-up "
+        f"{sequential / parallel:.2f}x (target >= 1.7x on 2 cores)"
+    )
+
+
+def big_model_round(spec_path: str, steps: int, store: str) -> tuple[float, float, int, int]:
+    """In a fresh process: bare and trainer seconds, peak RSS, and the expected bound."""
+    spec = with_train(load_run_spec(spec_path), steps=steps)
+    corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)
+    corpus_bytes = corpus.tokens.nbytes
+    bare, trainer = lockstep_round(spec, corpus, Path(store))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = spec.model.build(spec.model.sizes[0], init_seed=0)
+    n_params = sum(p.numel() for p in model.parameters())
+    checkpoint = 3 * 4 * n_params  # weights and two AdamW moments, float32
+    slots = max(1, min(spec.store.checkpoints_per_shard, MAX_BUFFER_BYTES // checkpoint))
+    # two models (bare and trainer), each with weights, gradients and two moments
+    state = 2 * 4 * 4 * n_params
+    return bare, trainer, peak, state + slots * checkpoint + corpus_bytes
+
+
+def big_model(spec_path: str, steps: int, tmp: Path) -> list[str]:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        baseline = pool.submit(resource.getrusage, resource.RUSAGE_SELF).result().ru_maxrss
+        bare, trainer, peak, bound = pool.submit(
+            big_model_round, spec_path, steps, str(tmp / "big.zarr")
+        ).result()
+    return [
+        f"{spec_path}, {steps} steps: bare loop {steps / bare:.2f} steps/s, trainer "
+        f"{steps / trainer:.2f} steps/s -> ratio {bare / trainer:.3f} (target >= 0.95)",
+        f"peak RSS of the training process {peak / 2**20:.0f} MiB; bound: interpreter and "
+        f"libraries {baseline * 1024 / 2**20:.0f} MiB + model states, writer buffer and corpus "
+        f"{bound / 2**20:.0f} MiB = {(baseline * 1024 + bound) / 2**20:.0f} MiB",
+    ]
+
+
+def s3_bytes(spec_path: str, steps: int, tmp: Path) -> str:
+    """Bytes fetched from S3 for one head across all checkpoints vs every checkpoint whole."""
+    import fsspec
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    from observatory.query import head_weights
+    from observatory.store import FamilyStore
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = f"http://{host}:{port}"
+    fetched = [0]
+    original = s3fs.S3FileSystem._cat_file
+
+    async def counting(self, path, *args, **kwargs):
+        data = await original(self, path, *args, **kwargs)
+        fetched[0] += len(data)
+        return data
+
+    try:
+        spec = with_train(load_run_spec(spec_path), steps=steps)
+        local = train_family(spec, store=tmp / "s3-source.zarr", seeds=[0], progress=False)
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("bench")
+        fs.put(str(local), "bench/family.zarr", recursive=True)
+        url = "s3://bench/family.zarr"
+        s3fs.S3FileSystem._cat_file = counting
+        size = spec.model.sizes[0]
+        head_weights(url, size=size.name, seed=0, layer=size.n_layers - 1, head=0)
+        one_head = fetched[0]
+        fetched[0] = 0
+        run = FamilyStore(url).run(size.name, 0)
+        run.parameters_for([int(step) for step in run.steps()])  # each array read once
+        whole = fetched[0]
+        n = run.n_checkpoints
+    finally:
+        s3fs.S3FileSystem._cat_file = original
+        server.stop()
+    return (
+        f"S3, {n} checkpoints of {size.name}: W_Q of one head of one layer {one_head / 1e3:.1f} "
+        f"kB fetched vs every checkpoint's weights {whole / 1e3:.1f} kB -> "
+        f"{whole / max(one_head, 1):.0f}x fewer bytes (1 head of {size.n_heads} x "
+        f"{size.n_layers} layers; {math.prod((size.n_heads, size.n_layers))} heads in all)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="runs/induction.toml")
+    parser.add_argument("--steps", type=int, default=200, help="steps per run of the family")
+    parser.add_argument("--runs", type=int, default=2, help="runs in the family")
+    parser.add_argument("--big-spec", default="runs/pythia14m.toml")
+    parser.add_argument("--big-steps", type=int, default=100)
+    args = parser.parse_args()
+    print(f"cores available: {len(os.sched_getaffinity(0))}; load: {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        print(family_speedup(args.spec, args.steps, args.runs, Path(tmp)), flush=True)
+        print("\n".join(big_model(args.big_spec, args.big_steps, Path(tmp))), flush=True)
+        print(s3_bytes(args.spec, args.steps, Path(tmp)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The dask.distributed client that training and analysis jobs run their tasks on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from observatory.errors import ObservatoryError
+
+
+def default_workers() -> int:
+    """The cores this process may use: one single-threaded worker process per core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@contextmanager
+def dask_client(*, scheduler: str | None = None, workers: int = 0) -> Iterator:
+    """A client of an existing scheduler, or of a local cluster started (and stopped) here.
+
+    Parameters
+    ----------
+    scheduler
+        Address of a running dask scheduler (``tcp://host:8786``).  Without it, a
+        ``LocalCluster`` of single-threaded worker processes is started.
+    workers
+        Local cluster size (0: one worker per core); ignored with ``scheduler``.
+
+    Yields
+    ------
+    distributed.Client
+
+    Raises
+    ------
+    ObservatoryError
+        If no scheduler answers at ``scheduler``.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout=30)
+        except (OSError, ValueError) as err:
+            raise ObservatoryError(f"{scheduler}: no dask scheduler answers ({err})") from None
+        with client:
+            yield client
+        return
+    cluster = LocalCluster(
+        n_workers=workers or default_workers(),
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        # A failed task reaches the user once, as the command's error; not as worker logs.
+        silence_logs=logging.CRITICAL,
+    )
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
