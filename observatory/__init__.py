@@ -17,6 +17,7 @@ _LAZY = {
         "observatory.query",
     ),
     "summary": "observatory.analysis.summary",
+    "transformer_lens_at": "observatory.lens",
 }
 
 __all__ = list(_LAZY)
