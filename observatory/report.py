@@ -31,8 +31,9 @@ from observatory.analysis.summary import (
 )
 
 DPI = 120
-# Analyses the report draws on (all of them: figures for each).
-REQUIRED = ("loss", "induction_score", "previous_token_score", "icl_score", "token_loss")
+# Analyses the report draws on (all of them: figures for each). The training loss is drawn
+# where recorded (ingested checkpoints may come without it).
+REQUIRED = ("induction_score", "previous_token_score", "icl_score", "token_loss")
 LOSS_BINS = 60  # log-spaced bins averaging the noisy per-step loss on its log axis
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -141,12 +142,16 @@ def loss_curves(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
     per_step = tokens_per_step(ds)
     figure, axes = _panels(ds.sizes["seed"])
     for i, (ax, seed) in enumerate(zip(axes, ds["seed"].values, strict=True)):
+        row = _row(result, seed)
         loss = ds["loss"].sel(seed=seed).dropna("train_step")
+        if not loss.size:
+            ax.text(0.5, 0.5, "no training loss recorded", ha="center", transform=ax.transAxes)
+            ax.set_title(f"seed {seed}")
+            continue
         loss = loss.sel(train_step=loss["train_step"] > 0)  # log axis
         steps, values = loss["train_step"].values, loss.values
         ax.plot(steps, values, color=_colour(i), alpha=0.25, lw=0.7, label="per step")
         ax.plot(*_log_binned(steps, values), color=_colour(i), lw=1.6, label="log-binned mean")
-        row = _row(result, seed)
         if np.isfinite(row["bump_start_step"]):
             ax.axvspan(
                 row["bump_start_step"],

@@ -16,6 +16,9 @@ Layout (zarr v3, one store per model family)::
             exp_avg/<param>, exp_avg_sq/<param>    AdamW moments, same layout as the params
           analysis/<name>/                         analysis results (written by analysis jobs)
 
+A run ingested from Hugging Face checkpoint folders (``observatory ingest``) has the same layout
+without ``state/`` and ``batch_indices``: its ``origin`` attribute says where it came from.
+
 Checkpoint arrays are sharded along ``step``: one shard file holds ``checkpoints_per_shard``
 checkpoints of an array, split inside into per-layer, per-head chunks so that one head of one
 layer across all checkpoints reads only its own bytes.  Arrays are resized as checkpoints are
@@ -157,6 +160,15 @@ def write_size_attrs(root: zarr.Group, size: SizeSpec, *, hf_config: dict[str, A
     _set_attrs(group, size=size.__dict__, d_head=size.d_head, hf_config=hf_config)
 
 
+def ingested_note(run_attrs: dict[str, Any]) -> str:
+    """``"ingested from <path> (config <hash>), without optimizer state or data order"``."""
+    origin = run_attrs["origin"]
+    return (
+        f"ingested from {origin['path']} (config {origin['config_hash']}), "
+        "without optimizer state or data order"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Writing one run.
 
@@ -169,7 +181,7 @@ class Checkpoint:
     tokens_seen: int
     params: dict[str, np.ndarray]  # stacked HF parameters
     moments: dict[str, dict[str, np.ndarray]]  # "exp_avg"/"exp_avg_sq" -> stacked arrays
-    rng_state: np.ndarray  # uint8
+    rng_state: np.ndarray | None  # uint8; None (and no moments) for an ingested run
 
 
 @dataclass(frozen=True)
@@ -179,7 +191,7 @@ class StepRecord:
     lr: float
     grad_norm: float
     tokens_seen: int  # after this step
-    batch_indices: np.ndarray  # [batch]
+    batch_indices: np.ndarray | None  # [batch]; None for an ingested run (no data order)
 
 
 class RunWriter:
@@ -207,7 +219,12 @@ class RunWriter:
     rng_bytes
         Size of the torch RNG state.
     data_order_fingerprint
-        Fingerprint of the run's data order (checked when the run is reopened).
+        Fingerprint of the run's data order (checked when the run is reopened); None with
+        ``origin``.
+    origin
+        Where an ingested run comes from (stored as its ``origin`` attribute): such a run has
+        weights and, optionally, per-step metrics, but no optimizer state, RNG state or data
+        order, and cannot be resumed.
     """
 
     def __init__(
@@ -220,15 +237,20 @@ class RunWriter:
         d_head: int,
         schedule: tuple[int, ...],
         rng_bytes: int,
-        data_order_fingerprint: str,
+        data_order_fingerprint: str | None,
+        origin: dict[str, Any] | None = None,
     ):
         self.run = run
         self._shard = spec.store.checkpoints_per_shard
         self._commit_seconds = spec.store.commit_seconds
         self._group = root.require_group(run.path)
+        self._state = origin is None  # optimizer state, RNG state and data order
         if not _attrs(self._group):
             self._create_arrays(spec, param_shapes, d_head, schedule, rng_bytes)
-            _set_attrs(self._group, data_order_fingerprint=data_order_fingerprint)
+            _set_attrs(self._group, data_order_fingerprint=data_order_fingerprint, origin=origin)
+        elif _attrs(self._group).get("origin") is not None:
+            note = ingested_note(_attrs(self._group))
+            raise StoreError(f"{run.path}: {note}: it cannot be resumed")
         elif _attrs(self._group).get("data_order_fingerprint") != data_order_fingerprint:
             raise StoreError(f"{run.path}: the data order changed since this run was started")
         self._ckpt_arrays = self._checkpoint_arrays()
@@ -284,25 +306,27 @@ class RunWriter:
 
         for name, shape in param_shapes.items():
             checkpoint_array(group, name, shape, parameter_dims(name), per_head=True)
-        state = group.require_group(STATE_GROUP)
-        for moment in MOMENTS:
-            moments = state.require_group(moment)
-            for name, shape in param_shapes.items():
-                checkpoint_array(moments, name, shape, parameter_dims(name))
-        checkpoint_array(state, "rng_state", (rng_bytes,), ("rng_byte",), dtype="uint8")
+        if self._state:
+            state = group.require_group(STATE_GROUP)
+            for moment in MOMENTS:
+                moments = state.require_group(moment)
+                for name, shape in param_shapes.items():
+                    checkpoint_array(moments, name, shape, parameter_dims(name))
+            checkpoint_array(state, "rng_state", (rng_bytes,), ("rng_byte",), dtype="uint8")
         vector(group, "step", ("step",), "int64")
         vector(group, "tokens_seen", ("step",), "int64")
         vector(group, "train_step", ("train_step",), "int64")
         vector(group, "train_tokens", ("train_step",), "int64")
         for metric in STEP_METRICS:
             vector(group, metric, ("train_step",), "float32")
-        vector(
-            group,
-            "batch_indices",
-            ("train_step", "batch"),
-            "int64",
-            trailing=(spec.train.batch_size,),
-        )
+        if self._state:
+            vector(
+                group,
+                "batch_indices",
+                ("train_step", "batch"),
+                "int64",
+                trailing=(spec.train.batch_size,),
+            )
         _set_attrs(
             group,
             init_seed=self.run.init_seed,
@@ -321,9 +345,10 @@ class RunWriter:
         paths: dict[tuple[str, ...], str] = {}
         for name in names:
             paths[("params", name)] = name
-            for moment in MOMENTS:
+            for moment in MOMENTS if self._state else ():
                 paths[(moment, name)] = f"{STATE_GROUP}/{moment}/{name}"
-        paths[("rng_state",)] = f"{STATE_GROUP}/rng_state"
+        if self._state:
+            paths[("rng_state",)] = f"{STATE_GROUP}/rng_state"
         paths[("step",)] = "step"
         paths[("tokens_seen",)] = "tokens_seen"
         return {key: self._array(path) for key, path in paths.items()}
@@ -441,6 +466,8 @@ class RunWriter:
                 "batch_indices": [r.batch_indices for r in records],
                 **{m: [getattr(r, m) for r in records] for m in STEP_METRICS},
             }
+            if not self._state:
+                del columns["batch_indices"]
             arrays = {name: self._group[name] for name in columns}
             self._append(arrays, {name: np.stack(v) for name, v in columns.items()}, n_steps)
         # The markers go last: readers never see a checkpoint before all its arrays are written.
@@ -481,7 +508,8 @@ def _checkpoint_items(checkpoint: Checkpoint):
     for moment, arrays in checkpoint.moments.items():
         for name, array in arrays.items():
             yield (moment, name), array
-    yield ("rng_state",), checkpoint.rng_state
+    if checkpoint.rng_state is not None:
+        yield ("rng_state",), checkpoint.rng_state
     yield ("step",), checkpoint.step
     yield ("tokens_seen",), checkpoint.tokens_seen
 
@@ -582,6 +610,15 @@ class RunReader:
     def parameter_names(self) -> list[str]:
         return list(self.attrs["parameters"])
 
+    @property
+    def origin(self) -> dict[str, Any] | None:
+        """Where an ingested run comes from (path, config hash, ...); None for a trained run."""
+        return self.attrs.get("origin")
+
+    def _refuse_if_ingested(self, what: str) -> None:
+        if self.origin is not None:
+            raise StoreError(f"{self.run.path}: {ingested_note(self.attrs)}: {what}")
+
     def steps(self) -> np.ndarray:
         """Committed checkpoint steps."""
         # Checkpoints are committed in schedule order (a resumed run continues after its last
@@ -628,6 +665,7 @@ class RunReader:
         Checkpoint
             What training resumes from: continuing from it replays the run exactly.
         """
+        self._refuse_if_ingested("no training state to read")
         index = self.checkpoint_index(step)
         return _read_checkpoint(self.group, self.parameter_names, lambda a: self.read(a, index))
 
@@ -653,6 +691,7 @@ class RunReader:
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Corpus indices of the batch consumed at training step ``step``."""
+        self._refuse_if_ingested("no recorded batches")
         if not 0 <= step < self.n_steps:
             raise StoreError(
                 f"{self.run.path}: no recorded batch for step {step} "

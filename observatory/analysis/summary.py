@@ -337,7 +337,8 @@ def summary(
         If the store or size does not exist, or the ``head_scores`` or ``icl`` analysis has
         no results (run ``observatory analyze`` first).
     """
-    ds = _results(path, size, ("loss", "induction_score", "icl_score"))
+    # (the training loss is optional: ingested checkpoints may come without it)
+    ds = _results(path, size, ("induction_score", "icl_score"))
     recorded = ds.attrs.get("analysis_parameters", {}).get("head_scores") or {}
     if threshold is not None:
         source = "argument"
@@ -398,7 +399,10 @@ def _seed_row(one: xr.Dataset, *, threshold: float, tokens_per_step: float) -> d
     midpoint = found.midpoint_step if crossing is not None else None
 
     loss = one["loss"].dropna("train_step")
-    bump = loss_bump(loss["train_step"].values, loss.values, tokens_per_step=round(tokens_per_step))
+    bump = None
+    if loss.size:
+        steps_, values = loss["train_step"].values, loss.values
+        bump = loss_bump(steps_, values, tokens_per_step=round(tokens_per_step))
     row: dict[str, Any] = {
         "seed": int(one["seed"]),
         "init_seed": int(one["init_seed"]) if "init_seed" in one.coords else None,
@@ -422,7 +426,7 @@ def _seed_row(one: xr.Dataset, *, threshold: float, tokens_per_step: float) -> d
         "icl_before": math.nan,
         "icl_after": math.nan,
         "icl_change": math.nan,
-        "final_loss": float(loss.values[-FINAL_LOSS_STEPS:].mean()),
+        "final_loss": float(loss.values[-FINAL_LOSS_STEPS:].mean()) if loss.size else math.nan,
     }
     if bump is None:
         return row
