@@ -19,6 +19,7 @@ _LAZY = {
     "summary": "observatory.analysis.summary",
     "compute": "observatory.jobs",
     "replay": "observatory.replayer",
+    "transformer_lens_at": "observatory.lens",
 }
 # ``obs.analysis`` is the ``observatory.analysis`` package, which is callable: the decorator
 # ``@obs.analysis(variables=...)`` (a plain function would be shadowed by the subpackage).

@@ -23,6 +23,8 @@ typical session:
   observatory analyze analyses/induction.toml        # circuit-formation scores, on dask
   observatory report store/induction.zarr --out report/   # figures, HTML page, summary table
   observatory verify store/induction.zarr            # checksums, ledger, replay of every step
+  observatory export store/induction.zarr --seed 0 --out hf/   # step<N>/ Hugging Face folders
+  observatory ingest hf/ --out store/ingested.zarr   # any series of HF checkpoint folders
 """
 
 
@@ -149,6 +151,89 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {len(files)} files into {args.out}:")
     for path in files:
         print(f"  {path}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from observatory.interop import export
+
+    targets = export(
+        args.store,
+        args.out,
+        size=args.size,
+        seeds=[args.seed] if args.seed is not None else args.seeds,
+        steps=args.steps,
+        per_seed_folders=args.seed is None,
+    )
+    print(f"exported {len(targets)} run{'s' * (len(targets) != 1)}:")
+    for target in targets:
+        print(f"  {target}")
+
+
+def _cmd_ingest(args: argparse.Namespace) -> None:
+    from observatory.interop import ingest
+    from observatory.query import describe
+
+    path = ingest(
+        args.dirs,
+        args.out,
+        name=args.name,
+        size=args.size,
+        context=args.context,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(describe(path))
+
+
+def _add_interop_commands(commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write checkpoints as per-step Hugging Face folders (step<N>/), with provenance",
+        description="Export runs as the revision layout of published suites: one folder per "
+        "checkpoint, step<N>/ with config.json and model.safetensors (float32), plus per run "
+        "observatory.json (spec, seeds, corpus fingerprint, versions), metrics.csv (loss, lr, "
+        "grad norm per step) and data_order.csv (the corpus index of every sequence of every "
+        "step up to the last exported checkpoint). With --seed the run's folders go straight "
+        "into --out; otherwise each run gets --out/seed<k>/.",
+    )
+    export.add_argument("store", help="family store (*.zarr)")
+    export.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    export.add_argument("--size", help="size name (default: the store's only size)")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--seed", type=int, help="one seed index, written straight into --out")
+    which.add_argument("--seeds", type=_int_list, help="seed indices, e.g. 0-2 (default: all)")
+    export.add_argument(
+        "--steps", type=_int_list, help="checkpoint steps, e.g. 0,512,1000 (default: all)"
+    )
+    export.set_defaults(func=_cmd_export)
+
+    ingest = commands.add_parser(
+        "ingest",
+        help="make a store from directories of Hugging Face checkpoint folders",
+        description="Ingest series of Hugging Face checkpoints (GPT-NeoX, i.e. Pythia's "
+        "architecture, or the attention-only model) into a new store, one directory per run: "
+        "folders named step<N> or checkpoint-<N>, or a .json/.csv file mapping steps to "
+        "folders. Several directories become seeds of one family. Exports keep their spec, "
+        "seeds and metrics. Ingested runs have no optimizer state or data order, so batch_at "
+        "and resuming refuse; every query, analysis and report works.",
+    )
+    ingest.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint directory per run")
+    ingest.add_argument("--out", required=True, metavar="STORE", help="the new store (*.zarr)")
+    ingest.add_argument("--name", help="family name (default: the store's file name)")
+    ingest.add_argument("--size", help="size name (default: l<layers>-d<d_model>)")
+    ingest.add_argument(
+        "--context",
+        type=int,
+        help="tokens per probe/held-out sequence of the analyses (default: n_positions)",
+    )
+    ingest.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="sequences per training step of the original run, for tokens seen (default: 1)",
+    )
+    ingest.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ingest.set_defaults(func=_cmd_ingest)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -313,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(func=_cmd_verify)
+    _add_interop_commands(commands)
     return parser
 
 

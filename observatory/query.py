@@ -29,7 +29,7 @@ from observatory.data import Corpus, build_corpus
 from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, model_from_config, unstack_layers
 from observatory.spec import DataSpec
-from observatory.store import FamilyStore, LazyArray, RunReader
+from observatory.store import FamilyStore, LazyArray, RunReader, ingested_note
 
 # Dims of the per-head views of :func:`observatory.models.transformer_lens_weights`,
 # after the leading ``step`` dim.
@@ -566,15 +566,24 @@ def describe(path: str | Path) -> str:
     family = FamilyStore(path)
     spec, data = family.spec, family.attrs["data"]
     runs = family.runs()
+    corpus = (
+        f"corpus: {spec.data.source}, {data.get('n_sequences', '?')} sequences of "
+        f"{spec.train.context} tokens, fingerprint {data['fingerprint']}; "
+        f"{spec.train.steps} steps of {spec.train.batch_size} sequences per run"
+    )
+    if data.get("ingested"):
+        corpus = (
+            "ingested checkpoints: no training corpus or data order recorded; analyses use "
+            f"fresh synthetic sequences of {spec.train.context} tokens"
+        )
     lines = [
         f"{family.path}: family {spec.name!r} ({spec.model.architecture}, vocab "
         f"{spec.model.vocab_size}), {len(runs)} run{'s' * (len(runs) != 1)}, "
         f"{_human_bytes(family.disk_bytes())} on disk",
-        f"corpus: {spec.data.source}, {data.get('n_sequences', '?')} sequences of "
-        f"{spec.train.context} tokens, fingerprint {data['fingerprint']}; "
-        f"{spec.train.steps} steps of {spec.train.batch_size} sequences per run",
+        corpus,
     ]
     header = ("run", "init", "data", "status", "checkpoints", "steps", "tokens seen", "disk", "")
+    origins = []
     for size_name in family.sizes():
         size = spec.size(size_name)
         lines.append(
@@ -589,7 +598,7 @@ def describe(path: str | Path) -> str:
                     reader.run.path.rpartition("/")[2],
                     str(reader.run.init_seed),
                     str(reader.run.data_seed),
-                    "complete" if reader.complete else "incomplete",
+                    _status(reader),
                     f"{reader.n_checkpoints}/{len(reader.attrs['schedule'])}",
                     _summarize(steps),
                     f"{int(tokens[-1]):,}" if len(tokens) else "0",
@@ -597,12 +606,20 @@ def describe(path: str | Path) -> str:
                     f"analyses: {', '.join(analyses)}" if analyses else "",
                 )
             )
+            if reader.origin is not None:
+                origins.append(f"{reader.run.path}: {ingested_note(reader.attrs)}")
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines.extend(
             "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
             for row in rows
         )
-    return "\n".join(lines)
+    return "\n".join(lines + origins)
+
+
+def _status(reader: RunReader) -> str:
+    if reader.origin is not None:
+        return "ingested"
+    return "complete" if reader.complete else "incomplete"
 
 
 def _summarize(steps: np.ndarray, head: int = 5) -> str:

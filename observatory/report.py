@@ -40,8 +40,9 @@ from observatory.analysis.summary import (
 from observatory.results import load_results
 
 DPI = 120
-# Analyses the report draws on (all of them: figures for each).
-REQUIRED = ("loss", "induction_score", "previous_token_score", "icl_score", "token_loss")
+# Analyses the report draws on (all of them: figures for each). The training loss is drawn
+# where recorded (ingested checkpoints may come without it).
+REQUIRED = ("induction_score", "previous_token_score", "icl_score", "token_loss")
 LOSS_BINS = 60  # log-spaced bins averaging the noisy per-step loss on its log axis
 LINESTYLES = ("-", "--", ":", "-.")
 CI_NAMES = {"t": "t-interval", "bca": "BCa bootstrap CI"}
@@ -308,7 +309,12 @@ def loss_curves(section: Section) -> Figure:
     figure, axes = _panels(ds.sizes["seed"])
     any_bump = False
     for i, (ax, seed) in enumerate(zip(axes, ds["seed"].values, strict=True)):
+        row = _row(result, seed)
         loss = ds["loss"].sel(seed=seed).dropna("train_step")
+        if not loss.size:
+            ax.text(0.5, 0.5, "no training loss recorded", ha="center", transform=ax.transAxes)
+            ax.set_title(f"seed {seed}")
+            continue
         loss = loss.sel(train_step=loss["train_step"] > 0)  # log axis
         steps, values = loss["train_step"].values, loss.values
         ax.plot(steps, values, color=_colour(i), alpha=0.25, lw=0.7, label="training, per step")
@@ -316,7 +322,6 @@ def loss_curves(section: Section) -> Figure:
         held = _held_out_loss(ds, seed)
         if held is not None:
             ax.plot(held["step"], held, "D", color="k", ms=2.5, label="held-out (checkpoints)")
-        row = _row(result, seed)
         if np.isfinite(row["bump_start_step"]):
             any_bump = True
             ax.axvspan(

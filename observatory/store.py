@@ -16,6 +16,9 @@ Layout (zarr v3, one store per model family)::
             exp_avg/<param>, exp_avg_sq/<param>    AdamW moments, same layout as the params
           analysis/<name>/                         analysis results (written by analysis jobs)
 
+A run ingested from Hugging Face checkpoint folders (``observatory ingest``) has the same layout
+without ``state/`` and ``batch_indices``: its ``origin`` attribute says where it came from.
+
 Checkpoint arrays are sharded along ``step``: one shard file holds ``checkpoints_per_shard``
 checkpoints of an array, split inside into per-layer, per-head chunks so that one head of one
 layer across all checkpoints reads only its own bytes.  Arrays are created at their final
@@ -322,6 +325,15 @@ def write_size_attrs(root: zarr.Group, size: SizeSpec, *, hf_config: dict[str, A
     _set_attrs(group, size=size.__dict__, d_head=size.d_head, hf_config=hf_config)
 
 
+def ingested_note(run_attrs: dict[str, Any]) -> str:
+    """``"ingested from <path> (config <hash>), without optimizer state or data order"``."""
+    origin = run_attrs["origin"]
+    return (
+        f"ingested from {origin['path']} (config {origin['config_hash']}), "
+        "without optimizer state or data order"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # One writer per run.
 
@@ -452,7 +464,7 @@ class StepRecord:
     lr: float
     grad_norm: float
     tokens_seen: int  # after this step
-    batch_indices: np.ndarray  # [batch]
+    batch_indices: np.ndarray | None  # [batch]; None for an ingested run (no data order)
 
 
 class RunWriter:
@@ -483,9 +495,14 @@ class RunWriter:
     rng_bytes
         Size of the torch RNG state.
     data_order_fingerprint
-        Fingerprint of the run's data order (checked when the run is reopened).
+        Fingerprint of the run's data order (checked when the run is reopened); None with
+        ``origin``.
     recipe
         What else decides the run's numbers (library versions, threads, CPU), for replay.
+    origin
+        Where an ingested run comes from (stored as its ``origin`` attribute): such a run has
+        weights and, optionally, per-step metrics, but no keyframes (optimizer and RNG state)
+        or data order, and can be neither resumed nor replayed.
     """
 
     def __init__(
@@ -498,15 +515,17 @@ class RunWriter:
         d_head: int,
         schedule: tuple[int, ...],
         rng_bytes: int,
-        data_order_fingerprint: str,
+        data_order_fingerprint: str | None,
         keyframes: tuple[int, ...] | None = None,
         recipe: dict[str, Any] | None = None,
+        origin: dict[str, Any] | None = None,
     ):
         self.run = run
         self._shard = spec.store.checkpoints_per_shard
         self._commit_seconds = spec.store.commit_seconds
         self._group = root.require_group(run.path)
-        keyframes = tuple(schedule if keyframes is None else keyframes)
+        self._state = origin is None  # optimizer state, RNG state and data order
+        keyframes = tuple(schedule if keyframes is None else keyframes) if self._state else ()
         if "schedule" not in _attrs(self._group):  # new, or its creation was interrupted
             self._create_arrays(spec, param_shapes, d_head, schedule, keyframes, rng_bytes)
             # The attributes go last: until they exist, readers do not see the run.
@@ -523,8 +542,12 @@ class RunWriter:
                 data_order_fingerprint=data_order_fingerprint,
                 keyframes=list(keyframes),
                 recipe=recipe or {},
+                origin=origin,
                 layout={name: _array_layout(array) for name, array in self._group.arrays()},
             )
+        elif _attrs(self._group).get("origin") is not None:
+            note = ingested_note(_attrs(self._group))
+            raise StoreError(f"{run.path}: {note}: it cannot be resumed")
         elif _attrs(self._group).get("data_order_fingerprint") != data_order_fingerprint:
             raise StoreError(f"{run.path}: the data order changed since this run was started")
         self._ckpt_arrays = self._checkpoint_arrays()
@@ -588,17 +611,18 @@ class RunWriter:
 
         for name, shape in param_shapes.items():
             checkpoint_array(group, name, shape, parameter_dims(name), per_head=True)
-        state = group.require_group(STATE_GROUP)
-        # The training state is stored at keyframes only: its own axis, with their steps.
-        for moment in MOMENTS:
-            moments = state.require_group(moment)
-            for name, shape in param_shapes.items():
-                checkpoint_array(moments, name, shape, parameter_dims(name), axis=KEYFRAME)
-        checkpoint_array(
-            state, "rng_state", (rng_bytes,), ("rng_byte",), dtype="uint8", axis=KEYFRAME
-        )
-        vector(state, KEYFRAME, (KEYFRAME,), "int64")
-        vector(state, SHA256, (KEYFRAME, "sha256_byte"), "uint8", trailing=(32,))
+        if self._state:
+            state = group.require_group(STATE_GROUP)
+            # The training state is stored at keyframes only: its own axis, with their steps.
+            for moment in MOMENTS:
+                moments = state.require_group(moment)
+                for name, shape in param_shapes.items():
+                    checkpoint_array(moments, name, shape, parameter_dims(name), axis=KEYFRAME)
+            checkpoint_array(
+                state, "rng_state", (rng_bytes,), ("rng_byte",), dtype="uint8", axis=KEYFRAME
+            )
+            vector(state, KEYFRAME, (KEYFRAME,), "int64")
+            vector(state, SHA256, (KEYFRAME, "sha256_byte"), "uint8", trailing=(32,))
         vector(group, "step", ("step",), "int64")
         vector(group, "tokens_seen", ("step",), "int64")
         vector(group, WEIGHTS_SHA256, ("step", "sha256_byte"), "uint8", trailing=(32,))
@@ -606,13 +630,14 @@ class RunWriter:
         vector(group, "train_tokens", ("train_step",), "int64")
         for metric in STEP_METRICS:
             vector(group, metric, ("train_step",), "float32")
-        vector(
-            group,
-            "batch_indices",
-            ("train_step", "batch"),
-            "int64",
-            trailing=(spec.train.batch_size,),
-        )
+        if self._state:
+            vector(
+                group,
+                "batch_indices",
+                ("train_step", "batch"),
+                "int64",
+                trailing=(spec.train.batch_size,),
+            )
 
     def _checkpoint_arrays(self) -> dict[str, dict[tuple[str, ...], zarr.Array]]:
         """Arrays with a leading ``step`` (``"step"``) or ``keyframe`` dim (``"keyframe"``),
@@ -632,6 +657,8 @@ class RunWriter:
                 ("sha256",): f"{STATE_GROUP}/{SHA256}",
             },
         }
+        if not self._state:  # an ingested run: weights only
+            del paths[KEYFRAME]
         return {
             axis: {key: self._array(path) for key, path in arrays.items()}
             for axis, arrays in paths.items()
@@ -760,8 +787,9 @@ class RunWriter:
         n_ckpt, n_steps = self.committed
         n_new = len(checkpoints["step"][("step",)])
         self._append(self._ckpt_arrays["step"], checkpoints["step"], n_ckpt)
-        n_keyframes = _keyframe_count(_attrs(self._group), n_ckpt)
-        self._append(self._ckpt_arrays[KEYFRAME], checkpoints[KEYFRAME], n_keyframes)
+        if KEYFRAME in self._ckpt_arrays:  # an ingested run has no training state
+            n_keyframes = _keyframe_count(_attrs(self._group), n_ckpt)
+            self._append(self._ckpt_arrays[KEYFRAME], checkpoints[KEYFRAME], n_keyframes)
         if records:
             if records[0].step != n_steps:
                 raise StoreError(f"step records start at {records[0].step}, expected {n_steps}")
@@ -771,6 +799,8 @@ class RunWriter:
                 "batch_indices": [r.batch_indices for r in records],
                 **{m: [getattr(r, m) for r in records] for m in STEP_METRICS},
             }
+            if not self._state:
+                del columns["batch_indices"]
             arrays = {name: self._array(name) for name in columns}
             self._append(arrays, {name: np.stack(v) for name, v in columns.items()}, n_steps)
         # The markers go last: readers never see a checkpoint before all its arrays are written.
@@ -1018,6 +1048,15 @@ class RunReader:
     def parameter_names(self) -> list[str]:
         return list(self.attrs["parameters"])
 
+    @property
+    def origin(self) -> dict[str, Any] | None:
+        """Where an ingested run comes from (path, config hash, ...); None for a trained run."""
+        return self.attrs.get("origin")
+
+    def _refuse_if_ingested(self, what: str) -> None:
+        if self.origin is not None:
+            raise StoreError(f"{self.run.path}: {ingested_note(self.attrs)}: {what}")
+
     def steps(self) -> np.ndarray:
         """Committed checkpoint steps."""
         # Checkpoints are committed in schedule order (a resumed run continues after its last
@@ -1074,6 +1113,7 @@ class RunReader:
         Checkpoint
             What training resumes from: continuing from it replays the run exactly.
         """
+        self._refuse_if_ingested("no training state to read")
         index = self.checkpoint_index(step)
         keyframe = self.keyframe_index(step)
         return _read_checkpoint(self.group, self.parameter_names, index, keyframe, self.read)
@@ -1165,6 +1205,7 @@ class RunReader:
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Corpus indices of the batch consumed at training step ``step``."""
+        self._refuse_if_ingested("no recorded batches")
         if not 0 <= step < self.n_steps:
             raise StoreError(
                 f"{self.run.path}: no recorded batch for step {step} "

@@ -243,3 +243,15 @@ def http_server(directory: Path) -> Iterator[tuple[str, list[tuple[str, int]]]]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_attn_only(tmp_path_factory) -> tuple[RunSpec, Path]:
+    """The tiny family with the attention-only architecture, trained (2 seeds)."""
+    from observatory.trainer import train_family
+
+    directory = tmp_path_factory.mktemp("trained_attn_only")
+    text = TINY_TOML.replace('architecture = "gpt_neox"', 'architecture = "attn_only"')
+    spec = load_run_spec(write_spec(directory, text))
+    store = train_family(spec, store=directory / "tiny.zarr", progress=False)
+    return spec, store

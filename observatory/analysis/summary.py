@@ -352,7 +352,8 @@ def summary(
         If the store, size or a seed does not exist, or no seed has results of the
         ``head_scores`` or ``icl`` analysis (run ``observatory analyze`` first).
     """
-    ds = _results(path, size, ("loss", "induction_score", "icl_score"), seeds)
+    # (the training loss is optional: ingested checkpoints may come without it)
+    ds = _results(path, size, ("induction_score", "icl_score"), seeds)
     recorded = ds.attrs.get("analysis_parameters", {}).get("head_scores") or {}
     if threshold is not None:
         source = "argument"

@@ -1,0 +1,571 @@
+"""Hugging Face interop: export checkpoints as per-step folders, ingest such folders as a store.
+
+Export writes the layout of published suites (Pythia, PolyPythias): one Hugging Face folder per
+checkpoint, ``step{N}/config.json`` + ``model.safetensors``, and beside them the provenance of
+the run: ``observatory.json`` (spec, seeds, corpus fingerprint, library versions),
+``data_order.csv`` (the corpus index of every sequence of every training step up to the last
+exported checkpoint) and ``metrics.csv`` (loss, learning rate, gradient norm per step).
+
+Ingest reads directories of checkpoint folders (``step{N}``, ``checkpoint-{N}``, or a mapping
+file) of GPT-NeoX or attention-only models into a new store with the usual layout, so every
+query, analysis and report works on it.  Each directory is one run; several are seeds of one
+family.  An ingested run has weights (and, from an export, its metrics) but no optimizer state
+or data order: it is marked so, and what needs them refuses with one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from observatory.errors import ObservatoryError
+from observatory.spec import RunId, RunSpec, spec_from_dict
+
+PROVENANCE = "observatory.json"
+DATA_ORDER = "data_order.csv"
+METRICS = "metrics.csv"
+EXPORT_FORMAT = {"format": "observatory-export", "version": 1}
+STEP_FOLDER = re.compile(r"(?:step|checkpoint-)(\d+)")
+# Config entries that differ between saves of the same model (left out of the config hash).
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
+MODEL_TYPES = {"gpt_neox": "gpt_neox", "observatory_attn_only": "attn_only"}
+EXPORT_BLOCK = 16  # checkpoints read together while exporting
+
+
+class InteropError(ObservatoryError):
+    """A checkpoint directory, mapping file or export target that cannot be used."""
+
+
+def config_hash(config: Any) -> str:
+    """A short hash of a Hugging Face config, ignoring what differs between saves."""
+    entries = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+    text = json.dumps(entries, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Export.
+
+
+def export(
+    store: str | Path,
+    out: str | Path,
+    *,
+    size: str | None = None,
+    seeds: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+    per_seed_folders: bool = True,
+) -> list[Path]:
+    """Export runs of a store as per-step Hugging Face folders with their provenance.
+
+    Parameters
+    ----------
+    store
+        The family store.
+    out
+        Target directory.  Each run goes to ``out/seed{k}/`` (or straight into ``out`` when
+        ``per_seed_folders`` is false, for a single run), which must not exist or be empty.
+    size
+        Size name; may be omitted when the store has a single size.
+    seeds
+        Seed indices (default: every run of the size).
+    steps
+        Checkpoint steps to export (default: every committed one); each must be committed.
+    per_seed_folders
+        Put each run in its own ``seed{k}`` folder.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The run directories written, each with ``step{N}/`` (``config.json``,
+        ``model.safetensors``), ``observatory.json``, ``metrics.csv`` and, for a trained run,
+        ``data_order.csv``.
+
+    Raises
+    ------
+    ObservatoryError
+        On an unknown size, seed or step, or a target directory that is not empty.
+    """
+    from observatory.store import FamilyStore
+
+    family = FamilyStore(store)
+    size = size or _only_size(family)
+    readers = family.size_runs(size) if seeds is None else [family.run(size, s) for s in seeds]
+    if not per_seed_folders and len(readers) != 1:
+        raise InteropError(f"{len(readers)} runs to export: give one seed, or use seed folders")
+    out = Path(out)
+    targets = [out / f"seed{r.run.seed}" if per_seed_folders else out for r in readers]
+    for target in targets:
+        if target.exists() and any(target.iterdir()):
+            raise InteropError(f"{target}: already exists and is not empty; choose another --out")
+    for reader, target in zip(readers, targets, strict=True):
+        chosen = list(reader.steps()) if steps is None else list(steps)
+        for step in chosen:
+            reader.checkpoint_index(step)  # a clear error for a step that is not committed
+        _export_run(reader, target, sorted(set(int(s) for s in chosen)))
+    return targets
+
+
+def _only_size(family) -> str:
+    sizes = family.sizes()
+    if len(sizes) != 1:
+        raise InteropError(
+            f"{family.path}: several sizes ({', '.join(sizes)}); choose one (--size)"
+        )
+    return sizes[0]
+
+
+def _export_run(reader, target: Path, steps: list[int]) -> None:
+    """Write one run's checkpoint folders, then its provenance files."""
+    from observatory.query import models_at
+
+    family, run = reader.family, reader.run
+    with _no_hf_progress_bars():
+        for start in range(0, len(steps), EXPORT_BLOCK):
+            block = steps[start : start + EXPORT_BLOCK]
+            for step, model in models_at(family.path, size=run.size, seed=run.seed, steps=block):
+                model.save_pretrained(target / f"step{step}")
+                hashed = config_hash(model.config)
+    n_steps = min(max(steps), reader.n_steps)  # the training steps behind the last checkpoint
+    metrics = reader.metrics()
+    _write_csv(
+        target / METRICS,
+        ["train_step", "loss", "lr", "grad_norm", "train_tokens"],
+        zip(
+            *(
+                metrics[k][:n_steps].tolist()
+                for k in ("train_step", "loss", "lr", "grad_norm", "train_tokens")
+            ),
+            strict=True,
+        ),
+    )
+    if reader.origin is None:
+        _write_csv(
+            target / DATA_ORDER,
+            ["train_step", "batch_position", "sequence_index"],
+            _data_order(reader, n_steps),
+        )
+    provenance = EXPORT_FORMAT | {
+        "store": str(family.path),
+        "family": family.spec.name,
+        "size": run.size,
+        "seed": run.seed,
+        "init_seed": run.init_seed,
+        "data_seed": run.data_seed,
+        "steps": steps,
+        "tokens_seen": [step * family.spec.train.tokens_per_step for step in steps],
+        "config_hash": hashed,
+        "spec": family.spec.to_dict(),
+        "data": family.attrs["data"],
+        "data_order": DATA_ORDER if reader.origin is None else None,
+        "metrics": METRICS,
+        "origin": reader.origin,
+        "library_versions": family.attrs.get("versions"),
+    }
+    (target / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+@contextmanager
+def _no_hf_progress_bars() -> Iterator[None]:
+    """No "Writing model shards" / "Loading weights" bar for every checkpoint."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _data_order(reader, n_steps: int) -> Iterator[tuple[int, int, int]]:
+    """``(train_step, batch_position, sequence_index)`` of every sequence of the first steps."""
+    from observatory.query import open_run
+
+    run = reader.run
+    order = open_run(reader.family.path, size=run.size, seed=run.seed)["batch_indices"]
+    indices = order.isel(train_step=slice(0, n_steps)).values
+    for step, row in enumerate(indices):
+        for position, index in enumerate(row):
+            yield step, position, int(index)
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Ingest: finding checkpoints.
+
+
+@dataclass(frozen=True)
+class CheckpointSeries:
+    """The checkpoints of one run: a step -> folder map, and an export's provenance if any."""
+
+    source: Path  # the directory or mapping file given
+    folders: dict[int, Path]  # sorted by step
+    provenance: dict[str, Any] | None
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self.folders)
+
+
+def find_checkpoints(source: str | Path) -> CheckpointSeries:
+    """The checkpoint folders of one run.
+
+    Parameters
+    ----------
+    source
+        A directory whose subfolders are named ``step{N}`` or ``checkpoint-{N}`` (Pythia's and
+        the Hugging Face Trainer's names), or a mapping file: JSON ``{"<step>": "<folder>"}`` or
+        CSV with columns ``step,path``, folders relative to the file.
+
+    Returns
+    -------
+    CheckpointSeries
+
+    Raises
+    ------
+    InteropError
+        If the source does not exist, holds no checkpoint, or names a step twice.
+    """
+    source = Path(source)
+    if source.is_file():
+        pairs = _mapping_pairs(source)
+        base = source.parent
+    elif source.is_dir():
+        pairs = [
+            (int(match.group(1)), child.name)
+            for child in sorted(source.iterdir())
+            if child.is_dir() and (match := STEP_FOLDER.fullmatch(child.name))
+        ]
+        base = source
+    else:
+        raise InteropError(f"{source}: no such checkpoint directory or mapping file")
+    if not pairs:
+        raise InteropError(
+            f"{source}: no checkpoints (expected folders step<N>/ or checkpoint-<N>/, "
+            "or a .json/.csv mapping of steps to folders)"
+        )
+    folders: dict[int, Path] = {}
+    for step, folder in pairs:
+        if step in folders:
+            raise InteropError(f"{source}: step {step} appears twice ({folders[step]}, {folder})")
+        folders[step] = base / folder
+    for folder in folders.values():
+        if not (folder / "config.json").is_file():
+            raise InteropError(f"{folder}: not a Hugging Face checkpoint (no config.json)")
+    provenance_file = base / PROVENANCE
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else None
+    return CheckpointSeries(source, dict(sorted(folders.items())), provenance)
+
+
+def _mapping_pairs(path: Path) -> list[tuple[int, str]]:
+    """``(step, folder)`` pairs of a JSON or CSV mapping file, duplicates kept (and caught)."""
+    try:
+        if path.suffix == ".json":
+            pairs = json.loads(path.read_text(), object_pairs_hook=list)
+            return [(int(step), str(folder)) for step, folder in pairs]
+        if path.suffix == ".csv":
+            with path.open(newline="") as file:
+                return [(int(row["step"]), row["path"]) for row in csv.DictReader(file)]
+    except (ValueError, KeyError, TypeError) as err:
+        raise InteropError(f"{path}: not a step mapping ({type(err).__name__}: {err})") from None
+    raise InteropError(f"{path}: a mapping file must be .json or .csv")
+
+
+# --------------------------------------------------------------------------------------------
+# Ingest: the family.
+
+
+def ingest(
+    sources: Sequence[str | Path],
+    out: str | Path,
+    *,
+    name: str | None = None,
+    size: str | None = None,
+    context: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Ingest series of Hugging Face checkpoints as the seeds of one family in a new store.
+
+    Parameters
+    ----------
+    sources
+        One directory (or mapping file, see :func:`find_checkpoints`) per run; the runs become
+        seeds 0, 1, ... of the family (an export keeps its recorded seeds and spec).
+    out
+        The new store; it must not exist.
+    name, size
+        Family and size names (default: the store's file name and ``l<layers>-d<d_model>``);
+        ignored for exports, which carry theirs.
+    context
+        Sequence length of the analyses' probe and held-out data (default: the model's
+        position table); ignored for exports.
+    batch_size
+        Sequences per training step of the original run, for the ``tokens_seen`` coordinate
+        (``step * batch_size * context``); ignored for exports.
+    progress
+        Show a progress bar per run.
+
+    Returns
+    -------
+    pathlib.Path
+        The store.
+
+    Raises
+    ------
+    ObservatoryError
+        On a missing or empty source, a step that appears twice, checkpoints of different
+        architectures or configs, an unsupported model type, or an existing ``out``.
+    """
+    from observatory.store import create_family, write_size_attrs
+
+    out = Path(out)
+    if out.exists():
+        raise InteropError(f"{out}: already exists; ingest into a new store")
+    series = [find_checkpoints(source) for source in sources]
+    if not series:
+        raise InteropError("no checkpoint directories given")
+    config = _common_config(series)
+    spec, runs, data = _family(series, config, name or out.stem, size, context, batch_size)
+    try:
+        root = create_family(out, spec, data=data)
+        write_size_attrs(root, spec.model.sizes[0], hf_config=config.to_dict())
+        with _no_hf_progress_bars():
+            for one, run in zip(series, runs, strict=True):
+                _ingest_run(root, spec, run, one, config_hash(config), progress=progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # a new store: nothing but our partial copy
+        raise
+    return out
+
+
+def _common_config(series: list[CheckpointSeries]) -> Any:
+    """The config every checkpoint shares; an error names the first one that differs."""
+    from transformers import AutoConfig
+
+    import observatory.models  # noqa: F401  (registers the attention-only model type)
+
+    reference, first = None, None
+    for folder in (f for one in series for f in one.folders.values()):
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError, KeyError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise InteropError(f"{folder}: cannot read config.json ({reason})") from None
+        if config.model_type not in MODEL_TYPES:
+            raise InteropError(
+                f"{folder}: model type {config.model_type!r} is not supported "
+                f"(supported: {', '.join(MODEL_TYPES)})"
+            )
+        if reference is None:
+            reference, first = config, folder
+        elif config_hash(config) != config_hash(reference):
+            raise InteropError(
+                f"{folder}: mixed architectures: its config differs from {first}'s "
+                f"({_first_difference(reference, config)})"
+            )
+    return reference
+
+
+def _first_difference(a: Any, b: Any) -> str:
+    left, right = a.to_dict(), b.to_dict()
+    for key in sorted(set(left) | set(right)):
+        if key not in VOLATILE_CONFIG_KEYS and left.get(key) != right.get(key):
+            return f"{key}: {left.get(key)!r} vs {right.get(key)!r}"
+    return "same entries"
+
+
+def _family(series, config, name, size, context, batch_size) -> tuple[RunSpec, list[RunId], dict]:
+    """The spec, runs and corpus facts of the new store: an export's own, or derived."""
+    provenances = [one.provenance for one in series]
+    if any(provenances):
+        if not all(provenances):
+            raise InteropError("some directories are observatory exports and some are not")
+        return _exported_family(series)
+    spec = _derived_spec(config, name, size, context, batch_size, len(series), series)
+    runs = spec.runs()
+    data = {"ingested": True, "fingerprint": None}
+    return spec, runs, data
+
+
+def _exported_family(series: list[CheckpointSeries]) -> tuple[RunSpec, list[RunId], dict]:
+    first = series[0].provenance
+    for one in series:
+        if one.provenance.get("format") != EXPORT_FORMAT["format"]:
+            raise InteropError(f"{one.source / PROVENANCE}: not an observatory export")
+        if (one.provenance["spec"], one.provenance["size"]) != (first["spec"], first["size"]):
+            raise InteropError(
+                f"{one.source}: exported from another family or size than {series[0].source}"
+            )
+    runs = [
+        RunId(size=p["size"], seed=p["seed"], init_seed=p["init_seed"], data_seed=p["data_seed"])
+        for p in (one.provenance for one in series)
+    ]
+    seeds = [run.seed for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise InteropError(f"the same seed is exported twice among the directories (seeds {seeds})")
+    return spec_from_dict(first["spec"]), runs, first["data"]
+
+
+def _derived_spec(config, name, size, context, batch_size, n_runs, series) -> RunSpec:
+    """A spec describing checkpoints that carry none: architecture from the config."""
+    architecture = MODEL_TYPES[config.model_type]
+    n_positions = config.max_position_embeddings
+    context = context or n_positions
+    period_max = max(1, min(32, context - 1))
+    model: dict[str, Any] = {"architecture": architecture, "vocab_size": config.vocab_size}
+    shape = {
+        "name": size or f"l{config.num_hidden_layers}-d{config.hidden_size}",
+        "n_layers": config.num_hidden_layers,
+        "d_model": config.hidden_size,
+        "n_heads": config.num_attention_heads,
+        "n_positions": n_positions,
+    }
+    if architecture == "gpt_neox":
+        shape["d_mlp"] = config.intermediate_size
+        rope = getattr(config, "rope_parameters", None) or {}
+        model["rotary_pct"] = float(
+            rope.get("partial_rotary_factor", getattr(config, "rotary_pct", 0.25))
+        )
+    else:
+        model["layer_norm"] = bool(config.layer_norm)
+    steps = sorted({step for one in series for step in one.steps})
+    table = {
+        "name": name,
+        "model": model | {"sizes": [shape]},
+        # The analyses' probe and held-out sequences: fresh synthetic induction data.
+        "data": {
+            "source": "induction",
+            "n_sequences": 64,
+            "period_min": min(8, period_max),
+            "period_max": period_max,
+        },
+        "seeds": {"init": list(range(n_runs))},
+        "train": {"steps": max(steps[-1], 1), "batch_size": batch_size, "context": context},
+        "checkpoints": {"log_spaced": False, "extra": steps},
+    }
+    try:
+        return spec_from_dict(table)
+    except ObservatoryError as err:
+        raise InteropError(f"cannot describe these checkpoints: {str(err).lstrip('.: ')}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Ingest: one run.
+
+
+def _ingest_run(
+    root, spec: RunSpec, run: RunId, series: CheckpointSeries, hashed: str, *, progress: bool
+) -> None:
+    """Write the checkpoints (and an export's metrics) of one run."""
+    from tqdm.auto import tqdm
+
+    from observatory.models import stack_layers
+    from observatory.store import Checkpoint, RunWriter
+
+    size = spec.size(run.size)
+    origin = {
+        "kind": "ingested",
+        "path": str(series.source.resolve()),
+        "config_hash": hashed,
+        "steps": series.steps,
+        "exported_from": (series.provenance or {}).get("store"),
+    }
+    writer = None
+    finished = False
+    try:
+        for step in tqdm(
+            series.steps, desc=f"ingest {run.path}", unit="ckpt", disable=not progress
+        ):
+            params = stack_layers(dict(_load(series.folders[step]).named_parameters()))
+            if writer is None:
+                _check_parameters(series.folders[step], params, spec)
+                writer = RunWriter(
+                    root,
+                    run,
+                    spec,
+                    param_shapes={k: v.shape for k, v in params.items()},
+                    d_head=size.d_head,
+                    schedule=tuple(series.steps),
+                    rng_bytes=0,
+                    data_order_fingerprint=None,
+                    origin=origin,
+                )
+                writer.start()
+            tokens = step * spec.train.tokens_per_step
+            writer.put_checkpoint(Checkpoint(step=step, tokens_seen=tokens, params=params))
+        for record in _metrics(series):
+            writer.put_step(record)
+        finished = True
+    finally:
+        if writer is not None:
+            writer.close(complete=finished)
+
+
+def _load(folder: Path) -> Any:
+    """The model of one checkpoint folder, in float32 with eager attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="eager"
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InteropError(f"{folder}: cannot load the checkpoint ({reason})") from None
+
+
+def _check_parameters(folder: Path, params: dict[str, np.ndarray], spec: RunSpec) -> None:
+    """Every parameter has known dims and the per-head views can be built from them."""
+    from observatory.models import parameter_dims, transformer_lens_weights
+
+    try:
+        for name in params:
+            parameter_dims(name)
+        transformer_lens_weights(
+            params, architecture=spec.model.architecture, n_heads=spec.model.sizes[0].n_heads
+        )
+    except KeyError as err:
+        raise InteropError(
+            f"{folder}: unsupported parameter layout ({err.args[0]}); tied embeddings and "
+            "attention without biases are not supported"
+        ) from None
+
+
+def _metrics(series: CheckpointSeries) -> Iterator[Any]:
+    """An export's per-step metrics as step records (none for other checkpoints)."""
+    from observatory.store import StepRecord
+
+    if series.provenance is None or not (series.source / METRICS).is_file():
+        return
+    with (series.source / METRICS).open(newline="") as file:
+        for expected, row in enumerate(csv.DictReader(file)):
+            if int(row["train_step"]) != expected:
+                raise InteropError(f"{series.source / METRICS}: steps must be 0, 1, 2, ...")
+            yield StepRecord(
+                step=expected,
+                loss=float(row["loss"]),
+                lr=float(row["lr"]),
+                grad_norm=float(row["grad_norm"]),
+                tokens_seen=int(row["train_tokens"]),
+                batch_indices=None,
+            )

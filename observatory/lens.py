@@ -1,0 +1,245 @@
+"""TransformerLens models of stored checkpoints, for both architectures.
+
+TransformerLens 4 replaced ``HookedTransformer`` by ``TransformerBridge``, which wraps a
+Hugging Face model in hook points and TransformerLens names (``blocks.1.attn.hook_pattern``,
+``W_Q[layer, head, d_model, d_head]``).  GPT-NeoX has an architecture adapter in
+TransformerLens; the attention-only model gets one here, registered with TransformerLens's
+public ``ArchitectureAdapterFactory.register_adapter``.  Both models are wrapped with
+``build_bridge_from_module``, TransformerLens's builder for a model already in memory, so the
+bridge runs the very weights that :func:`observatory.query.model_at` loads (same logits).
+
+TransformerLens is an optional dependency (``pip install -e ".[tl]"``), imported only here and
+only when a function of this module is called.  Supported: ``transformer-lens`` 4.x (tested with
+4.3.0); 3.x and older have no ``TransformerBridge`` and are refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from observatory.errors import ObservatoryError
+
+# TransformerLens architecture names: GPT-NeoX has TransformerLens's own adapter; the
+# attention-only model one of the two below, with and without LayerNorm.
+GPT_NEOX = "GPTNeoXForCausalLM"
+ATTN_ONLY = {True: "ObservatoryAttnOnlyForCausalLM", False: "ObservatoryAttnOnlyNoLNForCausalLM"}
+INSTALL_HINT = 'pip install -e ".[tl]"  (transformer-lens 4.x)'
+MIN_MAJOR = 4
+
+
+class TransformerLensMissing(ObservatoryError):
+    """TransformerLens is not installed, or too old to have ``TransformerBridge``."""
+
+
+def transformer_lens_at(path: str | Path, *, size: str, seed: int, step: int) -> Any:
+    """A TransformerLens model of one run with its weights at checkpoint ``step``.
+
+    Parameters
+    ----------
+    path
+        The family store.
+    size
+        Size name.
+    seed
+        Seed index.
+    step
+        A committed checkpoint step.
+
+    Returns
+    -------
+    transformer_lens.model_bridge.TransformerBridge
+        In eval mode, raw weights (no LayerNorm folding), so its logits equal those of
+        :func:`observatory.query.model_at` at the same step; ``run_with_cache``, hooks,
+        ``W_Q``/``W_O`` (``[layer, head, ...]``) and ``detect_head`` work as on any
+        TransformerLens model.  Its tokenizer names token ``i`` ``"<i>"`` (token 0, ``"<0>"``,
+        is the BOS), so ``model.to_tokens("<5> <9>")`` gives ``[[0, 5, 9]]``.
+
+    Raises
+    ------
+    StoreError
+        If the store, size, seed or checkpoint does not exist.
+    TransformerLensMissing
+        If TransformerLens 4.x is not installed (the message says how to install it).
+
+    Examples
+    --------
+    >>> model = obs.transformer_lens_at("store/induction.zarr", size="l2-d64", seed=0, step=512)
+    >>> logits, cache = model.run_with_cache(tokens)
+    >>> cache["blocks.1.attn.hook_pattern"]  # [batch, head, query_pos, key_pos]
+    """
+    from observatory.query import model_at
+
+    return bridge(model_at(path, size=size, seed=seed, step=step), name=f"{path}:{size}/seed{seed}")
+
+
+def bridge(model: Any, *, name: str = "observatory") -> Any:
+    """Wrap an in-memory observatory model (GPT-NeoX or attention-only) in a TransformerBridge.
+
+    The bridge takes ``model`` over (its submodules are replaced by bridge components): pass a
+    model you do not use otherwise.
+
+    Parameters
+    ----------
+    model
+        A model from :func:`observatory.query.model_at` (or ``ModelSpec.build``).
+    name
+        Recorded as the bridge's ``cfg.model_name``.
+
+    Returns
+    -------
+    transformer_lens.model_bridge.TransformerBridge
+    """
+    from observatory.models import AttnOnlyForCausalLM
+
+    sources = _transformer_lens().model_bridge.sources
+    if isinstance(model, AttnOnlyForCausalLM):
+        _register_attn_only()
+        architecture = ATTN_ONLY[bool(model.config.layer_norm)]
+    else:
+        architecture = GPT_NEOX
+    wrapped = sources.build_bridge_from_module(
+        model.eval(),
+        architecture,
+        hf_config=model.config,
+        tokenizer=token_names_tokenizer(model.config.vocab_size),
+        model_name=name,
+    )
+    # Every sequence of the families starts with the BOS token (TransformerLens's GPT-NeoX
+    # adapter defaults to no BOS, as Pythia was trained).
+    wrapped.cfg.default_prepend_bos = True
+    return wrapped.eval()
+
+
+def token_names_tokenizer(vocab_size: int) -> Any:
+    """A tokenizer whose words are the token ids: ``"<0> <5> <9>"`` is ``[0, 5, 9]``.
+
+    The families have no text tokenizer (synthetic tokens, or bytes); this one lets
+    TransformerLens's string-based helpers (``to_tokens``, ``to_str_tokens``, ``detect_head``)
+    work.  Token 0 is the BOS token; it is not added by the tokenizer itself, so
+    TransformerLens prepends it where its ``prepend_bos`` setting says so.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        bos_token="<0>",
+        eos_token="<0>",
+        add_bos_token=True,
+        name_or_path="observatory-token-ids",
+    )
+
+
+def _transformer_lens() -> Any:
+    """The ``transformer_lens`` package, or a one-line error saying how to install it."""
+    try:
+        import transformer_lens
+        import transformer_lens.model_bridge.sources  # noqa: F401
+    except ImportError:
+        raise TransformerLensMissing(
+            f"TransformerLens is not installed; install it with: {INSTALL_HINT}"
+        ) from None
+    from importlib.metadata import version
+
+    found = version("transformer-lens")
+    if int(found.split(".")[0]) < MIN_MAJOR:
+        raise TransformerLensMissing(
+            f"transformer-lens {found} has no TransformerBridge; install 4.x: {INSTALL_HINT}"
+        )
+    return transformer_lens
+
+
+@cache
+def _register_attn_only() -> None:
+    """Register the attention-only adapter with TransformerLens (once per process)."""
+    from transformer_lens.factories.architecture_adapter_factory import (
+        ArchitectureAdapterFactory,
+    )
+
+    for layer_norm, name in ATTN_ONLY.items():
+        ArchitectureAdapterFactory.register_adapter(name, _attn_only_adapter_class(layer_norm))
+
+
+def _attn_only_adapter_class(layer_norm: bool) -> type:
+    """The TransformerLens adapter of :class:`observatory.models.AttnOnlyForCausalLM`.
+
+    The model's ``layer_norm`` flag does not reach an adapter (TransformerLens keeps only the
+    config fields it knows), hence one adapter class with and one without LayerNorm.
+    """
+    from transformer_lens.conversion_utils.conversion_steps import RearrangeTensorConversion
+    from transformer_lens.conversion_utils.param_processing_conversion import (
+        ParamProcessingConversion,
+    )
+    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+    from transformer_lens.model_bridge.generalized_components import (
+        AttentionBridge,
+        BlockBridge,
+        EmbeddingBridge,
+        LinearBridge,
+        NormalizationBridge,
+        PosEmbedBridge,
+        UnembeddingBridge,
+    )
+
+    class AttnOnlyBlockBridge(BlockBridge):
+        """A block without an MLP: no mid-residual stream and no MLP output to hook."""
+
+        def __init__(self, name: str, config: Any = None, submodules: Any = None):
+            super().__init__(name, config=config, submodules=submodules)
+            self.hook_aliases = {
+                alias: target
+                for alias, target in self.hook_aliases.items()
+                if alias not in ("hook_resid_mid", "hook_mlp_out")
+            }
+
+    class AttnOnlyArchitectureAdapter(ArchitectureAdapter):
+        """Token + learned position embeddings, (LayerNorm +) attention blocks, unembedding.
+
+        Q/K/V/O are separate ``nn.Linear`` layers whose rows (columns for O) are
+        ``[head, d_head]``; the conversions give TransformerLens's per-head shapes.
+        """
+
+        def __init__(self, cfg: Any) -> None:
+            super().__init__(cfg)
+            self.cfg.normalization_type = "LN" if layer_norm else None
+            self.cfg.positional_embedding_type = "standard"
+            self.cfg.final_rms = False
+            self.cfg.gated_mlp = False
+            self.cfg.attn_only = True
+            n_heads = self.cfg.n_heads
+
+            def rearrange(pattern: str) -> ParamProcessingConversion:
+                return ParamProcessingConversion(
+                    tensor_conversion=RearrangeTensorConversion(pattern, n=n_heads)
+                )
+
+            self.weight_processing_conversions = {
+                **{f"blocks.{{i}}.attn.{x}.weight": rearrange("(n h) m -> n m h") for x in "qkv"},
+                **{f"blocks.{{i}}.attn.{x}.bias": rearrange("(n h) -> n h") for x in "qkv"},
+                "blocks.{i}.attn.o.weight": rearrange("m (n h) -> n h m"),
+            }
+            attention = AttentionBridge(
+                name="attn",
+                config=self.cfg,
+                submodules={key: LinearBridge(name=f"{key}_proj") for key in ("q", "k", "v", "o")},
+            )
+            block = {"attn": attention}
+            if layer_norm:
+                block = {"ln1": NormalizationBridge(name="ln", config=self.cfg), **block}
+            self.component_mapping = {
+                "embed": EmbeddingBridge(name="embed"),
+                "pos_embed": PosEmbedBridge(name="pos_embed"),
+                "blocks": AttnOnlyBlockBridge(name="layers", config=self.cfg, submodules=block),
+                "unembed": UnembeddingBridge(name="unembed"),
+            }
+            if layer_norm:
+                self.component_mapping["ln_final"] = NormalizationBridge(
+                    name="ln_final", config=self.cfg
+                )
+
+    return AttnOnlyArchitectureAdapter
