@@ -129,13 +129,20 @@ def test_opening_something_else_is_a_clear_error(tiny_spec, tmp_path):
         FamilyStore(tmp_path / "file.zarr")
 
 
-def test_a_store_refuses_a_different_spec(tiny_spec, tmp_path):
-    create_family(tmp_path / "s.zarr", tiny_spec, data={"fingerprint": "abc"})
-    other = dataclasses.replace(tiny_spec, name="other")
+def test_a_store_with_runs_refuses_a_different_spec(trained_tiny, tmp_path):
+    spec, trained = trained_tiny
+    store = tmp_path / "s.zarr"
+    shutil.copytree(trained, store)
+    data = FamilyStore(store).attrs["data"]
+    other = dataclasses.replace(spec, name="other")
     with pytest.raises(StoreError, match="different spec"):
-        create_family(tmp_path / "s.zarr", other, data={"fingerprint": "abc"})
+        create_family(store, other, data=data)
     with pytest.raises(StoreError, match="corpus changed"):
-        create_family(tmp_path / "s.zarr", tiny_spec, data={"fingerprint": "xyz"})
+        create_family(store, spec, data={"fingerprint": "xyz"})
+    # a store with nothing trained yet (an earlier spec failed) takes the corrected spec
+    create_family(tmp_path / "e.zarr", spec, data={"fingerprint": "abc"})
+    create_family(tmp_path / "e.zarr", other, data={"fingerprint": "abc"})
+    assert FamilyStore(tmp_path / "e.zarr").spec.name == "other"
 
 
 def test_unknown_run_and_step_errors_list_what_exists(trained_tiny):
