@@ -523,7 +523,7 @@ def loss_by_position(section: Section) -> Figure | None:
         analysed = losses["step"].values
         targets = np.geomspace(max(analysed[0], 1), analysed[-1], 7)
         picks = np.unique([np.abs(analysed - target).argmin() for target in targets])
-        position = losses["position"].values + 1  # loss of predicting token position + 1
+        position = np.arange(losses.sizes["position"]) + 1  # predicting token position + 1
         for pick in picks:
             colour = colormaps["viridis"](norm(max(analysed[pick], 1)))
             ax.plot(position, losses.isel(step=pick), color=colour, lw=1.3)
