@@ -240,7 +240,7 @@ def test_custom_analysis_from_a_file_runs_on_a_separate_scheduler_and_worker(
 
     job.write_text(
         CUSTOM_JOB.format(store=store_copy).replace(
-            "]\n\n[probe]", ', "mine/analyses.py:fragile"]\n\n[probe]'
+            ':bos_attention"]', ':bos_attention", "mine/analyses.py:fragile"]'
         )
     )
     assert main(analyze) == 2  # a failing function: one line naming it, the run and the step
