@@ -259,7 +259,7 @@ def _client(scheduler: str | None, workers: int | None):
     """A dask client on ``scheduler``, or on a local cluster of single-threaded processes."""
     from distributed import Client, LocalCluster
 
-    from observatory.analysis.jobs import default_workers
+    from observatory.jobs import default_workers
 
     if scheduler is not None:
         with Client(scheduler) as client:
