@@ -642,6 +642,15 @@ class FamilyStore:
         return info.get("ETag") or info.get("LastModified") or info.get("mtime"), info["size"]
 
 
+_NEW_RUN_ATTRS = {
+    "committed_checkpoints": 0,
+    "committed_steps": 0,
+    "complete": False,
+    "schedule": [],
+    "parameters": [],
+}
+
+
 class RunReader:
     """Committed checkpoints, metrics and data order of one run (read-only)."""
 
@@ -649,7 +658,8 @@ class RunReader:
         self.family = family
         self.run = run
         self.group = family.root[run.path]
-        self.attrs = _attrs(self.group)
+        # A run whose writer is still creating it has no attributes yet: nothing committed.
+        self.attrs = _NEW_RUN_ATTRS | _attrs(self.group)
 
     @property
     def n_checkpoints(self) -> int:
