@@ -261,7 +261,7 @@ block_size = 8
 
 
 def _analyse(store, directory):
-    from observatory.analysis.jobs import load_analysis_spec, run_analysis
+    from observatory.jobs import load_analysis_spec, run_analysis
 
     job = directory / f"job{len(list(directory.glob('job*')))}.toml"
     job.write_text(S3_JOB.format(store=store))
