@@ -538,9 +538,11 @@ def test_a_reader_polling_s3_during_training_never_sees_a_partial_checkpoint(s3_
     )
     training.start()
     seen = []
-    while training.is_alive():
-        seen.append(_committed_snapshot(url))
-    training.join()
+    try:
+        while training.is_alive():
+            seen.append(_committed_snapshot(url))
+    finally:
+        training.join()
     final = FamilyStore(url).run("l2-d16", 0)
     assert final.complete
     done = _committed_snapshot(url)

@@ -455,8 +455,9 @@ def _cli_train(spec_path, store, *args, wait=True):
 
 def _running_checkpoints(store, run_path) -> int:
     """Committed checkpoints of a run that is still training (0 if absent or complete)."""
+    size, _, seed = run_path.partition("/seed")
     try:
-        run = FamilyStore(store).run(*run_path.split("/seed"))
+        run = FamilyStore(store).run(size, int(seed))
     except Exception:
         return 0
     return 0 if run.complete else run.n_checkpoints
@@ -500,7 +501,8 @@ def test_family_on_a_dask_cluster_is_bit_identical_to_sequential_even_after_a_wo
             _, err = proc.communicate(timeout=1800)
         assert proc.returncode == 2, err
         assert victim in err and "--resume" in err and "Traceback" not in err
-        assert not FamilyStore(killed).run(*victim.split("/seed")).complete
+        size, _, seed = victim.partition("/seed")
+        assert not FamilyStore(killed).run(size, int(seed)).complete
 
         resumed = _cli_train(spec_path, killed, "--scheduler", address, "--resume")
         assert resumed.returncode == 0, resumed.stderr
