@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from observatory.cli import main
-from observatory.report import FIGURES, write_report
-from tests.test_analysis_summary import analysed_copy, synthetic_results
+from observatory.report import FIGURES, OPTIONAL_FIGURES, write_report
+from tests.test_analysis_summary import analysed_copy, synthetic_results, with_causal_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -58,3 +58,15 @@ def test_cli_report_of_a_store(trained_tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "report.html" in printed and "loss_pca.png" in printed
     assert (tmp_path / "report" / "report.html").exists()
+
+
+def test_causal_figures_are_drawn_when_the_store_has_them(report, tmp_path):
+    _, files = report
+    assert not set(OPTIONAL_FIGURES) & {path.name for path in files}  # not without the data
+    names = {path.name for path in write_report(with_causal_results(synthetic_results()), tmp_path)}
+    assert set(OPTIONAL_FIGURES) <= names
+    for name in OPTIONAL_FIGURES:
+        assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == len(FIGURES) + len(OPTIONAL_FIGURES)
+    assert "Head ablation" in page and "Attention patterns across the phase change" in page

@@ -36,6 +36,8 @@ RESULTS = {
     "previous_token_score": "head_scores",
     "icl_score": "icl",
     "token_loss": "token_loss",
+    "repeated_loss_increase": "head_ablation",
+    "attention_pattern": "attention_patterns",
 }
 CROSS_SEED = (
     "emergence_crossing_step",
@@ -57,58 +59,7 @@ def head_label(layer: int, head: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading.
-
-
-def load_results(
-    path: str | Path, *, size: str | None = None, require: tuple[str, ...] = ()
-) -> xr.Dataset:
-    """The per-step loss and the analysis results of one size of a family, in memory.
-
-    Parameters
-    ----------
-    path
-        The family store.
-    size
-        Size name; may be omitted when the store has a single size.
-    require
-        Variables that must hold results (e.g. ``("induction_score", "icl_score")``).
-
-    Returns
-    -------
-    xarray.Dataset
-        The variables of :data:`RESULTS` that exist (``loss[seed, train_step]``,
-        ``induction_score[seed, step, layer, head]``, ...), loaded, with coordinates ``seed``,
-        ``step``, ``tokens_seen``, ``train_step``; ``attrs``: ``store``, ``size`` and
-        ``analysis_parameters`` (``{analysis: parameters}`` as recorded by the analysis job).
-
-    Raises
-    ------
-    StoreError
-        If the store or size does not exist, or a required analysis has no results.
-    """
-    from observatory.query import open_family
-    from observatory.store import ATTRS_KEY, FamilyStore
-
-    family = FamilyStore(path)
-    if size is None:
-        sizes = family.sizes()
-        if len(sizes) != 1:
-            raise StoreError(
-                f"{family.path}: several sizes ({', '.join(sizes)}); choose one (--size)"
-            )
-        size = sizes[0]
-    parameters: dict[str, Any] = {}
-    for reader in family.size_runs(size):
-        for name in reader.analyses():
-            group = reader.analysis_group(name)
-            parameters.setdefault(name, dict(group.attrs.get(ATTRS_KEY, {})).get("parameters"))
-    family_ds = open_family(path, size=size)  # a seed without some analysis reads as NaN
-    names = [name for name in RESULTS if name in family_ds]
-    ds = family_ds[names].load()
-    ds.attrs = {"store": str(family.path), "size": size, "analysis_parameters": parameters}
-    check_results(ds, require)
-    return ds
+# Checking loaded results (loading them is I/O: observatory.results.load_results).
 
 
 def check_results(ds: xr.Dataset, require: tuple[str, ...]) -> None:
@@ -138,6 +89,8 @@ def _results(source: str | Path | xr.Dataset, size: str | None, require: tuple[s
     if isinstance(source, xr.Dataset):
         check_results(source, require)
         return source
+    from observatory.results import load_results
+
     return load_results(source, size=size, require=require)
 
 
@@ -204,6 +157,7 @@ class Summary:
                     "ICL before -> after": _window(row["icl_before"], row["icl_after"], 2, " -> "),
                     "final loss": _fmt(row["final_loss"], 3),
                 }
+                | _ablation_cell(row)
             )
         per_seed = pd.DataFrame(rows)
         across = pd.DataFrame(
@@ -316,11 +270,13 @@ def summary(
       (negative: the model uses its context more after the bump);
     * ``final_loss``: mean training loss of the last :data:`FINAL_LOSS_STEPS` steps;
     * ``init_seed``, ``data_seed``, ``n_checkpoints`` (analysed checkpoints).
+    * with ``head_ablation`` results, whether the best head is the head whose ablation hurts
+      most (:func:`ablation_ranks`: ``top_ablation_head``, ``best_head_ablation_rank``, ...).
 
     Parameters
     ----------
     path
-        The family store, or a dataset from :func:`load_results`.
+        The family store, or a dataset from :func:`~observatory.results.load_results`.
     size
         Size name; may be omitted when the store has a single size.
     threshold
@@ -353,6 +309,8 @@ def summary(
     ]
     per_seed = pd.DataFrame(rows).set_index("seed")
     per_seed["jump_in_bump"] = per_seed["jump_in_bump"].astype("boolean")
+    if "repeated_loss_increase" in ds:
+        per_seed = per_seed.join(ablation_ranks(ds, per_seed))
     across = pd.DataFrame(
         {
             name: seed_summary(per_seed[name].to_numpy(dtype=float), confidence=CONFIDENCE)
@@ -449,6 +407,45 @@ def _seed_row(one: xr.Dataset, *, threshold: float, tokens_per_step: float) -> d
     return row
 
 
+def ablation_ranks(ds: xr.Dataset, per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Per seed: is the best induction head the head whose ablation hurts most?
+
+    At each seed's last checkpoint with ``head_ablation`` results, heads are ranked by the
+    increase in loss on the probe's repeated part when ablated (``repeated_loss_increase``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``seed``; ``ablation_step``, ``top_ablation_head`` (largest effect),
+        ``top_ablation_effect``, ``best_head_ablation_effect``, ``best_head_ablation_rank``
+        (1: largest) and ``best_head_is_top_ablation``.
+    """
+    rows = []
+    for seed in ds["seed"].values:
+        effect = ds["repeated_loss_increase"].sel(seed=seed)
+        effect = effect.isel(step=effect.notnull().all(["layer", "head"]).values)
+        row = {"seed": int(seed), "ablation_step": math.nan, "top_ablation_head": None}
+        if effect.sizes["step"]:
+            last = effect.isel(step=-1).transpose("layer", "head")
+            values, best = last.values, per_seed.loc[int(seed)]
+            layer = list(last["layer"].values).index(best["best_layer"])
+            head = list(last["head"].values).index(best["best_head_in_layer"])
+            top = np.unravel_index(np.argmax(values), values.shape)
+            rank = 1 + int((values > values[layer, head]).sum())
+            row |= {
+                "ablation_step": int(last["step"]),
+                "top_ablation_head": head_label(
+                    last["layer"].values[top[0]], last["head"].values[top[1]]
+                ),
+                "top_ablation_effect": float(values[top]),
+                "best_head_ablation_effect": float(values[layer, head]),
+                "best_head_ablation_rank": rank,
+                "best_head_is_top_ablation": rank == 1,
+            }
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("seed")
+
+
 # --------------------------------------------------------------------------------------------
 # The per-token-loss PCA.
 
@@ -464,7 +461,7 @@ def token_loss_pca(
     Parameters
     ----------
     path
-        The family store, or a dataset from :func:`load_results`.
+        The family store, or a dataset from :func:`~observatory.results.load_results`.
     size
         Size name; may be omitted when the store has a single size.
     n_components
@@ -512,6 +509,15 @@ def token_loss_pca(
 
 # --------------------------------------------------------------------------------------------
 # Formatting.
+
+
+def _ablation_cell(row: pd.Series) -> dict[str, str]:
+    """The per-seed table's ablation column, when the store has ablation results."""
+    if "best_head_ablation_rank" not in row:
+        return {}
+    rank = row["best_head_ablation_rank"]
+    cell = "-" if pd.isna(rank) else f"{row['top_ablation_head']} ({int(rank)})"
+    return {"ablation: top head (best's rank)": cell}
 
 
 def _nan(value: float | None) -> float:
