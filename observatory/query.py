@@ -110,7 +110,7 @@ def open_run(path: str | Path, *, size: str, seed: int) -> xr.Dataset:
         ``train_tokens`` and ``batch_indices`` on the ``train_step`` dim, and every array of
         the run's analysis groups (NaN at checkpoints an analysis has not covered).
         Coordinates: ``step``, ``tokens_seen``, ``train_step`` and the scalars ``seed``,
-        ``init_seed``, ``data_seed``.
+        ``init_seed``, ``data_seed`` and ``complete`` (every scheduled step trained).
 
     Raises
     ------

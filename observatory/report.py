@@ -293,10 +293,16 @@ def _legend_right(ax, handles=None) -> None:
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), **kwargs)
 
 
-def _legend_below(figure: Figure, ax) -> None:
-    """One legend for a figure of panels, below them (entries of ``ax``)."""
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
+def _legend_below(figure: Figure, axes) -> None:
+    """One legend for a figure of panels, below them (each label once, from any panel)."""
+    unique = {}
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        unique |= {
+            label: handle
+            for label, handle in zip(labels, handles, strict=True)
+            if label not in unique
+        }
     figure.legend(
         unique.values(), unique.keys(), loc="outside lower center", ncols=4, fontsize="small"
     )
@@ -331,21 +337,14 @@ def loss_curves(section: Section) -> Figure:
                 alpha=0.2,
                 label="loss bump",
             )
-        if np.isfinite(row["emergence_midpoint_step"]):
-            ax.axvline(
-                row["emergence_midpoint_step"],
-                color="k",
-                ls="--",
-                lw=1,
-                label="induction head emerges",
-            )
+        _mark_emergence(ax, row)
         ax.set_xscale("log")
         ax.set_title(_seed_title(row, seed))
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3, which="both", lw=0.5)
         _tokens_axis(ax, per_step)
     axes[0].set_ylabel("loss (nats)")
-    _legend_below(figure, axes[0])
+    _legend_below(figure, axes)
     title = "Training loss per step and held-out loss per checkpoint"
     figure.suptitle(title + ("; shaded: detected loss bump" if any_bump else ""))
     return figure
@@ -358,6 +357,14 @@ def _held_out_loss(ds: xr.Dataset, seed) -> xr.DataArray | None:
     held = ds["loss_by_position"].sel(seed=seed).mean("position").dropna("step")
     held = held.sel(step=held["step"] > 0)
     return held if held.size else None
+
+
+def _mark_emergence(ax, row: dict) -> None:
+    """A dashed line at the seed's induction-head emergence midpoint, if it has one."""
+    if np.isfinite(row["emergence_midpoint_step"]):
+        ax.axvline(
+            row["emergence_midpoint_step"], color="k", ls="--", lw=1, label="induction emergence"
+        )
 
 
 def _seed_title(row: dict, seed) -> str:
@@ -599,20 +606,13 @@ def previous_token_scores(section: Section) -> Figure:
             trajectory = scores.sel(head=head)
             ax.plot(scores["step"], trajectory, color=_colour(j), label=head_label(layer, head))
         row = _row(result, seed)
-        if np.isfinite(row["emergence_midpoint_step"]):
-            ax.axvline(
-                row["emergence_midpoint_step"],
-                color="k",
-                ls="--",
-                lw=1,
-                label="induction emergence",
-            )
+        _mark_emergence(ax, row)
         ax.set_title(_seed_title(row, seed))
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3, lw=0.5)
         _step_axis(ax, per_step)
     axes[0].set_ylabel("previous-token score")
-    _legend_below(figure, axes[0])
+    _legend_below(figure, axes)
     figure.suptitle(f"Previous-token score of the layer-{layer} heads")
     return figure
 
