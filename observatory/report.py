@@ -354,7 +354,7 @@ def _held_out_loss(ds: xr.Dataset, seed) -> xr.DataArray | None:
     """Mean held-out loss over positions per analysed checkpoint (from the icl analysis)."""
     if "loss_by_position" not in ds:
         return None
-    held = ds["loss_by_position"].sel(seed=seed).mean("position").dropna("step")
+    held = ds["loss_by_position"].sel(seed=seed).mean("loss_position").dropna("step")
     held = held.sel(step=held["step"] > 0)
     return held if held.size else None
 
@@ -530,7 +530,7 @@ def loss_by_position(section: Section) -> Figure | None:
         analysed = losses["step"].values
         targets = np.geomspace(max(analysed[0], 1), analysed[-1], 7)
         picks = np.unique([np.abs(analysed - target).argmin() for target in targets])
-        position = np.arange(losses.sizes["position"]) + 1  # predicting token position + 1
+        position = np.arange(losses.shape[-1]) + 1  # predicting token position + 1
         for pick in picks:
             colour = colormaps["viridis"](norm(max(analysed[pick], 1)))
             ax.plot(position, losses.isel(step=pick), color=colour, lw=1.3)

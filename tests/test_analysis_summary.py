@@ -66,7 +66,7 @@ def synthetic_results(seeds=(0, 1, 2), *, n_held_out: int = 16) -> xr.Dataset:
             "icl_score": (("seed", "step"), np.array(icl)),
             "token_loss": (("seed", "step", "held_out"), np.array(token_loss)),
             "copying_score": (heads, np.array(copying)),
-            "loss_by_position": (("seed", "step", "position"), np.array(by_position)),
+            "loss_by_position": (("seed", "step", "loss_position"), np.array(by_position)),
         },
         coords={
             "seed": list(seeds),
