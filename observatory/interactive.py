@@ -100,7 +100,9 @@ def losses(ds: xr.Dataset) -> go.Figure:
             hovertemplate=f"seed {seed}<br>step %{{x}}<br>training loss %{{y:.4f}}<extra></extra>",
         )
         if "loss_by_position" in ds:
-            held = _later(ds["loss_by_position"].sel(seed=seed).mean("loss_position").dropna("step"))
+            held = _later(
+                ds["loss_by_position"].sel(seed=seed).mean("loss_position").dropna("step")
+            )
             figure.add_scatter(
                 x=held["step"].values,
                 y=held.values,
