@@ -17,16 +17,22 @@ _LAZY = {
         "observatory.query",
     ),
     "summary": "observatory.analysis.summary",
+    "compute": "observatory.jobs",
 }
+# ``obs.analysis`` is the ``observatory.analysis`` package, which is callable: the decorator
+# ``@obs.analysis(variables=...)`` (a plain function would be shadowed by the subpackage).
+_SUBMODULES = ("analysis",)
 
-__all__ = list(_LAZY)
+__all__ = [*_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return import_module(f"observatory.{name}")
     raise AttributeError(f"module 'observatory' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted({*globals(), *__all__})

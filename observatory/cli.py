@@ -16,6 +16,7 @@ checkpoints and seeds.
 typical session:
   observatory train runs/induction.toml              # every size x seed of the family
   observatory inspect store/induction.zarr           # runs, checkpoints, tokens, disk use
+  observatory analyses                               # the built-in analyses and options
   observatory analyze analyses/induction.toml        # circuit-formation scores, on dask
   observatory report store/induction.zarr --out report/   # figures, HTML page, summary table
 """
@@ -69,7 +70,7 @@ def _print_run_summary(summary) -> None:
 def _cmd_analyze(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from observatory.analysis.jobs import load_analysis_spec, run_analysis
+    from observatory.jobs import load_analysis_spec, run_analysis
 
     spec = load_analysis_spec(args.spec)
     if args.store:
@@ -81,6 +82,12 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         f"analysed {report.computed} checkpoints of {len(report.runs)} runs "
         f"({report.skipped} already done) into {spec.store}"
     )
+
+
+def _cmd_analyses(args: argparse.Namespace) -> None:
+    from observatory.jobs import describe_analyses
+
+    print(describe_analyses())
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -141,11 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser(
         "analyze",
         help="run an analysis job over every checkpoint and seed, on dask.distributed",
-        description="Score every selected checkpoint of every selected run (induction, "
-        "previous-token and duplicate-token head scores, copying score, ICL score, per-token "
-        "losses) on a dask cluster and write the results into the store. Checkpoints already "
-        "analysed with the same parameters are skipped; only committed checkpoints are used, "
-        "so this works while training is still running.",
+        description="Run the job's analyses (built-in ones, see `observatory analyses`, or "
+        "your own: 'package.module:name' or 'file.py:name' beside the job file) on every "
+        "selected checkpoint of every selected run on a dask cluster, and write the results "
+        "into the store. Checkpoints already analysed with the same parameters (and the same "
+        "source code) are skipped; only committed checkpoints are used, so this works while "
+        "training is still running.",
     )
     analyze.add_argument("spec", help="analysis job spec (analyses/*.toml)")
     analyze.add_argument("--store", help="store to analyse (default: the spec's store)")
@@ -160,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
     analyze.set_defaults(func=_cmd_analyze)
+
+    analyses = commands.add_parser(
+        "analyses",
+        help="list the built-in analyses, their variables and options",
+        description="List the built-in analyses: what each computes, the variables it stores "
+        "(dims after seed and step) and its options (the job file's [<name>] table).",
+    )
+    analyses.set_defaults(func=_cmd_analyses)
 
     inspect = commands.add_parser(
         "inspect",

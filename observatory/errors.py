@@ -11,3 +11,7 @@ class SpecError(ObservatoryError):
 
 class StoreError(ObservatoryError):
     """A store is missing, is not an observatory store, or has no such run, step or group."""
+
+
+class AnalysisError(ObservatoryError):
+    """An analysis cannot be loaded, or it failed or returned something other than it declared."""

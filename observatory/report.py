@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,12 @@ from observatory.analysis.summary import (
     Summary,
     check_results,
     head_label,
-    load_results,
     seed_alignment,
     summary,
     token_loss_pca,
     tokens_per_step,
 )
+from observatory.results import load_results
 
 DPI = 120
 # Analyses the report draws on (all of them: figures for each).
@@ -73,7 +74,7 @@ def write_report(
     ----------
     path
         The family store (analysed with ``observatory analyze``), or a dataset from
-        :func:`~observatory.analysis.summary.load_results` (one size).
+        :func:`~observatory.results.load_results` (one size).
     out_dir
         Directory to write into (created if needed; existing report files are replaced).
     sizes
@@ -94,7 +95,8 @@ def write_report(
     list of pathlib.Path
         Every file written: the HTML page (``report.html``, images embedded as base64) first,
         then ``report_interactive.html`` (plotly, plotly.js embedded: works offline), then per
-        size the PNG figures (see :data:`FIGURES`; those without data are skipped),
+        size the PNG figures (see :data:`FIGURES`, those without data skipped, and
+        :data:`OPTIONAL_FIGURES` when the store has their analysis),
         ``summary.csv`` (per seed), ``summary_across_seeds.csv``, ``summary.json`` and, with
         several sizes, ``sizes.csv``.
 
@@ -162,7 +164,12 @@ def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool
 
 def _write_figures(section: Section, out: Path) -> list[tuple[Path, str, str]]:
     figures = []
-    for name, (title, caption, draw) in FIGURES.items():
+    optional = {
+        name: (title, caption, _with_section(draw))
+        for name, (title, caption, draw, needs) in OPTIONAL_FIGURES.items()
+        if needs in section.ds
+    }
+    for name, (title, caption, draw) in (FIGURES | optional).items():
         figure = draw(section)
         if figure is None:  # nothing to draw (e.g. no copying scores)
             continue
@@ -170,6 +177,11 @@ def _write_figures(section: Section, out: Path) -> list[tuple[Path, str, str]]:
         figure.savefig(target, dpi=DPI)
         figures.append((target, title, caption))
     return figures
+
+
+def _with_section(draw: Callable[[xr.Dataset, Summary, xr.Dataset], Figure]):
+    """A figure function of (results, summary, pca) as one of a :class:`Section`."""
+    return lambda section: draw(section.ds, section.result, section.pca)
 
 
 def _write_tables(result: Summary, out: Path) -> list[Path]:
@@ -709,6 +721,103 @@ FIGURES: dict[str, tuple[str, str, Callable[[Section], Figure | None]]] = {
         "score profiles at every checkpoint both seeds analysed. 1: the seeds' heads play the "
         "same roles.",
         seed_similarity,
+    ),
+}
+
+
+def ablation_effects(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
+    """Increase in repeated-token loss when each head is ablated, one panel per seed."""
+    per_step = tokens_per_step(ds)
+    figure, axes = _panels(ds.sizes["seed"])
+    for ax, seed in zip(axes, ds["seed"].values, strict=True):
+        effect = _analysed(ds["repeated_loss_increase"].sel(seed=seed))
+        row = _row(result, seed)
+        for j, (layer, head) in enumerate(
+            (layer, head) for layer in effect["layer"].values for head in effect["head"].values
+        ):
+            best = (layer, head) == (row["best_layer"], row["best_head_in_layer"])
+            ax.plot(
+                effect["step"],
+                effect.sel(layer=layer, head=head),
+                color=_colour(j),
+                lw=2.5 if best else 1,
+                label=head_label(layer, head) + (" (best induction)" if best else ""),
+            )
+        if np.isfinite(row["emergence_midpoint_step"]):
+            ax.axvline(row["emergence_midpoint_step"], color="k", ls="--", lw=1)
+        ax.set_title(f"seed {seed}")
+        ax.set_xlabel("checkpoint step")
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.legend(fontsize="x-small", ncols=2)
+        _tokens_axis(ax, per_step)
+    axes[0].set_ylabel("loss increase on repeated tokens (nats)")
+    figure.suptitle("Head ablation: loss increase when one head's output is removed")
+    return figure
+
+
+def _pattern_steps(steps: np.ndarray, midpoint: float) -> list[int]:
+    """Four checkpoints across the phase change: first, halfway to it, at it, last."""
+    if not np.isfinite(midpoint):
+        midpoint = float(np.median(steps))
+    targets = [steps[0], midpoint / 2, midpoint, steps[-1]]
+    return sorted({int(steps[np.abs(steps - t).argmin()]) for t in targets})
+
+
+def attention_stripes(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
+    """Each seed's best induction and previous-token heads' patterns across the phase change."""
+    rows = []
+    for seed in ds["seed"].values:
+        row = _row(result, seed)
+        prev = ds["previous_token_score"].sel(seed=seed).max("step")
+        layer, head = np.unravel_index(int(np.argmax(prev.values)), prev.shape)
+        rows.append((seed, "induction", row["best_layer"], row["best_head_in_layer"], row))
+        rows.append((seed, "previous-token", int(layer), int(head), row))
+    patterns = ds["attention_pattern"]
+    steps = _analysed(patterns.sel(seed=ds["seed"].values[0]))["step"].values
+    n_cols = len(_pattern_steps(steps, math.nan))
+    figure = Figure(figsize=(2.4 * n_cols + 1, 2.4 * len(rows) + 0.6), layout="constrained")
+    axes = figure.subplots(len(rows), n_cols, squeeze=False)
+    for axes_row, (seed, kind, layer, head, row) in zip(axes, rows, strict=True):
+        seed_patterns = _analysed(patterns.sel(seed=seed))
+        chosen = _pattern_steps(seed_patterns["step"].values, row["emergence_midpoint_step"])
+        for ax, step in zip(axes_row, chosen, strict=False):
+            ax.imshow(
+                seed_patterns.sel(step=step, layer=layer, head=head).values,
+                cmap="Blues",
+                vmin=0,
+                vmax=1,
+            )
+            ax.set_title(f"seed {seed} {head_label(layer, head)} step {step}", fontsize="small")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes_row[0].set_ylabel(f"{kind}\nquery", fontsize="small")
+    figure.suptitle("Attention patterns on one repeated-token probe sequence (key across)")
+    return figure
+
+
+# file name -> (title, caption, drawing function, the variable it needs): drawn when the
+# store has that analysis
+OPTIONAL_FIGURES: dict[
+    str, tuple[str, str, Callable[[xr.Dataset, Summary, xr.Dataset], Figure], str]
+] = {
+    "head_ablation.png": (
+        "Head ablation",
+        "Increase in loss on the repeated part of the probe when one head's output (its z "
+        "before W_O) is ablated, per head and checkpoint (thick: the seed's best induction "
+        "head; dashed: its emergence midpoint). An induction head that computes, rather than "
+        "only attends, should hurt most once the circuit has formed.",
+        ablation_effects,
+        "repeated_loss_increase",
+    ),
+    "attention_patterns.png": (
+        "Attention patterns across the phase change",
+        "Attention of each seed's best induction head and best previous-token head on one "
+        "probe sequence (a random block repeated), at the first checkpoint, halfway to the "
+        "emergence midpoint, at it and at the last checkpoint (query down, key across). The "
+        "previous-token head is a stripe just below the diagonal; the induction head's stripe "
+        "one block back (offset block length - 1) appears across the phase change.",
+        attention_stripes,
+        "attention_pattern",
     ),
 }
 

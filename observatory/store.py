@@ -673,6 +673,11 @@ class RunReader:
             return []
         return sorted(name for name, _ in self.group[ANALYSIS_GROUP].groups())
 
+    def analysis_parameters(self, name: str) -> dict[str, Any] | None:
+        """The parameters an analysis's results were computed with (None: no such analysis)."""
+        group = self.analysis_group(name)
+        return None if group is None else _attrs(group).get("parameters")
+
     def analysis_arrays(self, name: str) -> tuple[np.ndarray, dict[str, zarr.Array]]:
         """The checkpoint steps an analysis covers, and its other arrays.
 
@@ -777,10 +782,13 @@ class AnalysisWriter:
         if group is not None and recompute:
             del reader.group[f"{ANALYSIS_GROUP}/{name}"]
             group = None
-        if group is not None and _attrs(group).get("parameters") != attrs:
+        stored = (_attrs(group).get("parameters") or {}) if group is not None else attrs
+        if stored != attrs:
+            keys = stored.keys() | attrs.keys()
+            changed = sorted(k for k in keys if stored.get(k) != attrs.get(k))
             raise StoreError(
-                f"{self.where}: existing results were computed with other parameters; "
-                "pass --recompute to replace them"
+                f"{self.where}: existing results were computed with other parameters "
+                f"({', '.join(changed)} differ); pass --recompute to replace them"
             )
         if group is None:
             group = reader.analysis_group(name, create=True)

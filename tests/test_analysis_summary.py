@@ -9,8 +9,9 @@ import xarray as xr
 import zarr
 
 from observatory.analysis import variance_split
-from observatory.analysis.summary import load_results, summary, token_loss_pca
+from observatory.analysis.summary import summary, token_loss_pca
 from observatory.errors import StoreError
+from observatory.results import load_results
 
 TOKENS_PER_STEP = 2048
 TRAIN_STEPS = np.arange(1000)
@@ -288,3 +289,34 @@ def test_a_seed_with_no_checkpoints_does_not_stop_the_summary(trained_tiny, tmp_
     assert result.per_seed.loc[1, "left_out"] == "not trained"
     assert result.across_seeds.loc["final_loss", "seeds"] == "0"
     assert summary(path, seeds=[0]).per_seed.index.tolist() == [0]
+
+
+def with_causal_results(ds: xr.Dataset, *, n_pos: int = 9) -> xr.Dataset:
+    """``ds`` plus planted ablation effects and attention patterns.
+
+    Ablating each seed's best planted head raises the loss most, except in seed 2, where the
+    layer-0 head 0 hurts more (the best head ranks second).
+    """
+    best = {seed: heads[0][:2] for seed, (_, _, heads) in PLANTED.items()}
+    effect = np.zeros((ds.sizes["seed"], CHECKPOINTS.size, 2, 4))
+    patterns = np.zeros((*effect.shape, n_pos, n_pos))
+    for i, seed in enumerate(ds["seed"].values):
+        rise = ds["induction_score"].values[i].max(axis=(1, 2))  # [step]
+        effect[i, :, best[seed][0], best[seed][1]] = 2.0 * rise
+        if seed == 2:
+            effect[i, :, 0, 0] = 3.0 * rise
+        patterns[i] = np.eye(n_pos)  # attend to self
+    return ds.assign(
+        repeated_loss_increase=(("seed", "step", "layer", "head"), effect),
+        attention_pattern=(("seed", "step", "layer", "head", "probe_query", "probe_key"), patterns),
+    )
+
+
+def test_summary_ranks_the_best_head_by_its_ablation_effect(planted):
+    per_seed = summary(with_causal_results(planted)).per_seed
+    assert list(per_seed["best_head_ablation_rank"]) == [1, 1, 2]
+    assert list(per_seed["best_head_is_top_ablation"]) == [True, True, False]
+    assert list(per_seed["top_ablation_head"]) == ["L1H2", "L1H0", "L0H0"]
+    assert (per_seed["ablation_step"] == CHECKPOINTS[-1]).all()
+    assert "best's rank" in str(summary(with_causal_results(planted)))
+    assert "best_head_ablation_rank" not in summary(planted).per_seed  # without ablations

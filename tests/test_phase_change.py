@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from observatory.analysis import emergence, loss_bump
-from observatory.analysis.jobs import AnalysisSpec, ExecutionSpec, HeldOutSpec, run_analysis
+from observatory.jobs import AnalysisSpec, ExecutionSpec, HeldOutSpec, run_analysis
 from observatory.query import open_family
 from observatory.spec import CheckpointSpec, SeedSpec, load_run_spec
 from observatory.trainer import train_family

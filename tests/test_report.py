@@ -9,8 +9,8 @@ import pytest
 from observatory import report as report_module
 from observatory.analysis.summary import summary
 from observatory.cli import main
-from observatory.report import FIGURES, write_report
-from tests.test_analysis_summary import analysed_copy, synthetic_results
+from observatory.report import FIGURES, OPTIONAL_FIGURES, write_report
+from tests.test_analysis_summary import analysed_copy, synthetic_results, with_causal_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -124,3 +124,15 @@ def test_a_store_with_two_sizes_gets_one_page_with_a_section_per_size(tmp_path, 
     assert "Sizes compared" in page and page.count("<h2>Circuit formation in") == 2
     assert main(["report", str(store), "--out", str(tmp_path / "one"), "--sizes", "l2-d8"]) == 0
     assert (tmp_path / "one" / "induction_heatmaps.png").exists()
+
+
+def test_causal_figures_are_drawn_when_the_store_has_them(report, tmp_path):
+    _, files = report
+    assert not set(OPTIONAL_FIGURES) & {path.name for path in files}  # not without the data
+    names = {path.name for path in write_report(with_causal_results(synthetic_results()), tmp_path)}
+    assert set(OPTIONAL_FIGURES) <= names
+    for name in OPTIONAL_FIGURES:
+        assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == len(DRAWN) + len(OPTIONAL_FIGURES)
+    assert "Head ablation" in page and "Attention patterns across the phase change" in page

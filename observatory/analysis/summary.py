@@ -47,6 +47,8 @@ RESULTS = {
     "previous_token_score": "head_scores",
     "icl_score": "icl",
     "token_loss": "token_loss",
+    "repeated_loss_increase": "head_ablation",
+    "attention_pattern": "attention_patterns",
 }
 CROSS_SEED = (
     "emergence_crossing_step",
@@ -70,68 +72,7 @@ def head_label(layer: int, head: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading.
-
-
-def load_results(
-    path: str | Path,
-    *,
-    size: str | None = None,
-    seeds: list[int] | None = None,
-    require: tuple[str, ...] = (),
-) -> xr.Dataset:
-    """The per-step loss and the analysis results of one size of a family, in memory.
-
-    Parameters
-    ----------
-    path
-        The family store.
-    size
-        Size name; may be omitted when the store has a single size.
-    seeds
-        Seed indices to load (default: every run of the size).
-    require
-        Variables that must hold results for at least one seed (e.g. ``("induction_score",)``).
-
-    Returns
-    -------
-    xarray.Dataset
-        The variables of :data:`RESULTS` that exist (``loss[seed, train_step]``,
-        ``induction_score[seed, step, layer, head]``, ...), loaded, with coordinates ``seed``,
-        ``init_seed``, ``data_seed``, ``complete`` (per seed), ``step``, ``tokens_seen``,
-        ``train_step``; ``attrs``: ``store``, ``size`` and ``analysis_parameters``
-        (``{analysis: parameters}`` as recorded by the analysis job).
-
-    Raises
-    ------
-    StoreError
-        If the store, size or a seed does not exist, or a required analysis has no results.
-    """
-    from observatory.query import open_family
-    from observatory.store import ATTRS_KEY, FamilyStore
-
-    family = FamilyStore(path)
-    if size is None:
-        sizes = family.sizes()
-        if len(sizes) != 1:
-            raise StoreError(
-                f"{family.path}: several sizes ({', '.join(sizes)}); choose one (--size)"
-            )
-        size = sizes[0]
-    parameters: dict[str, Any] = {}
-    readers = family.size_runs(size)
-    if seeds is not None:
-        readers = [family.run(size, seed) for seed in seeds]
-    for reader in readers:
-        for name in reader.analyses():
-            group = reader.analysis_group(name)
-            parameters.setdefault(name, dict(group.attrs.get(ATTRS_KEY, {})).get("parameters"))
-    family_ds = open_family(path, size=size, seeds=seeds)  # no results: NaN
-    names = [name for name in RESULTS if name in family_ds]
-    ds = family_ds[names].load()
-    ds.attrs = {"store": str(family.path), "size": size, "analysis_parameters": parameters}
-    check_results(ds, require)
-    return ds
+# Checking loaded results (loading them is I/O: observatory.results.load_results).
 
 
 def check_results(ds: xr.Dataset, require: tuple[str, ...]) -> None:
@@ -162,6 +103,8 @@ def _results(
     if isinstance(source, xr.Dataset):
         check_results(source, require)
         return source if seeds is None else source.sel(seed=seeds)
+    from observatory.results import load_results
+
     return load_results(source, size=size, seeds=seeds, require=require)
 
 
@@ -213,7 +156,9 @@ class Summary:
 
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The per-seed and cross-seed tables as formatted text, for display."""
-        per_seed = pd.DataFrame([_seed_cells(seed, row) for seed, row in self.per_seed.iterrows()])
+        per_seed = pd.DataFrame(
+            [_seed_cells(seed, row) | _ablation_cell(row) for seed, row in self.per_seed.iterrows()]
+        )
         across = pd.DataFrame(
             [
                 {
@@ -373,7 +318,9 @@ def summary(
       (negative: the model uses its context more after the bump);
     * ``final_loss``: :func:`~observatory.analysis.phase.final_loss` of the steps trained
       (of an incomplete run: where it stopped, and left out across seeds);
-    * ``init_seed``, ``data_seed``.
+    * ``init_seed``, ``data_seed``;
+    * with ``head_ablation`` results, whether the best head is the head whose ablation hurts
+      most (:func:`ablation_ranks`: ``top_ablation_head``, ``best_head_ablation_rank``, ...).
 
     Across seeds (``Summary.across_seeds``), for each quantity of :data:`CROSS_SEED`: the
     seeds that contributed and the seeds left out with the reason (``"incomplete"``,
@@ -385,7 +332,7 @@ def summary(
     Parameters
     ----------
     path
-        The family store, or a dataset from :func:`load_results`.
+        The family store, or a dataset from :func:`~observatory.results.load_results`.
     size
         Size name; may be omitted when the store has a single size.
     seeds
@@ -427,6 +374,8 @@ def summary(
     ]
     per_seed = pd.DataFrame(rows).set_index("seed")
     per_seed["jump_in_bump"] = per_seed["jump_in_bump"].astype("boolean")
+    if "repeated_loss_increase" in ds:
+        per_seed = per_seed.join(ablation_ranks(ds, per_seed))
     analyses = ds.attrs.get("analysis_parameters", {})
     icl = analyses.get("icl") or {}
     return Summary(
@@ -631,6 +580,45 @@ def _heads_columns(
     }
 
 
+def ablation_ranks(ds: xr.Dataset, per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Per seed: is the best induction head the head whose ablation hurts most?
+
+    At each seed's last checkpoint with ``head_ablation`` results, heads are ranked by the
+    increase in loss on the probe's repeated part when ablated (``repeated_loss_increase``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``seed``; ``ablation_step``, ``top_ablation_head`` (largest effect),
+        ``top_ablation_effect``, ``best_head_ablation_effect``, ``best_head_ablation_rank``
+        (1: largest) and ``best_head_is_top_ablation``.
+    """
+    rows = []
+    for seed in ds["seed"].values:
+        effect = ds["repeated_loss_increase"].sel(seed=seed)
+        effect = effect.isel(step=effect.notnull().all(["layer", "head"]).values)
+        row = {"seed": int(seed), "ablation_step": math.nan, "top_ablation_head": None}
+        if effect.sizes["step"]:
+            last = effect.isel(step=-1).transpose("layer", "head")
+            values, best = last.values, per_seed.loc[int(seed)]
+            layer = list(last["layer"].values).index(best["best_layer"])
+            head = list(last["head"].values).index(best["best_head_in_layer"])
+            top = np.unravel_index(np.argmax(values), values.shape)
+            rank = 1 + int((values > values[layer, head]).sum())
+            row |= {
+                "ablation_step": int(last["step"]),
+                "top_ablation_head": head_label(
+                    last["layer"].values[top[0]], last["head"].values[top[1]]
+                ),
+                "top_ablation_effect": float(values[top]),
+                "best_head_ablation_effect": float(values[layer, head]),
+                "best_head_ablation_rank": rank,
+                "best_head_is_top_ablation": rank == 1,
+            }
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("seed")
+
+
 # --------------------------------------------------------------------------------------------
 # The per-token-loss PCA.
 
@@ -646,7 +634,7 @@ def token_loss_pca(
     Parameters
     ----------
     path
-        The family store, or a dataset from :func:`load_results`.
+        The family store, or a dataset from :func:`~observatory.results.load_results`.
     size
         Size name; may be omitted when the store has a single size.
     n_components
@@ -812,6 +800,15 @@ def _profiles(one: xr.Dataset, scores: list[str]) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # Formatting.
+
+
+def _ablation_cell(row: pd.Series) -> dict[str, str]:
+    """The per-seed table's ablation column, when the store has ablation results."""
+    if "best_head_ablation_rank" not in row:
+        return {}
+    rank = row["best_head_ablation_rank"]
+    cell = "-" if pd.isna(rank) else f"{row['top_ablation_head']} ({int(rank)})"
+    return {"ablation: top head (best's rank)": cell}
 
 
 def _nan(value: float | None) -> float:

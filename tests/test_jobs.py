@@ -1,0 +1,345 @@
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from observatory.analysis import attention_patterns, head_scores
+from observatory.cli import main
+from observatory.errors import SpecError
+from observatory.jobs import ProbeSpec, compute, load_analysis_spec, run_analysis, shared_data
+from observatory.query import model_at, open_family
+from observatory.store import FamilyStore
+
+JOB = """\
+store = "{store}"
+analyses = ["head_scores", "copying", "icl", "token_loss"]
+
+[probe]
+seed = 7
+n_sequences = 3
+
+[held_out]
+n_sequences = 6
+
+[execution]
+block_size = 4
+workers = 1
+"""
+
+
+@pytest.fixture
+def store_copy(trained_tiny, tmp_path):
+    _, store = trained_tiny
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    return copy
+
+
+def write_job(tmp_path, store, text=JOB):
+    path = tmp_path / "job.toml"
+    path.write_text(text.format(store=store))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (("[probe]", "[probe]\nbogus = 1"), "bogus"),
+        (
+            ('analyses = ["head_scores", "copying", "icl", "token_loss"]', "analyses = []"),
+            "analyses",
+        ),
+        (('analyses = ["head_scores"', 'analyses = ["nope"'), "analyses[0]"),
+        (
+            (
+                "[execution]",
+                "[head_scores]\nexclude_bos = true\ntransformer_lens_too = false\n[execution]",
+            ),
+            "exclude_bos",
+        ),
+    ],
+)
+def test_malformed_job_spec_is_a_one_line_error(tmp_path, change, needle, capsys):
+    path = write_job(tmp_path, tmp_path / "x.zarr", JOB.replace(*change))
+    with pytest.raises(SpecError, match="."):
+        load_analysis_spec(path)
+    assert main(["analyze", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_missing_store_is_a_one_line_error(tmp_path, capsys):
+    path = write_job(tmp_path, tmp_path / "missing.zarr")
+    assert main(["analyze", str(path), "--no-progress"]) == 2
+    assert "no such store" in capsys.readouterr().err
+
+
+def test_local_cluster_job_scores_every_checkpoint_and_reruns_idempotently(store_copy, tmp_path):
+    spec = load_analysis_spec(write_job(tmp_path, store_copy))
+    report = run_analysis(spec, progress=False)
+    family = FamilyStore(store_copy)
+    n_ckpt = sum(family.run(r.size, r.seed).n_checkpoints for r in family.runs())
+    assert (report.computed, report.skipped) == (n_ckpt, 0)
+
+    # stored values are exactly what the pure functions give on the model at that step
+    run = family.run("l2-d16", 1)
+    steps, arrays = run.analysis_arrays("head_scores")
+    assert sorted(steps) == sorted(run.steps())
+    data = shared_data(family.spec, spec.probe, spec.held_out)
+    row = int(np.flatnonzero(steps == 8)[0])
+    model = model_at(store_copy, size="l2-d16", seed=1, step=8)
+    expected = head_scores(attention_patterns(model, data.probe_tokens), data.probe_tokens)
+    np.testing.assert_allclose(arrays["induction_score"][row], expected["induction"], rtol=1e-6)
+    assert np.array_equal(run.analysis_group("head_scores")["probe_tokens"][:], data.probe_tokens)
+
+    again = run_analysis(spec, progress=False)
+    assert (again.computed, again.skipped) == (0, n_ckpt)
+    assert len(run.analysis_arrays("head_scores")[0]) == len(steps)  # nothing appended twice
+    redo = run_analysis(spec, progress=False, recompute=True)
+    assert redo.computed == n_ckpt
+
+
+def test_results_are_readable_with_plain_xarray(store_copy, tmp_path):
+    spec = load_analysis_spec(write_job(tmp_path, store_copy))
+    run_analysis(spec, progress=False)
+    ds = xr.open_zarr(store_copy, group="l2-d16/seed0/analysis/head_scores", consolidated=False)
+    assert ds["induction_score"].dims == ("step", "layer", "head")
+    assert ds["induction_score"].sizes == {"step": len(ds["step"]), "layer": 2, "head": 2}
+    assert np.all(np.isfinite(ds["induction_score"].values))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A dask scheduler and one worker, separate processes on loopback; the worker runs in its
+    own empty directory, so user code can only reach it by being shipped."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    workdir = tmp_path / "worker"
+    workdir.mkdir()
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+        + ["--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address]
+        + ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+        + ["--local-directory", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=workdir,
+    )
+    try:
+        from distributed import Client
+
+        deadline = time.monotonic() + 60
+        while True:  # wait until the worker has joined
+            try:
+                with Client(address, timeout=5) as client:
+                    if client.scheduler_info()["workers"]:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "dask scheduler/worker did not start"
+            time.sleep(0.5)
+        yield address
+    finally:
+        worker.terminate()
+        scheduler.terminate()
+        worker.wait(30)
+        scheduler.wait(30)
+
+
+CUSTOM = '''\
+import observatory as obs
+from observatory.analysis import attention_patterns
+
+
+@obs.analysis(variables={"bos_attention": ("layer", "head")})
+def bos_attention(model, data, *, scale: float = 1.0):
+    """Mean attention to the first token on the probe."""
+    patterns = attention_patterns(model, data.probe_tokens)  # [layer, batch, head, q, k]
+    return {"bos_attention": scale * patterns[..., 0].mean(axis=(1, 3))}
+
+
+@obs.analysis(variables={"fragile": ()})
+def fragile(model, data):
+    """Fails at every checkpoint."""
+    raise ValueError("no good\\nsecond line")
+'''
+
+CUSTOM_JOB = """\
+store = "{store}"
+analyses = ["icl", "mine/analyses.py:bos_attention"]
+seeds = [1]
+
+[probe]
+n_sequences = 3
+
+[held_out]
+n_sequences = 6
+
+[bos_attention]
+scale = 2.0
+
+[execution]
+block_size = 4
+"""
+
+
+def test_custom_analysis_from_a_file_runs_on_a_separate_scheduler_and_worker(
+    store_copy, tmp_path, dask_cluster, capsys
+):
+    code = tmp_path / "jobs" / "mine" / "analyses.py"  # outside the package, beside the job
+    code.parent.mkdir(parents=True)
+    code.write_text(CUSTOM)
+    job = tmp_path / "jobs" / "custom.toml"
+    job.write_text(CUSTOM_JOB.format(store=store_copy))
+    analyze = ["analyze", str(job), "--scheduler", dask_cluster, "--no-progress"]
+    assert main(analyze) == 0
+    n_ckpt = FamilyStore(store_copy).run("l2-d16", 1).n_checkpoints
+    assert f"analysed {n_ckpt} checkpoints" in capsys.readouterr().out
+
+    ds = open_family(store_copy, size="l2-d16", seeds=[1])
+    assert ds["bos_attention"].dims == ("seed", "step", "layer", "head")
+    stored = ds["bos_attention"].values
+    assert np.isfinite(stored).all() and np.isfinite(ds["icl_score"].values).all()
+    # the same values in this process, without a job (and nothing written)
+    computed = compute(
+        f"{code}:bos_attention",
+        store_copy,
+        size="l2-d16",
+        seeds=[1],
+        options={"scale": 2.0},
+        probe=ProbeSpec(n_sequences=3),
+    )
+    np.testing.assert_array_equal(computed["bos_attention"].values, stored)
+
+    assert main(analyze) == 0  # a re-run computes nothing
+    assert "analysed 0 checkpoints" in capsys.readouterr().out
+
+    code.write_text(CUSTOM.replace("scale * patterns", "scale * 0.5 * patterns"))
+    assert main(analyze) == 2  # changed source: refused, one line
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "source_sha256" in err and "--recompute" in err
+    assert main([*analyze, "--recompute"]) == 0
+    recomputed = open_family(store_copy, size="l2-d16", seeds=[1])["bos_attention"].values
+    np.testing.assert_allclose(recomputed, stored / 2, rtol=1e-6)
+
+    job.write_text(
+        CUSTOM_JOB.format(store=store_copy).replace(
+            ':bos_attention"]', ':bos_attention", "mine/analyses.py:fragile"]'
+        )
+    )
+    assert main(analyze) == 2  # a failing function: one line naming it, the run and the step
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert (
+        "analysis 'fragile' on l2-d16/seed1 at step" in err
+        and "at step" in err
+        and "ValueError: no good" in err
+    )
+    after = open_family(store_copy, size="l2-d16", seeds=[1])
+    np.testing.assert_array_equal(after["bos_attention"].values, recomputed)  # intact
+    assert "fragile" not in after or np.isnan(after["fragile"].values).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (
+            'analyses = ["head_ablation"]\n[head_ablation]\nablation = "half"',
+            "head_ablation.ablation",
+        ),
+        ('analyses = ["head_ablation"]\n[head_ablation]\nbogus = 1', "'bogus'"),
+        ('analyses = ["attention_patterns"]\n[attention_patterns]\nsequence = "0"', "sequence"),
+        ('analyses = ["icl"]\n[head_ablation]\nablation = "mean"', "[head_ablation]"),
+        ('analyses = ["missing.py:fn"]', "analyses[0]: no such analysis file"),
+        ('analyses = ["mine.py:undecorated"]', "not decorated with @obs.analysis"),
+        ('analyses = ["mine.py:nothing"]', "no such name"),
+        ('analyses = ["no_such_module_xyz:fn"]', "cannot import 'no_such_module_xyz'"),
+    ],
+)
+def test_analysis_references_and_options_are_checked_when_the_job_loads(
+    tmp_path, options, needle, capsys
+):
+    (tmp_path / "mine.py").write_text("def undecorated(model, data):\n    return {}\n")
+    job = tmp_path / "job.toml"
+    job.write_text(f'store = "{tmp_path / "x.zarr"}"\n{options}\n')
+    assert main(["analyze", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_analyses_lists_the_builtins_with_variables_and_options(capsys):
+    assert main(["analyses"]) == 0
+    out = capsys.readouterr().out
+    for name in ("head_scores", "copying", "icl", "token_loss", "head_ablation"):
+        assert f"\n{name}: " in f"\n{out}"
+    assert "repeated_loss_increase [step, layer, head]" in out
+    assert 'ablation = "zero"' in out and "attention_pattern [step, layer, head," in out
+
+
+def test_compute_runs_builtins_and_decorated_functions_in_process(trained_tiny):
+    import observatory as obs
+
+    _, store = trained_tiny
+
+    @obs.analysis(variables={"n_params": (), "per_head": ("layer", "head", ("pair", 2))})
+    def counts(model, data, *, offset: int = 0):
+        """Parameter count, and a constant per head."""
+        n = sum(p.numel() for p in model.parameters()) + offset
+        return {"n_params": n, "per_head": np.ones((2, 2, 2))}
+
+    ds = obs.compute(counts, store, size="l2-d16", seeds=[0], steps=[0, 8], options={"offset": 1})
+    assert ds["per_head"].dims == ("seed", "step", "layer", "head", "pair")
+    assert list(ds["step"].values) == [0, 8] and (ds["n_params"] > 1).all()
+    with pytest.raises(SpecError, match="counts: unknown key 'off'"):
+        obs.compute(counts, store, size="l2-d16", options={"off": 1})
+    ablation = obs.compute("head_ablation", store, size="l2-d16", seeds=[1], steps=[8])
+    assert ablation["repeated_loss_increase"].sizes == {"seed": 1, "step": 1, "layer": 2, "head": 2}
+    assert np.isfinite(ablation["held_out_loss_increase"].values).all()
+    patterns = obs.compute("attention_patterns", store, size="l2-d16", steps=[8])
+    rows = patterns["attention_pattern"].sum("probe_key").values
+    np.testing.assert_allclose(rows, 1.0, rtol=1e-5)  # every query's attention sums to one
+
+
+def test_the_probe_of_a_text_corpus_uses_only_tokens_that_occur_in_it(tmp_path):
+    import dataclasses
+
+    from observatory.spec import DataSpec, load_run_spec
+    from tests.conftest import TINY_TOML, write_spec
+
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    # lowercase letters and spaces, with a few very common and very rare bytes
+    rng = np.random.default_rng(0)
+    text = "QZ" + "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 4000)) + " " * 2000
+    (corpus_dir / "a.py").write_text(text)
+    spec = load_run_spec(
+        write_spec(tmp_path, TINY_TOML.replace("vocab_size = 16", "vocab_size = 256"))
+    )
+    spec = dataclasses.replace(spec, data=DataSpec(source="text", paths=(str(corpus_dir),)))
+    job = load_analysis_spec(write_job(tmp_path, "unused.zarr"))
+    data = shared_data(spec, job.probe, job.held_out)
+    used = set(np.unique(data.probe.tokens[:, 1:]).tolist())
+    occurring = set(text.encode())
+    assert used <= occurring and len(used) > 2
+    assert not used & {ord(" "), ord("Q"), ord("Z")}  # the commonest and the rarest
+    attrs = data.probe.attrs
+    assert attrs["probe_tokens_from"] == "training corpus"
+    assert attrs["probe_n_candidates"] == len(occurring) - 2 * int(0.1 * len(occurring))  # 29 - 4
+    synthetic = shared_data(load_run_spec(write_spec(tmp_path)), job.probe, job.held_out)
+    assert "probe_tokens_from" not in synthetic.probe.attrs
