@@ -1,5 +1,8 @@
 """Trainer speed with dense checkpoints vs a bare PyTorch loop, and bytes on disk per checkpoint.
 
+The bare loop is the trainer's own ``train_step`` on a second copy of the model; bytes on disk
+are reported with the optimizer state at every checkpoint and at every 8th (``state_every``).
+
 The two loops run in lock-step in this process: before each trainer step, the trainer's
 ``on_batch`` hook runs one step of a bare loop (a second copy of the same model and optimizer,
 with no checkpoints, metrics or store) on the same batch, and times it.  This machine's speed
@@ -28,7 +31,7 @@ import torch
 
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, RunWriter, StepRecord, create_family
-from observatory.trainer import train_run
+from observatory.trainer import train_run, train_step
 
 
 class BareLoop:
@@ -42,13 +45,13 @@ class BareLoop:
 
     def __call__(self, step: int, tokens: torch.Tensor) -> None:
         start = time.perf_counter()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.spec.optimizer.lr_at(step, self.spec.train.steps)
-        loss = self.model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss, _ = train_step(
+            self.model,
+            self.optimizer,
+            tokens,
+            lr=self.spec.optimizer.lr_at(step, self.spec.train.steps),
+            grad_clip=self.spec.optimizer.grad_clip,
+        )
         loss.item()
         self.seconds += time.perf_counter() - start
 
@@ -122,6 +125,28 @@ def disk_figures(store: Path, spec) -> list[str]:
     ]
 
 
+def keyframe_figures(spec, corpus, tmp: Path, *, dense: Path, state_every: int = 8) -> list[str]:
+    """Bytes on disk per checkpoint with the state at every checkpoint and every 8th."""
+    sparse_spec = dataclasses.replace(
+        spec, checkpoints=dataclasses.replace(spec.checkpoints, state_every=state_every)
+    )
+    sparse = tmp / f"state_every{state_every}.zarr"
+    root = create_family(sparse, sparse_spec, data={"fingerprint": corpus.fingerprint})
+    train_run(sparse_spec, sparse_spec.runs()[0], root, corpus, progress=False)
+    lines, per_checkpoint = [], {}
+    for every, store in ((spec.checkpoints.state_every, dense), (state_every, sparse)):
+        family = FamilyStore(store)
+        run = family.run(spec.model.sizes[0].name, 0)
+        per_checkpoint[every] = family.disk_bytes(run.run.path) / run.n_checkpoints
+        lines.append(
+            f"state_every = {every}: {len(run.keyframe_steps())} keyframes of "
+            f"{run.n_checkpoints} checkpoints, {per_checkpoint[every] / 1e3:.1f} kB on disk per "
+            "checkpoint (the whole run's bytes / checkpoints)"
+        )
+    ratio = per_checkpoint[state_every] / per_checkpoint[spec.checkpoints.state_every]
+    return [*lines, f"bytes per checkpoint, state_every = {state_every} vs 1: ratio {ratio:.3f}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="runs/induction.toml")
@@ -153,6 +178,7 @@ def main() -> None:
                 flush=True,
             )
         figures = disk_figures(store, spec)
+        figures += keyframe_figures(spec, corpus, Path(tmp), dense=store)
     print(
         f"speed ratio trainer/bare, median of {args.rounds} rounds: "
         f"{statistics.median(ratios):.3f} (target >= 0.95); conservative, with the writer's "

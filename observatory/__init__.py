@@ -17,6 +17,7 @@ _LAZY = {
         "observatory.query",
     ),
     "summary": "observatory.analysis.summary",
+    "replay": "observatory.replayer",
     "compute": "observatory.jobs",
 }
 # ``obs.analysis`` is the ``observatory.analysis`` package, which is callable: the decorator

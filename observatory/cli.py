@@ -19,6 +19,7 @@ typical session:
   observatory analyses                               # the built-in analyses and options
   observatory analyze analyses/induction.toml        # circuit-formation scores, on dask
   observatory report store/induction.zarr --out report/   # figures, HTML page, summary table
+  observatory verify store/induction.zarr            # checksums, ledger, replay of every step
 """
 
 
@@ -82,6 +83,28 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         f"analysed {report.computed} checkpoints of {len(report.runs)} runs "
         f"({report.skipped} already done) into {spec.store}"
     )
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from observatory.verify import format_verdicts, verify_store
+
+    verdicts = verify_store(
+        args.store,
+        quick=args.quick,
+        sizes=args.sizes.split(",") if args.sizes else None,
+        seeds=args.seeds,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(format_verdicts(verdicts))
+    failed = [v for v in verdicts if v.failure]
+    if failed:
+        print(f"verification failed: {failed[0].failure}")
+        return 1
+    checks = "checksums and ledger" if args.quick else "checksums, ledger and replay"
+    print(f"verified {len(verdicts)} runs ({checks}): all checkpoints are the right ones")
+    return 0
 
 
 def _cmd_analyses(args: argparse.Namespace) -> None:
@@ -224,6 +247,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="also draw the induction scores in TransformerLens's detect_head convention",
     )
     report.set_defaults(func=_cmd_report)
+
+    verify = commands.add_parser(
+        "verify",
+        help="prove a store holds the checkpoints it claims: checksums, ledger, replay",
+        description="Verify every run of a store and print a table (run, checkpoints checked, "
+        "checkpoints replayed, result): (1) every chunk's checksum; (2) every checkpoint "
+        "against the SHA-256 recorded when it was written, no two steps with identical "
+        "weights, and steps, tokens seen, learning rates and batches as the spec prescribes; "
+        "(3) unless --quick, every checkpoint bit-identical to a replay of the steps from the "
+        "keyframe before it, on dask. Reads committed data only and writes nothing. Exit "
+        "code 0: all verified; 1: a check failed (the first failing run and step is named); "
+        "2: bad input.",
+    )
+    verify.add_argument("store", help="family store (*.zarr)")
+    verify.add_argument("--quick", action="store_true", help="checksums and ledger only")
+    verify.add_argument("--sizes", help="comma-separated size names (default: all)")
+    verify.add_argument("--seeds", type=_int_list, help="seed indices, e.g. 0-1 or 0,2")
+    verify.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running dask scheduler (default: a local cluster)",
+    )
+    verify.add_argument(
+        "--workers", type=int, metavar="N", help="local cluster workers (default: one per core)"
+    )
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify.set_defaults(func=_cmd_verify)
     return parser
 
 
@@ -231,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; user errors print one line and return a non-zero exit code."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except ObservatoryError as err:
         print(f"observatory: error: {err}", file=sys.stderr)
         return 2
@@ -241,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

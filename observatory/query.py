@@ -377,7 +377,9 @@ def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrained
     seed
         Seed index.
     step
-        A committed checkpoint step (the weights after ``step`` updates).
+        The weights after ``step`` updates.  A committed checkpoint is read; any other
+        recorded step is replayed from the nearest keyframe before it (with a warning that
+        says so; see :func:`observatory.replayer.replay`).
 
     Returns
     -------
@@ -388,9 +390,13 @@ def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrained
     Raises
     ------
     StoreError
-        If the store, size, seed or checkpoint does not exist (the message lists what does).
+        If the store, size, seed or step does not exist (the message lists what does).
     """
     reader = FamilyStore(path).run(size, seed)
+    if step not in reader.steps() and 0 <= step <= reader.n_steps:
+        from observatory.replayer import model_at_step
+
+        return model_at_step(path, size=size, seed=seed, step=step)
     model = _empty_model(reader)
     model.load_state_dict(unstack_layers(reader.parameters_at(step)), strict=True)
     return model.eval()
@@ -466,6 +472,17 @@ def batch_at(path: str | Path, *, size: str, seed: int, step: int) -> torch.Tens
     """
     family = FamilyStore(path)
     indices = family.run(size, seed).batch_indices(step)
+    return stored_corpus(family).batch(indices)
+
+
+def stored_corpus(family: FamilyStore) -> Corpus:
+    """The corpus a store was trained on, rebuilt from its spec (cached) and fingerprint-checked.
+
+    Raises
+    ------
+    StoreError
+        If the rebuilt corpus differs from the one the store was trained on.
+    """
     spec = family.spec
     corpus = _corpus(spec.data, spec.train.context, spec.model.vocab_size)
     stored = family.attrs["data"]["fingerprint"]
@@ -474,7 +491,7 @@ def batch_at(path: str | Path, *, size: str, seed: int, step: int) -> torch.Tens
             f"{family.path}: the corpus rebuilt from the stored spec has fingerprint "
             f"{corpus.fingerprint}, but the store was trained on {stored} (changed corpus files?)"
         )
-    return corpus.batch(indices)
+    return corpus
 
 
 @lru_cache(maxsize=2)

@@ -325,9 +325,12 @@ class CheckpointSpec:
     every: int = 0  # also every N steps (0: off)
     extra: tuple[int, ...] = ()
     every_step: bool = False  # checkpoint after every single step
+    # AdamW moments and RNG state only at every N-th checkpoint (a keyframe); weights at all
+    state_every: int = 1
 
     def validate(self, where: str) -> None:
         _require(self.every >= 0, f"{where}.every: must be >= 0")
+        _require(self.state_every >= 1, f"{where}.state_every: must be >= 1")
         _require(all(s >= 0 for s in self.extra), f"{where}.extra: steps must be >= 0")
 
     def steps(self, total_steps: int) -> tuple[int, ...]:
@@ -341,6 +344,14 @@ class CheckpointSpec:
             steps.update(range(0, total_steps + 1, self.every))
         steps.update(self.extra)
         return tuple(sorted(steps))
+
+    def keyframes(self, total_steps: int) -> tuple[int, ...]:
+        """Checkpoints that also store the optimizer and RNG state: every ``state_every``-th
+        one, and always the first (step 0) and the last (so a finished run can be continued).
+        """
+        steps = self.steps(total_steps)
+        last = len(steps) - 1
+        return tuple(s for i, s in enumerate(steps) if i % self.state_every == 0 or i == last)
 
 
 @dataclass(frozen=True)

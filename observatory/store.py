@@ -25,6 +25,8 @@ readers use only what those markers cover, so a crash never exposes a half-writt
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import math
 import queue
@@ -46,11 +48,14 @@ from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, parameter_dims
 from observatory.spec import RunId, RunSpec, SizeSpec, StoreSpec, spec_from_dict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: keyframes (state at every N-th checkpoint), SHA-256 ledger
 ATTRS_KEY = "observatory"
 STATE_GROUP = "state"
 ANALYSIS_GROUP = "analysis"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+KEYFRAME = "keyframe"  # the axis of the training state, and the array of its steps
+WEIGHTS_SHA256 = "weights_sha256"  # the ledger: a hash of each checkpoint's weights
+SHA256 = "sha256"  # ... and of each keyframe's optimizer and RNG state, in state/
 STEP_METRICS = ("loss", "lr", "grad_norm")
 METRIC_CHUNK = 4096
 READ_ATTEMPTS = 5  # see RunReader.read
@@ -163,13 +168,20 @@ def write_size_attrs(root: zarr.Group, size: SizeSpec, *, hf_config: dict[str, A
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A snapshot of the training state after ``step`` updates (arrays are private copies)."""
+    """A snapshot of the training state after ``step`` updates (arrays are private copies).
+
+    Weights only, or (at a keyframe) the whole state that training continues from.
+    """
 
     step: int
     tokens_seen: int
     params: dict[str, np.ndarray]  # stacked HF parameters
-    moments: dict[str, dict[str, np.ndarray]]  # "exp_avg"/"exp_avg_sq" -> stacked arrays
-    rng_state: np.ndarray  # uint8
+    moments: dict[str, dict[str, np.ndarray]] | None = None  # "exp_avg"/"exp_avg_sq" -> stacked
+    rng_state: np.ndarray | None = None  # uint8
+
+    @property
+    def is_keyframe(self) -> bool:
+        return self.moments is not None
 
 
 @dataclass(frozen=True)
@@ -188,7 +200,8 @@ class RunWriter:
     ``put_checkpoint`` and ``put_step`` return at once; a writer thread buffers checkpoints
     and commits them when a shard is full, ``commit_seconds`` have passed or the buffer holds
     ``MAX_BUFFER_BYTES``, so that each shard file is written whole (for small models) and the
-    training loop never waits on disk.
+    training loop never waits on disk.  The writer thread also hashes each checkpoint into the
+    run's ledger (see :func:`weights_digest`), committed with it.
 
     Parameters
     ----------
@@ -204,10 +217,14 @@ class RunWriter:
         Head size: per-head dims are chunked in blocks of ``d_head``.
     schedule
         Every checkpoint step the run will write.
+    keyframes
+        The checkpoint steps that also hold the optimizer and RNG state (default: all).
     rng_bytes
         Size of the torch RNG state.
     data_order_fingerprint
         Fingerprint of the run's data order (checked when the run is reopened).
+    recipe
+        What else decides the run's numbers (library versions, threads, CPU), for replay.
     """
 
     def __init__(
@@ -221,6 +238,8 @@ class RunWriter:
         schedule: tuple[int, ...],
         rng_bytes: int,
         data_order_fingerprint: str,
+        keyframes: tuple[int, ...] | None = None,
+        recipe: dict[str, Any] | None = None,
     ):
         self.run = run
         self._shard = spec.store.checkpoints_per_shard
@@ -228,12 +247,19 @@ class RunWriter:
         self._group = root.require_group(run.path)
         if not _attrs(self._group):
             self._create_arrays(spec, param_shapes, d_head, schedule, rng_bytes)
-            _set_attrs(self._group, data_order_fingerprint=data_order_fingerprint)
+            _set_attrs(
+                self._group,
+                data_order_fingerprint=data_order_fingerprint,
+                keyframes=list(schedule if keyframes is None else keyframes),
+                recipe=recipe or {},
+            )
         elif _attrs(self._group).get("data_order_fingerprint") != data_order_fingerprint:
             raise StoreError(f"{run.path}: the data order changed since this run was started")
         self._ckpt_arrays = self._checkpoint_arrays()
         checkpoint_bytes = sum(
-            a.dtype.itemsize * math.prod(a.shape[1:]) for a in self._ckpt_arrays.values()
+            a.dtype.itemsize * math.prod(a.shape[1:])
+            for arrays in self._ckpt_arrays.values()
+            for a in arrays.values()
         )
         self._buffer_slots = max(1, min(self._shard, MAX_BUFFER_BYTES // checkpoint_bytes))
         self._queue: queue.Queue = queue.Queue()
@@ -249,7 +275,7 @@ class RunWriter:
         compressors = _compressors(spec.store)
 
         def checkpoint_array(
-            parent: zarr.Group, name: str, shape, dims, dtype="float32", per_head=False
+            parent: zarr.Group, name: str, shape, dims, dtype="float32", per_head=False, axis="step"
         ):
             # A file holds K whole checkpoints. Per-head arrays are shards whose inner chunks
             # are one layer and one head's block of rows, so one head reads only its bytes;
@@ -267,8 +293,8 @@ class RunWriter:
                 dtype=dtype,
                 compressors=compressors,
                 fill_value=0,
-                dimension_names=("step", *dims),
-                attributes={"coordinates": "tokens_seen"},
+                dimension_names=(axis, *dims),
+                attributes={"coordinates": "tokens_seen"} if axis == "step" else {},
             )
 
         def vector(parent: zarr.Group, name: str, dims, dtype, trailing=()):
@@ -285,13 +311,19 @@ class RunWriter:
         for name, shape in param_shapes.items():
             checkpoint_array(group, name, shape, parameter_dims(name), per_head=True)
         state = group.require_group(STATE_GROUP)
+        # The training state is stored at keyframes only: its own axis, with their steps.
         for moment in MOMENTS:
             moments = state.require_group(moment)
             for name, shape in param_shapes.items():
-                checkpoint_array(moments, name, shape, parameter_dims(name))
-        checkpoint_array(state, "rng_state", (rng_bytes,), ("rng_byte",), dtype="uint8")
+                checkpoint_array(moments, name, shape, parameter_dims(name), axis=KEYFRAME)
+        checkpoint_array(
+            state, "rng_state", (rng_bytes,), ("rng_byte",), dtype="uint8", axis=KEYFRAME
+        )
+        vector(state, KEYFRAME, (KEYFRAME,), "int64")
+        vector(state, SHA256, (KEYFRAME, "sha256_byte"), "uint8", trailing=(32,))
         vector(group, "step", ("step",), "int64")
         vector(group, "tokens_seen", ("step",), "int64")
+        vector(group, WEIGHTS_SHA256, ("step", "sha256_byte"), "uint8", trailing=(32,))
         vector(group, "train_step", ("train_step",), "int64")
         vector(group, "train_tokens", ("train_step",), "int64")
         for metric in STEP_METRICS:
@@ -315,18 +347,28 @@ class RunWriter:
             complete=False,
         )
 
-    def _checkpoint_arrays(self) -> dict[tuple[str, ...], zarr.Array]:
-        """Every array with a leading ``step`` dim, keyed by its path within the run."""
+    def _checkpoint_arrays(self) -> dict[str, dict[tuple[str, ...], zarr.Array]]:
+        """Arrays with a leading ``step`` (``"step"``) or ``keyframe`` dim (``"keyframe"``),
+        keyed as in :func:`_checkpoint_rows`."""
         names = _attrs(self._group)["parameters"]
-        paths: dict[tuple[str, ...], str] = {}
-        for name in names:
-            paths[("params", name)] = name
-            for moment in MOMENTS:
-                paths[(moment, name)] = f"{STATE_GROUP}/{moment}/{name}"
-        paths[("rng_state",)] = f"{STATE_GROUP}/rng_state"
-        paths[("step",)] = "step"
-        paths[("tokens_seen",)] = "tokens_seen"
-        return {key: self._array(path) for key, path in paths.items()}
+        paths = {
+            "step": {("params", name): name for name in names}
+            | {("step",): "step", ("tokens_seen",): "tokens_seen", ("sha256",): WEIGHTS_SHA256},
+            KEYFRAME: {
+                (moment, name): f"{STATE_GROUP}/{moment}/{name}"
+                for moment in MOMENTS
+                for name in names
+            }
+            | {
+                ("rng_state",): f"{STATE_GROUP}/rng_state",
+                ("step",): f"{STATE_GROUP}/{KEYFRAME}",
+                ("sha256",): f"{STATE_GROUP}/{SHA256}",
+            },
+        }
+        return {
+            axis: {key: self._array(path) for key, path in arrays.items()}
+            for axis, arrays in paths.items()
+        }
 
     def _array(self, path: str) -> zarr.Array:
         # Checkpoints are never all zeros worth skipping; checking each chunk for it would
@@ -347,20 +389,24 @@ class RunWriter:
 
     def truncate(self, n_checkpoints: int, n_steps: int) -> None:
         """Drop anything past the given counts (left by a crash) before resuming."""
-        for array in self._ckpt_arrays.values():
-            array.resize((n_checkpoints, *array.shape[1:]))
+        n_keyframes = _keyframe_count(_attrs(self._group), n_checkpoints)
+        lengths = {"step": n_checkpoints, KEYFRAME: n_keyframes}
+        for axis, arrays in self._ckpt_arrays.items():
+            for array in arrays.values():
+                array.resize((lengths[axis], *array.shape[1:]))
         for name in ("train_step", "train_tokens", "batch_indices", *STEP_METRICS):
             array = self._group[name]
             array.resize((n_steps, *array.shape[1:]))
         _set_attrs(self._group, committed_checkpoints=n_checkpoints, committed_steps=n_steps)
 
-    def last_checkpoint(self) -> Checkpoint:
-        """The last committed checkpoint, for resuming."""
-        index = self.committed[0] - 1
-        if index < 0:
+    def last_keyframe(self) -> Checkpoint:
+        """The last committed keyframe (a whole training state), for resuming."""
+        keyframe = _keyframe_count(_attrs(self._group), self.committed[0]) - 1
+        if keyframe < 0:
             raise StoreError(f"{self.run.path}: no committed checkpoint to resume from")
-        names = _attrs(self._group)["parameters"]
-        return _read_checkpoint(self._group, names, lambda array: _read(array, index))
+        attrs = _attrs(self._group)
+        index = attrs["schedule"].index(attrs["keyframes"][keyframe])
+        return _read_checkpoint(self._group, attrs["parameters"], index, keyframe, _read)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -397,10 +443,14 @@ class RunWriter:
         # Checkpoints are copied on arrival into one block per array, reused from commit to
         # commit, so a commit hands zarr whole blocks without stacking or allocating them.
         blocks = {
-            key: np.empty((self._buffer_slots, *array.shape[1:]), dtype=array.dtype)
-            for key, array in self._ckpt_arrays.items()
+            axis: {
+                key: np.empty((self._buffer_slots, *array.shape[1:]), dtype=array.dtype)
+                for key, array in arrays.items()
+            }
+            for axis, arrays in self._ckpt_arrays.items()
         }
-        buffered, records = 0, []
+        filled = dict.fromkeys(blocks, 0)  # rows of each axis's blocks in use
+        records = []
         last_commit = time.monotonic()
         try:
             while True:
@@ -410,28 +460,38 @@ class RunWriter:
                 if isinstance(item, StepRecord):
                     records.append(item)
                 elif isinstance(item, Checkpoint):
-                    for key, value in _checkpoint_items(item):
-                        blocks[key][buffered] = value
-                    buffered += 1
+                    for axis, row in _checkpoint_rows(item).items():
+                        for key, value in row.items():
+                            blocks[axis][key][filled[axis]] = value
+                        filled[axis] += 1
+                    buffered = filled["step"]
                     commit = (
                         (self.committed[0] + buffered) % self._shard == 0  # the shard is full
                         or buffered == self._buffer_slots
                         or time.monotonic() - last_commit >= self._commit_seconds
                     )
                 if commit:
-                    self._commit({key: block[:buffered] for key, block in blocks.items()}, records)
-                    buffered, records, last_commit = 0, [], time.monotonic()
+                    self._commit(
+                        {
+                            axis: {key: block[: filled[axis]] for key, block in axis_blocks.items()}
+                            for axis, axis_blocks in blocks.items()
+                        },
+                        records,
+                    )
+                    filled, records, last_commit = dict.fromkeys(blocks, 0), [], time.monotonic()
                 self.busy_seconds += time.perf_counter() - started
                 if item is None:
                     return
         except BaseException as err:  # reported to the training thread by _check()
             self._error = err
 
-    def _commit(self, checkpoints: dict[tuple[str, ...], np.ndarray], records: list) -> None:
+    def _commit(self, checkpoints: dict[str, dict[tuple[str, ...], np.ndarray]], records) -> None:
         """Append ``checkpoints`` (a block per array) and the step ``records``, then the markers."""
         n_ckpt, n_steps = self.committed
-        n_new = len(checkpoints[("step",)])
-        self._append(self._ckpt_arrays, checkpoints, n_ckpt)
+        n_new = len(checkpoints["step"][("step",)])
+        self._append(self._ckpt_arrays["step"], checkpoints["step"], n_ckpt)
+        n_keyframes = _keyframe_count(_attrs(self._group), n_ckpt)
+        self._append(self._ckpt_arrays[KEYFRAME], checkpoints[KEYFRAME], n_keyframes)
         if records:
             if records[0].step != n_steps:
                 raise StoreError(f"step records start at {records[0].step}, expected {n_steps}")
@@ -462,28 +522,74 @@ class RunWriter:
             array[start:stop] = block
 
 
-def _read_checkpoint(group: zarr.Group, names: list[str], read) -> Checkpoint:
-    """The checkpoint that ``read(array)`` selects from each checkpoint array of a run group."""
+def _read_checkpoint(group: zarr.Group, names: list[str], index: int, keyframe: int | None, read):
+    """The checkpoint at ``index`` (and its state at ``keyframe``, if given) of a run group;
+    ``read(array, selection)`` reads."""
+    params = {name: read(group[name], index) for name in names}
+    step, tokens_seen = int(read(group["step"], index)), int(read(group["tokens_seen"], index))
+    if keyframe is None:
+        return Checkpoint(step=step, tokens_seen=tokens_seen, params=params)
     state = group[STATE_GROUP]
     return Checkpoint(
-        step=int(read(group["step"])),
-        tokens_seen=int(read(group["tokens_seen"])),
-        params={name: read(group[name]) for name in names},
-        moments={m: {name: read(state[f"{m}/{name}"]) for name in names} for m in MOMENTS},
-        rng_state=read(state["rng_state"]),
+        step=step,
+        tokens_seen=tokens_seen,
+        params=params,
+        moments={m: {n: read(state[f"{m}/{n}"], keyframe) for n in names} for m in MOMENTS},
+        rng_state=read(state["rng_state"], keyframe),
     )
 
 
-def _checkpoint_items(checkpoint: Checkpoint):
-    """``(array key, value)`` of every checkpoint array, keyed as in ``_checkpoint_arrays``."""
-    for name, array in checkpoint.params.items():
-        yield ("params", name), array
-    for moment, arrays in checkpoint.moments.items():
-        for name, array in arrays.items():
-            yield (moment, name), array
-    yield ("rng_state",), checkpoint.rng_state
-    yield ("step",), checkpoint.step
-    yield ("tokens_seen",), checkpoint.tokens_seen
+def _checkpoint_rows(checkpoint: Checkpoint) -> dict[str, dict[tuple[str, ...], Any]]:
+    """The row a checkpoint adds to each array, by axis, keyed as in ``_checkpoint_arrays``."""
+    params = checkpoint.params
+    rows: dict[str, dict[tuple[str, ...], Any]] = {
+        "step": {("params", name): array for name, array in params.items()}
+        | {
+            ("step",): checkpoint.step,
+            ("tokens_seen",): checkpoint.tokens_seen,
+            ("sha256",): weights_digest(params),
+        }
+    }
+    if checkpoint.is_keyframe:
+        rows[KEYFRAME] = {
+            (moment, name): array
+            for moment, arrays in checkpoint.moments.items()
+            for name, array in arrays.items()
+        } | {
+            ("rng_state",): checkpoint.rng_state,
+            ("step",): checkpoint.step,
+            ("sha256",): state_digest(checkpoint.moments, checkpoint.rng_state),
+        }
+    return rows
+
+
+def _keyframe_count(attrs: dict[str, Any], n_checkpoints: int) -> int:
+    """How many keyframes the first ``n_checkpoints`` checkpoints of a run (``attrs``) hold."""
+    if not n_checkpoints:
+        return 0
+    last = attrs["schedule"][n_checkpoints - 1]
+    return bisect.bisect_right(attrs["keyframes"], last)
+
+
+def weights_digest(params: dict[str, np.ndarray]) -> np.ndarray:
+    """SHA-256 of a checkpoint's weights: the provenance ledger's entry for it.
+
+    Canonical byte order: parameters by name, each as its name, dtype and shape, then its
+    values in C order, little-endian.  Returns 32 ``uint8``.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        array = np.ascontiguousarray(params[name])
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}\n".encode())
+        digest.update(memoryview(array).cast("B"))
+    return np.frombuffer(digest.digest(), dtype=np.uint8)
+
+
+def state_digest(moments: dict[str, dict[str, np.ndarray]], rng_state: np.ndarray) -> np.ndarray:
+    """SHA-256 of a keyframe's optimizer and RNG state (as :func:`weights_digest`)."""
+    flat = {f"{m}/{name}": a for m, arrays in moments.items() for name, a in arrays.items()}
+    return weights_digest(flat | {"rng_state": np.asarray(rng_state)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,17 +698,27 @@ class RunReader:
     def tokens_seen(self) -> np.ndarray:
         return self.group["tokens_seen"][: self.n_checkpoints]
 
+    def step_coordinates(self) -> dict[str, np.ndarray]:
+        """The stored ``step``, ``tokens_seen`` and ``keyframe`` arrays (their committed part).
+
+        Readers take the steps from the schedule and the commit markers; these arrays are for
+        readers that do not know the markers, and for checking that both agree.
+        """
+        n_keyframes = len(self.keyframe_steps())
+        return {
+            "step": _read(self.group["step"], slice(0, self.n_checkpoints)),
+            "tokens_seen": _read(self.group["tokens_seen"], slice(0, self.n_checkpoints)),
+            KEYFRAME: _read(self.group[f"{STATE_GROUP}/{KEYFRAME}"], slice(0, n_keyframes)),
+        }
+
     def checkpoint_index(self, step: int) -> int:
         """Position of ``step`` on the checkpoint axis; a clear error if it is not committed."""
         steps = self.steps()
         hits = np.flatnonzero(steps == step)
         if len(hits) == 0:
-            shown = ", ".join(map(str, steps[:6]))
-            if len(steps) > 6:
-                shown += f", ..., {steps[-1]}"
             raise StoreError(
                 f"{self.run.path}: no committed checkpoint at step {step} "
-                f"({len(steps)} committed: {shown or 'none'})"
+                f"({len(steps)} committed: {_shown(steps)})"
             )
         return int(hits[0])
 
@@ -621,7 +737,7 @@ class RunReader:
         Parameters
         ----------
         step
-            A committed checkpoint step.
+            A committed keyframe step (see :meth:`keyframe_steps`).
 
         Returns
         -------
@@ -629,7 +745,54 @@ class RunReader:
             What training resumes from: continuing from it replays the run exactly.
         """
         index = self.checkpoint_index(step)
-        return _read_checkpoint(self.group, self.parameter_names, lambda a: self.read(a, index))
+        keyframe = self.keyframe_index(step)
+        return _read_checkpoint(self.group, self.parameter_names, index, keyframe, self.read)
+
+    def keyframe_index(self, step: int) -> int:
+        """Position of ``step`` on the keyframe axis; a clear error if it holds weights only."""
+        keyframes = self.keyframe_steps()
+        hits = np.flatnonzero(keyframes == step)
+        if not len(hits):
+            raise StoreError(
+                f"{self.run.path}: step {step} stores weights only, no optimizer state "
+                f"(committed keyframes: {_shown(keyframes)})"
+            )
+        return int(hits[0])
+
+    def verify_checkpoint(self, step: int) -> np.ndarray:
+        """Check a checkpoint against the ledger: the hashes recorded when it was written.
+
+        Returns
+        -------
+        numpy.ndarray
+            The SHA-256 of the weights read (32 ``uint8``), which matches the recorded one.
+
+        Raises
+        ------
+        StoreError
+            If the weights (or, at a keyframe, the optimizer and RNG state) read now differ
+            from what was written, or cannot be read.
+        """
+        index = self.checkpoint_index(step)
+        try:
+            digest = weights_digest(self.parameters_at(step))
+            recorded = {"weights": (digest, self.read(self.group[WEIGHTS_SHA256], index))}
+            if step in self.keyframe_steps():
+                state = self.checkpoint(step)
+                keyframe = self.keyframe_index(step)
+                recorded["optimizer and RNG state"] = (
+                    state_digest(state.moments, state.rng_state),
+                    self.read(self.group[f"{STATE_GROUP}/{SHA256}"], keyframe),
+                )
+        except StoreError as err:  # a damaged chunk: say which checkpoint it belongs to
+            raise StoreError(f"step {step}: {err}") from None
+        for what, (now, then) in recorded.items():
+            if not np.array_equal(now, then):
+                raise StoreError(
+                    f"{self.run.path}: the {what} of step {step} differ from the hash recorded "
+                    "when they were written"
+                )
+        return digest
 
     def parameters_for(self, steps: Sequence[int]) -> dict[str, np.ndarray]:
         """Stacked parameters of several checkpoints, ``[len(steps), ...]`` each.
@@ -650,6 +813,25 @@ class RunReader:
         n = self.n_steps
         names = ("train_step", "train_tokens", *STEP_METRICS)
         return {name: _read(self.group[name], slice(0, n)) for name in names}
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """Library versions, threads and CPU the run was trained with (empty if not recorded)."""
+        return dict(self.attrs.get("recipe", {}))
+
+    def keyframe_steps(self) -> np.ndarray:
+        """Committed checkpoint steps that hold the whole training state (replay starts there)."""
+        count = _keyframe_count(self.attrs, self.n_checkpoints)
+        return np.array(self.attrs["keyframes"][:count], dtype=np.int64)
+
+    def batch_indices_between(self, start: int, stop: int) -> np.ndarray:
+        """Corpus indices of the batches of training steps ``start .. stop - 1``, one read."""
+        if not 0 <= start <= stop <= self.n_steps:
+            raise StoreError(
+                f"{self.run.path}: no recorded batches for steps {start}..{stop - 1} "
+                f"(recorded steps: 0..{self.n_steps - 1})"
+            )
+        return _read(self.group["batch_indices"], slice(start, stop))
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Corpus indices of the batch consumed at training step ``step``."""
@@ -692,6 +874,14 @@ class RunReader:
         steps = arrays.pop("step", None)
         return (np.zeros(0, np.int64) if steps is None else steps[:]), arrays
 
+    def read_all_analyses(self) -> None:
+        """Read every stored analysis result once: a damaged chunk raises :class:`StoreError`."""
+        for name in self.analyses():
+            steps, arrays = self.analysis_arrays(name)
+            for array in arrays.values():
+                per_step = (array.metadata.dimension_names or ())[:1] == ("step",)
+                _read(array, slice(0, len(steps)) if per_step else Ellipsis)
+
     # -- lazy reading ------------------------------------------------------------------------
 
     def arrays(self) -> dict[str, zarr.Array]:
@@ -732,6 +922,13 @@ class RunReader:
             if _file_version(shard) == before:
                 return values
         raise StoreError(f"{array.path}: its last shard kept changing while it was read")
+
+
+def _shown(steps: np.ndarray) -> str:
+    shown = ", ".join(map(str, steps[:6]))
+    if len(steps) > 6:
+        shown += f", ..., {steps[-1]}"
+    return shown or "none"
 
 
 def _file_version(path: Path) -> tuple[int, int] | None:

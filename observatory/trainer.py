@@ -9,9 +9,12 @@ continues exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -129,13 +132,7 @@ def train_run(
     RunSummary
         Steps, checkpoints and time of this call.
     """
-    # Determinism: one seed fixes the initial weights; the data order has its own seed and
-    # is a pure function of the step, so no loader state can drift. The thread count is fixed
-    # by the spec because CPU reductions round differently with a different split of the work.
-    torch.use_deterministic_algorithms(True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(spec.train.threads)
-    try:
+    with recipe(spec.train.threads):
         return _train(
             spec,
             run,
@@ -146,8 +143,39 @@ def train_run(
             stop_after=stop_after,
             on_batch=on_batch,
         )
+
+
+@contextmanager
+def recipe(threads: int) -> Iterator[None]:
+    """Run the block under the numerics the recipe fixes: deterministic kernels, ``threads``.
+
+    Determinism: one seed fixes the initial weights; the data order has its own seed and is a
+    pure function of the step, so no loader state can drift. The thread count is fixed by the
+    spec because CPU reductions round differently with a different split of the work.
+    """
+    torch.use_deterministic_algorithms(True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
+
+
+def recipe_record(spec: RunSpec) -> dict[str, str | int]:
+    """What, besides the spec and the seeds, decides a run's numbers bit for bit.
+
+    Stored with every run: replay refuses (or, if asked, warns) where the machine it runs on
+    differs, since the same floats are only promised for the same kernels and work split.
+    """
+    return {
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "threads": spec.train.threads,
+        "device": "cpu",
+        # the SIMD kernels torch dispatches to (e.g. AVX2 vs AVX512) round differently
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -> RunSummary:
@@ -155,6 +183,7 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
     total_steps, batch_size = spec.train.steps, spec.train.batch_size
     tokens_per_step = spec.train.tokens_per_step
     schedule = spec.checkpoints.steps(total_steps)
+    keyframes = spec.checkpoints.keyframes(total_steps)
     model = spec.model.build(size, init_seed=run.init_seed)
     model.train()
     optimizer = spec.optimizer.build(model)
@@ -165,7 +194,9 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
         param_shapes={k: v.shape for k, v in stack_layers(dict(model.named_parameters())).items()},
         d_head=size.d_head,
         schedule=schedule,
+        keyframes=keyframes,
         rng_bytes=torch.get_rng_state().numel(),
+        recipe=recipe_record(spec),
         data_order_fingerprint=data_order_fingerprint(
             data_seed=run.data_seed, dataset_size=len(corpus)
         ),
@@ -191,15 +222,16 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
 
     start = 0
     if n_ckpt:
-        # Resume from the last committed checkpoint: weights, AdamW moments and RNG state are
+        # Resume from the last committed keyframe: weights, AdamW moments and RNG state are
         # restored bit for bit, so the continuation equals an uninterrupted run.
-        last = writer.last_checkpoint()
+        last = writer.last_keyframe()
         start = last.step
-        _restore(model, optimizer, last)
-    writer.truncate(n_ckpt, start)  # drop what a crash left past the checkpoint; it is redone
+        restore(model, optimizer, last)
+        n_ckpt = schedule.index(start) + 1
+    writer.truncate(n_ckpt, start)  # drop what a crash left past the keyframe; it is redone
     writer.start()
 
-    checkpoint_steps = set(schedule)
+    checkpoint_steps, keyframe_steps = set(schedule), set(keyframes)
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     bar = tqdm(
         total=total_steps,
@@ -216,7 +248,8 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
     try:
         for step in range(start, end + 1):
             if step in checkpoint_steps and not (step == start and n_ckpt):
-                writer.put_checkpoint(_snapshot(model, optimizer, step, step * tokens_per_step))
+                state = step in keyframe_steps  # optimizer and RNG state only at keyframes
+                writer.put_checkpoint(_snapshot(model, optimizer, step, tokens_per_step, state))
             if step == total_steps:
                 finished = True
                 break
@@ -231,16 +264,9 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
                 on_batch(step, tokens)
 
             lr = spec.optimizer.lr_at(step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            # clip_grad_norm_ returns the norm before clipping; max_norm=inf only measures it
-            max_norm = spec.optimizer.grad_clip or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            loss, grad_norm = train_step(
+                model, optimizer, tokens, lr=lr, grad_clip=spec.optimizer.grad_clip
+            )
             loss_value = loss.item()
             recent.append(loss_value)
             writer.put_step(
@@ -278,9 +304,57 @@ def _train(spec, run, root, corpus, *, resume, progress, stop_after, on_batch) -
     )
 
 
-def _snapshot(model, optimizer, step: int, tokens_seen: int) -> Checkpoint:
-    """Copy weights, AdamW moments and RNG state; the writer thread stores the copies."""
+def train_step(
+    model,
+    optimizer,
+    tokens: torch.Tensor,
+    *,
+    lr: float,
+    grad_clip: float,
+    before_update: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch: the step of training, and of replay (one function).
+
+    Parameters
+    ----------
+    model, optimizer
+        The model (train mode) and its AdamW optimizer.
+    tokens
+        ``[batch, context]`` token ids; the model learns to predict each next token.
+    lr
+        Learning rate of this step (``spec.optimizer.lr_at(step, total_steps)``).
+    grad_clip
+        Clip the gradient norm to this (0: no clipping).
+    before_update
+        Called with the loss after the backward pass, while the parameters hold this batch's
+        unclipped gradients and the weights that produced them (replay's ``on_step``).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The loss and the gradient norm before clipping (0-dim tensors).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    if before_update is not None:
+        before_update(loss)
+    # clip_grad_norm_ returns the norm before clipping; max_norm=inf only measures it
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def _snapshot(model, optimizer, step: int, tokens_per_step: int, state: bool) -> Checkpoint:
+    """Copy the weights (and, if ``state``, AdamW moments and RNG state) for the writer."""
     params = dict(model.named_parameters())
+    checkpoint = Checkpoint(
+        step=step, tokens_seen=step * tokens_per_step, params=stack_layers(params)
+    )
+    if not state:
+        return checkpoint
     moments = {}
     for moment in ("exp_avg", "exp_avg_sq"):
         # Before the first update AdamW has no state yet: the moments are zero.
@@ -290,16 +364,11 @@ def _snapshot(model, optimizer, step: int, tokens_seen: int) -> Checkpoint:
                 for name, p in params.items()
             }
         )
-    return Checkpoint(
-        step=step,
-        tokens_seen=tokens_seen,
-        params=stack_layers(params),
-        moments=moments,
-        rng_state=torch.get_rng_state().numpy().copy(),
-    )
+    rng_state = torch.get_rng_state().numpy().copy()
+    return dataclasses.replace(checkpoint, moments=moments, rng_state=rng_state)
 
 
-def _restore(model, optimizer, checkpoint: Checkpoint) -> None:
+def restore(model, optimizer, checkpoint: Checkpoint) -> None:
     """Load a checkpoint's weights, AdamW state and RNG state into ``model`` and ``optimizer``."""
     params = unstack_layers(checkpoint.params)
     with torch.no_grad():

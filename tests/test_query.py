@@ -282,7 +282,7 @@ def test_unknown_names_raise_one_line_errors_listing_what_exists(trained_tiny, t
         (lambda: obs.open_family(store, size="l9"), r"no size 'l9' \(sizes: l2-d16\)"),
         (lambda: obs.open_family(store, size=SIZE, seeds=[0, 4]), r"no seed 4 .* \[0, 1\]"),
         (lambda: obs.model_at(store, size=SIZE, seed=3, step=0), r"seeds: \[0, 1\]"),
-        (lambda: obs.model_at(store, size=SIZE, seed=0, step=3), r"0, 1, 2, 4, 5, 8, \.\.\., 24"),
+        (lambda: obs.model_at(store, size=SIZE, seed=0, step=25), r"0, 1, 2, 4, 5, 8, \.\.\., 24"),
         (lambda: obs.batch_at(store, size=SIZE, seed=0, step=24), r"recorded steps: 0\.\.23"),
         (lambda: obs.head_weights(store, size=SIZE, seed=0, layer=2, head=0), r"layers: 0\.\.1"),
         (
@@ -358,7 +358,7 @@ print(json.dumps({{
     assert found["loss"] == ["train_step"]
     assert found["coords"] == ["step", "tokens_seen", "train_step"]
     assert found["steps"] == FamilyStore(store).run(SIZE, 0).steps().tolist()
-    assert found["moments"] == ["step", "layer", "d_qkv", "d_model"]
+    assert found["moments"] == ["keyframe", "layer", "d_qkv", "d_model"]
     assert not found["imported"]
 
 

@@ -170,7 +170,8 @@ def test_checkpoint_reads_back_the_whole_training_state(tiny_spec, tmp_path):
 
 
 def test_a_buffer_smaller_than_a_shard_commits_in_parts(tiny_spec, tmp_path, monkeypatch):
-    # make_writer's checkpoints take 1411 bytes (3 x 116 float32, RNG, step, tokens): 2 fit
+    # make_writer's checkpoints take 1483 bytes (3 x 116 float32, RNG, step, tokens, 2 hashes,
+    # keyframe step): 2 fit
     monkeypatch.setattr(store_module, "MAX_BUFFER_BYTES", 3000)
     writer, shapes = make_writer(
         tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=1e9

@@ -5,9 +5,11 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from observatory.analysis.phase import final_loss
+from observatory.errors import StoreError
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, create_family
 from observatory.trainer import train_family, train_run
@@ -104,8 +106,11 @@ def _committed(store):
         return 0
 
 
-def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path):
-    text = TINY_TOML.replace("steps = 24", "steps = 300").replace("every = 5", "every = 20")
+@pytest.mark.parametrize("state_every", [1, 8])
+def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path, state_every):
+    text = TINY_TOML.replace("steps = 24", "steps = 300").replace(
+        "every = 5", f"every = 20\nstate_every = {state_every}"
+    )
     text = text.replace("init = [0, 1]\ndata = [5, 6]", "init = [0]\ndata = [5]")
     spec_path = write_spec(tmp_path, text)
     spec = load_run_spec(spec_path)
@@ -126,14 +131,16 @@ def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path):
     )
     try:
         deadline = time.monotonic() + 120
-        while _committed(killed) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        # with state_every = 8, past the second keyframe (the 9th checkpoint)
+        wanted = 6 if state_every == 1 else 11
+        while _committed(killed) < wanted and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     run = FamilyStore(killed).run("l2-d16", 0)
     assert not run.complete, "the run finished before it could be killed"
-    assert run.n_checkpoints >= 6
+    assert run.n_checkpoints >= wanted
     # everything a reader can see is complete and readable
     for step in run.steps():
         assert all(np.all(np.isfinite(a)) for a in run.parameters_at(int(step)).values())
@@ -150,13 +157,53 @@ def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path):
     assert np.array_equal(resumed.steps(), clean.steps())
     assert np.array_equal(resumed.metrics()["loss"], clean.metrics()["loss"])
     assert np.array_equal(resumed.group["batch_indices"][:], clean.group["batch_indices"][:])
+    assert np.array_equal(resumed.keyframe_steps(), clean.keyframe_steps())
+    assert len(clean.keyframe_steps()) == len(spec.checkpoints.keyframes(spec.train.steps))
+    for step in clean.keyframe_steps():
+        a, b = resumed.checkpoint(int(step)), clean.checkpoint(int(step))
+        assert np.array_equal(a.rng_state, b.rng_state)
+        assert_bit_identical(a.moments["exp_avg_sq"], b.moments["exp_avg_sq"])
+    for step in clean.steps():  # the ledger of the resumed run equals the clean one's
+        assert np.array_equal(resumed.verify_checkpoint(step), clean.verify_checkpoint(step))
+
+
+def test_state_every_keeps_optimizer_state_at_keyframes_only(tiny_spec, tmp_path):
+    text = TINY_TOML.replace("every = 5", "every = 5\nstate_every = 4")
+    spec = load_run_spec(write_spec(tmp_path, text))
+    sparse = train_family(spec, store=tmp_path / "k.zarr", seeds=[0], progress=False)
+    dense = train_family(tiny_spec, store=tmp_path / "d.zarr", seeds=[0], progress=False)
+    run, full = FamilyStore(sparse).run("l2-d16", 0), FamilyStore(dense).run("l2-d16", 0)
+    schedule = list(spec.checkpoints.steps(spec.train.steps))  # 0 1 2 4 5 8 10 15 16 20 24
+    # every 4th checkpoint, and the last one
+    assert list(run.keyframe_steps()) == [0, 5, 16, 24] == [*schedule[::4], schedule[-1]]
+    assert list(full.keyframe_steps()) == schedule
+    assert_bit_identical(final_params(sparse)[1], final_params(dense)[1])
+    assert run.checkpoint(16).moments["exp_avg"].keys() == full.checkpoint(16).params.keys()
+    with pytest.raises(StoreError, match=r"step 8 stores weights only.*keyframes: 0, 5, 16, 24"):
+        run.checkpoint(8)
+    family = FamilyStore(sparse)
+    assert (
+        family.disk_bytes(f"{run.run.path}/state")
+        < FamilyStore(dense).disk_bytes(f"{full.run.path}/state") / 2
+    )
+
+
+def test_resume_between_keyframes_redoes_the_steps_since_the_last_one(tmp_path):
+    text = TINY_TOML.replace("every = 5", "every = 5\nstate_every = 4")
+    spec = load_run_spec(write_spec(tmp_path, text))
+    store = train_family(spec, store=tmp_path / "r.zarr", seeds=[0], progress=False, stop_after=12)
+    run = FamilyStore(store).run("l2-d16", 0)
+    assert list(run.steps()) == [0, 1, 2, 4, 5, 8, 10] and list(run.keyframe_steps()) == [0, 5]
+    train_family(spec, store=store, seeds=[0], progress=False, resume=True)
+    clean = train_family(spec, store=tmp_path / "c.zarr", seeds=[0], progress=False)
+    assert_bit_identical(final_params(store)[1], final_params(clean)[1])
+    resumed = FamilyStore(store).run("l2-d16", 0)
+    assert np.array_equal(
+        resumed.metrics()["loss"], FamilyStore(clean).run("l2-d16", 0).metrics()["loss"]
+    )
 
 
 def test_stop_after_then_resume_matches_and_refuses_without_resume(tiny_spec, tmp_path):
-    import pytest
-
-    from observatory.errors import StoreError
-
     store = tmp_path / "r.zarr"
     train_family(tiny_spec, store=store, seeds=[0], progress=False, stop_after=7)
     assert not FamilyStore(store).run("l2-d16", 0).complete
