@@ -66,6 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _print_run_summary(summary) -> None:
+    from observatory.analysis.phase import FINAL_LOSS
+
     if not summary.steps:
         print(f"{summary.run}: already trained")
         return
@@ -73,7 +75,8 @@ def _print_run_summary(summary) -> None:
         f"{summary.run}: {summary.steps} steps in {summary.seconds:.1f} s "
         f"({summary.steps / summary.seconds:.1f} steps/s), {summary.checkpoints} checkpoints "
         f"committed (writer busy {summary.writer_seconds:.1f} s), final loss "
-        f"{summary.final_loss:.4f}"
+        f"{summary.final_loss:.4f} ({FINAL_LOSS}"
+        f"{'' if summary.complete else '; run incomplete, continue with --resume'})"
     )
 
 
@@ -131,7 +134,14 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from observatory.report import write_report
 
-    files = write_report(args.store, args.out, size=args.size)
+    files = write_report(
+        args.store,
+        args.out,
+        sizes=args.sizes.split(",") if args.sizes else None,
+        seeds=args.seeds,
+        include_incomplete=args.include_incomplete,
+        transformer_lens=args.transformer_lens,
+    )
     print(f"wrote {len(files)} files into {args.out}:")
     for path in files:
         print(f"  {path}")
@@ -233,15 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Summarise circuit formation in an analysed store (run `observatory "
         "analyze` first): per seed, the induction heads, the emergence step of the best one, "
         "the loss bump and the ICL score either side of it; across seeds, mean, std and a "
-        "bootstrap CI. Writes PNG figures (loss curves, induction-score heatmaps, emergence, "
-        "ICL score, per-token-loss PCA, previous-token heads), one self-contained HTML page "
-        "(report.html) and summary.csv / summary_across_seeds.csv / summary.json.",
+        "t-interval (BCa bootstrap from 10 seeds), with the seeds left out and why "
+        "(incomplete, not analysed, not formed, no bump). Writes PNG figures (training and "
+        "held-out loss, induction and copying score of every head, emergence, ICL score, loss "
+        "by position, per-token-loss PCA, previous-token heads, heads matched across seeds), "
+        "one self-contained HTML page (report.html), an interactive one (report_interactive"
+        ".html, plotly, works offline) and summary.csv / summary_across_seeds.csv / "
+        "summary.json.",
     )
     report.add_argument("store", help="family store (*.zarr), analysed")
     report.add_argument(
         "--out", required=True, metavar="DIR", help="directory to write into (created if needed)"
     )
-    report.add_argument("--size", help="size name (default: the store's only size)")
+    report.add_argument(
+        "--sizes",
+        "--size",
+        help="comma-separated size names (default: every size; several get one page with a "
+        "section per size and a comparison)",
+    )
+    report.add_argument("--seeds", type=_int_list, help="seed indices to report, e.g. 0-1 or 0,2")
+    report.add_argument(
+        "--include-incomplete",
+        action="store_true",
+        help="keep incomplete runs in the across-seed statistics (default: left out, marked)",
+    )
+    report.add_argument(
+        "--transformer-lens",
+        action="store_true",
+        help="also draw the induction scores in TransformerLens's detect_head convention",
+    )
     report.set_defaults(func=_cmd_report)
 
     verify = commands.add_parser(

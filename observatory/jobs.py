@@ -14,6 +14,8 @@ import dataclasses
 import importlib
 import json
 import linecache
+import logging
+import os
 import sys
 import types
 from collections.abc import Iterable, Sequence
@@ -284,14 +286,20 @@ def held_out_tokens(run_spec: RunSpec, spec: HeldOutSpec) -> tuple[np.ndarray, s
 def shared_data(run_spec: RunSpec, probe: ProbeSpec, held_out: HeldOutSpec) -> SharedData:
     """Generate the probe and held-out data from their recorded seeds."""
     tokens, source = held_out_tokens(run_spec, held_out)
+    context, vocab = run_spec.train.context, run_spec.model.vocab_size
+    counts = None  # synthetic corpora: uniform vocabularies, draw from all of it
+    if run_spec.data.source == "text":  # only tokens that occur (Olsson et al.)
+        corpus = run_spec.data.build(context=context, vocab_size=vocab)
+        counts = np.bincount(corpus.tokens.ravel(), minlength=vocab)
     return SharedData(
         probe=repeated_tokens(
-            vocab_size=run_spec.model.vocab_size,
-            n_ctx=run_spec.train.context,
+            vocab_size=vocab,
+            n_ctx=context,
             seed=probe.seed,
             n_sequences=probe.n_sequences,
             block_length=probe.block_length,
             repeats=probe.repeats,
+            token_counts=counts,
         ),
         held_out_tokens=tokens,
         held_out_seed=held_out.seed,
@@ -381,6 +389,10 @@ def analyse_block(
     analyses = [resolve(task.ref, task.source) for task in tasks]
     models = models_at(store, size=run.size, seed=run.seed, steps=steps)
     return run_tasks(tasks, analyses, models, data, run.path)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def select_runs(spec: AnalysisSpec, runs: list[RunId]) -> list[RunId]:
@@ -517,12 +529,22 @@ def run_analysis(
 
 
 def _compute_on_cluster(spec, store: str, work, data, scheduler, progress: bool) -> int:
-    from distributed import as_completed
+    from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
-    from observatory.cluster import dask_client
-
-    with dask_client(scheduler=scheduler, workers=spec.execution.workers) as client:
+    if scheduler is None:
+        cluster = LocalCluster(
+            n_workers=spec.execution.workers or default_workers(),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            # A failed task reaches the user once, as this job's error; not as worker logs.
+            silence_logs=logging.CRITICAL,
+        )
+        client = Client(cluster)
+    else:
+        cluster, client = None, Client(scheduler)
+    try:
         shared = client.scatter(data, broadcast=True)
         owner = {}
         for w in work:
@@ -540,6 +562,10 @@ def _compute_on_cluster(spec, store: str, work, data, scheduler, progress: bool)
                 computed += len(steps)
                 bar.update(len(steps))
         return computed
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _write_block(writers, steps: list[int], results: dict[str, dict[str, np.ndarray]]) -> None:

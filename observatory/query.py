@@ -114,7 +114,7 @@ def open_run(path: str | Path, *, size: str, seed: int) -> xr.Dataset:
         ``train_tokens`` and ``batch_indices`` on the ``train_step`` dim, and every array of
         the run's analysis groups (NaN at checkpoints an analysis has not covered).
         Coordinates: ``step``, ``tokens_seen``, ``train_step`` and the scalars ``seed``,
-        ``init_seed``, ``data_seed``.
+        ``init_seed``, ``data_seed`` and ``complete`` (every scheduled step trained).
 
     Raises
     ------
@@ -223,6 +223,7 @@ def _run_coords(reader: RunReader) -> dict[str, object]:
         "seed": run.seed,
         "init_seed": run.init_seed,
         "data_seed": run.data_seed,
+        "complete": reader.complete,  # every scheduled step trained
     }
 
 

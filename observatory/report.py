@@ -1,5 +1,7 @@
 """A circuit-formation report of one family store: PNG figures, one HTML page, summary tables.
 
+An interactive twin of the page (plotly, :mod:`observatory.interactive`) is written next to it.
+
 Figures are drawn on bare :class:`matplotlib.figure.Figure` objects (Agg canvas), so writing a
 report never touches pyplot's global state or the user's interactive backend.
 """
@@ -11,20 +13,26 @@ import html
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
 from matplotlib.collections import LineCollection
-from matplotlib.colors import Normalize
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from observatory import interactive
 from observatory.analysis.summary import (
+    SeedAlignment,
     Summary,
     check_results,
     head_label,
+    seed_alignment,
     summary,
     token_loss_pca,
     tokens_per_step,
@@ -36,60 +44,196 @@ DPI = 120
 REQUIRED = ("loss", "induction_score", "previous_token_score", "icl_score", "token_loss")
 LOSS_BINS = 60  # log-spaced bins averaging the noisy per-step loss on its log axis
 LINESTYLES = ("-", "--", ":", "-.")
+CI_NAMES = {"t": "t-interval", "bca": "BCa bootstrap CI"}
+NOT_DRAWN = ("not analysed", "not trained")  # seeds without results: in the tables only
+
+
+@dataclass(frozen=True, eq=False)
+class Section:
+    """What the figures of one size draw on."""
+
+    ds: xr.Dataset  # results of the seeds drawn (those with results)
+    result: Summary  # the summary of every seed asked for
+    pca: xr.Dataset  # token_loss_pca of the seeds drawn
+    alignment: SeedAlignment | None  # heads matched across seeds, CKA
+    transformer_lens: bool  # also draw the TransformerLens-convention scores
 
 
 def write_report(
-    path: str | Path | xr.Dataset, out_dir: str | Path, *, size: str | None = None
+    path: str | Path | xr.Dataset,
+    out_dir: str | Path,
+    *,
+    sizes: list[str] | None = None,
+    seeds: list[int] | None = None,
+    include_incomplete: bool = False,
+    transformer_lens: bool = False,
 ) -> list[Path]:
-    """Write the figures, the summary tables and one self-contained HTML page.
+    """Write the figures, the summary tables, one self-contained HTML page and its interactive twin.
 
     Parameters
     ----------
     path
         The family store (analysed with ``observatory analyze``), or a dataset from
-        :func:`~observatory.results.load_results`.
+        :func:`~observatory.results.load_results` (one size).
     out_dir
         Directory to write into (created if needed; existing report files are replaced).
-    size
-        Size name; may be omitted when the store has a single size.
+    sizes
+        Sizes to report (default: every size of the store). With several, the page has a
+        section per size and a comparison of the sizes, and each size's PNGs and tables go
+        into ``<out_dir>/<size>/``.
+    seeds
+        Seed indices to report (default: every seed).
+    include_incomplete
+        Keep incomplete runs in the cross-seed statistics (see
+        :func:`~observatory.analysis.summary.summary`); they are drawn and marked either way.
+        Seeds without results (not trained or not analysed) are listed, not drawn.
+    transformer_lens
+        Also draw the induction scores in the TransformerLens convention (``tl_*``).
 
     Returns
     -------
     list of pathlib.Path
-        Every file written, the HTML page (``report.html``, images embedded as base64) first,
-        then the PNG figures (see :data:`FIGURES`, and :data:`OPTIONAL_FIGURES` when the store
-        has their analysis), ``summary.csv`` (per seed),
-        ``summary_across_seeds.csv`` and ``summary.json``.
+        Every file written: the HTML page (``report.html``, images embedded as base64) first,
+        then ``report_interactive.html`` (plotly, plotly.js embedded: works offline), then per
+        size the PNG figures (see :data:`FIGURES`, those without data skipped, and
+        :data:`OPTIONAL_FIGURES` when the store has their analysis),
+        ``summary.csv`` (per seed), ``summary_across_seeds.csv``, ``summary.json`` and, with
+        several sizes, ``sizes.csv``.
 
     Raises
     ------
     StoreError
-        If the store or size does not exist or an analysis has no results.
+        If the store, a size or a seed does not exist or no seed of a size has results.
     """
-    ds = path if isinstance(path, xr.Dataset) else load_results(path, size=size)
-    check_results(ds, REQUIRED)
-    result = summary(ds)
-    pca = token_loss_pca(ds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures: list[tuple[Path, str, str]] = []
+    sections = [
+        _section(ds, include_incomplete=include_incomplete, transformer_lens=transformer_lens)
+        for ds in _datasets(path, sizes, seeds)
+    ]
+    several = len(sections) > 1
+    written: list[Path] = []
+    rendered: list[tuple[Section, list[tuple[Path, str, str]]]] = []
+    for section in sections:
+        where = out / section.result.size if several else out
+        where.mkdir(exist_ok=True)
+        figures = _write_figures(section, where)
+        written += [target for target, _, _ in figures] + _write_tables(section.result, where)
+        rendered.append((section, figures))
+    if several:
+        written.append(out / "sizes.csv")
+        size_comparison([section.result for section in sections]).to_csv(written[-1], index=False)
+    page, interactive_page = out / "report.html", out / "report_interactive.html"
+    page.write_text(_html(rendered), encoding="utf-8")
+    interactive_page.write_text(
+        interactive.page(
+            [(section.result, section.ds) for section in sections],
+            transformer_lens=transformer_lens,
+        ),
+        encoding="utf-8",
+    )
+    return [page, interactive_page, *written]
+
+
+def _datasets(
+    path: str | Path | xr.Dataset, sizes: list[str] | None, seeds: list[int] | None
+) -> list[xr.Dataset]:
+    if isinstance(path, xr.Dataset):
+        return [path if seeds is None else path.sel(seed=seeds)]
+    from observatory.store import FamilyStore
+
+    return [
+        load_results(path, size=size, seeds=seeds) for size in sizes or FamilyStore(path).sizes()
+    ]
+
+
+def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool) -> Section:
+    check_results(ds, REQUIRED)
+    result = summary(ds, include_incomplete=include_incomplete)
+    drawn = result.per_seed.index[~result.per_seed["left_out"].isin(NOT_DRAWN)]
+    ds = ds.sel(seed=list(drawn))
+    used = [int(seed) for seed in result.per_seed.index[result.per_seed["left_out"] == ""]]
+    return Section(
+        ds=ds,
+        result=result,
+        pca=token_loss_pca(ds),
+        alignment=seed_alignment(ds, used) if len(used) > 1 else None,
+        transformer_lens=transformer_lens,
+    )
+
+
+def _write_figures(section: Section, out: Path) -> list[tuple[Path, str, str]]:
+    figures = []
     optional = {
-        name: (title, caption, draw)
+        name: (title, caption, _with_section(draw))
         for name, (title, caption, draw, needs) in OPTIONAL_FIGURES.items()
-        if needs in ds
+        if needs in section.ds
     }
     for name, (title, caption, draw) in (FIGURES | optional).items():
-        figure = draw(ds, result, pca)
+        figure = draw(section)
+        if figure is None:  # nothing to draw (e.g. no copying scores)
+            continue
         target = out / name
         figure.savefig(target, dpi=DPI)
         figures.append((target, title, caption))
+    return figures
+
+
+def _with_section(draw: Callable[[xr.Dataset, Summary, xr.Dataset], Figure]):
+    """A figure function of (results, summary, pca) as one of a :class:`Section`."""
+    return lambda section: draw(section.ds, section.result, section.pca)
+
+
+def _write_tables(result: Summary, out: Path) -> list[Path]:
     tables = [out / "summary.csv", out / "summary_across_seeds.csv", out / "summary.json"]
     result.per_seed.to_csv(tables[0])
     result.across_seeds.to_csv(tables[1], index_label="quantity")
     tables[2].write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
-    page = out / "report.html"
-    page.write_text(_html(result, figures), encoding="utf-8")
-    return [page, *(target for target, _, _ in figures), *tables]
+    return tables
+
+
+def size_comparison(results: list[Summary]) -> pd.DataFrame:
+    """One row per size: does it form induction heads, when, and its final loss.
+
+    Parameters
+    ----------
+    results
+        The summary of each size.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``size``, ``seeds used``, ``seeds with an induction head`` (``"2 of 3"``), ``best
+        peak (mean)``, ``emergence midpoint`` and ``final loss`` (mean and CI across seeds).
+    """
+    rows = []
+    for result in results:
+        used = result.per_seed[result.per_seed["left_out"] == ""]
+        cells = {}
+        for name in ("emergence_midpoint_step", "final_loss"):
+            row = result.across_seeds.loc[name]
+            digits = 3 if name == "final_loss" else 0
+            cells[name.replace("_", " ")] = _mean_ci(row, digits)
+        rows.append(
+            {
+                "size": result.size,
+                "seeds used": len(used),
+                "seeds with an induction head": f"{int((used['n_induction_heads'] > 0).sum())} "
+                f"of {len(used)}",
+                "best peak (mean)": f"{used['best_head_peak'].mean():.2f}" if len(used) else "-",
+                **cells,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _mean_ci(row: pd.Series, digits: int) -> str:
+    if not np.isfinite(row["mean"]):
+        return "-"
+    text = f"{row['mean']:.{digits}f}"
+    if np.isfinite(row["ci_low"]):
+        text += f" [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
+    return f"{text} (n = {int(row['n'])})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,6 +260,8 @@ def _tokens_axis(ax, per_step: float) -> None:
     top = ax.secondary_xaxis(
         "top", functions=(lambda s: s * per_step / 1e6, lambda t: t * 1e6 / per_step)
     )
+    scale = ax.get_xscale()  # the top axis has the bottom axis' scale
+    top.set_xscale(scale, **({"linthresh": per_step / 1e6} if scale == "symlog" else {}))
     top.set_xlabel("tokens seen (millions)", fontsize="small")
     top.tick_params(labelsize="small")
 
@@ -143,61 +289,111 @@ def _log_binned(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.n
     return mean[0], mean[1]
 
 
-def loss_curves(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
-    """Per-step training loss per seed (log step axis), the loss bump shaded."""
+def _step_axis(ax, per_step: float, *, label: str = "checkpoint step") -> None:
+    """The step axis every figure shares: symmetric log (step 0 included), tokens on top."""
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(label)
+    _tokens_axis(ax, per_step)
+
+
+def _legend_right(ax, handles=None) -> None:
+    """A legend outside the data, to the right of the axes."""
+    kwargs = {"handles": handles} if handles is not None else {}
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), **kwargs)
+
+
+def _legend_below(figure: Figure, axes) -> None:
+    """One legend for a figure of panels, below them (each label once, from any panel)."""
+    unique = {}
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        unique |= {
+            label: handle
+            for label, handle in zip(labels, handles, strict=True)
+            if label not in unique
+        }
+    figure.legend(
+        unique.values(), unique.keys(), loc="outside lower center", ncols=4, fontsize="small"
+    )
+
+
+def loss_curves(section: Section) -> Figure:
+    """Training loss per step and held-out loss per checkpoint per seed (log steps)."""
+    ds, result = section.ds, section.result
     per_step = tokens_per_step(ds)
     figure, axes = _panels(ds.sizes["seed"])
+    any_bump = False
     for i, (ax, seed) in enumerate(zip(axes, ds["seed"].values, strict=True)):
         loss = ds["loss"].sel(seed=seed).dropna("train_step")
         loss = loss.sel(train_step=loss["train_step"] > 0)  # log axis
         steps, values = loss["train_step"].values, loss.values
-        ax.plot(steps, values, color=_colour(i), alpha=0.25, lw=0.7, label="per step")
-        ax.plot(*_log_binned(steps, values), color=_colour(i), lw=1.6, label="log-binned mean")
+        ax.plot(steps, values, color=_colour(i), alpha=0.25, lw=0.7, label="training, per step")
+        ax.plot(*_log_binned(steps, values), color=_colour(i), lw=1.6, label="training, binned")
+        held = _held_out_loss(ds, seed)
+        if held is not None:
+            ax.plot(held["step"], held, "D", color="k", ms=2.5, label="held-out (checkpoints)")
         row = _row(result, seed)
         if np.isfinite(row["bump_start_step"]):
+            any_bump = True
             ax.axvspan(
                 row["bump_start_step"],
                 row["bump_end_step"],
                 color="0.5",
                 alpha=0.2,
-                label=f"loss bump {row['bump_start_step']:.0f}-{row['bump_end_step']:.0f}",
+                label="loss bump",
             )
-        if np.isfinite(row["emergence_midpoint_step"]):
-            ax.axvline(
-                row["emergence_midpoint_step"],
-                color="k",
-                ls="--",
-                lw=1,
-                label=f"{row['best_head']} emerges ({row['emergence_midpoint_step']:.0f})",
-            )
+        _mark_emergence(ax, row)
         ax.set_xscale("log")
-        ax.set_title(
-            f"seed {seed}" if np.isfinite(row["bump_start_step"]) else f"seed {seed} (no bump)"
-        )
+        ax.set_title(_seed_title(row, seed))
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3, which="both", lw=0.5)
-        ax.legend(fontsize="small", loc="lower left")
         _tokens_axis(ax, per_step)
-    axes[0].set_ylabel("training loss (nats)")
-    figure.suptitle("Training loss per step; shaded: detected loss bump")
+    axes[0].set_ylabel("loss (nats)")
+    _legend_below(figure, axes)
+    title = "Training loss per step and held-out loss per checkpoint"
+    figure.suptitle(title + ("; shaded: detected loss bump" if any_bump else ""))
     return figure
 
 
-def induction_heatmaps(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
-    """Induction score of every head over the checkpoints, one panel per seed."""
+def _held_out_loss(ds: xr.Dataset, seed) -> xr.DataArray | None:
+    """Mean held-out loss over positions per analysed checkpoint (from the icl analysis)."""
+    if "loss_by_position" not in ds:
+        return None
+    held = ds["loss_by_position"].sel(seed=seed).mean("position").dropna("step")
+    held = held.sel(step=held["step"] > 0)
+    return held if held.size else None
+
+
+def _mark_emergence(ax, row: dict) -> None:
+    """A dashed line at the seed's induction-head emergence midpoint, if it has one."""
+    if np.isfinite(row["emergence_midpoint_step"]):
+        ax.axvline(
+            row["emergence_midpoint_step"], color="k", ls="--", lw=1, label="induction emergence"
+        )
+
+
+def _seed_title(row: dict, seed) -> str:
+    notes = [] if row["status"] == "complete" else [f"incomplete, step {row['trained_steps']}"]
+    if not np.isfinite(row["bump_start_step"]):
+        notes.append("no bump")
+    return f"seed {seed}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _head_heatmaps(section: Section, variable: str, *, label: str, cmap: str, vmin: float):
+    """``variable[step, layer, head]`` of every head over the checkpoints, a panel per seed."""
+    ds, result = section.ds, section.result
     n_seeds = ds.sizes["seed"]
     layers, heads = ds["layer"].values, ds["head"].values
     labels = [head_label(layer, head) for layer in layers for head in heads]
-    figure = Figure(figsize=(9, 0.6 + n_seeds * (0.9 + 0.22 * len(labels))), layout="constrained")
+    figure = Figure(figsize=(9, 0.8 + n_seeds * (0.9 + 0.22 * len(labels))), layout="constrained")
     axes = figure.subplots(n_seeds, 1, sharex=True, squeeze=False)[:, 0]
     for ax, seed in zip(axes, ds["seed"].values, strict=True):
-        scores = _analysed(ds["induction_score"].sel(seed=seed))
+        scores = _analysed(ds[variable].sel(seed=seed))
         steps = scores["step"].values
         grid = scores.transpose("layer", "head", "step").values.reshape(len(labels), len(steps))
         edges = np.concatenate([[steps[0]], (steps[1:] + steps[:-1]) / 2, [steps[-1]]])
-        mesh = ax.pcolormesh(
-            edges, np.arange(len(labels) + 1), grid, cmap="viridis", vmin=0, vmax=1
-        )
+        mesh = ax.pcolormesh(edges, np.arange(len(labels) + 1), grid, cmap=cmap, vmin=vmin, vmax=1)
         for boundary in range(len(heads), len(labels), len(heads)):
             ax.axhline(boundary, color="w", lw=1)  # between layers
         row = _row(result, seed)
@@ -206,18 +402,59 @@ def induction_heatmaps(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figu
         ax.set_yticks(np.arange(len(labels)) + 0.5, labels, fontsize="small")
         ax.invert_yaxis()  # L0H0 on top
         ax.set_ylabel("head")
+        ax.set_xscale("symlog", linthresh=1)
         formed = row["induction_heads"] or "none"
-        ax.set_title(f"seed {seed}: induction heads (peak >= {result.threshold:g}): {formed}")
-    axes[-1].set_xlabel("checkpoint step (dashed: emergence midpoint of the best head)")
+        ax.set_title(
+            f"{_seed_title(row, seed)}: induction heads (peak >= {result.threshold:g}): {formed}",
+            fontsize="medium",
+        )
+    midpoints = np.isfinite(result.per_seed["emergence_midpoint_step"]).any()
+    axes[-1].set_xlabel(
+        "checkpoint step (log)" + (", dashed: induction emergence midpoint" if midpoints else "")
+    )
     _tokens_axis(axes[0], tokens_per_step(ds))
-    figure.colorbar(mesh, ax=axes, label="induction score", shrink=0.9)
+    figure.colorbar(mesh, ax=axes, label=label, shrink=0.9)
+    return figure
+
+
+def induction_heatmaps(section: Section) -> Figure:
+    """Induction score of every head over the checkpoints, one panel per seed."""
+    figure = _head_heatmaps(
+        section, "induction_score", label="induction score", cmap="viridis", vmin=0
+    )
     figure.suptitle("Induction score of every head over training")
     return figure
 
 
-def induction_emergence(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
+def induction_heatmaps_tl(section: Section) -> Figure | None:
+    """Induction score in the TransformerLens convention (``report --transformer-lens``)."""
+    if not section.transformer_lens or "tl_induction_score" not in section.ds:
+        return None
+    figure = _head_heatmaps(
+        section,
+        "tl_induction_score",
+        label="TransformerLens induction score",
+        cmap="viridis",
+        vmin=0,
+    )
+    figure.suptitle("Induction score of every head, TransformerLens convention (detect_head)")
+    return figure
+
+
+def copying_heatmaps(section: Section) -> Figure | None:
+    """Copying score of every head over the checkpoints, one panel per seed."""
+    ds = section.ds
+    if "copying_score" not in ds or not bool(ds["copying_score"].notnull().any()):
+        return None
+    figure = _head_heatmaps(section, "copying_score", label="copying score", cmap="RdBu", vmin=-1)
+    figure.suptitle("Copying score of every head over training (+1: copies what it attends to)")
+    return figure
+
+
+def induction_emergence(section: Section) -> Figure:
     """The best head's induction score per seed, with the emergence steps across seeds."""
-    figure = Figure(figsize=(8, 4.8), layout="constrained")
+    ds, result = section.ds, section.result
+    figure = Figure(figsize=(9.5, 4.8), layout="constrained")
     ax = figure.subplots()
     for i, seed in enumerate(ds["seed"].values):
         row = _row(result, seed)
@@ -230,6 +467,8 @@ def induction_emergence(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Fig
             ax.axvline(midpoint, color=_colour(i), ls="--", lw=1)
         else:
             label += f" (never reaches {result.threshold:g})"
+        if row["left_out"]:
+            label += f" [{row['left_out']}: not in the CI]"
         ax.plot(scores["step"], scores, color=_colour(i), marker=".", ms=3, lw=1.3, label=label)
     ax.axhline(result.threshold, color="0.3", ls=":", lw=1, label=f"threshold {result.threshold:g}")
     stats = result.across_seeds.loc["emergence_midpoint_step"]
@@ -239,29 +478,31 @@ def induction_emergence(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Fig
             stats["ci_high"],
             color="0.6",
             alpha=0.25,
-            label=f"{stats['confidence']:.0%} bootstrap CI of the mean midpoint "
-            f"({stats['mean']:.0f}; n = {int(stats['n'])} seeds)",
+            label=f"{stats['confidence']:.0%} {CI_NAMES[stats['ci_method']]} of the mean "
+            f"midpoint\n({stats['mean']:.0f}; n = {int(stats['n'])} seeds)",
         )
-    ax.set_xlabel("checkpoint step")
     convention = result.parameters.get("induction_score_convention")
     ax.set_ylabel("induction score" + (f" ({convention.replace('_', ' ')})" if convention else ""))
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3, lw=0.5)
-    ax.legend(fontsize="small", loc="upper left")
-    _tokens_axis(ax, tokens_per_step(ds))
+    _legend_right(ax)
+    _step_axis(ax, tokens_per_step(ds))
     ax.set_title("Induction score of each seed's best head; dashed: emergence midpoints")
     return figure
 
 
-def icl_scores(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
+def icl_scores(section: Section) -> Figure:
     """ICL score over training per seed, each seed's loss bump shaded."""
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ds, result = section.ds, section.result
+    figure = Figure(figsize=(9.5, 4.5), layout="constrained")
     ax = figure.subplots()
+    any_bump = False
     for i, seed in enumerate(ds["seed"].values):
         icl = ds["icl_score"].sel(seed=seed).dropna("step")
         ax.plot(icl["step"], icl, color=_colour(i), lw=1.4, label=f"seed {seed}")
         row = _row(result, seed)
         if np.isfinite(row["bump_start_step"]):
+            any_bump = True
             ax.axvspan(
                 row["bump_start_step"],
                 row["bump_end_step"],
@@ -274,21 +515,53 @@ def icl_scores(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
     late = result.parameters.get("icl_late_position")
     positions = f"loss at position {late} - at {early}" if early is not None else "late - early"
     ax.set_ylabel(f"ICL score: {positions} (nats)")
-    ax.set_xlabel("checkpoint step")
     ax.grid(alpha=0.3, lw=0.5)
-    ax.legend(fontsize="small")
-    _tokens_axis(ax, tokens_per_step(ds))
-    ax.set_title("In-context-learning score (lower: more use of context); shaded: loss bumps")
+    _legend_right(ax)
+    _step_axis(ax, tokens_per_step(ds))
+    title = "In-context-learning score (lower: more use of context)"
+    ax.set_title(title + ("; shaded: loss bumps" if any_bump else ""))
     return figure
 
 
-def loss_pca_trajectories(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
+def loss_by_position(section: Section) -> Figure | None:
+    """Held-out loss against token position at a few checkpoints, one panel per seed."""
+    ds = section.ds
+    if "loss_by_position" not in ds or not bool(ds["loss_by_position"].notnull().any()):
+        return None
+    figure, axes = _panels(ds.sizes["seed"])
+    steps = ds["step"].values
+    norm = LogNorm(max(steps.min(), 1), max(steps.max(), 2))
+    for ax, seed in zip(axes, ds["seed"].values, strict=True):
+        losses = _analysed(ds["loss_by_position"].sel(seed=seed))
+        analysed = losses["step"].values
+        targets = np.geomspace(max(analysed[0], 1), analysed[-1], 7)
+        picks = np.unique([np.abs(analysed - target).argmin() for target in targets])
+        position = losses["position"].values + 1  # loss of predicting token position + 1
+        for pick in picks:
+            colour = colormaps["viridis"](norm(max(analysed[pick], 1)))
+            ax.plot(position, losses.isel(step=pick), color=colour, lw=1.3)
+        ax.set_xscale("log")
+        ax.set_title(_seed_title(_row(section.result, seed), seed))
+        ax.set_xlabel("token position in the context")
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+    axes[0].set_ylabel("held-out loss (nats)")
+    figure.colorbar(ScalarMappable(norm, "viridis"), ax=axes, label="checkpoint step")
+    figure.suptitle(
+        "Loss by token position at 7 checkpoints (Olsson et al.): late tokens gain once the "
+        "induction heads form"
+    )
+    return figure
+
+
+def loss_pca_trajectories(section: Section) -> Figure:
     """The per-token-loss PCA trajectory (PC1 vs PC2) of every seed, coloured by step."""
-    figure = Figure(figsize=(7.5, 6), layout="constrained")
+    pca, result = section.pca, section.result
+    figure = Figure(figsize=(9, 6), layout="constrained")
     ax = figure.subplots()
     steps = pca["step"].values
     norm = Normalize(steps.min(), steps.max())
     handles = []
+    any_midpoint = False
     for i, seed in enumerate(pca["seed"].values):
         points = pca["projection"].sel(seed=seed, component=[1, 2]).dropna("step")
         xy = points.values  # [step, 2]
@@ -302,27 +575,34 @@ def loss_pca_trajectories(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> F
         ax.annotate(f"seed {seed}", xy[-1], xytext=(6, 4), textcoords="offset points")
         midpoint = _row(result, seed)["emergence_midpoint_step"]
         if np.isfinite(midpoint):
+            any_midpoint = True
             nearest = int(np.abs(points["step"].values - midpoint).argmin())
             ax.plot(*xy[nearest], "D", mfc="tab:red", mec="k", ms=7, zorder=3)
         handles.append(Line2D([], [], color="0.3", ls=style, lw=2, label=f"seed {seed}"))
     handles += [
         Line2D([], [], ls="", marker="o", mfc="w", mec="k", ms=8, label="first checkpoint"),
         Line2D([], [], ls="", marker="s", mfc="k", mec="k", ms=7, label="last checkpoint"),
-        Line2D([], [], ls="", marker="D", mfc="tab:red", mec="k", ms=7, label="emergence midpoint"),
     ]
+    if any_midpoint:
+        handles.append(
+            Line2D(
+                [], [], ls="", marker="D", mfc="tab:red", mec="k", ms=7, label="emergence midpoint"
+            )
+        )
     ax.autoscale_view()
     ratio = pca["explained_variance_ratio"].values
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
     ax.grid(alpha=0.3, lw=0.5)
-    ax.legend(handles=handles, fontsize="small")
-    figure.colorbar(lines, ax=ax, label="checkpoint step")
+    _legend_right(ax, handles)
+    figure.colorbar(lines, ax=ax, label="checkpoint step", location="left")
     ax.set_title("Per-token-loss PCA, one joint fit over every checkpoint of every seed")
     return figure
 
 
-def previous_token_scores(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> Figure:
+def previous_token_scores(section: Section) -> Figure:
     """Previous-token score of the layer-0 heads, one panel per seed."""
+    ds, result = section.ds, section.result
     per_step = tokens_per_step(ds)
     figure, axes = _panels(ds.sizes["seed"])
     layer = ds["layer"].values[0]
@@ -331,39 +611,82 @@ def previous_token_scores(ds: xr.Dataset, result: Summary, pca: xr.Dataset) -> F
         for j, head in enumerate(scores["head"].values):
             trajectory = scores.sel(head=head)
             ax.plot(scores["step"], trajectory, color=_colour(j), label=head_label(layer, head))
-        midpoint = _row(result, seed)["emergence_midpoint_step"]
-        if np.isfinite(midpoint):
-            ax.axvline(midpoint, color="k", ls="--", lw=1, label="induction emergence")
-        ax.set_title(f"seed {seed}")
-        ax.set_xlabel("checkpoint step")
+        row = _row(result, seed)
+        _mark_emergence(ax, row)
+        ax.set_title(_seed_title(row, seed))
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3, lw=0.5)
-        ax.legend(fontsize="small")
-        _tokens_axis(ax, per_step)
+        _step_axis(ax, per_step)
     axes[0].set_ylabel("previous-token score")
+    _legend_below(figure, axes)
     figure.suptitle(f"Previous-token score of the layer-{layer} heads")
     return figure
 
 
-# file name -> (title, caption, drawing function)
-FIGURES: dict[str, tuple[str, str, Callable[[xr.Dataset, Summary, xr.Dataset], Figure]]] = {
+def seed_similarity(section: Section) -> Figure | None:
+    """Linear CKA of each seed's head-score profile with the reference seed's, over training."""
+    alignment = section.alignment
+    if alignment is None or not np.isfinite(alignment.cka.values).any():
+        return None
+    figure = Figure(figsize=(9.5, 4.2), layout="constrained")
+    ax = figure.subplots()
+    for i, seed in enumerate(alignment.cka["seed"].values):
+        cka = alignment.cka.sel(seed=seed).dropna("step")
+        ax.plot(
+            cka["step"],
+            cka,
+            color=_colour(i + 1),
+            lw=1.4,
+            marker=".",
+            ms=3,
+            label=f"seed {seed} vs seed {alignment.reference}",
+        )
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_ylabel("linear CKA (unbiased)")
+    ax.grid(alpha=0.3, lw=0.5)
+    _legend_right(ax)
+    _step_axis(ax, tokens_per_step(section.ds))
+    ax.set_title("Similarity of the seeds' heads (matched by Hungarian matching) over training")
+    return figure
+
+
+# file name -> (title, caption, drawing function; None: nothing to draw)
+FIGURES: dict[str, tuple[str, str, Callable[[Section], Figure | None]]] = {
     "loss_curves.png": (
-        "Training loss",
+        "Training and held-out loss",
         "Per-step training loss of each seed on a log step axis (faint: every step; solid: "
-        "mean over log-spaced bins). Shaded: the loss bump found by change-point detection; "
-        "dashed: the emergence midpoint of the seed's best induction head.",
+        "mean over log-spaced bins) and the held-out loss at each analysed checkpoint "
+        "(diamonds: mean over the icl analysis' held-out sequences and positions). Shaded: the "
+        "loss bump found by change-point detection; dashed: the emergence midpoint of the "
+        "seed's best induction head.",
         loss_curves,
     ),
     "induction_heatmaps.png": (
         "Induction score of every head",
-        "Induction score of each head (rows, L<layer>H<head>) at every "
-        "analysed checkpoint, one panel per seed. Head identities differ across seeds.",
+        "Induction score of each head (rows, L<layer>H<head>) at every analysed checkpoint, one "
+        "panel per seed, on the loss curves' log step axis. Head identities differ across "
+        "seeds.",
         induction_heatmaps,
+    ),
+    "induction_heatmaps_tl.png": (
+        "Induction score, TransformerLens convention",
+        "The same heads scored as TransformerLens's detect_head does (sum of attention on the "
+        "induction targets over all attention, every row): lower than the prefix-matching "
+        "score on the same head.",
+        induction_heatmaps_tl,
+    ),
+    "copying_heatmaps.png": (
+        "Copying score of every head",
+        "Re(sum of eigenvalues) / sum |eigenvalues| of each head's OV circuit W_E W_V W_O W_U "
+        "(Elhage et al. 2021): +1 copies the attended token to the output, -1 suppresses it. "
+        "Induction heads copy.",
+        copying_heatmaps,
     ),
     "induction_emergence.png": (
         "Emergence of the induction head",
         "Induction score of each seed's best head, the threshold, each seed's emergence "
-        "midpoint (dashed) and the bootstrap CI of the mean midpoint across seeds.",
+        "midpoint (dashed) and the CI of the mean midpoint across the seeds used (t-interval "
+        "below 10 seeds).",
         induction_emergence,
     ),
     "icl_score.png": (
@@ -371,6 +694,13 @@ FIGURES: dict[str, tuple[str, str, Callable[[xr.Dataset, Summary, xr.Dataset], F
         "Loss late in the context minus loss early in the context (Olsson et al.'s ICL score, "
         "scaled to the context length); it falls when the model starts using its context.",
         icl_scores,
+    ),
+    "loss_by_position.png": (
+        "Loss by token position",
+        "Held-out loss at each token position at seven checkpoints from early (dark) to late "
+        "(yellow): after the phase change late tokens are predicted much better than early "
+        "ones.",
+        loss_by_position,
     ),
     "loss_pca.png": (
         "Per-token-loss PCA",
@@ -383,6 +713,14 @@ FIGURES: dict[str, tuple[str, str, Callable[[xr.Dataset, Summary, xr.Dataset], F
         "Previous-token score of the first layer's heads: the heads an induction head in the "
         "next layer reads from.",
         previous_token_scores,
+    ),
+    "seed_similarity.png": (
+        "Heads matched across seeds",
+        "Heads of each seed matched one-to-one to the reference seed's by their induction-score "
+        "trajectories (Hungarian algorithm); linear CKA (unbiased HSIC) of the matched heads' "
+        "score profiles at every checkpoint both seeds analysed. 1: the seeds' heads play the "
+        "same roles.",
+        seed_similarity,
     ),
 }
 
@@ -498,19 +836,50 @@ figcaption, .note { color: #555; font-size: 0.9em; }
 """
 
 
-def _html(result: Summary, figures: list[tuple[Path, str, str]]) -> str:
-    per_seed, across = result.tables()
+def _html(rendered: list[tuple[Section, list[tuple[Path, str, str]]]]) -> str:
+    several = len(rendered) > 1
+    title = rendered[0][0].result.title if not several else "Circuit formation across sizes"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(result.title)}</title>",
+        f"<title>{html.escape(title)}</title>",
         f"<style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(result.title)}</h1>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<p class='note'>Interactive version (hover for head, step and value): "
+        "<a href='report_interactive.html'>report_interactive.html</a>.</p>",
+    ]
+    if several:
+        comparison = size_comparison([section.result for section, _ in rendered])
+        parts += [
+            "<h2>Sizes compared</h2>",
+            comparison.to_html(index=False, border=0),
+        ]
+    for section, figures in rendered:
+        parts += _size_html(section, figures, heading="h2" if several else None)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _size_html(section: Section, figures: list[tuple[Path, str, str]], heading: str | None):
+    result = section.result
+    per_seed, across = result.tables()
+    sub = "h3" if heading else "h2"
+    parts = [f"<{heading}>{html.escape(result.title)}</{heading}>"] if heading else []
+    parts += [
         f"<p class='note'>{html.escape(result.note)}.</p>",
-        "<h2>Per seed</h2>",
+        f"<{sub}>Per seed</{sub}>",
         per_seed.to_html(index=False, border=0),
-        f"<h2>Across seeds</h2><p class='note'>{html.escape(result.across_note)}</p>",
+        f"<{sub}>Across seeds</{sub}><p class='note'>{html.escape(result.across_note)}</p>",
         across.to_html(index=False, border=0),
+    ]
+    if len(result.variance):
+        parts += [
+            f"<p class='note'>{html.escape(result.variance_note)}.</p>",
+            result.variance_text().to_html(index=False, border=0),
+        ]
+    if section.alignment is not None:
+        parts += _alignment_html(section, sub)
+    parts += [
         "<p class='note'>",
         "<br>".join(
             html.escape(f"{key}: {value}")
@@ -524,9 +893,27 @@ def _html(result: Summary, figures: list[tuple[Path, str, str]]) -> str:
     for target, title, text in figures:
         data = base64.b64encode(target.read_bytes()).decode("ascii")
         parts += [
-            f"<figure><h2>{html.escape(title)}</h2>",
+            f"<figure><{sub}>{html.escape(title)}</{sub}>",
             f'<img src="data:image/png;base64,{data}" alt="{html.escape(title)}">',
             f"<figcaption>{html.escape(text)}</figcaption></figure>",
         ]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
+
+
+def _alignment_html(section: Section, sub: str) -> list[str]:
+    """The heads of the reference seed's induction heads, matched in every other seed."""
+    alignment, result = section.alignment, section.result
+    formed = result.per_seed.loc[alignment.reference, "induction_heads"]
+    heads = [head for head in formed.split(", ") if head] or [
+        result.per_seed.loc[alignment.reference, "best_head"]
+    ]
+    table = alignment.matches[alignment.matches["reference_head"].isin(heads)].copy()
+    table["distance"] = table["distance"].map(lambda d: f"{d:.2f}")
+    return [
+        f"<{sub}>Heads matched across seeds</{sub}>",
+        f"<p class='note'>The induction heads of seed {alignment.reference} and their "
+        "matches in the other seeds (Hungarian matching of induction-score trajectories; "
+        "distance: Euclidean, over the common checkpoints). CKA: "
+        f"{html.escape(alignment.rule)}.</p>",
+        table.to_html(index=False, border=0),
+    ]

@@ -14,7 +14,11 @@ from observatory.store import FamilyStore
 
 
 def load_results(
-    path: str | Path, *, size: str | None = None, require: tuple[str, ...] = ()
+    path: str | Path,
+    *,
+    size: str | None = None,
+    seeds: list[int] | None = None,
+    require: tuple[str, ...] = (),
 ) -> xr.Dataset:
     """The per-step loss and the analysis results of one size of a family, in memory.
 
@@ -24,21 +28,24 @@ def load_results(
         The family store.
     size
         Size name; may be omitted when the store has a single size.
+    seeds
+        Seed indices to load (default: every run of the size).
     require
-        Variables that must hold results (e.g. ``("induction_score", "icl_score")``).
+        Variables that must hold results for at least one seed (e.g. ``("induction_score",)``).
 
     Returns
     -------
     xarray.Dataset
         The variables of :data:`RESULTS` that exist (``loss[seed, train_step]``,
         ``induction_score[seed, step, layer, head]``, ...), loaded, with coordinates ``seed``,
-        ``step``, ``tokens_seen``, ``train_step``; ``attrs``: ``store``, ``size`` and
-        ``analysis_parameters`` (``{analysis: parameters}`` as recorded by the analysis job).
+        ``init_seed``, ``data_seed``, ``complete`` (per seed), ``step``, ``tokens_seen``,
+        ``train_step``; ``attrs``: ``store``, ``size`` and ``analysis_parameters``
+        (``{analysis: parameters}`` as recorded by the analysis job).
 
     Raises
     ------
     StoreError
-        If the store or size does not exist, or a required analysis has no results.
+        If the store, size or a seed does not exist, or a required analysis has no results.
     """
     family = FamilyStore(path)
     if size is None:
@@ -49,10 +56,13 @@ def load_results(
             )
         size = sizes[0]
     parameters: dict[str, Any] = {}
-    for reader in family.size_runs(size):
+    readers = family.size_runs(size)
+    if seeds is not None:
+        readers = [family.run(size, seed) for seed in seeds]
+    for reader in readers:
         for name in reader.analyses():
             parameters.setdefault(name, reader.analysis_parameters(name))
-    family_ds = open_family(path, size=size)  # a seed without some analysis reads as NaN
+    family_ds = open_family(path, size=size, seeds=seeds)  # no results: NaN
     names = [name for name in RESULTS if name in family_ds]
     ds = family_ds[names].load()
     ds.attrs = {"store": str(family.path), "size": size, "analysis_parameters": parameters}

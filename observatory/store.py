@@ -1127,15 +1127,34 @@ class AnalysisWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write the buffered rows; ``step`` goes last, so readers never see a partial row."""
+        """Write the buffered rows, keeping the rows sorted by step.
+
+        ``step`` goes last, so readers never see a partial row.  Rows that all come after the
+        stored ones are appended; otherwise every row is rewritten in step order, with
+        ``step`` emptied first, so a crash in between loses results (recomputed on the next
+        run) but never pairs a step with another step's values.
+        """
         if self._buffered:
             steps = np.concatenate([steps for steps, _ in self._buffered])
+            values = {
+                variable: np.concatenate([v[variable] for _, v in self._buffered])
+                for variable in self._arrays
+            }
+            self._buffered = []
             start = self._steps.shape[0]
+            stored = self._steps[:] if start else np.zeros(0, dtype=np.int64)
+            if start and steps.min() < stored[-1]:  # interleaved: rewrite everything
+                steps = np.concatenate([stored, steps])
+                values = {
+                    k: np.concatenate([a[:start], values[k]]) for k, a in self._arrays.items()
+                }
+                self._steps.resize((0,))
+                start = 0
+            order = np.argsort(steps, kind="stable")
             stop = start + len(steps)
             for variable, array in self._arrays.items():
                 array.resize((stop, *array.shape[1:]))
-                array[start:stop] = np.concatenate([v[variable] for _, v in self._buffered])
+                array[start:stop] = values[variable][order]
             self._steps.resize((stop,))
-            self._steps[start:stop] = steps
-            self._buffered = []
+            self._steps[start:stop] = steps[order]
         self._last_flush = time.monotonic()

@@ -9,6 +9,7 @@ interrupted one stopped.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import platform
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from observatory.analysis.phase import FINAL_LOSS_STEPS, final_loss
 from observatory.data import DATA_ORDER_RULE, Corpus, batch_indices, data_order_fingerprint
 from observatory.errors import ObservatoryError, StoreError
 from observatory.models import build_config, stack_layers, unstack_layers
@@ -47,7 +49,8 @@ class RunSummary:
     checkpoints: int  # checkpoints committed in this call
     seconds: float  # wall time from the first step to the last commit
     writer_seconds: float  # time the writer thread spent storing (overlaps training)
-    final_loss: float | None  # loss of the last step taken, if any
+    final_loss: float | None  # analysis.phase.final_loss of the steps taken, if any
+    complete: bool  # every scheduled step is trained
 
 
 def train_family(
@@ -316,7 +319,13 @@ def _train(
         if not resume:
             raise StoreError(f"{run.path} is already trained; use another --store to retrain")
         return RunSummary(
-            run=run.path, steps=0, checkpoints=0, seconds=0.0, writer_seconds=0.0, final_loss=None
+            run=run.path,
+            steps=0,
+            checkpoints=0,
+            seconds=0.0,
+            writer_seconds=0.0,
+            final_loss=None,
+            complete=True,
         )
     if n_ckpt and not resume:
         raise StoreError(
@@ -347,6 +356,7 @@ def _train(
     )
     finished = False
     loss_value, steps_taken = None, 0
+    recent = collections.deque(maxlen=FINAL_LOSS_STEPS)  # for the final loss
     started = time.perf_counter()
     try:
         for step in range(start, end + 1):
@@ -372,6 +382,7 @@ def _train(
                 model, optimizer, tokens, lr=lr, grad_clip=spec.optimizer.grad_clip
             )
             loss_value = loss.item()
+            recent.append(loss_value)
             writer.put_step(
                 StepRecord(
                     step=step,
@@ -402,7 +413,8 @@ def _train(
         checkpoints=writer.checkpoints_written,
         seconds=time.perf_counter() - started,
         writer_seconds=writer.busy_seconds,
-        final_loss=loss_value,
+        final_loss=final_loss(np.array(recent)) if recent else None,
+        complete=finished,
     )
 
 

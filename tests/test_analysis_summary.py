@@ -6,7 +6,9 @@ import shutil
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
+from observatory.analysis import variance_split
 from observatory.analysis.summary import summary, token_loss_pca
 from observatory.errors import StoreError
 from observatory.results import load_results
@@ -19,6 +21,7 @@ PLANTED = {
     0: (400, 550, [(1, 2, 0.85), (1, 1, 0.6)]),
     1: (440, 590, [(1, 0, 0.8)]),
     2: (480, 630, [(1, 3, 0.9)]),
+    3: (560, 710, [(1, 1, 0.75)]),
 }
 
 
@@ -34,7 +37,8 @@ def synthetic_results(seeds=(0, 1, 2), *, n_held_out: int = 16) -> xr.Dataset:
     """
     rng = np.random.default_rng(0)
     direction = rng.normal(0, 1, n_held_out)  # shared: the seeds learn the same tokens
-    loss, induction, previous, icl, token_loss = [], [], [], [], []
+    loss, induction, previous, icl, token_loss, copying, by_position = [], [], [], [], [], [], []
+    position = np.arange(63)
     for seed in seeds:
         start, end, heads = PLANTED[seed]
         u = np.clip((TRAIN_STEPS - start) / (end - start), 0, 1)
@@ -50,6 +54,9 @@ def synthetic_results(seeds=(0, 1, 2), *, n_held_out: int = 16) -> xr.Dataset:
         icl.append(-0.05 - 1.8 * rise)
         noise = rng.normal(0, 0.05, (CHECKPOINTS.size, n_held_out))
         token_loss.append(4.0 - np.outer(rise, 2 + direction) + noise)
+        copying.append(np.where(scores > 0.3, 0.9, 0.1) + rng.uniform(-0.05, 0.05, scores.shape))
+        # late positions gain after the phase change; early ones do not
+        by_position.append(4.0 - np.outer(rise, 3.0 * position / (position + 8)))
     heads = ("seed", "step", "layer", "head")
     return xr.Dataset(
         {
@@ -58,6 +65,8 @@ def synthetic_results(seeds=(0, 1, 2), *, n_held_out: int = 16) -> xr.Dataset:
             "previous_token_score": (heads, np.array(previous)),
             "icl_score": (("seed", "step"), np.array(icl)),
             "token_loss": (("seed", "step", "held_out"), np.array(token_loss)),
+            "copying_score": (heads, np.array(copying)),
+            "loss_by_position": (("seed", "step", "position"), np.array(by_position)),
         },
         coords={
             "seed": list(seeds),
@@ -85,7 +94,8 @@ def test_summary_finds_each_seeds_heads_emergence_and_bump(result):
     assert list(per_seed.index) == [0, 1, 2]
     assert list(per_seed["induction_heads"]) == ["L1H2, L1H1", "L1H0", "L1H3"]
     assert list(per_seed["best_head"]) == ["L1H2", "L1H0", "L1H3"]
-    for seed, (start, end, _) in PLANTED.items():
+    for seed in per_seed.index:
+        start, end, _ = PLANTED[seed]
         row = per_seed.loc[seed]
         assert row["emergence_midpoint_step"] == pytest.approx((start + end) / 2, abs=5)
         assert (start + end) / 2 <= row["emergence_crossing_step"] <= (start + end) / 2 + 30
@@ -147,12 +157,55 @@ def test_a_seed_without_a_bump_is_counted_as_missing(planted):
 def test_missing_analyses_raise_one_clear_line(planted):
     with pytest.raises(StoreError, match=r"'head_scores'.*run `observatory analyze` first"):
         summary(planted.drop_vars("induction_score"))
-    unanalysed = planted.copy()
-    unanalysed["icl_score"] = planted["icl_score"].where(planted["seed"] != 2)
-    with pytest.raises(StoreError, match=r"seed 2: no results of analysis 'icl'; run"):
-        summary(unanalysed)
     with pytest.raises(StoreError, match="'token_loss'"):
         token_loss_pca(planted.assign(token_loss=planted["token_loss"] * np.nan))
+
+
+def test_a_seed_without_results_is_reported_and_left_out(planted):
+    unanalysed = planted.copy()
+    unanalysed["induction_score"] = planted["induction_score"].where(planted["seed"] != 2)
+    result = summary(unanalysed)
+    assert result.per_seed.loc[2, "left_out"] == "not analysed"
+    row = result.across_seeds.loc["emergence_midpoint_step"]
+    assert (row["n"], row["seeds"], row["left_out"]) == (2, "0, 1", "2: not analysed")
+    assert "not analysed" in str(result)
+
+
+def test_an_incomplete_run_is_flagged_and_left_out(planted):
+    stopped = planted.assign_coords(complete=("seed", [True, False, True]))
+    stopped["loss"] = planted["loss"].where((planted["seed"] != 1) | (planted["train_step"] < 400))
+    result = summary(stopped)
+    row = result.per_seed.loc[1]
+    assert (row["status"], row["left_out"], row["trained_steps"]) == (
+        "incomplete",
+        "incomplete",
+        400,
+    )
+    assert row["final_loss"] == pytest.approx(np.log(64), abs=0.05)  # still on the plateau
+    final = result.across_seeds.loc["final_loss"]
+    assert (final["n"], final["seeds"], final["left_out"]) == (2, "0, 2", "1: incomplete")
+    kept = result.per_seed.loc[[0, 2], "final_loss"]
+    assert final["mean"] == pytest.approx(kept.mean())
+    text = str(result)
+    assert "incomplete (incomplete)" in text and "(step 400)" in text
+    included = summary(stopped, include_incomplete=True)
+    assert included.across_seeds.loc["final_loss", "n"] == 3
+    assert included.per_seed.loc[1, "left_out"] == ""
+
+
+def test_crossed_init_and_data_seeds_split_the_variance():
+    crossed = synthetic_results(seeds=(0, 1, 2, 3)).assign_coords(
+        init_seed=("seed", [0, 0, 1, 1]), data_seed=("seed", [5, 6, 5, 6])
+    )
+    result = summary(crossed)
+    assert list(result.variance.index) == ["emergence_midpoint_step", "final_loss"]
+    midpoints = result.per_seed["emergence_midpoint_step"]
+    expected = variance_split(midpoints, [0, 0, 1, 1], [5, 6, 5, 6])
+    assert result.variance.loc["emergence_midpoint_step", "init_share"] == pytest.approx(
+        expected["init_share"]
+    )
+    assert "2 init x 2 data seeds" in str(result) and "rough" in str(result)
+    assert summary(crossed, seeds=[0, 1, 2]).variance.empty  # no longer crossed
 
 
 def test_token_loss_pca_is_one_fit_over_every_seed(planted):
@@ -169,13 +222,26 @@ def test_token_loss_pca_is_one_fit_over_every_seed(planted):
     assert (np.abs(projection.sel(step=980) - projection.sel(step=0)) > 5).all()
 
 
-def analysed_copy(trained, path, *, threshold: float = 0.4):
-    """A copy of a trained store with made-up analysis results: head ``L1H<seed>`` forms."""
-    from observatory.store import AnalysisWriter, FamilyStore
+def analysed_copy(trained, path, *, threshold: float = 0.4, untrained: tuple[int, ...] = ()):
+    """A copy of a trained store with made-up analysis results: head ``L1H<seed>`` forms.
+
+    The seeds ``untrained`` are reset to no committed checkpoints or steps (as a run that
+    crashed before its first commit) and are not analysed.
+    """
+    from observatory.store import ATTRS_KEY, AnalysisWriter, FamilyStore
 
     shutil.copytree(trained, path)
+    for seed in untrained:
+        group = zarr.open_group(path / "l2-d16" / f"seed{seed}", mode="r+")
+        group.attrs[ATTRS_KEY] = dict(group.attrs[ATTRS_KEY]) | {
+            "committed_checkpoints": 0,
+            "committed_steps": 0,
+            "complete": False,
+        }
     family = FamilyStore(path, mode="r+")
     for run in family.runs():
+        if run.seed in untrained:
+            continue
         reader = family.run(run.size, run.seed)
         steps = reader.steps()
         rise = np.clip(steps / steps[-1], 0, 1)  # [step]
@@ -213,6 +279,16 @@ def test_summary_of_a_store(trained_tiny, tmp_path):
     assert loaded["induction_score"].dims == ("seed", "step", "layer", "head")
     with pytest.raises(StoreError, match="no size 'big'"):
         load_results(path, size="big")
+
+
+def test_a_seed_with_no_checkpoints_does_not_stop_the_summary(trained_tiny, tmp_path):
+    _, trained = trained_tiny
+    path = analysed_copy(trained, tmp_path / "tiny.zarr", untrained=(1,))
+    result = summary(path)
+    assert result.per_seed.loc[0, "best_head"] == "L1H0"
+    assert result.per_seed.loc[1, "left_out"] == "not trained"
+    assert result.across_seeds.loc["final_loss", "seeds"] == "0"
+    assert summary(path, seeds=[0]).per_seed.index.tolist() == [0]
 
 
 def with_causal_results(ds: xr.Dataset, *, n_pos: int = 9) -> xr.Dataset:

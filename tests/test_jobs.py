@@ -314,3 +314,32 @@ def test_compute_runs_builtins_and_decorated_functions_in_process(trained_tiny):
     patterns = obs.compute("attention_patterns", store, size="l2-d16", steps=[8])
     rows = patterns["attention_pattern"].sum("probe_key").values
     np.testing.assert_allclose(rows, 1.0, rtol=1e-5)  # every query's attention sums to one
+
+
+def test_the_probe_of_a_text_corpus_uses_only_tokens_that_occur_in_it(tmp_path):
+    import dataclasses
+
+    from observatory.spec import DataSpec, load_run_spec
+    from tests.conftest import TINY_TOML, write_spec
+
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    # lowercase letters and spaces, with a few very common and very rare bytes
+    rng = np.random.default_rng(0)
+    text = "QZ" + "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 4000)) + " " * 2000
+    (corpus_dir / "a.py").write_text(text)
+    spec = load_run_spec(
+        write_spec(tmp_path, TINY_TOML.replace("vocab_size = 16", "vocab_size = 256"))
+    )
+    spec = dataclasses.replace(spec, data=DataSpec(source="text", paths=(str(corpus_dir),)))
+    job = load_analysis_spec(write_job(tmp_path, "unused.zarr"))
+    data = shared_data(spec, job.probe, job.held_out)
+    used = set(np.unique(data.probe.tokens[:, 1:]).tolist())
+    occurring = set(text.encode())
+    assert used <= occurring and len(used) > 2
+    assert not used & {ord(" "), ord("Q"), ord("Z")}  # the commonest and the rarest
+    attrs = data.probe.attrs
+    assert attrs["probe_tokens_from"] == "training corpus"
+    assert attrs["probe_n_candidates"] == len(occurring) - 2 * int(0.1 * len(occurring))  # 29 - 4
+    synthetic = shared_data(load_run_spec(write_spec(tmp_path)), job.probe, job.held_out)
+    assert "probe_tokens_from" not in synthetic.probe.attrs

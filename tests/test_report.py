@@ -1,10 +1,13 @@
 """The report: PNG figures, one self-contained HTML page and the summary tables."""
 
+import dataclasses
 import json
 
 import pandas as pd
 import pytest
 
+from observatory import report as report_module
+from observatory.analysis.summary import summary
 from observatory.cli import main
 from observatory.report import FIGURES, OPTIONAL_FIGURES, write_report
 from tests.test_analysis_summary import analysed_copy, synthetic_results, with_causal_results
@@ -18,34 +21,58 @@ def report(tmp_path_factory):
     return out, write_report(synthetic_results(), out)
 
 
+DRAWN = set(FIGURES) - {"induction_heatmaps_tl.png"}  # the synthetic results have no tl_*
+
+
 def test_report_writes_every_figure_and_table(report):
     out, files = report
     names = [path.name for path in files]
-    assert names[0] == "report.html"
+    assert names[:2] == ["report.html", "report_interactive.html"]
     assert set(names) == {
         "report.html",
-        *FIGURES,
+        "report_interactive.html",
+        *DRAWN,
         "summary.csv",
         "summary_across_seeds.csv",
         "summary.json",
     }
     assert all(path.parent == out and path.stat().st_size > 0 for path in files)
-    for name in FIGURES:
+    for name in DRAWN:
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     per_seed = pd.read_csv(out / "summary.csv", index_col="seed")
     assert list(per_seed["best_head"]) == ["L1H2", "L1H0", "L1H3"]
     across = pd.read_csv(out / "summary_across_seeds.csv", index_col="quantity")
     assert across.loc["emergence_midpoint_step", "n"] == 3
+    assert across.loc["emergence_midpoint_step", "ci_method"] == "t"
     assert json.loads((out / "summary.json").read_text())["n_seeds"] == 3
 
 
 def test_html_is_self_contained_with_images_and_tables(report):
     out, _ = report
     page = (out / "report.html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == len(FIGURES)
+    assert page.count('<img src="data:image/png;base64,') == len(DRAWN)
     assert "http://" not in page and "https://" not in page and "<link" not in page
-    assert page.count("<table") == 2
+    assert page.count("<table") == 3  # per seed, across seeds, heads matched across seeds
     assert "emergence midpoint step" in page and "L1H2, L1H1" in page
+    assert "t-interval" in page and "final loss: mean training loss of the last 10" in page
+
+
+def test_legends_stay_outside_the_data_and_name_only_what_is_drawn(report):
+    flat = synthetic_results()
+    flat["loss"] = flat["loss"] * 0 + 2.0  # no bump anywhere
+    section = report_module._section(flat, include_incomplete=False, transformer_lens=False)
+    strict = dataclasses.replace(section, result=summary(flat, threshold=0.99))  # none forms
+    icl = report_module.icl_scores(strict)
+    assert "shaded" not in icl.axes[0].get_title()
+    pca = report_module.loss_pca_trajectories(strict)
+    labels = [text.get_text() for text in pca.axes[0].get_legend().get_texts()]
+    assert "emergence midpoint" not in labels and "first checkpoint" in labels
+    emergence = report_module.induction_emergence(section)
+    for figure in (icl, pca, emergence):
+        figure.canvas.draw()
+        ax = figure.axes[0] if figure is not pca else pca.axes[0]
+        legend = ax.get_legend().get_window_extent()
+        assert not legend.overlaps(ax.get_window_extent())
 
 
 def test_cli_report_of_a_store(trained_tiny, tmp_path, capsys):
@@ -57,7 +84,46 @@ def test_cli_report_of_a_store(trained_tiny, tmp_path, capsys):
     assert main(["report", str(store), "--out", str(tmp_path / "report"), "--size", "l2-d16"]) == 0
     printed = capsys.readouterr().out
     assert "report.html" in printed and "loss_pca.png" in printed
+    assert "report_interactive.html" in printed
     assert (tmp_path / "report" / "report.html").exists()
+
+
+def test_report_of_a_store_with_an_untrained_seed(trained_tiny, tmp_path, capsys):
+    _, trained = trained_tiny
+    store = analysed_copy(trained, tmp_path / "tiny.zarr", untrained=(1,))
+    out = tmp_path / "report"
+    assert main(["report", str(store), "--out", str(out)]) == 0
+    per_seed = pd.read_csv(out / "summary.csv", index_col="seed")
+    assert per_seed.loc[1, "left_out"] == "not trained" and per_seed.loc[0, "best_head"] == "L1H0"
+    assert "not trained" in (out / "report.html").read_text()
+    assert main(["report", str(store), "--out", str(tmp_path / "one"), "--seeds", "0"]) == 0
+    assert pd.read_csv(tmp_path / "one" / "summary.csv")["seed"].tolist() == [0]
+    capsys.readouterr()
+
+
+def test_a_store_with_two_sizes_gets_one_page_with_a_section_per_size(tmp_path, capsys):
+    from observatory.spec import load_run_spec
+    from observatory.trainer import train_family
+    from tests.conftest import TINY_TOML, write_spec
+
+    second = '[[model.sizes]]\nname = "l2-d8"\nn_layers = 2\nd_model = 8\nn_heads = 2\n'
+    second += "n_positions = 16\n\n[data]"
+    spec = load_run_spec(write_spec(tmp_path, TINY_TOML.replace("[data]", second, 1)))
+    trained = train_family(spec, store=tmp_path / "two.zarr", progress=False)
+    store = analysed_copy(trained, tmp_path / "analysed.zarr")
+    out = tmp_path / "report"
+    assert main(["report", str(store), "--out", str(out)]) == 0
+    capsys.readouterr()
+    for size in ("l2-d16", "l2-d8"):
+        assert (out / size / "induction_heatmaps.png").read_bytes().startswith(PNG_MAGIC)
+        assert pd.read_csv(out / size / "summary.csv")["seed"].tolist() == [0, 1]
+    sizes = pd.read_csv(out / "sizes.csv")
+    assert sizes["size"].tolist() == ["l2-d16", "l2-d8"]
+    assert sizes["seeds with an induction head"].tolist() == ["2 of 2", "2 of 2"]
+    page = (out / "report.html").read_text()
+    assert "Sizes compared" in page and page.count("<h2>Circuit formation in") == 2
+    assert main(["report", str(store), "--out", str(tmp_path / "one"), "--sizes", "l2-d8"]) == 0
+    assert (tmp_path / "one" / "induction_heatmaps.png").exists()
 
 
 def test_causal_figures_are_drawn_when_the_store_has_them(report, tmp_path):
@@ -68,5 +134,5 @@ def test_causal_figures_are_drawn_when_the_store_has_them(report, tmp_path):
     for name in OPTIONAL_FIGURES:
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
     page = (tmp_path / "report.html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == len(FIGURES) + len(OPTIONAL_FIGURES)
+    assert page.count('<img src="data:image/png;base64,') == len(DRAWN) + len(OPTIONAL_FIGURES)
     assert "Head ablation" in page and "Attention patterns across the phase change" in page

@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 
 from observatory import store as store_module
@@ -209,12 +210,19 @@ def test_analysis_rows_are_buffered_then_written_step_last(tiny_spec, tmp_path, 
     assert len(covered) == 0  # ... but readers do not see them yet
     results.append(np.array([5, 1]), {"score": np.array([[5, 5], [1, 1]], np.float32)})
     covered, arrays = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).analysis_arrays("scores")
-    assert list(covered) == [8, 2, 5, 1]  # 4 rows: written together
-    assert np.array_equal(arrays["score"][:, 0], [8, 2, 5, 1])
+    assert list(covered) == [1, 2, 5, 8]  # 4 rows: written together, in step order
+    assert np.array_equal(arrays["score"][:, 0], [1, 2, 5, 8])
+    results.append(np.array([9]), {"score": np.array([[9, 9]], np.float32)})
+    results.flush()  # after every stored row: appended
     results.append(np.array([3]), {"score": np.array([[3, 3]], np.float32)})
-    results.flush()
+    results.flush()  # between stored rows: everything rewritten in order
     covered, arrays = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).analysis_arrays("scores")
-    assert list(covered) == [8, 2, 5, 1, 3] and arrays["score"][4, 1] == 3
+    assert list(covered) == [1, 2, 3, 5, 8, 9]
+    assert np.array_equal(arrays["score"], np.repeat(covered[:, None], 2, axis=1))
+    plain = xr.open_zarr(
+        tmp_path / "s.zarr", group="l2-d16/seed0/analysis/scores", consolidated=False
+    )
+    assert plain["step"].values.tolist() == [1, 2, 3, 5, 8, 9]  # plain xarray: sorted too
 
 
 def damage(path):

@@ -35,6 +35,8 @@ from observatory.analysis.stats import (
     linear_cka,
     match_heads,
     seed_summary,
+    t_interval,
+    variance_split,
 )
 
 __all__ = [
@@ -64,7 +66,9 @@ __all__ = [
     "match_heads",
     "repeated_tokens",
     "seed_summary",
+    "t_interval",
     "token_losses",
+    "variance_split",
 ]
 
 

@@ -25,6 +25,29 @@ import numpy as np
 import ruptures
 
 SEGMENTATION = "ruptures.Pelt(model='linear') on step-binned loss"
+# One step's loss is one batch's loss: the final loss averages the last few steps.
+FINAL_LOSS_STEPS = 10
+FINAL_LOSS = f"mean training loss of the last {FINAL_LOSS_STEPS} steps trained"
+
+
+def final_loss(loss: np.ndarray) -> float:
+    """The final loss of a run: the mean training loss of its last :data:`FINAL_LOSS_STEPS` steps.
+
+    The one definition used by ``observatory train``, the summary and the report.
+
+    Parameters
+    ----------
+    loss
+        ``loss[train_step]``, in step order (at least the last :data:`FINAL_LOSS_STEPS`).
+
+    Returns
+    -------
+    float
+        The mean of the last ``FINAL_LOSS_STEPS`` values (of all of them if fewer); NaN if
+        there are none.
+    """
+    tail = np.asarray(loss, dtype=np.float64)[-FINAL_LOSS_STEPS:]
+    return float(tail.mean()) if tail.size else float("nan")
 
 
 @dataclass(frozen=True)

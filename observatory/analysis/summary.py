@@ -6,7 +6,8 @@ Across seeds: mean, std and a bootstrap CI of the emergence and bump steps. Also
 per-token-loss PCA trajectory (one fit over every checkpoint of every seed).
 
 Heads are named ``L{layer}H{head}``; head identities are per seed (the same label in two seeds
-is not the same circuit, see ``match_heads`` for explicit matching).
+is not the same circuit): :func:`seed_alignment` matches heads across seeds explicitly and
+compares the seeds with linear CKA.
 """
 
 from __future__ import annotations
@@ -21,17 +22,27 @@ import pandas as pd
 import xarray as xr
 
 from observatory.analysis.icl import loss_pca
-from observatory.analysis.phase import SEGMENTATION, emergence, loss_bump
-from observatory.analysis.stats import seed_summary
+from observatory.analysis.phase import FINAL_LOSS, SEGMENTATION, emergence, final_loss, loss_bump
+from observatory.analysis.stats import (
+    BOOTSTRAP_MIN_N,
+    linear_cka,
+    match_heads,
+    seed_summary,
+    variance_split,
+)
 from observatory.errors import StoreError
 
 DEFAULT_THRESHOLD = 0.5
 CONFIDENCE = 0.95
-# One step's loss is one batch's loss: the final loss averages the last few steps.
-FINAL_LOSS_STEPS = 10
+INTERVAL_RULE = (
+    f"t-interval of the mean over the seeds used (n < {BOOTSTRAP_MIN_N}), BCa bootstrap "
+    f"(n >= {BOOTSTRAP_MIN_N})"
+)
 # Variables of the results dataset, and the analysis that writes each (None: training).
 RESULTS = {
     "loss": None,
+    "copying_score": "copying",
+    "loss_by_position": "icl",
     "induction_score": "head_scores",
     "previous_token_score": "head_scores",
     "icl_score": "icl",
@@ -46,6 +57,8 @@ CROSS_SEED = (
     "bump_end_step",
     "final_loss",
 )
+# Quantities whose variance is split into init-seed, data-seed and residual parts.
+VARIANCE_SPLIT = ("emergence_midpoint_step", "final_loss")
 EMERGENCE_RULE = (
     "best head: highest peak induction score; crossing: first analysed checkpoint with "
     "score >= threshold; midpoint: interpolated step halfway between the first and last "
@@ -63,35 +76,36 @@ def head_label(layer: int, head: int) -> str:
 
 
 def check_results(ds: xr.Dataset, require: tuple[str, ...]) -> None:
-    """Raise a one-line StoreError naming the analyses (and seeds) without required results."""
-    missing: dict[str, list[int]] = {}  # analysis -> seeds without any result
+    """Raise a one-line StoreError naming the analyses of which no seed has results.
+
+    A seed without results (not analysed yet, or no checkpoints) is not an error here: the
+    summary reports it and leaves it out of the statistics.
+    """
+    missing = set()
     for name in require:
         analysis = RESULTS.get(name) or name
-        if name not in ds:
-            missing[analysis] = []
-            continue
-        other = [dim for dim in ds[name].dims if dim != "seed"]
-        has = ds[name].notnull().any(other)
-        if not has.all():
-            missing[analysis] = [int(seed) for seed in has["seed"].values[~has.values]]
+        if name not in ds or not bool(ds[name].notnull().any()):
+            missing.add(analysis)
     if missing:
-        seeds = sorted({seed for group in missing.values() for seed in group})
         where = f"{ds.attrs.get('store', 'dataset')} (size {ds.attrs.get('size', '?')})"
-        if 0 < len(seeds) < ds.sizes["seed"]:
-            where += f", seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
         raise StoreError(
             f"{where}: no results of analysis {', '.join(map(repr, sorted(missing)))}; "
             "run `observatory analyze` first"
         )
 
 
-def _results(source: str | Path | xr.Dataset, size: str | None, require: tuple[str, ...]):
+def _results(
+    source: str | Path | xr.Dataset,
+    size: str | None,
+    require: tuple[str, ...],
+    seeds: list[int] | None = None,
+) -> xr.Dataset:
     if isinstance(source, xr.Dataset):
         check_results(source, require)
-        return source
+        return source if seeds is None else source.sel(seed=seeds)
     from observatory.results import load_results
 
-    return load_results(source, size=size, require=require)
+    return load_results(source, size=size, seeds=seeds, require=require)
 
 
 def tokens_per_step(ds: xr.Dataset) -> float:
@@ -122,12 +136,13 @@ class Summary:
     per_seed
         One row per seed (index ``seed``); see :func:`summary` for the columns.
     across_seeds
-        One row per quantity of :data:`CROSS_SEED`; columns of
-        :func:`~observatory.analysis.seed_summary` (``n``, ``n_missing``, ``mean``, ``std``,
-        ``ci_low``, ``ci_high``, ``confidence``).
+        One row per quantity of :data:`CROSS_SEED`; see :func:`across_seeds`.
+    variance
+        One row per quantity of :data:`VARIANCE_SPLIT` whose values cross init and data
+        seeds (empty otherwise); see :func:`variance_table`.
     parameters
-        Conventions and detection parameters (emergence rule, bump method, ICL positions),
-        and under ``"analyses"`` the parameters each analysis recorded in the store.
+        Conventions and detection parameters (emergence rule, bump method, ICL positions,
+        final loss, interval), and under ``"analyses"`` the parameters each analysis recorded.
     """
 
     store: str
@@ -136,46 +151,49 @@ class Summary:
     threshold_source: str
     per_seed: pd.DataFrame
     across_seeds: pd.DataFrame
+    variance: pd.DataFrame
     parameters: dict[str, Any]
 
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The per-seed and cross-seed tables as formatted text, for display."""
-        rows = []
-        for seed, row in self.per_seed.iterrows():
-            rows.append(
-                {
-                    "seed": str(seed),
-                    "induction heads": row["induction_heads"] or "none",
-                    "best head (peak)": f"{row['best_head']} ({row['best_head_peak']:.2f})",
-                    "crossing step": _fmt(row["emergence_crossing_step"], 0),
-                    "midpoint step": _fmt(row["emergence_midpoint_step"], 1),
-                    "bump (steps)": _window(row["bump_start_step"], row["bump_end_step"], 0),
-                    "bump (M tokens)": _window(
-                        row["bump_start_tokens"] / 1e6, row["bump_end_tokens"] / 1e6, 2
-                    ),
-                    "jump in bump": {True: "yes", False: "no"}.get(row["jump_in_bump"], "-"),
-                    "ICL before -> after": _window(row["icl_before"], row["icl_after"], 2, " -> "),
-                    "final loss": _fmt(row["final_loss"], 3),
-                }
-                | _ablation_cell(row)
-            )
-        per_seed = pd.DataFrame(rows)
+        per_seed = pd.DataFrame(
+            [_seed_cells(seed, row) | _ablation_cell(row) for seed, row in self.per_seed.iterrows()]
+        )
         across = pd.DataFrame(
             [
                 {
                     "quantity": name.replace("_", " "),
-                    "n": str(int(row["n"])),
+                    "n": f"{int(row['n'])} of {int(row['n']) + int(row['n_missing'])}",
                     "mean": _fmt(row["mean"], digits),
                     "std": _fmt(row["std"], digits),
                     f"{row['confidence']:.0%} CI": _window(
                         row["ci_low"], row["ci_high"], digits, ", ", "[]"
                     ),
+                    "interval": {"t": "t", "bca": "BCa bootstrap"}.get(row["ci_method"], "-"),
+                    "seeds used": row["seeds"] or "none",
+                    "left out (why)": row["left_out"] or "none",
                 }
                 for name, row in self.across_seeds.iterrows()
                 for digits in [3 if name == "final_loss" else 1]
             ]
         )
         return per_seed, across
+
+    def variance_text(self) -> pd.DataFrame:
+        """The init/data-seed variance split as formatted text (no rows if not crossed)."""
+        return pd.DataFrame(
+            [
+                {
+                    "quantity": name.replace("_", " "),
+                    "design": row["design"],
+                    "init seed": f"{row['init_share']:.0%}",
+                    "data seed": f"{row['data_share']:.0%}",
+                    "residual": f"{row['residual_share']:.0%}",
+                    "residual df": str(int(row["df_residual"])),
+                }
+                for name, row in self.variance.iterrows()
+            ]
+        )
 
     @property
     def title(self) -> str:
@@ -187,48 +205,48 @@ class Summary:
         """One line: the threshold and how heads are named."""
         return (
             f"induction threshold {self.threshold:g} ({self.threshold_source}); heads are named "
-            "like L1H2 (layer 1, head 2), per seed: not aligned across seeds"
+            "like L1H2 (layer 1, head 2), per seed: not aligned across seeds; final loss: "
+            f"{FINAL_LOSS}"
         )
 
     @property
     def across_note(self) -> str:
         """One line: how the cross-seed statistics were computed."""
+        kept = "kept" if self.parameters.get("include_incomplete") else "left out"
         return (
-            f"across seeds ({len(self.per_seed)} seeds; {CONFIDENCE:.0%} percentile-bootstrap "
-            "CI of the mean, n = seeds with a value):"
+            f"across seeds: {CONFIDENCE:.0%} CI of the mean, {INTERVAL_RULE}; n = seeds that "
+            f"contributed; incomplete runs {kept}. With 2-5 seeds the t-interval is wide: "
+            "that is the honest uncertainty of a mean over so few runs."
         )
+
+    @property
+    def variance_note(self) -> str:
+        """One line: what the variance split is and how rough it is."""
+        return (
+            "variance split (two-way ANOVA without interaction, shares of the sum of squares "
+            "over init seed, data seed and residual); with a design this small (few residual "
+            "degrees of freedom) it is a rough description, not a test"
+        )
+
+    def _sections(self) -> list[tuple[str, pd.DataFrame]]:
+        per_seed, across = self.tables()
+        sections = [("per seed:", per_seed), (self.across_note, across)]
+        if len(self.variance):
+            sections.append((self.variance_note + ":", self.variance_text()))
+        return sections
 
     def __str__(self) -> str:
-        per_seed, across = self.tables()
-        return "\n".join(
-            [
-                self.title,
-                self.note,
-                "",
-                "per seed:",
-                _text_table(per_seed),
-                "",
-                self.across_note,
-                _text_table(across),
-            ]
-        )
+        lines = [self.title, self.note]
+        for caption, table in self._sections():
+            lines += ["", caption, _text_table(table)]
+        return "\n".join(lines)
 
     def to_markdown(self) -> str:
-        """The summary as Markdown: a caption and two pipe tables."""
-        per_seed, across = self.tables()
-        return "\n".join(
-            [
-                f"**{self.title}**",
-                "",
-                self.note,
-                "",
-                _pipe_table(per_seed),
-                "",
-                self.across_note,
-                "",
-                _pipe_table(across),
-            ]
-        )
+        """The summary as Markdown: a caption and pipe tables."""
+        lines = [f"**{self.title}**", "", self.note]
+        for caption, table in self._sections():
+            lines += ["", caption, "", _pipe_table(table)]
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN and missing values become None)."""
@@ -243,17 +261,47 @@ class Summary:
                 "parameters": self.parameters,
                 "per_seed": per_seed.to_dict(orient="records"),
                 "across_seeds": self.across_seeds.astype(object).to_dict(orient="index"),
+                "variance_split": self.variance.astype(object).to_dict(orient="index"),
             }
         )
 
 
+def _seed_cells(seed: int, row: pd.Series) -> dict[str, str]:
+    """One row of the per-seed display table."""
+    status = row["status"] + (f" ({row['left_out']})" if row["left_out"] else "")
+    best = f"{row['best_head']} ({row['best_head_peak']:.2f})" if row["best_head"] else "-"
+    return {
+        "seed": str(seed),
+        "status": status,
+        "induction heads": row["induction_heads"] or "none",
+        "best head (peak)": best,
+        "crossing step": _fmt(row["emergence_crossing_step"], 0),
+        "midpoint step": _fmt(row["emergence_midpoint_step"], 1),
+        "bump (steps)": _window(row["bump_start_step"], row["bump_end_step"], 0),
+        "bump (M tokens)": _window(row["bump_start_tokens"] / 1e6, row["bump_end_tokens"] / 1e6, 2),
+        "jump in bump": {True: "yes", False: "no"}.get(row["jump_in_bump"], "-"),
+        "ICL before -> after": _window(row["icl_before"], row["icl_after"], 2, " -> "),
+        "final loss": _fmt(row["final_loss"], 3)
+        + ("" if row["status"] == "complete" else f" (step {row['trained_steps']})"),
+    }
+
+
 def summary(
-    path: str | Path | xr.Dataset, *, size: str | None = None, threshold: float | None = None
+    path: str | Path | xr.Dataset,
+    *,
+    size: str | None = None,
+    seeds: list[int] | None = None,
+    threshold: float | None = None,
+    include_incomplete: bool = False,
 ) -> Summary:
     """Summarise circuit formation per seed and across the seeds of one size of a family.
 
     Per seed (columns of ``Summary.per_seed``):
 
+    * ``status`` (``"complete"``: every scheduled step trained, else ``"incomplete"``),
+      ``trained_steps``, ``n_checkpoints`` (analysed checkpoints) and ``left_out``: why the
+      seed is left out of the cross-seed statistics (``"incomplete"``, ``"not analysed"``,
+      ``"not trained"``: no committed steps; empty if it is used);
     * ``induction_heads``: heads whose peak induction score reaches ``threshold``, by peak,
       as ``"L1H2, L1H0"`` (``n_induction_heads`` of them); ``best_head``, ``best_head_peak``:
       the head with the highest peak (reported even below the threshold), also as
@@ -268,10 +316,18 @@ def summary(
     * ``icl_before``, ``icl_after``, ``icl_change``: ICL score at the last analysed checkpoint
       at or before the bump start and the first at or after its end, and their difference
       (negative: the model uses its context more after the bump);
-    * ``final_loss``: mean training loss of the last :data:`FINAL_LOSS_STEPS` steps;
-    * ``init_seed``, ``data_seed``, ``n_checkpoints`` (analysed checkpoints).
+    * ``final_loss``: :func:`~observatory.analysis.phase.final_loss` of the steps trained
+      (of an incomplete run: where it stopped, and left out across seeds);
+    * ``init_seed``, ``data_seed``;
     * with ``head_ablation`` results, whether the best head is the head whose ablation hurts
       most (:func:`ablation_ranks`: ``top_ablation_head``, ``best_head_ablation_rank``, ...).
+
+    Across seeds (``Summary.across_seeds``), for each quantity of :data:`CROSS_SEED`: the
+    seeds that contributed and the seeds left out with the reason (``"incomplete"``,
+    ``"not analysed"``, ``"not formed"``, ``"no bump"``), and
+    :func:`~observatory.analysis.seed_summary` of the values (a t-interval for few seeds).
+    When the seeds cross init and data seeds, ``Summary.variance`` splits the variance of
+    the emergence midpoint and the final loss (:func:`~observatory.analysis.variance_split`).
 
     Parameters
     ----------
@@ -279,9 +335,14 @@ def summary(
         The family store, or a dataset from :func:`~observatory.results.load_results`.
     size
         Size name; may be omitted when the store has a single size.
+    seeds
+        Seed indices to summarise (default: every seed).
     threshold
         Induction score at which a head counts as formed. Default: the threshold recorded by
         the analysis job (``head_scores`` parameters), else :data:`DEFAULT_THRESHOLD`.
+    include_incomplete
+        Keep incomplete runs in the cross-seed statistics (they are always in the per-seed
+        table, marked).
 
     Returns
     -------
@@ -290,10 +351,10 @@ def summary(
     Raises
     ------
     StoreError
-        If the store or size does not exist, or the ``head_scores`` or ``icl`` analysis has
-        no results (run ``observatory analyze`` first).
+        If the store, size or a seed does not exist, or no seed has results of the
+        ``head_scores`` or ``icl`` analysis (run ``observatory analyze`` first).
     """
-    ds = _results(path, size, ("loss", "induction_score", "icl_score"))
+    ds = _results(path, size, ("loss", "induction_score", "icl_score"), seeds)
     recorded = ds.attrs.get("analysis_parameters", {}).get("head_scores") or {}
     if threshold is not None:
         source = "argument"
@@ -303,20 +364,18 @@ def summary(
         threshold, source = DEFAULT_THRESHOLD, "default"
     per_token = tokens_per_step(ds)
     rows = [
-        _seed_row(ds.sel(seed=seed), threshold=threshold, tokens_per_step=per_token)
+        _seed_row(
+            ds.sel(seed=seed),
+            threshold=threshold,
+            tokens_per_step=per_token,
+            include_incomplete=include_incomplete,
+        )
         for seed in ds["seed"].values
     ]
     per_seed = pd.DataFrame(rows).set_index("seed")
     per_seed["jump_in_bump"] = per_seed["jump_in_bump"].astype("boolean")
     if "repeated_loss_increase" in ds:
         per_seed = per_seed.join(ablation_ranks(ds, per_seed))
-    across = pd.DataFrame(
-        {
-            name: seed_summary(per_seed[name].to_numpy(dtype=float), confidence=CONFIDENCE)
-            for name in CROSS_SEED
-        }
-    ).T
-    across[["n", "n_missing"]] = across[["n", "n_missing"]].astype(int)
     analyses = ds.attrs.get("analysis_parameters", {})
     icl = analyses.get("icl") or {}
     return Summary(
@@ -325,24 +384,177 @@ def summary(
         threshold=threshold,
         threshold_source=source,
         per_seed=per_seed,
-        across_seeds=across,
+        across_seeds=across_seeds(per_seed),
+        variance=variance_table(per_seed),
         parameters={
             "induction_score_convention": recorded.get("score_convention"),
             "emergence_rule": EMERGENCE_RULE,
             "bump_method": SEGMENTATION + " (loss_bump defaults)",
             "icl_early_position": icl.get("icl_early_position"),
             "icl_late_position": icl.get("icl_late_position"),
-            "final_loss_steps": FINAL_LOSS_STEPS,
+            "final_loss": FINAL_LOSS,
             "tokens_per_step": per_token,
             "confidence": CONFIDENCE,
+            "interval": INTERVAL_RULE,
+            "include_incomplete": include_incomplete,
             "analyses": analyses,
         },
     )
 
 
-def _seed_row(one: xr.Dataset, *, threshold: float, tokens_per_step: float) -> dict[str, Any]:
+# Why a seed's value of a quantity is missing, when the seed itself is used.
+MISSING_REASON = {
+    "emergence_crossing_step": "not formed",
+    "emergence_midpoint_step": "not formed",
+    "bump_start_step": "no bump",
+    "bump_end_step": "no bump",
+    "final_loss": "no training steps",
+}
+
+
+def across_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Cross-seed statistics of every quantity of :data:`CROSS_SEED` over the seeds used.
+
+    Parameters
+    ----------
+    per_seed
+        ``Summary.per_seed``: seeds with a non-empty ``left_out`` are not used.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per quantity: the columns of :func:`~observatory.analysis.seed_summary`
+        (``n`` counts the seeds that contributed, ``n_missing`` the others), ``seeds`` (those
+        that contributed, e.g. ``"0, 2"``) and ``left_out`` (e.g. ``"1: not formed; 3:
+        incomplete"``).
+    """
+    rows = {}
+    for name in CROSS_SEED:
+        values = per_seed[name].to_numpy(dtype=float)
+        reasons = [
+            row["left_out"] or ("" if np.isfinite(value) else MISSING_REASON[name])
+            for value, (_, row) in zip(values, per_seed.iterrows(), strict=True)
+        ]
+        used = np.array([not reason for reason in reasons])
+        stats = seed_summary(values[used], confidence=CONFIDENCE)
+        stats["n_missing"] = int((~used).sum())
+        stats["seeds"] = ", ".join(str(seed) for seed in per_seed.index[used])
+        stats["left_out"] = "; ".join(
+            f"{seed}: {reason}"
+            for seed, reason in zip(per_seed.index, reasons, strict=True)
+            if reason
+        )
+        rows[name] = stats
+    table = pd.DataFrame(rows).T
+    table[["n", "n_missing"]] = table[["n", "n_missing"]].astype(int)
+    for column in ("mean", "std", "ci_low", "ci_high", "confidence"):
+        table[column] = table[column].astype(float)
+    return table
+
+
+def variance_table(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Init-seed / data-seed / residual split of :data:`VARIANCE_SPLIT` quantities.
+
+    Only where the seeds used (empty ``left_out``) with a value cross every init seed with
+    every data seed, at least 2 x 2 (``pairing = "product"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per quantity that could be split (possibly none): the columns of
+        :func:`~observatory.analysis.variance_split`.
+    """
+    rows = {}
+    used = per_seed[per_seed["left_out"] == ""]
+    if used[["init_seed", "data_seed"]].isna().any(axis=None):
+        return pd.DataFrame()  # seeds not recorded
+    for name in VARIANCE_SPLIT:
+        runs = used[np.isfinite(used[name].to_numpy(dtype=float))]
+        try:
+            rows[name] = variance_split(runs[name], runs["init_seed"], runs["data_seed"])
+        except ValueError:  # not a complete crossed design
+            continue
+    return pd.DataFrame(rows).T
+
+
+def _seed_status(one: xr.Dataset, *, include_incomplete: bool) -> tuple[str, str]:
+    """``(status, left_out)`` of one seed (see :func:`summary`)."""
+    complete = bool(one["complete"]) if "complete" in one.coords else True
+    status = "complete" if complete else "incomplete"
+    if not bool(one["induction_score"].notnull().any()):
+        trained = bool(one["loss"].notnull().any())
+        return status, "not analysed" if trained else "not trained"
+    if not complete and not include_incomplete:
+        return status, "incomplete"
+    return status, ""
+
+
+def _seed_row(
+    one: xr.Dataset, *, threshold: float, tokens_per_step: float, include_incomplete: bool
+) -> dict[str, Any]:
     """The per-seed columns of :func:`summary` for one seed's slice of the results."""
-    scores = one["induction_score"].transpose("step", "layer", "head")
+    status, left_out = _seed_status(one, include_incomplete=include_incomplete)
+    loss = one["loss"].dropna("train_step")
+    row: dict[str, Any] = {
+        "seed": int(one["seed"]),
+        "init_seed": int(one["init_seed"]) if "init_seed" in one.coords else None,
+        "data_seed": int(one["data_seed"]) if "data_seed" in one.coords else None,
+        "status": status,
+        "left_out": left_out,
+        "trained_steps": int(loss.sizes["train_step"]),
+        "n_checkpoints": 0,
+        "induction_heads": "",
+        "n_induction_heads": 0,
+        "best_head": "",
+        "best_layer": -1,
+        "best_head_in_layer": -1,
+        "best_head_peak": math.nan,
+        "emergence_crossing_step": math.nan,
+        "emergence_midpoint_step": math.nan,
+        "emergence_midpoint_tokens": math.nan,
+        "bump_start_step": math.nan,
+        "bump_end_step": math.nan,
+        "bump_start_tokens": math.nan,
+        "bump_end_tokens": math.nan,
+        "bump_loss_drop": math.nan,
+        "jump_in_bump": None,
+        "icl_before": math.nan,
+        "icl_after": math.nan,
+        "icl_change": math.nan,
+        "final_loss": final_loss(loss.values),
+    }
+    if bool(one["induction_score"].notnull().any()):
+        row |= _heads_columns(one["induction_score"], threshold, tokens_per_step)
+    if loss.sizes["train_step"] < 2:
+        return row
+    bump = loss_bump(loss["train_step"].values, loss.values, tokens_per_step=round(tokens_per_step))
+    if bump is None:
+        return row
+    row |= {
+        "bump_start_step": bump.start_step,
+        "bump_end_step": bump.end_step,
+        "bump_start_tokens": bump.start_tokens,
+        "bump_end_tokens": bump.end_tokens,
+        "bump_loss_drop": bump.loss_drop,
+    }
+    midpoint = row["emergence_midpoint_step"]
+    if np.isfinite(midpoint):
+        row["jump_in_bump"] = bump.start_step <= midpoint <= bump.end_step
+    icl = one["icl_score"].dropna("step")
+    before = icl.where(icl["step"] <= bump.start_step, drop=True)
+    after = icl.where(icl["step"] >= bump.end_step, drop=True)
+    if before.size and after.size:
+        row["icl_before"] = float(before[-1])
+        row["icl_after"] = float(after[0])
+        row["icl_change"] = row["icl_after"] - row["icl_before"]
+    return row
+
+
+def _heads_columns(
+    induction: xr.DataArray, threshold: float, tokens_per_step: float
+) -> dict[str, Any]:
+    """Induction heads, best head and its emergence of one seed (see :func:`summary`)."""
+    scores = induction.transpose("step", "layer", "head")
     scores = scores.isel(step=scores.notnull().all(["layer", "head"]).values)
     steps = scores["step"].values
     peak = scores.max("step").values  # [layer, head]
@@ -354,13 +566,7 @@ def _seed_row(one: xr.Dataset, *, threshold: float, tokens_per_step: float) -> d
     found = emergence(steps, scores.values[:, best[0], best[1]], threshold=threshold)
     crossing = found.crossing_step
     midpoint = found.midpoint_step if crossing is not None else None
-
-    loss = one["loss"].dropna("train_step")
-    bump = loss_bump(loss["train_step"].values, loss.values, tokens_per_step=round(tokens_per_step))
-    row: dict[str, Any] = {
-        "seed": int(one["seed"]),
-        "init_seed": int(one["init_seed"]) if "init_seed" in one.coords else None,
-        "data_seed": int(one["data_seed"]) if "data_seed" in one.coords else None,
+    return {
         "n_checkpoints": len(steps),
         "induction_heads": ", ".join(formed),
         "n_induction_heads": len(formed),
@@ -371,36 +577,7 @@ def _seed_row(one: xr.Dataset, *, threshold: float, tokens_per_step: float) -> d
         "emergence_crossing_step": _nan(crossing),
         "emergence_midpoint_step": _nan(midpoint),
         "emergence_midpoint_tokens": _nan(midpoint) * tokens_per_step,
-        "bump_start_step": math.nan,
-        "bump_end_step": math.nan,
-        "bump_start_tokens": math.nan,
-        "bump_end_tokens": math.nan,
-        "bump_loss_drop": math.nan,
-        "jump_in_bump": None,
-        "icl_before": math.nan,
-        "icl_after": math.nan,
-        "icl_change": math.nan,
-        "final_loss": float(loss.values[-FINAL_LOSS_STEPS:].mean()),
     }
-    if bump is None:
-        return row
-    row |= {
-        "bump_start_step": bump.start_step,
-        "bump_end_step": bump.end_step,
-        "bump_start_tokens": bump.start_tokens,
-        "bump_end_tokens": bump.end_tokens,
-        "bump_loss_drop": bump.loss_drop,
-    }
-    if midpoint is not None:
-        row["jump_in_bump"] = bump.start_step <= midpoint <= bump.end_step
-    icl = one["icl_score"].dropna("step")
-    before = icl.where(icl["step"] <= bump.start_step, drop=True)
-    after = icl.where(icl["step"] >= bump.end_step, drop=True)
-    if before.size and after.size:
-        row["icl_before"] = float(before[-1])
-        row["icl_after"] = float(after[0])
-        row["icl_change"] = row["icl_after"] - row["icl_before"]
-    return row
 
 
 def ablation_ranks(ds: xr.Dataset, per_seed: pd.DataFrame) -> pd.DataFrame:
@@ -501,6 +678,124 @@ def token_loss_pca(
         },
         attrs={"method": "joint PCA over every (seed, checkpoint) with per-token losses"},
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Head matching and representation similarity across seeds.
+
+# Head scores that make up a head's profile for CKA (those present are used).
+PROFILE_SCORES = (
+    "induction_score",
+    "previous_token_score",
+    "duplicate_token_score",
+    "copying_score",
+    "tl_induction_score",
+    "tl_previous_token_score",
+    "tl_duplicate_token_score",
+)
+CKA_RULE = (
+    "linear CKA (unbiased HSIC) between a seed and the reference seed at each checkpoint both "
+    "analysed; samples: the heads, paired by the Hungarian matching of induction-score "
+    "trajectories; features: each head's scores ({scores}) at that checkpoint"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class SeedAlignment:
+    """Heads matched across seeds and the similarity of the seeds' head-score profiles.
+
+    Attributes
+    ----------
+    reference
+        The seed every other seed is matched to (the first seed used).
+    matches
+        One row per (other seed, head of the reference): ``seed``, ``reference_head``,
+        ``matched_head`` (labels like ``L1H2``) and ``distance`` (Euclidean distance of the
+        induction-score trajectories over the common checkpoints).
+    cka
+        ``cka[seed, step]`` for the other seeds: linear CKA of the head-score profiles with
+        the reference's (see :data:`CKA_RULE`); NaN where either has no analysed checkpoint
+        at that step (or a profile is constant).
+    rule
+        How the CKA was computed (which scores are the features).
+    """
+
+    reference: int
+    matches: pd.DataFrame
+    cka: xr.DataArray
+    rule: str
+
+
+def seed_alignment(ds: xr.Dataset, seeds: list[int] | None = None) -> SeedAlignment | None:
+    """Match heads across seeds (Hungarian) and compare the seeds with linear CKA.
+
+    Head identity is not stable across seeds: each seed's heads are matched one-to-one to
+    the reference seed's by their induction-score trajectories
+    (:func:`~observatory.analysis.match_heads`). At every checkpoint both seeds analysed,
+    each seed is represented by the matrix ``[head, score]`` of its heads' scores (the
+    variables of :data:`PROFILE_SCORES` that exist), rows in matched order, and compared with
+    :func:`~observatory.analysis.linear_cka` using the unbiased HSIC (few samples: one per
+    head). Model activations would be a richer representation, but they are not stored.
+
+    Parameters
+    ----------
+    ds
+        Results as from :func:`load_results`.
+    seeds
+        The seeds to align (default: every seed with induction scores); the first is the
+        reference.
+
+    Returns
+    -------
+    SeedAlignment or None
+        None if fewer than two seeds have induction scores or there are fewer than 4 heads.
+    """
+    if seeds is None:
+        analysed = ds["induction_score"].notnull().any(["step", "layer", "head"])
+        seeds = [int(seed) for seed in ds["seed"].values[analysed.values]]
+    n_heads = ds.sizes["layer"] * ds.sizes["head"]
+    if len(seeds) < 2 or n_heads < 4:
+        return None
+    scores = [name for name in PROFILE_SCORES if name in ds]
+    reference = seeds[0]
+    labels = [head_label(layer, head) for layer in ds["layer"].values for head in ds["head"].values]
+    rows, cka = [], np.full((len(seeds) - 1, ds.sizes["step"]), np.nan)
+    ref_profile = _profiles(ds.sel(seed=reference), scores)  # [step, head, score]
+    for i, seed in enumerate(seeds[1:]):
+        profile = _profiles(ds.sel(seed=seed), scores)
+        common = np.isfinite(ref_profile).all(axis=(1, 2)) & np.isfinite(profile).all(axis=(1, 2))
+        if not common.any():
+            continue
+        match = match_heads(ref_profile[common, :, 0].T, profile[common, :, 0].T)
+        rows += [
+            {
+                "seed": seed,
+                "reference_head": labels[a],
+                "matched_head": labels[b],
+                "distance": float(d),
+            }
+            for a, b, d in zip(match.a, match.b, match.distance, strict=True)
+        ]
+        for step in np.flatnonzero(common):
+            x, y = ref_profile[step][match.a], profile[step][match.b]
+            with np.errstate(invalid="ignore", divide="ignore"):  # constant profiles: NaN
+                cka[i, step] = linear_cka(x, y, unbiased=True)
+    return SeedAlignment(
+        reference=reference,
+        matches=pd.DataFrame(rows),
+        cka=xr.DataArray(
+            cka, dims=("seed", "step"), coords={"seed": seeds[1:], "step": ds["step"].values}
+        ),
+        rule=CKA_RULE.format(scores=", ".join(scores)),
+    )
+
+
+def _profiles(one: xr.Dataset, scores: list[str]) -> np.ndarray:
+    """``[step, head, score]``: every head's scores at every checkpoint of one seed."""
+    stacked = np.stack(
+        [one[name].transpose("step", "layer", "head").values for name in scores], axis=-1
+    )
+    return stacked.reshape(stacked.shape[0], -1, len(scores))
 
 
 # --------------------------------------------------------------------------------------------

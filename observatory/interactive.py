@@ -1,0 +1,216 @@
+"""The interactive report page: plotly figures in one self-contained HTML file.
+
+plotly.js is embedded in the page (``include_plotlyjs=True``), so it opens offline; hovering
+over a heatmap cell shows the seed, head, step and value. The static PNG report
+(:mod:`observatory.report`) stays the reference; this page shows the same results.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import plotly.graph_objects as go
+import xarray as xr
+from plotly.subplots import make_subplots
+
+from observatory.analysis.summary import Summary, head_label
+
+# Heatmaps: variable -> (title, colour scale, value range)
+HEATMAPS = {
+    "induction_score": ("Induction score", "Viridis", (0.0, 1.0)),
+    "tl_induction_score": ("Induction score, TransformerLens convention", "Viridis", (0.0, 1.0)),
+    "copying_score": ("Copying score", "RdBu", (-1.0, 1.0)),
+}
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+
+
+def page(sections: list[tuple[Summary, xr.Dataset]], *, transformer_lens: bool = False) -> str:
+    """The interactive page of one or more sizes of a family.
+
+    Parameters
+    ----------
+    sections
+        ``(summary, results)`` per size; ``results`` as from
+        :func:`~observatory.analysis.summary.load_results`, restricted to the seeds to draw.
+    transformer_lens
+        Also show the TransformerLens-convention induction scores (``tl_induction_score``).
+
+    Returns
+    -------
+    str
+        A complete HTML document with plotly.js embedded (no network access needed).
+    """
+    parts = []
+    first = True
+    for result, ds in sections:
+        if len(sections) > 1:
+            parts.append(f"<h2>{html.escape(result.title)}</h2>")
+        for figure in figures(ds, result, transformer_lens=transformer_lens):
+            parts.append(
+                figure.to_html(full_html=False, include_plotlyjs=first, config={"responsive": True})
+            )
+            first = False
+    title = html.escape(sections[0][0].title if len(sections) == 1 else "Circuit formation")
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{title} (interactive)</title>",
+            "<style>body { font-family: system-ui, sans-serif; margin: 1em 2em; }</style>",
+            "</head><body>",
+            f"<h1>{title}</h1>",
+            "<p>Hover for values; drag to zoom, double-click to reset. Step axes are "
+            "logarithmic (step 0 is not shown).</p>",
+            *parts,
+            "</body></html>",
+        ]
+    )
+
+
+def figures(ds: xr.Dataset, result: Summary, *, transformer_lens: bool = False) -> list[go.Figure]:
+    """The interactive figures of one size: losses, head-score heatmaps, emergence, ICL."""
+    out = [losses(ds)]
+    for variable in HEATMAPS:
+        wanted = transformer_lens or not variable.startswith("tl_")
+        if wanted and variable in ds and bool(ds[variable].notnull().any()):
+            out.append(heatmaps(ds, variable))
+    out.append(emergence_lines(ds, result))
+    if "icl_score" in ds:
+        out.append(_lines(ds["icl_score"], "ICL score (late minus early token loss, nats)"))
+    return out
+
+
+def _later(values: xr.DataArray, dim: str = "step") -> xr.DataArray:
+    return values.sel({dim: values[dim] > 0})
+
+
+def losses(ds: xr.Dataset) -> go.Figure:
+    """Training loss per step and held-out loss per checkpoint, per seed (log steps)."""
+    figure = go.Figure()
+    for i, seed in enumerate(ds["seed"].values):
+        colour = PALETTE[i % len(PALETTE)]
+        loss = _later(ds["loss"].sel(seed=seed).dropna("train_step"), "train_step")
+        figure.add_scatter(
+            x=loss["train_step"].values,
+            y=loss.values,
+            name=f"seed {seed}: training",
+            line={"color": colour, "width": 1},
+            opacity=0.6,
+            hovertemplate=f"seed {seed}<br>step %{{x}}<br>training loss %{{y:.4f}}<extra></extra>",
+        )
+        if "loss_by_position" in ds:
+            held = _later(ds["loss_by_position"].sel(seed=seed).mean("position").dropna("step"))
+            figure.add_scatter(
+                x=held["step"].values,
+                y=held.values,
+                mode="markers",
+                name=f"seed {seed}: held-out",
+                marker={"color": colour, "size": 6, "symbol": "diamond"},
+                hovertemplate=f"seed {seed}<br>step %{{x}}<br>held-out loss %{{y:.4f}}"
+                "<extra></extra>",
+            )
+    figure.update_layout(
+        title="Training loss (lines) and held-out loss (diamonds)",
+        xaxis={"type": "log", "title": "training step"},
+        yaxis={"title": "loss (nats)"},
+        height=420,
+    )
+    return figure
+
+
+def heatmaps(ds: xr.Dataset, variable: str) -> go.Figure:
+    """One heatmap of ``variable[step, layer, head]`` per seed; hover: head, step, value."""
+    title, scale, (low, high) = HEATMAPS[variable]
+    seeds = ds["seed"].values
+    layers, heads = ds["layer"].values, ds["head"].values
+    labels = [head_label(layer, head) for layer in layers for head in heads]
+    figure = make_subplots(
+        rows=len(seeds),
+        cols=1,
+        shared_xaxes=True,
+        subplot_titles=[f"seed {seed}" for seed in seeds],
+        vertical_spacing=0.3 / max(len(seeds), 1),
+    )
+    for row, seed in enumerate(seeds, start=1):
+        values = ds[variable].sel(seed=seed).transpose("step", "layer", "head")
+        values = _later(values.isel(step=values.notnull().all(["layer", "head"]).values))
+        grid = values.values.reshape(len(values["step"]), len(labels)).T  # [head, step]
+        figure.add_heatmap(
+            x=values["step"].values,
+            y=labels,
+            z=grid,
+            zmin=low,
+            zmax=high,
+            colorscale=scale,
+            showscale=row == 1,
+            colorbar={"title": title.split(",")[0]},
+            hovertemplate=f"seed {seed}<br>head %{{y}}<br>step %{{x}}<br>{variable} "
+            "%{z:.3f}<extra></extra>",
+            row=row,
+            col=1,
+        )
+        figure.update_yaxes(autorange="reversed", row=row, col=1)
+        figure.update_xaxes(type="log", row=row, col=1)
+    figure.update_xaxes(title="checkpoint step", row=len(seeds), col=1)
+    figure.update_layout(
+        title=f"{title} of every head over training",
+        height=160 + len(seeds) * (40 + 22 * len(labels)),
+    )
+    return figure
+
+
+def emergence_lines(ds: xr.Dataset, result: Summary) -> go.Figure:
+    """Each seed's best head's induction score over training, with the threshold."""
+    figure = go.Figure()
+    for i, seed in enumerate(ds["seed"].values):
+        row = result.per_seed.loc[int(seed)]
+        if not row["best_head"]:
+            continue
+        scores = ds["induction_score"].sel(
+            seed=seed, layer=row["best_layer"], head=row["best_head_in_layer"]
+        )
+        scores = _later(scores.dropna("step"))
+        figure.add_scatter(
+            x=scores["step"].values,
+            y=scores.values,
+            mode="lines+markers",
+            name=f"seed {seed}: {row['best_head']}",
+            line={"color": PALETTE[i % len(PALETTE)]},
+            hovertemplate=f"seed {seed}, head {row['best_head']}<br>step %{{x}}<br>"
+            "induction score %{y:.3f}<extra></extra>",
+        )
+    figure.add_hline(
+        y=result.threshold,
+        line_dash="dot",
+        annotation_text=f"threshold {result.threshold:g}",
+    )
+    figure.update_layout(
+        title="Induction score of each seed's best head",
+        xaxis={"type": "log", "title": "checkpoint step"},
+        yaxis={"title": "induction score", "range": [0, 1.02]},
+        height=420,
+    )
+    return figure
+
+
+def _lines(values: xr.DataArray, label: str) -> go.Figure:
+    figure = go.Figure()
+    for i, seed in enumerate(values["seed"].values):
+        one = _later(values.sel(seed=seed).dropna("step"))
+        if not one.size:
+            continue
+        figure.add_scatter(
+            x=one["step"].values,
+            y=np.asarray(one.values),
+            name=f"seed {seed}",
+            line={"color": PALETTE[i % len(PALETTE)]},
+            hovertemplate=f"seed {seed}<br>step %{{x}}<br>%{{y:.3f}}<extra></extra>",
+        )
+    figure.update_layout(
+        title=label,
+        xaxis={"type": "log", "title": "checkpoint step"},
+        yaxis={"title": label.split(" (")[0]},
+        height=400,
+    )
+    return figure
