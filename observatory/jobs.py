@@ -14,6 +14,8 @@ import dataclasses
 import importlib
 import json
 import linecache
+import logging
+import os
 import sys
 import types
 from collections.abc import Iterable, Sequence
@@ -390,6 +392,10 @@ def analyse_block(
     return run_tasks(tasks, analyses, models, data, run.path)
 
 
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def select_runs(spec: AnalysisSpec, runs: list[RunId]) -> list[RunId]:
     """The job's runs among those present; a clear error if a named size or seed is absent."""
     sizes = {r.size for r in runs}
@@ -539,12 +545,22 @@ def run_analysis(
 
 
 def _compute_on_cluster(spec, store: str, work, data, scheduler, progress: bool) -> int:
-    from distributed import as_completed
+    from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
-    from observatory.cluster import dask_client
-
-    with dask_client(scheduler=scheduler, workers=spec.execution.workers) as client:
+    if scheduler is None:
+        cluster = LocalCluster(
+            n_workers=spec.execution.workers or default_workers(),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            # A failed task reaches the user once, as this job's error; not as worker logs.
+            silence_logs=logging.CRITICAL,
+        )
+        client = Client(cluster)
+    else:
+        cluster, client = None, Client(scheduler)
+    try:
         shared = client.scatter(data, broadcast=True)
         owner = {}
         for w in work:
@@ -562,6 +578,10 @@ def _compute_on_cluster(spec, store: str, work, data, scheduler, progress: bool)
                 computed += len(steps)
                 bar.update(len(steps))
         return computed
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _write_block(writers, steps: list[int], results: dict[str, dict[str, np.ndarray]]) -> None:

@@ -316,7 +316,9 @@ def summary(
       (negative: the model uses its context more after the bump);
     * ``final_loss``: :func:`~observatory.analysis.phase.final_loss` of the steps trained
       (of an incomplete run: where it stopped, and left out across seeds);
-    * ``init_seed``, ``data_seed``.
+    * ``init_seed``, ``data_seed``;
+    * with ``head_ablation`` results, whether the best head is the head whose ablation hurts
+      most (:func:`ablation_ranks`: ``top_ablation_head``, ``best_head_ablation_rank``, ...).
 
     Across seeds (``Summary.across_seeds``), for each quantity of :data:`CROSS_SEED`: the
     seeds that contributed and the seeds left out with the reason (``"incomplete"``,
