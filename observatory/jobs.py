@@ -15,7 +15,6 @@ import importlib
 import json
 import linecache
 import logging
-import os
 import sys
 import types
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,7 @@ from observatory.analysis.protocol import (
     dim_sizes,
     resolve_variables,
 )
+from observatory.cluster import default_workers
 from observatory.data import build_corpus
 from observatory.errors import AnalysisError, SpecError
 from observatory.spec import DataSpec, RunId, RunSpec, _type_name, from_table, load_toml
@@ -390,10 +390,6 @@ def analyse_block(
     analyses = [resolve(task.ref, task.source) for task in tasks]
     models = models_at(store, size=run.size, seed=run.seed, steps=steps)
     return run_tasks(tasks, analyses, models, data, run.path)
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def select_runs(spec: AnalysisSpec, runs: list[RunId]) -> list[RunId]:

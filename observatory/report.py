@@ -96,8 +96,7 @@ def write_report(
     list of pathlib.Path
         Every file written: the HTML page (``report.html``, images embedded as base64) first,
         then ``report_interactive.html`` (plotly, plotly.js embedded: works offline), then per
-        size the PNG figures (see :data:`FIGURES`, those without data skipped, and
-        :data:`OPTIONAL_FIGURES` when the store has their analysis),
+        size the PNG figures (see :data:`FIGURES`; those without data are skipped),
         ``summary.csv`` (per seed), ``summary_across_seeds.csv``, ``summary.json`` and, with
         several sizes, ``sizes.csv``.
 
@@ -165,12 +164,7 @@ def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool
 
 def _write_figures(section: Section, out: Path) -> list[tuple[Path, str, str]]:
     figures = []
-    optional = {
-        name: (title, caption, _with_section(draw))
-        for name, (title, caption, draw, needs) in OPTIONAL_FIGURES.items()
-        if needs in section.ds
-    }
-    for name, (title, caption, draw) in (FIGURES | optional).items():
+    for name, (title, caption, draw) in FIGURES.items():
         figure = draw(section)
         if figure is None:  # nothing to draw (e.g. no copying scores)
             continue
@@ -178,11 +172,6 @@ def _write_figures(section: Section, out: Path) -> list[tuple[Path, str, str]]:
         figure.savefig(target, dpi=DPI)
         figures.append((target, title, caption))
     return figures
-
-
-def _with_section(draw: Callable[[xr.Dataset, Summary, xr.Dataset], Figure]):
-    """A figure function of (results, summary, pca) as one of a :class:`Section`."""
-    return lambda section: draw(section.ds, section.result, section.pca)
 
 
 def _write_tables(result: Summary, out: Path) -> list[Path]:

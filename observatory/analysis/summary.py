@@ -326,8 +326,6 @@ def summary(
     :func:`~observatory.analysis.seed_summary` of the values (a t-interval for few seeds).
     When the seeds cross init and data seeds, ``Summary.variance`` splits the variance of
     the emergence midpoint and the final loss (:func:`~observatory.analysis.variance_split`).
-    * with ``head_ablation`` results, whether the best head is the head whose ablation hurts
-      most (:func:`ablation_ranks`: ``top_ablation_head``, ``best_head_ablation_rank``, ...).
 
     Parameters
     ----------
