@@ -24,7 +24,7 @@ from pathlib import Path
 
 import observatory as obs
 from observatory.data import build_corpus
-from observatory.query import stored_corpus
+from observatory.replayer import stored_corpus
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, create_family
 from observatory.trainer import train_run

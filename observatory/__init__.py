@@ -16,7 +16,7 @@ _LAZY = {
         ("open", "open_run", "open_family", "head_weights", "model_at", "batch_at", "describe"),
         "observatory.query",
     ),
-    "summary": "observatory.analysis.summary",
+    "summary": "observatory.results",
     "compute": "observatory.jobs",
     "replay": "observatory.replayer",
     "transformer_lens_at": "observatory.lens",

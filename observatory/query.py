@@ -17,7 +17,6 @@ Dims: ``seed`` (runs of a family), ``step`` (checkpoint steps, with ``tokens_see
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,9 @@ import torch
 import xarray as xr
 from transformers import AutoConfig, PreTrainedModel
 
-from observatory.data import Corpus, build_corpus
 from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, model_from_config, unstack_layers
-from observatory.spec import DataSpec
+from observatory.replayer import stored_corpus
 from observatory.store import FamilyStore, LazyArray, RunReader, ingested_note
 
 # Dims of the per-head views of :func:`observatory.models.transformer_lens_weights`,
@@ -513,30 +511,6 @@ def batch_at(path: str | Path, *, size: str, seed: int, step: int) -> torch.Tens
     family = FamilyStore(path)
     indices = family.run(size, seed).batch_indices(step)
     return stored_corpus(family).batch(indices)
-
-
-def stored_corpus(family: FamilyStore) -> Corpus:
-    """The corpus a store was trained on, rebuilt from its spec (cached) and fingerprint-checked.
-
-    Raises
-    ------
-    StoreError
-        If the rebuilt corpus differs from the one the store was trained on.
-    """
-    spec = family.spec
-    corpus = _corpus(spec.data, spec.train.context, spec.model.vocab_size)
-    stored = family.attrs["data"]["fingerprint"]
-    if corpus.fingerprint != stored:
-        raise StoreError(
-            f"{family.path}: the corpus rebuilt from the stored spec has fingerprint "
-            f"{corpus.fingerprint}, but the store was trained on {stored} (changed corpus files?)"
-        )
-    return corpus
-
-
-@lru_cache(maxsize=2)
-def _corpus(data: DataSpec, context: int, vocab_size: int) -> Corpus:
-    return build_corpus(data, context=context, vocab_size=vocab_size)
 
 
 # --------------------------------------------------------------------------------------------

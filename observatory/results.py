@@ -7,7 +7,8 @@ from typing import Any
 
 import xarray as xr
 
-from observatory.analysis.summary import RESULTS, check_results
+from observatory.analysis import summary as summaries
+from observatory.analysis.summary import RESULTS, Summary, check_results
 from observatory.errors import StoreError
 from observatory.query import open_family
 from observatory.store import FamilyStore
@@ -68,3 +69,38 @@ def load_results(
     ds.attrs = {"store": str(family.path), "size": size, "analysis_parameters": parameters}
     check_results(ds, require)
     return ds
+
+
+def summary(
+    source: str | Path | xr.Dataset,
+    *,
+    size: str | None = None,
+    seeds: list[int] | None = None,
+    threshold: float | None = None,
+    include_incomplete: bool = False,
+) -> Summary:
+    """Circuit formation per seed and across seeds of one size of a family store (``obs.summary``).
+
+    Loads the results (:func:`load_results`) and returns
+    :func:`observatory.analysis.summary.summary` of them; see there for the columns.
+
+    Parameters
+    ----------
+    source
+        The family store, or a dataset from :func:`load_results`.
+    size, seeds
+        Which size (may be omitted when the store has one) and seeds.
+    threshold, include_incomplete
+        As in :func:`observatory.analysis.summary.summary`.
+
+    Raises
+    ------
+    StoreError
+        If the store, size or a seed does not exist, or nothing was analysed.
+    """
+    if not isinstance(source, xr.Dataset):
+        source = load_results(source, size=size, seeds=seeds, require=summaries.SUMMARY_REQUIRED)
+        seeds = None
+    return summaries.summary(
+        source, seeds=seeds, threshold=threshold, include_incomplete=include_incomplete
+    )

@@ -50,6 +50,8 @@ RESULTS = {
     "repeated_loss_increase": "head_ablation",
     "attention_pattern": "attention_patterns",
 }
+# What the summary needs (the training loss is optional: ingested checkpoints may lack it).
+SUMMARY_REQUIRED = ("induction_score", "icl_score")
 CROSS_SEED = (
     "emergence_crossing_step",
     "emergence_midpoint_step",
@@ -100,12 +102,13 @@ def _results(
     require: tuple[str, ...],
     seeds: list[int] | None = None,
 ) -> xr.Dataset:
-    if isinstance(source, xr.Dataset):
-        check_results(source, require)
-        return source if seeds is None else source.sel(seed=seeds)
-    from observatory.results import load_results
-
-    return load_results(source, size=size, seeds=seeds, require=require)
+    if not isinstance(source, xr.Dataset):  # loading a store is I/O: observatory.results
+        raise TypeError(
+            "pass the dataset of observatory.results.load_results; "
+            "observatory.summary(store) loads a store"
+        )
+    check_results(source, require)
+    return source if seeds is None else source.sel(seed=seeds)
 
 
 def tokens_per_step(ds: xr.Dataset) -> float:
@@ -330,7 +333,8 @@ def summary(
     Parameters
     ----------
     path
-        The family store, or a dataset from :func:`~observatory.results.load_results`.
+        A dataset from :func:`~observatory.results.load_results` (``observatory.summary``
+        and :func:`observatory.results.summary` take a store).
     size
         Size name; may be omitted when the store has a single size.
     seeds
@@ -353,7 +357,7 @@ def summary(
         ``head_scores`` or ``icl`` analysis (run ``observatory analyze`` first).
     """
     # (the training loss is optional: ingested checkpoints may come without it)
-    ds = _results(path, size, ("induction_score", "icl_score"), seeds)
+    ds = _results(path, size, SUMMARY_REQUIRED, seeds)
     recorded = ds.attrs.get("analysis_parameters", {}).get("head_scores") or {}
     if threshold is not None:
         source = "argument"
@@ -633,7 +637,8 @@ def token_loss_pca(
     Parameters
     ----------
     path
-        The family store, or a dataset from :func:`~observatory.results.load_results`.
+        A dataset from :func:`~observatory.results.load_results` (``observatory.summary``
+        and :func:`observatory.results.summary` take a store).
     size
         Size name; may be omitted when the store has a single size.
     n_components
