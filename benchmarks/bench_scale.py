@@ -32,6 +32,8 @@ from pathlib import Path
 
 from bench_trainer import lockstep_round
 
+from observatory.data import build_corpus
+from observatory.models import build_model
 from observatory.spec import load_run_spec
 from observatory.store import MAX_BUFFER_BYTES
 from observatory.trainer import train_family
@@ -61,11 +63,11 @@ def family_speedup(spec_path: str, steps: int, runs: int, tmp: Path) -> str:
 def big_model_round(spec_path: str, steps: int, store: str) -> tuple[float, float, int, int]:
     """In a fresh process: bare and trainer seconds, peak RSS, and the expected bound."""
     spec = with_train(load_run_spec(spec_path), steps=steps)
-    corpus = spec.data.build(context=spec.train.context, vocab_size=spec.model.vocab_size)
+    corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
     corpus_bytes = corpus.tokens.nbytes
     bare, trainer = lockstep_round(spec, corpus, Path(store))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model = spec.model.build(spec.model.sizes[0], init_seed=0)
+    model = build_model(spec.model, spec.model.sizes[0], init_seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     checkpoint = 3 * 4 * n_params  # weights and two AdamW moments, float32
     slots = max(1, min(spec.store.checkpoints_per_shard, MAX_BUFFER_BYTES // checkpoint))

@@ -86,15 +86,16 @@ def test_detect_head_matches_stored_transformer_lens_induction_score(trained, sc
 
 
 def test_no_layer_norm_attention_only_model():
+    from observatory.models import build_model
     from observatory.spec import ModelSpec, SizeSpec
 
     size = SizeSpec("s", 1, 16, 2, 16)
     spec = ModelSpec("attn_only", 12, (size,), layer_norm=False)
-    model = spec.build(size, init_seed=3).eval()
+    model = build_model(spec, size, init_seed=3).eval()
     tokens = torch.randint(0, 12, (2, 10))
     with torch.no_grad():
         expected = model(tokens).logits
-        got = lens.bridge(spec.build(size, init_seed=3))(tokens)
+        got = lens.bridge(build_model(spec, size, init_seed=3))(tokens)
     assert float((got - expected).abs().max()) <= 1e-6
 
 
