@@ -361,13 +361,20 @@ class RunLock:
     """
 
     def __init__(self, root: zarr.Group, run: RunId):
-        store = Path(root.store.root)
-        self.path = store.parent / f"{store.name}.locks" / f"{run.path.replace('/', '.')}.lock"
+        local = isinstance(root.store, LocalStore)  # object stores: not implemented yet
+        store = Path(root.store.root) if local else None
+        self.path = (
+            store.parent / f"{store.name}.locks" / f"{run.path.replace('/', '.')}.lock"
+            if local
+            else None
+        )
         self.run = run
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> RunLock:
+        if self.path is None:  # an object store: the writer is not locked (see the README)
+            return self
         self.path.parent.mkdir(exist_ok=True)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         for _ in range(2):
@@ -384,6 +391,8 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.path is None:
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

@@ -273,7 +273,7 @@ QKV = "gpt_neox.layers.attention.query_key_value.weight"
 # spec has 4 checkpoints per shard: index 4..7 is steps 5, 8, 10, 15).
 MISSING_FILES = {
     "weights": (f"{QKV}/c/1/0/0/0", "checkpoint steps 5..15"),
-    "moments": ("state/exp_avg_sq/lm_head.weight/c/1/0/0", "checkpoint steps 5..15"),
+    "moments": ("state/exp_avg_sq/lm_head.weight/c/1/0/0", "keyframe 4..7"),
     "loss": ("loss/c/0", "train_step 0..23"),
     "batches": ("batch_indices/c/0/0", "train_step 0..23"),
 }
@@ -428,7 +428,9 @@ def test_metadata_that_disagrees_with_the_markers_is_a_one_line_error(
         before = tree_bytes(store)
         with pytest.raises(StoreError, match=message.replace("(", r"\(")):
             seed = int(relpath.split("/")[1][-1])
-            obs.open_family(store, size="l2-d16")["loss"].sel(seed=seed).compute()
+            # the lazy path reads an array's metadata when it reads the array
+            variable = QKV if case == "shrunk array" else "loss"
+            obs.open_family(store, size="l2-d16")[variable].sel(seed=seed).compute()
         assert main(["inspect", str(store)]) in (0, 2)
         capsys.readouterr()
         assert tree_bytes(store) == before, case
