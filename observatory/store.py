@@ -419,7 +419,8 @@ class RunLock:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
             raise StoreError(
                 f"{self.run.path} is being written by pid {holder.get('pid')} on "
-                f"{holder.get('host')} (since {since}); wait for it to finish"
+                f"{holder.get('host')} (since {since}); wait for it to finish, then continue "
+                "with --resume"
             )
         # Rename first: of several processes taking over the same stale lock, one wins.
         stale = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
@@ -441,6 +442,14 @@ class RunLock:
             return True
         except (PermissionError, ValueError, OverflowError):
             return False
+        return _zombie(int(holder["pid"]))  # killed, not yet reaped by its parent
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
         return False
 
 
