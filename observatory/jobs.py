@@ -14,7 +14,6 @@ import dataclasses
 import importlib
 import json
 import linecache
-import logging
 import sys
 import types
 from collections.abc import Iterable, Sequence
@@ -33,7 +32,7 @@ from observatory.analysis.protocol import (
     dim_sizes,
     resolve_variables,
 )
-from observatory.cluster import default_workers
+from observatory.cluster import dask_client
 from observatory.data import build_corpus
 from observatory.errors import AnalysisError, SpecError
 from observatory.spec import DataSpec, RunId, RunSpec, _type_name, from_table, load_toml
@@ -541,22 +540,10 @@ def run_analysis(
 
 
 def _compute_on_cluster(spec, store: str, work, data, scheduler, progress: bool) -> int:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
     from tqdm.auto import tqdm
 
-    if scheduler is None:
-        cluster = LocalCluster(
-            n_workers=spec.execution.workers or default_workers(),
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            # A failed task reaches the user once, as this job's error; not as worker logs.
-            silence_logs=logging.CRITICAL,
-        )
-        client = Client(cluster)
-    else:
-        cluster, client = None, Client(scheduler)
-    try:
+    with dask_client(scheduler=scheduler, workers=spec.execution.workers) as client:
         shared = client.scatter(data, broadcast=True)
         owner = {}
         for w in work:
@@ -574,10 +561,6 @@ def _compute_on_cluster(spec, store: str, work, data, scheduler, progress: bool)
                 computed += len(steps)
                 bar.update(len(steps))
         return computed
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _write_block(writers, steps: list[int], results: dict[str, dict[str, np.ndarray]]) -> None:

@@ -795,7 +795,46 @@ def attention_stripes(section: Section) -> Figure | None:
     return figure
 
 
-# Drawn when the store has head_ablation / attention_patterns results.
+def llc_curves(section: Section) -> Figure | None:
+    """The LLC of every seed over training (band: +-1 sd over chains) and SGLD loss traces."""
+    ds, result = section.ds, section.result
+    if "llc" not in ds:
+        return None
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    curves, traces = figure.subplots(1, 2, width_ratios=(2, 1))
+    for i, seed in enumerate(ds["seed"].values):
+        llc = ds["llc"].sel(seed=seed).dropna("step")
+        std = ds["llc_std"].sel(seed=seed, step=llc["step"])
+        curves.plot(llc["step"], llc, color=_colour(i), marker=".", lw=1.4, label=f"seed {seed}")
+        curves.fill_between(llc["step"], llc - std, llc + std, color=_colour(i), alpha=0.15)
+        midpoint = _row(result, seed)["emergence_midpoint_step"]
+        if np.isfinite(midpoint):
+            curves.axvline(midpoint, color=_colour(i), ls="--", lw=1)
+    curves.set_ylabel("estimated LLC")
+    curves.grid(alpha=0.3, lw=0.5)
+    _legend_right(curves)
+    _step_axis(curves, tokens_per_step(ds))
+    curves.set_title("Local learning coefficient; dashed: emergence midpoints")
+    first = ds["seed"].values[0]
+    trace = _analysed(ds["llc_loss_trace"].sel(seed=first))
+    chosen = _pattern_steps(trace["step"].values, math.nan)
+    for j, step in enumerate(chosen):
+        values = trace.sel(step=step)
+        traces.plot(
+            values - values[0],
+            color=colormaps["viridis"](j / len(chosen)),
+            lw=1,
+            label=f"step {step}",
+        )
+    traces.set_xlabel("SGLD step")
+    traces.set_ylabel("SGLD loss - first SGLD loss (nats)")
+    traces.grid(alpha=0.3, lw=0.5)
+    traces.legend(fontsize="small")
+    traces.set_title(f"Seed {first}: chains' mean loss (flat: converged)")
+    return figure
+
+
+# Drawn when the store has head_ablation / attention_patterns / llc results.
 FIGURES |= {
     "head_ablation.png": (
         "Head ablation",
@@ -813,6 +852,16 @@ FIGURES |= {
         "previous-token head is a stripe just below the diagonal; the induction head's stripe "
         "one block back (offset block length - 1) appears across the phase change.",
         attention_stripes,
+    ),
+    "llc.png": (
+        "Local learning coefficient",
+        "LLC of each checkpoint estimated by SGLD (devinterp; step size, localisation, n*beta, "
+        "chains and draws as in the llc analysis' attributes, the same for every checkpoint), "
+        "on the held-out sequences; band: +-1 sd over chains. Hoogland et al. 2024 read "
+        "developmental stages off its plateaus. Right: the chains' mean SGLD loss at four "
+        "checkpoints of the first seed; a trace still drifting at the end means the estimate "
+        "has not converged.",
+        llc_curves,
     ),
 }
 

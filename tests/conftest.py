@@ -100,9 +100,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def dask_processes(n_workers: int, *, nanny: bool = True) -> Iterator[str]:
+def dask_processes(
+    n_workers: int, *, nanny: bool = True, workdir: Path | None = None
+) -> Iterator[str]:
     """A ``dask scheduler`` and ``n_workers`` single-threaded ``dask worker`` processes on
-    loopback, stopped on exit; yields the scheduler address."""
+    loopback, stopped on exit; yields the scheduler address. ``workdir``: the workers' current
+    and local directory (e.g. an empty one, so user code reaches them only by being shipped)."""
     from distributed import Client
 
     port = free_port()
@@ -118,7 +121,8 @@ def dask_processes(n_workers: int, *, nanny: bool = True) -> Iterator[str]:
     worker = [sys.executable, "-m", "distributed.cli.dask_worker", address]
     worker += ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
     worker += [] if nanny else ["--no-nanny"]
-    procs += [subprocess.Popen(worker, **quiet) for _ in range(n_workers)]
+    worker += ["--local-directory", str(workdir)] if workdir else []
+    procs += [subprocess.Popen(worker, cwd=workdir, **quiet) for _ in range(n_workers)]
     try:
         deadline = time.monotonic() + 120
         while True:  # wait until every worker has joined

@@ -1,8 +1,4 @@
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +10,7 @@ from observatory.errors import SpecError
 from observatory.jobs import ProbeSpec, compute, load_analysis_spec, run_analysis, shared_data
 from observatory.query import model_at, open_family
 from observatory.store import FamilyStore
+from tests.conftest import dask_processes
 
 JOB = """\
 store = "{store}"
@@ -113,53 +110,14 @@ def test_results_are_readable_with_plain_xarray(store_copy, tmp_path):
     assert np.all(np.isfinite(ds["induction_score"].values))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def dask_cluster(tmp_path):
     """A dask scheduler and one worker, separate processes on loopback; the worker runs in its
     own empty directory, so user code can only reach it by being shipped."""
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
     workdir = tmp_path / "worker"
     workdir.mkdir()
-    scheduler = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-        + ["--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address]
-        + ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
-        + ["--local-directory", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=workdir,
-    )
-    try:
-        from distributed import Client
-
-        deadline = time.monotonic() + 60
-        while True:  # wait until the worker has joined
-            try:
-                with Client(address, timeout=5) as client:
-                    if client.scheduler_info()["workers"]:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "dask scheduler/worker did not start"
-            time.sleep(0.5)
+    with dask_processes(1, workdir=workdir) as address:
         yield address
-    finally:
-        worker.terminate()
-        scheduler.terminate()
-        worker.wait(30)
-        scheduler.wait(30)
 
 
 CUSTOM = '''\

@@ -474,6 +474,17 @@ block_size = 8
 """
 
 
+def _s3_spec(directory, *, seeds: str, steps: int, every: int):
+    """The tiny spec, shrunk: every request to the local S3 server costs milliseconds."""
+    from observatory.spec import load_run_spec
+    from tests.conftest import TINY_TOML, write_spec
+
+    text = TINY_TOML.replace("init = [0, 1]\ndata = [5, 6]", seeds)
+    text = text.replace("steps = 24", f"steps = {steps}")
+    text = text.replace("log_spaced = true\nevery = 5", f"log_spaced = false\nevery = {every}")
+    return load_run_spec(write_spec(directory, text))
+
+
 def _analyse(store, directory):
     from observatory.jobs import load_analysis_spec, run_analysis
 
@@ -484,7 +495,7 @@ def _analyse(store, directory):
 
 @pytest.mark.slow
 def test_a_family_in_s3_trains_analyses_and_reads_back_as_on_local_disk(
-    tiny_spec, s3_bucket, tmp_path, capsys
+    s3_bucket, tmp_path, capsys
 ):
     import xarray as xr
 
@@ -492,6 +503,7 @@ def test_a_family_in_s3_trains_analyses_and_reads_back_as_on_local_disk(
     from observatory.cli import main
     from observatory.trainer import train_family
 
+    tiny_spec = _s3_spec(tmp_path, seeds="init = [0, 1]\ndata = [5, 6]", steps=24, every=12)
     url = f"{s3_bucket}/family.zarr"
     assert train_family(tiny_spec, store=url, progress=False) == url
     local = train_family(tiny_spec, store=tmp_path / "local.zarr", progress=False)
@@ -527,13 +539,10 @@ def _committed_snapshot(url):
 def test_a_reader_polling_s3_during_training_never_sees_a_partial_checkpoint(s3_bucket, tmp_path):
     import threading
 
-    from observatory.spec import load_run_spec
     from observatory.store import FamilyStore
     from observatory.trainer import train_family
-    from tests.conftest import TINY_TOML, write_spec
 
-    text = TINY_TOML.replace("init = [0, 1]\ndata = [5, 6]", "init = [0]\ndata = [5]")
-    spec = load_run_spec(write_spec(tmp_path, text.replace("every = 5", "every = 2")))
+    spec = _s3_spec(tmp_path, seeds="init = [0]\ndata = [5]", steps=12, every=3)
     url = f"{s3_bucket}/polled.zarr"
     training = threading.Thread(
         target=train_family, args=(spec,), kwargs={"store": url, "progress": False}

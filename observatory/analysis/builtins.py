@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from observatory.analysis.ablation import head_ablation_effects
 from observatory.analysis.heads import attention_patterns as patterns_of
 from observatory.analysis.heads import copying_score, head_score_attrs, head_scores
 from observatory.analysis.icl import icl_positions, icl_score, loss_positions, token_losses
+from observatory.analysis.llc import local_learning_coefficient, require_devinterp
 from observatory.analysis.protocol import Analysis, SharedData, analysis
 from observatory.errors import SpecError
 from observatory.models import model_weights
@@ -226,6 +228,71 @@ def attention_patterns_analysis(model, data: SharedData, *, sequence: int = 0) -
     return {"attention_pattern": patterns_of(model, tokens)[:, 0]}  # [layer, head, q, k]
 
 
+# --------------------------------------------------------------------------------------------
+# Developmental stages.
+
+
+def _check_llc_options(options: Any, where: str) -> None:
+    for name in ("lr", "n_beta", "localization"):
+        if not getattr(options, name) > 0:
+            raise SpecError(f"{where}.{name}: must be > 0")
+    for name in ("chains", "draws", "batch_size"):
+        if getattr(options, name) < 1:
+            raise SpecError(f"{where}.{name}: must be >= 1")
+    if options.burnin < 0:
+        raise SpecError(f"{where}.burnin: must be >= 0")
+    require_devinterp(where)
+
+
+@analysis(
+    name="llc",
+    variables=lambda options: {
+        "llc": (),
+        "llc_std": (),
+        "llc_init_loss": (),
+        "llc_loss_trace": (("sgld_step", options.burnin + options.draws),),
+    },
+    attrs=lambda options, data: (
+        data.held_out_attrs
+        | dataclasses.asdict(options)
+        | {"estimator": "devinterp SGLD: n_beta * (mean SGLD loss - loss at the checkpoint)"}
+    ),
+    validate=_check_llc_options,
+)
+def llc_analysis(
+    model,
+    data: SharedData,
+    *,
+    lr: float = 3e-4,
+    n_beta: float = 30.0,
+    localization: float = 100.0,
+    chains: int = 4,
+    draws: int = 100,
+    burnin: int = 0,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Local learning coefficient by SGLD (devinterp), on the held-out sequences.
+
+    ``lr`` (epsilon), ``n_beta``, ``localization`` (gamma), ``chains``, ``draws``, ``burnin``
+    and ``batch_size`` are the sampler's; ``seed`` fixes the chains and minibatch order, so
+    every checkpoint is estimated with the same noise. ``llc_loss_trace[sgld_step]`` (mean over
+    chains) shows whether the chains converged: flat after burn-in. Needs ``.[llc]``.
+    """
+    return local_learning_coefficient(
+        model,
+        data.held_out_tokens,
+        lr=lr,
+        n_beta=n_beta,
+        localization=localization,
+        chains=chains,
+        draws=draws,
+        burnin=burnin,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
 BUILTINS: dict[str, Analysis] = {
     a.name: a
     for a in (
@@ -235,6 +302,7 @@ BUILTINS: dict[str, Analysis] = {
         token_loss_analysis,
         head_ablation_analysis,
         attention_patterns_analysis,
+        llc_analysis,
     )
 }
 DEFAULT_ANALYSES = ("head_scores", "copying", "icl", "token_loss")
