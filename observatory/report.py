@@ -795,6 +795,9 @@ def attention_stripes(section: Section) -> Figure | None:
     return figure
 
 
+TRACE_WINDOW = 8  # SGLD steps averaged in the convergence panel: minibatch losses differ
+
+
 def llc_curves(section: Section) -> Figure | None:
     """The LLC of every seed over training (band: +-1 sd over chains) and SGLD loss traces."""
     ds, result = section.ds, section.result
@@ -820,17 +823,18 @@ def llc_curves(section: Section) -> Figure | None:
     chosen = _pattern_steps(trace["step"].values, math.nan)
     for j, step in enumerate(chosen):
         values = trace.sel(step=step)
+        smooth = values.rolling(sgld_step=TRACE_WINDOW, min_periods=1).mean()  # over minibatches
         traces.plot(
-            values - values[0],
+            smooth - values[0],
             color=colormaps["viridis"](j / len(chosen)),
-            lw=1,
+            lw=1.2,
             label=f"step {step}",
         )
     traces.set_xlabel("SGLD step")
-    traces.set_ylabel("SGLD loss - first SGLD loss (nats)")
+    traces.set_ylabel(f"SGLD loss - initial loss (nats, mean of {TRACE_WINDOW} steps)")
     traces.grid(alpha=0.3, lw=0.5)
     traces.legend(fontsize="small")
-    traces.set_title(f"Seed {first}: chains' mean loss (flat: converged)")
+    traces.set_title(f"Seed {first}: SGLD loss (flat: converged)")
     return figure
 
 
@@ -841,7 +845,10 @@ FIGURES |= {
         "Increase in loss on the repeated part of the probe when one head's output (its z "
         "before W_O) is ablated, per head and checkpoint (thick: the seed's best induction "
         "head; dashed: its emergence midpoint). An induction head that computes, rather than "
-        "only attends, should hurt most once the circuit has formed.",
+        "only attends, hurts once the circuit has formed; where several heads of a layer all "
+        "become induction heads (all four layer-1 heads of the demo family do), removing one "
+        "costs little, since the others copy too, and the previous-token head they all read "
+        "from is the one whose removal hurts most.",
         ablation_effects,
     ),
     "attention_patterns.png": (
@@ -859,8 +866,9 @@ FIGURES |= {
         "chains and draws as in the llc analysis' attributes, the same for every checkpoint), "
         "on the held-out sequences; band: +-1 sd over chains. Hoogland et al. 2024 read "
         "developmental stages off its plateaus. Right: the chains' mean SGLD loss at four "
-        "checkpoints of the first seed; a trace still drifting at the end means the estimate "
-        "has not converged.",
+        "checkpoints of the first seed (running mean over 8 SGLD steps, which see different "
+        "minibatches); a trace still drifting at the end means the estimate has not "
+        "converged.",
         llc_curves,
     ),
 }

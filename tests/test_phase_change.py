@@ -32,12 +32,21 @@ def test_demo_family_shows_induction_heads_a_loss_bump_and_an_icl_benefit(tmp_pa
     )
     run_analysis(job, progress=False)
     ds = open_family(store, size="l2-d64")
-    # Causal check: knocking out each seed's best induction head after the phase change is
-    # among the two largest ablation effects on the repeated tokens, and a large one.
+    # Causal check after the phase change. Every layer-1 head of the demo model becomes an
+    # induction head, so knocking out any one of them costs little (the others copy too); the
+    # single point of failure is the previous-token head they all read from: its ablation
+    # hurts most.
     per_seed = summary(store).per_seed
     assert (per_seed["ablation_step"] == 600).all()
-    assert (per_seed["best_head_ablation_rank"] <= 2).all(), per_seed["best_head_ablation_rank"]
-    assert (per_seed["best_head_ablation_effect"] > 0.5).all(), per_seed["top_ablation_effect"]
+    last = ds.sel(step=600)
+    for seed in ds["seed"].values:
+        previous = last["previous_token_score"].sel(seed=seed, layer=0)
+        prev_head = f"L0H{int(previous.argmax('head'))}"
+        row = per_seed.loc[int(seed)]
+        assert row["top_ablation_head"] == prev_head, (seed, row["top_ablation_head"], prev_head)
+        assert row["top_ablation_effect"] > row["best_head_ablation_effect"] > 0
+        formed = int((last["induction_score"].sel(seed=seed, layer=1) > 0.5).sum())
+        assert formed >= 2, f"seed {seed}: {formed} induction heads"
     tokens_per_step = spec.train.batch_size * spec.train.context
     for seed in ds["seed"].values:
         run = ds.sel(seed=seed)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -21,8 +22,9 @@ def report(tmp_path_factory):
     return out, write_report(synthetic_results(), out)
 
 
-# the synthetic results have no tl_* scores, ablations or attention patterns
-DRAWN = set(FIGURES) - {"induction_heatmaps_tl.png", "head_ablation.png", "attention_patterns.png"}
+# the synthetic results have no tl_* scores, ablations, attention patterns or LLC estimates
+OPTIONAL = {"induction_heatmaps_tl.png", "head_ablation.png", "attention_patterns.png", "llc.png"}
+DRAWN = set(FIGURES) - OPTIONAL
 
 
 def test_report_writes_every_figure_and_table(report):
@@ -101,6 +103,23 @@ def test_causal_figures_are_drawn_when_the_store_has_them(report, tmp_path):
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
     page = (tmp_path / "report.html").read_text()
     assert "Head ablation" in page and "Attention patterns across the phase change" in page
+
+
+def test_llc_figure_is_drawn_when_the_store_has_estimates(report, tmp_path):
+    _, files = report
+    assert "llc.png" not in {path.name for path in files}
+    ds = synthetic_results()
+    steps = ds["step"].values
+    llc = np.log1p(steps)[None, :] * np.array([1.0, 1.2, 0.9])[:, None]  # [seed, step]
+    trace = llc[..., None] + np.linspace(0, 0.1, 20)  # [seed, step, sgld_step]
+    ds = ds.assign(
+        llc=(("seed", "step"), llc),
+        llc_std=(("seed", "step"), 0.1 * llc),
+        llc_loss_trace=(("seed", "step", "sgld_step"), trace),
+    )
+    assert "llc.png" in {path.name for path in write_report(ds, tmp_path)}
+    assert (tmp_path / "llc.png").read_bytes().startswith(PNG_MAGIC)
+    assert "Local learning coefficient" in (tmp_path / "report.html").read_text()
 
 
 def test_report_of_a_store_with_an_untrained_seed(trained_tiny, tmp_path, capsys):

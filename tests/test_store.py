@@ -520,6 +520,34 @@ def test_a_family_in_s3_trains_analyses_and_reads_back_as_on_local_disk(
     assert b"observatory-test-secret" not in stored and b"test-key" not in stored  # ... nor stored
 
 
+@pytest.mark.slow
+def test_one_writer_per_run_on_s3_and_a_stale_lock_is_taken_over(
+    s3_bucket, tmp_path, monkeypatch, capsys
+):
+    import json
+    import os
+
+    from observatory.cli import main
+    from observatory.store import FamilyStore, RunLock
+
+    spec = _s3_spec(tmp_path, seeds="init = [0]\ndata = [5]", steps=4, every=4)
+    url = f"{s3_bucket}/locked.zarr"
+    spec_file = str(tmp_path / "tiny.toml")
+    assert main(["train", spec_file, "--store", url, "--stop-after", "1", "--no-progress"]) == 0
+    root = FamilyStore(url, mode="r+").root
+    fs, _ = store_module._filesystem(url)
+    with RunLock(root, spec.runs()[0]) as held:  # another writer holds seed 0
+        assert json.loads(fs.cat_file(held.path))["pid"] == os.getpid()
+        assert main(["train", spec_file, "--store", url, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "l2-d16/seed0 is being written by pid" in err
+    assert not fs.exists(held.path)  # released
+    fs.pipe_file(held.path, json.dumps({"host": "elsewhere", "pid": 1, "since": 0}).encode())
+    monkeypatch.setattr(store_module, "LOCK_STALE_SECONDS", 0.0)  # its heartbeat is stale
+    assert main(["train", spec_file, "--store", url, "--resume", "--no-progress"]) == 0
+    assert not fs.exists(held.path)
+
+
 def _committed_snapshot(url):
     """Every committed checkpoint of seed 0 that a reader can see now: {step: weights}."""
     from observatory.store import FamilyStore

@@ -49,6 +49,9 @@ RESULTS = {
     "token_loss": "token_loss",
     "repeated_loss_increase": "head_ablation",
     "attention_pattern": "attention_patterns",
+    "llc": "llc",
+    "llc_std": "llc",
+    "llc_loss_trace": "llc",
 }
 # What the summary needs (the training loss is optional: ingested checkpoints may lack it).
 SUMMARY_REQUIRED = ("induction_score", "icl_score")
