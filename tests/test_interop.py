@@ -18,19 +18,9 @@ from observatory.spec import load_run_spec
 from observatory.trainer import train_family
 
 from .conftest import TINY_TOML, write_spec
+from .test_jobs import JOB  # the tiny analysis job
 
 SIZE = "l2-d16"
-JOB = """\
-store = "{store}"
-analyses = ["head_scores", "copying", "icl", "token_loss"]
-
-[probe]
-seed = 7
-n_sequences = 3
-
-[held_out]
-n_sequences = 6
-"""
 
 
 @pytest.fixture(scope="module")
