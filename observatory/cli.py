@@ -394,7 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of a running dask scheduler (default: a local cluster)",
     )
     verify.add_argument(
-        "--workers", type=int, metavar="N", help="local cluster workers (default: one per core)"
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="local cluster workers (default: cores / the spec's torch threads; replay runs "
+        "with the threads each run was trained with)",
     )
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     verify.set_defaults(func=_cmd_verify)

@@ -155,6 +155,19 @@ class ReplaySource:
         on_step: OnStep | None = None,
     ) -> Iterator[tuple[int, PreTrainedModel]]:
         """Replay from the stored ``keyframe`` to ``stop``, yielding the model at ``yield_at``."""
+        states = self.run_states(keyframe, stop, yield_at=yield_at, on_step=on_step)
+        return ((step, model) for step, model, _, _ in states)
+
+    def run_states(
+        self,
+        keyframe: int,
+        stop: int,
+        *,
+        yield_at: set[int],
+        on_step: OnStep | None = None,
+    ) -> Iterator[tuple[int, PreTrainedModel, torch.optim.Optimizer, torch.Tensor]]:
+        """As :meth:`run`, yielding the whole training state: ``(step, model, optimizer, rng)``
+        with ``rng`` the RNG state the next step starts from (training's global one)."""
         spec, run = self.spec, self.reader.run
         state = self.reader.checkpoint(keyframe)
         indices = self.reader.batch_indices_between(keyframe, stop)
@@ -170,7 +183,7 @@ class ReplaySource:
         spec = self.spec
         stop = keyframe + len(indices)
         if keyframe in yield_at:
-            yield keyframe, model
+            yield keyframe, model, optimizer, rng
         for step in range(keyframe, stop):
             tokens = self.corpus.batch(indices[step - keyframe])
             inspect = None if on_step is None else _inspector(on_step, step, model, tokens)
@@ -188,7 +201,7 @@ class ReplaySource:
                 )
                 rng = torch.get_rng_state()
             if step + 1 in yield_at:
-                yield step + 1, model
+                yield step + 1, model, optimizer, rng
 
 
 def _inspector(on_step: OnStep, step: int, model, tokens) -> Callable[[torch.Tensor], None]:

@@ -147,7 +147,9 @@ def train_family(
         return path
     from observatory.cluster import dask_client
 
-    with dask_client(scheduler=scheduler, workers=workers or 0) as client:
+    with dask_client(
+        scheduler=scheduler, workers=workers or 0, threads=spec.train.threads
+    ) as client:
         _train_on_cluster(
             client,
             spec,
@@ -499,7 +501,7 @@ def _train(
         for step in range(start, end + 1):
             if step in checkpoint_steps and not (step == start and n_ckpt):
                 state = step in keyframe_steps  # optimizer and RNG state only at keyframes
-                writer.put_checkpoint(_snapshot(model, optimizer, step, tokens_per_step, state))
+                writer.put_checkpoint(snapshot(model, optimizer, step, tokens_per_step, state))
             if step == total_steps:
                 finished = True
                 break
@@ -598,8 +600,13 @@ def train_step(
     return loss, grad_norm
 
 
-def _snapshot(model, optimizer, step: int, tokens_per_step: int, state: bool) -> Checkpoint:
-    """Copy the weights (and, if ``state``, AdamW moments and RNG state) for the writer."""
+def snapshot(
+    model, optimizer, step: int, tokens_per_step: int, state: bool, rng: torch.Tensor | None = None
+) -> Checkpoint:
+    """Copy the weights (and, if ``state``, AdamW moments and RNG state) for the writer.
+
+    ``rng`` is the RNG state training continues with (default: torch's global one).
+    """
     params = dict(model.named_parameters())
     checkpoint = Checkpoint(
         step=step, tokens_seen=step * tokens_per_step, params=stack_layers(params)
@@ -615,7 +622,7 @@ def _snapshot(model, optimizer, step: int, tokens_per_step: int, state: bool) ->
                 for name, p in params.items()
             }
         )
-    rng_state = torch.get_rng_state().numpy().copy()
+    rng_state = (torch.get_rng_state() if rng is None else rng).numpy().copy()
     return dataclasses.replace(checkpoint, moments=moments, rng_state=rng_state)
 
 

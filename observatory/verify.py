@@ -9,8 +9,10 @@ Three checks per run, each stronger and slower than the one before:
    batch indices are the ones the spec prescribes.
 3. **Replay** (not with ``quick``): every stored checkpoint is bit-identical to a replay of the
    segment from the keyframe before it, which catches a checkpoint written under the wrong
-   step even when its checksums and hash agree.  Segments are independent, so they run as
-   tasks on dask.distributed.
+   step even when its checksums and hash agree.  A run is replayed in a few long spans, each
+   straight through from a keyframe, checking the optimizer and RNG state at every keyframe on
+   the way (so each segment is proven at training speed, without reloading its keyframe).
+   Spans are independent, so they run as tasks on dask.distributed.
 
 Only committed data is read, so a store can be verified while it is still training; nothing is
 written.
@@ -30,7 +32,7 @@ from observatory.errors import StoreError
 from observatory.spec import RunId
 from observatory.store import FamilyStore, RunReader
 
-MIN_TASK_STEPS = 100  # replay segments are grouped into tasks of at least this many steps
+TASK_STEPS = 250  # a replay task covers at least this many steps (start-up costs ~1 step/s)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def verify_store(
     scheduler
         Address of a running dask scheduler for the replays; default: a local cluster.
     workers
-        Worker processes of the local cluster (default: one per core).
+        Worker processes of the local cluster (default: one per the spec's ``threads``
+        cores, since replay runs with the threads the run was trained with).
     progress
         Show a progress bar over replayed steps.
 
@@ -85,10 +88,10 @@ def verify_store(
     verdicts = {r.run.path: _check_run(r) for r in readers}
     if not quick:
         tasks = [
-            (reader.run, segments)
+            (reader.run, span)
             for reader in readers
             if verdicts[reader.run.path].failure is None
-            for segments in _tasks(reader)
+            for span in _tasks(reader)
         ]
         for run, replayed, failure in _replay_all(family.path, tasks, scheduler, workers, progress):
             old = verdicts[run.path]
@@ -178,54 +181,64 @@ def _check_metadata(reader: RunReader) -> None:
 # Check 3: replay, on dask.
 
 
-def _tasks(reader: RunReader) -> list[list[tuple[int, int]]]:
-    """Replay segments ``(keyframe, last checkpoint before the next keyframe or the next
-    keyframe itself)``, grouped into tasks of at least :data:`MIN_TASK_STEPS` steps."""
+def _tasks(reader: RunReader) -> list[tuple[int, int]]:
+    """Spans ``(keyframe, end)`` of at least :data:`TASK_STEPS` steps (the last may be
+    shorter), each ending at a keyframe or the last checkpoint: a task replays one straight
+    through."""
     steps, keyframes = reader.steps(), list(map(int, reader.keyframe_steps()))
     if len(steps) < 2:
         return []
-    ends = [*keyframes[1:], int(steps[-1])]
-    segments = [(k, end) for k, end in zip(keyframes, ends, strict=True) if end > k]
-    tasks: list[list[tuple[int, int]]] = [[]]
-    for segment in segments:
-        if sum(end - start for start, end in tasks[-1]) >= MIN_TASK_STEPS:
-            tasks.append([])
-        tasks[-1].append(segment)
-    return [task for task in tasks if task]
+    last = int(steps[-1])
+    spans, start = [], keyframes[0]
+    for keyframe in keyframes[1:]:
+        if keyframe - start >= TASK_STEPS and keyframe < last:
+            spans.append((start, keyframe))
+            start = keyframe
+    return [*spans, (start, last)] if last > start else spans
 
 
-def replay_segments(
-    store: str, size: str, seed: int, segments: list[tuple[int, int]]
-) -> tuple[int, str | None]:
-    """Replay each ``(keyframe, end)`` segment and compare every checkpoint in it (a task).
+def replay_span(store: str, size: str, seed: int, start: int, end: int) -> tuple[int, str | None]:
+    """Replay steps ``start..end`` straight through from the keyframe at ``start`` (a task).
+
+    Every checkpoint on the way must match the ledger's hash of its weights and every keyframe
+    the hash of its optimizer and RNG state.  A matching keyframe state means the replay from
+    there on is the replay of its own segment, so one pass proves every segment.
 
     Returns
     -------
     tuple
         Checkpoints compared, and the first mismatch (one line) or None.
     """
-    from observatory.models import stack_layers
     from observatory.replayer import ReplaySource
-    from observatory.store import weights_digest
+    from observatory.store import state_digest, weights_digest
+    from observatory.trainer import snapshot
 
     source = ReplaySource.open(store, size=size, seed=seed, strict=True)
-    reader = source.reader
-    compared = 0
-    for keyframe, end in segments:
-        targets = {int(s) for s in reader.steps() if keyframe < s <= end}
-        for step, model in source.run(keyframe, end, yield_at=targets):
-            replayed = weights_digest(stack_layers(dict(model.named_parameters())))
-            if not np.array_equal(replayed, reader.verify_checkpoint(step)):
+    reader, tokens = source.reader, source.spec.train.tokens_per_step
+    targets = {int(s) for s in reader.steps() if start < s <= end}
+    compared, keyframe = 0, start
+    for step, model, optimizer, rng in source.run_states(start, end, yield_at=targets):
+        weights, state = reader.recorded_digests(step)
+        replayed = snapshot(model, optimizer, step, tokens, state is not None, rng=rng)
+        if not np.array_equal(weights_digest(replayed.params), weights):
+            return compared, (
+                f"{reader.run.path}: the weights stored at step {step} differ from a replay "
+                f"of steps {keyframe}..{step} from the keyframe at step {keyframe}"
+            )
+        if state is not None:
+            if not np.array_equal(state_digest(replayed.moments, replayed.rng_state), state):
                 return compared, (
-                    f"{reader.run.path}: the weights stored at step {step} differ from a replay "
-                    f"of steps {keyframe}..{step} from the keyframe at step {keyframe}"
+                    f"{reader.run.path}: the optimizer and RNG state stored at step {step} "
+                    f"differ from a replay of steps {keyframe}..{step} from the keyframe at "
+                    f"step {keyframe}"
                 )
-            compared += 1
+            keyframe = step
+        compared += 1
     return compared, None
 
 
 def _replay_all(
-    path: Path, tasks: list[tuple[RunId, list]], scheduler, workers, progress
+    path: Path, tasks: list[tuple[RunId, tuple[int, int]]], scheduler, workers, progress
 ) -> Iterator[tuple[RunId, int, str | None]]:
     """Run the replay tasks on dask; yield ``(run, checkpoints compared, failure)`` each."""
     from distributed import as_completed
@@ -233,23 +246,24 @@ def _replay_all(
 
     if not tasks:
         return
-    total = sum(end - start for _, segments in tasks for start, end in segments)
-    with dask_client(scheduler=scheduler, workers=workers or 0) as client:
+    total = sum(end - start for _, (start, end) in tasks)
+    threads = FamilyStore(path).spec.train.threads  # replay runs under the run's recipe
+    with dask_client(scheduler=scheduler, workers=workers or 0, threads=threads) as client:
         futures = {
-            client.submit(replay_segments, str(path), run.size, run.seed, segments, pure=False): (
+            client.submit(replay_span, str(path), run.size, run.seed, *span, pure=False): (
                 run,
-                segments,
+                span,
             )
-            for run, segments in tasks
+            for run, span in tasks
         }
         with tqdm(total=total, unit="step", desc="replay", disable=not progress) as bar:
             for future in as_completed(futures):
-                run, segments = futures[future]
+                run, (start, end) = futures[future]
                 try:
                     compared, failure = future.result()
                 except StoreError as err:  # e.g. the recipe cannot be honoured on the workers
                     compared, failure = 0, str(err)
-                bar.update(sum(end - start for start, end in segments))
+                bar.update(end - start)
                 yield run, compared, failure
 
 

@@ -253,8 +253,25 @@ def test_reads_repeat_when_a_commit_replaces_the_last_shard(trained_tiny, tmp_pa
     _, source = trained_tiny
     store = tmp_path / "tiny.zarr"
     shutil.copytree(source, store)
+    # Stores written before per-head chunk files kept the weights in shards (an index, then
+    # the chunks): rewrite one array that way.
+    plain = FamilyStore(store).run(SIZE, 0).parameter_array(QKV)
+    values = plain[:]
+    group = zarr.open_group(store / plain.path.rpartition("/")[0], mode="r+")
+    sharded = group.create_array(
+        QKV,
+        shape=plain.shape,
+        chunks=plain.chunks,
+        shards=(plain.chunks[0], *plain.shape[1:]),
+        dtype=plain.dtype,
+        compressors=plain.compressors,
+        dimension_names=plain.metadata.dimension_names,
+        overwrite=True,
+    )
+    sharded[:] = values
     reader = FamilyStore(store).run(SIZE, 0)
     array = reader.parameter_array(QKV)
+    assert array.shards is not None
     shard = store / array.path / "c" / "2" / "0" / "0" / "0"  # checkpoints 8..10 of 11
     reads = []
     getitem = zarr.Array.__getitem__

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import shutil
 import time
 
@@ -69,7 +70,7 @@ def test_buffered_checkpoints_stay_invisible_until_committed(tiny_spec, tmp_path
     assert list(reader.batch_indices(1)) == [1, 2, 3, 4]
 
 
-def test_arrays_are_sharded_by_checkpoint_and_chunked_per_head(tiny_spec, tmp_path):
+def test_arrays_are_chunked_by_checkpoint_and_per_head(tiny_spec, tmp_path):
     writer, shapes = make_writer(
         tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=0
     )
@@ -77,21 +78,23 @@ def test_arrays_are_sharded_by_checkpoint_and_chunked_per_head(tiny_spec, tmp_pa
     for step in range(5):
         writer.put_checkpoint(checkpoint(step, shapes))
     writer.close(complete=True)
-    qkv = zarr.open_array(
-        tmp_path / "s.zarr/l2-d16/seed0/gpt_neox.layers.attention.query_key_value.weight"
-    )
+    path = tmp_path / "s.zarr/l2-d16/seed0/gpt_neox.layers.attention.query_key_value.weight"
+    qkv = zarr.open_array(path)
     assert qkv.shape == (5, 2, 12, 4)  # created at the schedule's length
-    assert qkv.shards == (4, 2, 12, 4)  # one file holds 4 whole checkpoints
-    assert qkv.chunks == (4, 1, 2, 4)  # one layer, one d_head block of rows
+    assert qkv.shards is None  # plain chunk files: one request reads one head's block
+    assert qkv.chunks == (4, 1, 2, 4)  # 4 checkpoints, one layer, one d_head block of rows
     assert qkv.metadata.dimension_names == ("step", "layer", "d_qkv", "d_model")
+    assert [type(c).__name__ for c in qkv.compressors] == ["Crc32cCodec"]  # weights: no Blosc
     mlp = zarr.open_array(tmp_path / "s.zarr/l2-d16/seed0/lm_head.weight")
     assert mlp.shards is None and mlp.chunks == (4, 5, 4)  # no per-head dim: one plain chunk
-    shard_files = list(
-        (tmp_path / "s.zarr/l2-d16/seed0/gpt_neox.layers.attention.query_key_value.weight").rglob(
-            "c/*/*/*/*"
-        )
+    moment = zarr.open_array(
+        tmp_path / "s.zarr/l2-d16/seed0/state/exp_avg/gpt_neox.layers.attention.query_key_value"
+        ".weight"
     )
-    assert len(shard_files) == 2  # 5 checkpoints -> 2 shards, not 5 x chunks files
+    assert moment.chunks == (4, 2, 12, 4)  # read whole, by resume and replay only
+    assert [type(c).__name__ for c in moment.compressors] == ["BloscCodec", "Crc32cCodec"]
+    # 5 checkpoints -> 2 blocks of checkpoints x 2 layers x 6 row blocks
+    assert len(list(path.rglob("c/*/*/*/*"))) == 2 * 2 * 6
 
 
 def test_a_crash_mid_commit_exposes_nothing_and_resume_truncates(tiny_spec, tmp_path):
@@ -614,11 +617,11 @@ def test_a_store_served_over_http_reads_lazily_and_is_read_only(trained_tiny, tm
         assert head.shape[:2] == (2, len(remote["step"]))
         qkv = "gpt_neox.layers.attention.query_key_value.weight"
         data = [(path, n) for path, n in served if not path.endswith("zarr.json")]
-        assert data and all(f"/{qkv}/c/" in path for path, _ in data), data
-        files = {path for path, _ in data}
-        total = sum((local.parent / path.lstrip("/")).stat().st_size for path in files)
-        # two of the 12 inner chunks of each shard (W_Q and its index), never whole files
-        assert sum(n for _, n in data) < total / 4
+        # only layer 1's first block of d_head rows (W_Q of head 0): one request per file
+        assert data and all(re.search(f"/{qkv}/c/\\d+/1/0/0$", path) for path, _ in data), data
+        assert len(data) == len({path for path, _ in data}) == 2 * 3  # seeds x checkpoint blocks
+        chunk_files = (local / "l2-d16").rglob(f"{qkv}/c/*/*/*/*")
+        assert 20 * sum(n for _, n in data) < sum(f.stat().st_size for f in chunk_files)
 
         with pytest.raises(StoreError, match="read-only"):
             FamilyStore(url, mode="r+")

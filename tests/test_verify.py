@@ -6,7 +6,7 @@ import zarr
 import observatory as obs
 from observatory.cli import main
 from observatory.models import stack_layers
-from observatory.store import FamilyStore, weights_digest
+from observatory.store import FamilyStore, state_digest, weights_digest
 from tests.test_store import damage
 
 
@@ -82,6 +82,27 @@ def test_weights_of_another_step_with_a_valid_hash_fail_replay(copied, capsys):
     assert out.splitlines()[-1] == (
         "verification failed: l2-d16/seed1: the weights stored at step 8 differ from a "
         "replay of steps 5..8 from the keyframe at step 5"
+    )
+
+
+@pytest.mark.slow
+def test_optimizer_state_of_another_step_with_a_valid_hash_fails_replay(copied, capsys):
+    run = FamilyStore(copied).run("l2-d16", 0)
+    moments = run.checkpoint(5).moments  # step 8's keyframe gets step 5's AdamW moments
+    rng_state = run.checkpoint(8).rng_state
+    keyframe = run.keyframe_index(8)
+    group = zarr.open_group(copied / run.run.path / "state", mode="r+")
+    for moment, arrays in moments.items():
+        for name, values in arrays.items():
+            group[f"{moment}/{name}"][keyframe] = values
+    group["sha256"][keyframe] = state_digest(moments, rng_state)
+    code, out, _ = verify(capsys, copied, "--quick", "--seeds", "0")
+    assert code == 0, out  # checksums and ledger agree, and the weights are right
+    code, out, _ = verify(capsys, copied, "--seeds", "0", "--workers", "1")
+    assert code == 1
+    assert out.splitlines()[-1] == (
+        "verification failed: l2-d16/seed0: the optimizer and RNG state stored at step 8 "
+        "differ from a replay of steps 5..8 from the keyframe at step 5"
     )
 
 
