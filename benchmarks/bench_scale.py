@@ -5,9 +5,10 @@ Prints three figures, each against a baseline measured in the same process:
 1. family wall time with ``--workers 2`` vs one process, one torch thread per run (the demo
    spec with ``threads = 1``; target >= 1.7x on 2 cores);
 2. for the Pythia-14M-shaped size (``runs/pythia14m.toml``): the trainer-vs-bare-loop speed
-   ratio (the lock-step measurement of ``bench_trainer.py``; target >= 0.95) and the peak
-   RSS of a process that trains it, against the model's training state plus the writer's
-   buffer;
+   ratio (the lock-step measurement of ``bench_trainer.py``; target >= 0.95), and the peak
+   RSS of a fresh process that trains it with the trainer against that of one that runs the
+   bare loop on the same batches: what checkpoints, writer and store add must stay within the
+   writer's buffer (``MAX_BUFFER_BYTES``, at most ``checkpoints_per_shard`` checkpoints);
 3. bytes fetched from S3 (a moto server on loopback) to read one head of one layer across all
    checkpoints, vs to read every checkpoint's weights whole.
 
@@ -30,13 +31,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from bench_trainer import lockstep_round
+from bench_trainer import BareLoop, lockstep_round
 
-from observatory.data import build_corpus
+from observatory.data import batch_indices, build_corpus
 from observatory.models import build_model
 from observatory.spec import load_run_spec
-from observatory.store import MAX_BUFFER_BYTES
-from observatory.trainer import train_family
+from observatory.store import MAX_BUFFER_BYTES, create_family
+from observatory.trainer import recipe, train_family, train_run
 
 
 def with_train(spec, **changes):
@@ -60,35 +61,64 @@ def family_speedup(spec_path: str, steps: int, runs: int, tmp: Path) -> str:
     )
 
 
-def big_model_round(spec_path: str, steps: int, store: str) -> tuple[float, float, int, int]:
-    """In a fresh process: bare and trainer seconds, peak RSS, and the expected bound."""
+def big_model_round(spec_path: str, steps: int, store: str) -> tuple[float, float]:
+    """In a fresh process: seconds of the bare loop and of the trainer, in lock-step."""
     spec = with_train(load_run_spec(spec_path), steps=steps)
     corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
-    corpus_bytes = corpus.tokens.nbytes
-    bare, trainer = lockstep_round(spec, corpus, Path(store))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return lockstep_round(spec, corpus, Path(store))
+
+
+def peak_rss_round(spec_path: str, steps: int, store: str | None) -> int:
+    """In a fresh process: peak RSS (bytes) of training one run with the trainer into
+    ``store``, or (``store`` None) with the bare loop alone on the same batches."""
+    spec = with_train(load_run_spec(spec_path), steps=steps)
+    corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
+    run = spec.runs()[0]
+    if store is not None:
+        root = create_family(Path(store), spec, data={"fingerprint": corpus.fingerprint})
+        train_run(spec, run, root, corpus, progress=False)
+    else:
+        bare = BareLoop(spec, run)
+        with recipe(spec.train.threads):
+            for step in range(steps):
+                indices = batch_indices(
+                    data_seed=run.data_seed,
+                    step=step,
+                    batch_size=spec.train.batch_size,
+                    dataset_size=len(corpus),
+                )
+                bare(step, corpus.batch(indices))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def writer_buffer_bound(spec_path: str) -> tuple[int, int]:
+    """Checkpoints the writer may buffer, and the bytes of one (weights and AdamW moments)."""
+    spec = load_run_spec(spec_path)
     model = build_model(spec.model, spec.model.sizes[0], init_seed=0)
-    n_params = sum(p.numel() for p in model.parameters())
-    checkpoint = 3 * 4 * n_params  # weights and two AdamW moments, float32
-    slots = max(1, min(spec.store.checkpoints_per_shard, MAX_BUFFER_BYTES // checkpoint))
-    # two models (bare and trainer), each with weights, gradients and two moments
-    state = 2 * 4 * 4 * n_params
-    return bare, trainer, peak, state + slots * checkpoint + corpus_bytes
+    checkpoint = 3 * 4 * sum(p.numel() for p in model.parameters())  # float32
+    return max(1, min(spec.store.checkpoints_per_shard, MAX_BUFFER_BYTES // checkpoint)), checkpoint
 
 
 def big_model(spec_path: str, steps: int, tmp: Path) -> list[str]:
     spawn = multiprocessing.get_context("spawn")
+    peaks = {}
+    for label, store in (("bare", None), ("trainer", str(tmp / "big-rss.zarr"))):
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            peaks[label] = pool.submit(peak_rss_round, spec_path, steps, store).result()
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        baseline = pool.submit(resource.getrusage, resource.RUSAGE_SELF).result().ru_maxrss
-        bare, trainer, peak, bound = pool.submit(
-            big_model_round, spec_path, steps, str(tmp / "big.zarr")
-        ).result()
+        round_ = pool.submit(big_model_round, spec_path, steps, str(tmp / "big.zarr"))
+        bare, trainer = round_.result()
+    slots, checkpoint = writer_buffer_bound(spec_path)
+    added = peaks["trainer"] - peaks["bare"]
+    mib = 2**20
     return [
         f"{spec_path}, {steps} steps: bare loop {steps / bare:.2f} steps/s, trainer "
         f"{steps / trainer:.2f} steps/s -> ratio {bare / trainer:.3f} (target >= 0.95)",
-        f"peak RSS of the training process {peak / 2**20:.0f} MiB; bound: interpreter and "
-        f"libraries {baseline * 1024 / 2**20:.0f} MiB + model states, writer buffer and corpus "
-        f"{bound / 2**20:.0f} MiB = {(baseline * 1024 + bound) / 2**20:.0f} MiB",
+        f"peak RSS, each in a fresh process: trainer {peaks['trainer'] / mib:.0f} MiB, bare loop "
+        f"{peaks['bare'] / mib:.0f} MiB (same model and batches, no store) -> checkpoints, "
+        f"writer and store add {added / mib:.0f} MiB; bound: the writer's buffer, {slots} "
+        f"checkpoints x {checkpoint / mib:.1f} MiB = {slots * checkpoint / mib:.0f} MiB "
+        f"({'within' if added <= slots * checkpoint else 'OVER'} the bound)",
     ]
 
 

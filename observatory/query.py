@@ -355,7 +355,7 @@ def head_weights(
     """One head's weight at every committed checkpoint, read straight from its chunks.
 
     The fast path for a single head: it reads that head's rows of the stacked parameter (one
-    chunk per shard of checkpoints) without building the lazy dataset, and returns the same
+    chunk file per block of checkpoints) without building the lazy dataset, and returns the same
     values as ``open_run(...)[weight].sel(layer=layer, head=head)``.
 
     Parameters

@@ -125,18 +125,26 @@ def _check_run(reader: RunReader) -> RunVerdict:
     try:
         _check_metadata(reader)
         seen: dict[bytes, int] = {}
-        for step in map(int, reader.steps()):
-            digest = reader.verify_checkpoint(step).tobytes()  # reads every chunk of it
-            if digest in seen:
-                raise StoreError(
-                    f"{reader.run.path}: steps {seen[digest]} and {step} hold identical weights"
-                )
-            seen[digest] = step
-            checked += 1
+        for block in _blocks(reader):
+            for step, digest in zip(block, reader.verify_checkpoints(block), strict=True):
+                if digest.tobytes() in seen:
+                    raise StoreError(
+                        f"{reader.run.path}: steps {seen[digest.tobytes()]} and {step} hold "
+                        "identical weights"
+                    )
+                seen[digest.tobytes()] = step
+                checked += 1
         reader.read_all_analyses()
     except StoreError as err:
         return RunVerdict(reader.run.path, checked, 0, str(err))
     return RunVerdict(reader.run.path, checked, 0, None)
+
+
+def _blocks(reader: RunReader) -> list[list[int]]:
+    """The committed checkpoint steps in blocks of one chunk each (every chunk is read once)."""
+    per_chunk = reader.family.spec.store.checkpoints_per_shard
+    steps = list(map(int, reader.steps()))
+    return [steps[i : i + per_chunk] for i in range(0, len(steps), per_chunk)]
 
 
 def _check_metadata(reader: RunReader) -> None:
