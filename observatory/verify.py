@@ -142,7 +142,7 @@ def _check_run(reader: RunReader) -> RunVerdict:
 
 def _blocks(reader: RunReader) -> list[list[int]]:
     """The committed checkpoint steps in blocks of one chunk each (every chunk is read once)."""
-    per_chunk = reader.family.spec.store.checkpoints_per_shard
+    per_chunk = reader.array(reader.parameter_names[0]).chunks[0]
     steps = list(map(int, reader.steps()))
     return [steps[i : i + per_chunk] for i in range(0, len(steps), per_chunk)]
 

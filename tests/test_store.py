@@ -82,16 +82,18 @@ def test_arrays_are_chunked_by_checkpoint_and_per_head(tiny_spec, tmp_path):
     qkv = zarr.open_array(path)
     assert qkv.shape == (5, 2, 12, 4)  # created at the schedule's length
     assert qkv.shards is None  # plain chunk files: one request reads one head's block
-    assert qkv.chunks == (4, 1, 2, 4)  # 4 checkpoints, one layer, one d_head block of rows
+    # 5 checkpoints in blocks of 3 (not 4 and 1: a last block is stored at full size), one
+    # layer, one d_head block of rows
+    assert qkv.chunks == (3, 1, 2, 4)
     assert qkv.metadata.dimension_names == ("step", "layer", "d_qkv", "d_model")
     assert [type(c).__name__ for c in qkv.compressors] == ["Crc32cCodec"]  # weights: no Blosc
     mlp = zarr.open_array(tmp_path / "s.zarr/l2-d16/seed0/lm_head.weight")
-    assert mlp.shards is None and mlp.chunks == (4, 5, 4)  # no per-head dim: one plain chunk
+    assert mlp.shards is None and mlp.chunks == (3, 5, 4)  # no per-head dim: one plain chunk
     moment = zarr.open_array(
         tmp_path / "s.zarr/l2-d16/seed0/state/exp_avg/gpt_neox.layers.attention.query_key_value"
         ".weight"
     )
-    assert moment.chunks == (4, 2, 12, 4)  # read whole, by resume and replay only
+    assert moment.chunks == (3, 2, 12, 4)  # read whole, by resume and replay only
     assert [type(c).__name__ for c in moment.compressors] == ["BloscCodec", "Crc32cCodec"]
     # 5 checkpoints -> 2 blocks of checkpoints x 2 layers x 6 row blocks
     assert len(list(path.rglob("c/*/*/*/*"))) == 2 * 2 * 6
