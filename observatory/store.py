@@ -1260,10 +1260,12 @@ class RunReader:
 
     def verify_checkpoints(self, steps: Sequence[int]) -> list[np.ndarray]:
         """:meth:`verify_checkpoint` for nearby checkpoints, each array read once over their
-        range (a chunk holds ``checkpoints_per_shard`` of them: reading it once, not once per
-        checkpoint, made ``observatory verify --quick`` many times faster)."""
+        range (a chunk holds up to ``checkpoints_per_shard`` of them: reading it once, not once
+        per checkpoint, made ``observatory verify --quick`` many times faster)."""
         steps = [int(step) for step in steps]
-        keyframes = [step for step in steps if step in set(self.keyframe_steps().tolist())]
+        stored = set(self.keyframe_steps().tolist())
+        keyframes = [step for step in steps if step in stored]
+        position = {step: k for k, step in enumerate(keyframes)}
         try:
             params = self.parameters_for(steps)
             weights = self._rows(WEIGHTS_SHA256, [self.checkpoint_index(s) for s in steps])
@@ -1274,8 +1276,8 @@ class RunReader:
         for i, step in enumerate(steps):
             digest = weights_digest({name: values[i] for name, values in params.items()})
             recorded = {"weights": (digest, weights[i])}
-            if step in keyframes:
-                k = keyframes.index(step)
+            if step in position:
+                k = position[step]
                 moments, rng_state, hashes = states
                 now = state_digest(
                     {m: {n: a[k] for n, a in arrays.items()} for m, arrays in moments.items()},
