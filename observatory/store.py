@@ -166,6 +166,67 @@ def _checked(array: zarr.Array) -> zarr.Array:
     return zarr.open_array(store=store, path=array.path, mode="r", zarr_format=3)
 
 
+# Opened metadata of local stores, kept per process while its file is unchanged.  Opening a
+# run otherwise reads a dozen zarr.json files (the root, the run, its analysis groups and their
+# arrays), each a round trip through zarr's event loop that costs more than the read of a head.
+_NODES: dict[tuple[Path, str], tuple[tuple[int, int, int], Any]] = {}
+_NODES_MAX = 4096
+# A file rewritten within the file system's timestamp granularity (a jiffy on ext4) can keep
+# its inode, size and mtime: metadata younger than this is read, never reused.
+_SETTLED_NS = 2_000_000_000
+
+
+def _local_root(node: zarr.Group | zarr.Array) -> Path | None:
+    """The directory of ``node``'s store if it is a local store opened to read, else None."""
+    store = node.store
+    if isinstance(store, _CheckedStore) and isinstance(store._store, LocalStore):
+        return Path(store._store.root)
+    return None
+
+
+def _cached_node(root: Path, path: str, open_node: Callable[[], Any]) -> Any:
+    """``open_node()``, the node at ``path`` of the local store ``root``; None if its metadata
+    file is absent.  The node opened earlier is returned instead while its ``zarr.json`` has
+    the same inode, mtime and size, so an unchanged store costs one ``stat`` per node."""
+    try:
+        stat = (root / path / "zarr.json").stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    cached = _NODES.get((root, path))
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    node = open_node()
+    if time.time_ns() - stat.st_mtime_ns >= _SETTLED_NS:
+        if len(_NODES) >= _NODES_MAX:
+            _NODES.clear()
+        _NODES[(root, path)] = (signature, node)
+    return node
+
+
+def _child(group: zarr.Group, path: str) -> zarr.Group | zarr.Array | None:
+    """``group[path]``, or None if absent (metadata reused while unchanged, see above)."""
+    root = _local_root(group)
+    try:
+        if root is not None:
+            return _cached_node(root, f"{group.path}/{path}".strip("/"), lambda: group[path])
+        return group[path]
+    except KeyError:
+        return None
+
+
+def _children(group: zarr.Group, kind: type) -> list[tuple[str, Any]]:
+    """The members of ``group`` of type ``kind`` (``zarr.Group`` or ``zarr.Array``), by name."""
+    root = _local_root(group)
+    if root is None:
+        members = group.groups() if kind is zarr.Group else group.arrays()
+        return sorted(members, key=lambda member: member[0])
+    with os.scandir(root / group.path) as entries:
+        names = sorted(entry.name for entry in entries if entry.is_dir())
+    members = ((name, _child(group, name)) for name in names)
+    return [(name, node) for name, node in members if isinstance(node, kind)]
+
+
 def _read(array: zarr.Array, selection: Any, steps: Callable | None = None) -> np.ndarray:
     """``array[selection]``; a damaged or missing chunk is a :class:`StoreError`.
 
@@ -310,7 +371,7 @@ def _open_root(path: str | Path, *, mode: str) -> zarr.Group:
     # Readers see a missing chunk as an error; writers must see it as "not written yet".
     try:
         if mode == "r":
-            root = zarr.open_group(_checked_store(path), mode=mode, zarr_format=3)
+            root = _read_root(path)
         else:
             root = _open_group(path, mode=mode, zarr_format=3)
     except json.JSONDecodeError as err:
@@ -322,6 +383,20 @@ def _open_root(path: str | Path, *, mode: str) -> zarr.Group:
         raise StoreError(f"{path}: not an observatory store (no '{ATTRS_KEY}' attributes)")
     if version_ != SCHEMA_VERSION:
         raise StoreError(f"{path}: store schema {version_}; this version reads {SCHEMA_VERSION}")
+    return root
+
+
+def _read_root(path: str | Path) -> zarr.Group:
+    """The root group of a store opened to read (its metadata reused while unchanged)."""
+
+    def open_root() -> zarr.Group:
+        return zarr.open_group(_checked_store(path), mode="r", zarr_format=3)
+
+    if not isinstance(path, Path):
+        return open_root()
+    root = _cached_node(path, "", open_root)
+    if root is None:
+        raise FileNotFoundError(f"{path}/zarr.json is missing")
     return root
 
 
@@ -1102,9 +1177,7 @@ class FamilyStore:
 def _node(parent: zarr.Group, path: str, where: Path) -> Any:
     """``parent[path]`` or None if absent; unreadable metadata is a :class:`StoreError`."""
     try:
-        return parent[path]  # one metadata read (a test with ``in`` first would be two)
-    except KeyError:
-        return None
+        return _child(parent, path)  # one metadata read (a test with ``in`` first would be two)
     except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise StoreError(f"{where}/{path}/zarr.json: metadata is damaged ({reason})") from None
@@ -1142,7 +1215,10 @@ class RunReader:
         (which this reader read on opening) covers everything the markers promise.
         """
         if path not in self._arrays:
-            self._arrays[path] = self.group[path]
+            array = _child(self.group, path)
+            if array is None:
+                raise KeyError(path)
+            self._arrays[path] = array
         return self._arrays[path]
 
     @property
@@ -1374,16 +1450,14 @@ class RunReader:
 
     def analysis_group(self, name: str, *, create: bool = False) -> zarr.Group | None:
         path = f"{ANALYSIS_GROUP}/{name}"
-        if path in self.group:
-            return self.group[path]
-        return self.group.require_group(path) if create else None
+        group = _child(self.group, path)
+        if group is None and create:
+            return self.group.require_group(path)
+        return group
 
     def analyses(self) -> list[str]:
-        try:
-            group = self.group[ANALYSIS_GROUP]  # one metadata read, on every open of a run
-        except KeyError:
-            return []
-        return sorted(name for name, _ in group.groups())
+        group = _child(self.group, ANALYSIS_GROUP)
+        return [] if group is None else [name for name, _ in _children(group, zarr.Group)]
 
     def analysis_parameters(self, name: str) -> dict[str, Any] | None:
         """The parameters an analysis's results were computed with (None: no such analysis)."""
@@ -1400,7 +1474,7 @@ class RunReader:
         group = self.analysis_group(name)
         if group is None:
             raise StoreError(f"{self.run.path}: no analysis {name!r} (analyses: {self.analyses()})")
-        arrays = dict(group.arrays())
+        arrays = dict(_children(group, zarr.Array))
         steps = arrays.pop("step", None)
         return (np.zeros(0, np.int64) if steps is None else _read(steps, slice(None))), arrays
 

@@ -17,6 +17,7 @@ import zarr
 import zarr.storage
 
 import observatory as obs
+from observatory import store as store_module
 from observatory import trainer
 from observatory.cli import main
 from observatory.errors import StoreError
@@ -122,6 +123,31 @@ def test_open_family_reads_metadata_only_and_views_are_lazy(trained_tiny, monkey
     assert wq.dims == ("seed", "step", "d_model", "d_head")
     wq.sel(step=slice(4, 16)).mean("d_model").compute()
     assert any(k.startswith(f"{SIZE}/seed0/{QKV}/c/") for k in keys)  # the spy sees chunks
+
+
+def test_reopening_an_unchanged_store_reads_no_metadata_and_sees_every_change(
+    trained_tiny, tmp_path, monkeypatch
+):
+    _, trained = trained_tiny
+    store = tmp_path / "tiny.zarr"
+    shutil.copytree(trained, store)
+    monkeypatch.setattr(store_module, "_SETTLED_NS", 0)  # the copy is new: reuse it at once
+    before = obs.open_run(store, size=SIZE, seed=0)["W_Q"].values
+    keys = spy_reads(monkeypatch)
+    np.testing.assert_array_equal(obs.open_run(store, size=SIZE, seed=0)["W_Q"].values, before)
+    assert keys and not [key for key in keys if key.endswith("zarr.json")]  # chunks only
+    # A rewritten run group (fewer checkpoints committed) is seen at the next open.
+    group = zarr.open_group(store / SIZE / "seed0", mode="r+")
+    group.attrs[ATTRS_KEY] = dict(group.attrs[ATTRS_KEY]) | {"committed_checkpoints": 3}
+    assert obs.open_run(store, size=SIZE, seed=0).sizes["step"] == 3
+    # So is a new analysis group, and damaged metadata is an error, not an old copy.
+    analysis = group.require_group("analysis/extra")
+    analysis.create_array("step", data=np.array([1]), dimension_names=("step",))
+    analysis.create_array("extra_score", data=np.array([0.5]), dimension_names=("step",))
+    assert float(obs.open_run(store, size=SIZE, seed=0)["extra_score"].sel(step=1)) == 0.5
+    (store / SIZE / "seed0" / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match="metadata is damaged"):
+        obs.open_run(store, size=SIZE, seed=0)
 
 
 def test_dims_and_coordinates(trained_tiny):
