@@ -12,10 +12,11 @@ Then ``W_Q`` of one head (layer 1, head 2) at every checkpoint is read by
 (i')  a full load that reads every byte: ``safetensors.torch.load(path.read_bytes())``,
 (ii)  ``safe_open(...).get_slice(name)[rows]`` on each file (reads only the head's rows),
 (iii) observatory, lazy xarray path: ``obs.open_run(...)["W_Q"].sel(layer=1, head=2).values``
-      (the view's selection is one region read of the stored fused QKV weight),
+      (the view's selection is one region read of the stored fused QKV weight), and
+(iii') the same through ``obs.open_family(...)`` (the path the README leads with),
 (iv)  observatory, direct path: ``obs.head_weights(..., layer=1, head=2)``.
 
-Both observatory times include opening the store.  Rounds alternate between the methods and
+Every observatory time includes opening the store.  Rounds alternate between the methods and
 the best time of each is kept, in this process with a warm page cache (dropping the OS caches
 needs root).  Bytes read: the file sizes for (i'), the mapped file sizes for (i) (of which
 only the touched pages are read), the file headers plus the head's rows for (ii), and for
@@ -156,6 +157,11 @@ def read_xarray(store: Path) -> np.ndarray:
     return ds["W_Q"].sel(layer=LAYER, head=HEAD).values
 
 
+def read_family(store: Path) -> np.ndarray:
+    ds = obs.open_family(store, size="bench")
+    return ds["W_Q"].sel(seed=0, layer=LAYER, head=HEAD).values
+
+
 def read_direct(store: Path) -> np.ndarray:
     return obs.head_weights(store, size="bench", seed=0, layer=LAYER, head=HEAD).values
 
@@ -244,6 +250,7 @@ def main() -> None:
             "(i')  safetensors full load + slice": lambda: read_full(files, rows),
             "(ii)  safetensors safe_open.get_slice": lambda: read_slices(files, rows),
             "(iii) observatory open_run + W_Q.sel": lambda: read_xarray(store),
+            "(iii') observatory open_family + W_Q.sel": lambda: read_family(store),
             "(iv)  observatory head_weights": lambda: read_direct(store),
         }
         seconds, cpu_seconds, results = best_times(args.rounds, methods)
@@ -254,6 +261,7 @@ def main() -> None:
             file_bytes,
             slice_bytes_read(files, rows, size.d_model),
             store_bytes_read(lambda: read_xarray(store)),
+            store_bytes_read(lambda: read_family(store)),
             store_bytes_read(lambda: read_direct(store)),
         ]
 
@@ -273,15 +281,19 @@ def main() -> None:
     for (label, t), n_bytes in zip(seconds.items(), read_bytes, strict=True):
         note = "  (mapped; only touched pages are read)" if label.startswith("(i) ") else ""
         print(
-            f"  {label:44s} {t * 1e3:8.1f} ms  (CPU {cpu_seconds[label] * 1e3:7.1f} ms)  "
+            f"  {label:45s} {t * 1e3:8.1f} ms  (CPU {cpu_seconds[label] * 1e3:7.1f} ms)  "
             f"{n_bytes / 1e6:9.3f} MB read{note}"
         )
     for clock, best in (("wall", seconds), ("CPU", cpu_seconds)):
-        mapped, full, sliced, lazy, direct = best.values()
+        mapped, full, sliced, lazy, family, direct = best.values()
         print(f"speed-ups by {clock} time (targets for (iii): >= 20x full load, >= 1x get_slice):")
-        for label, t in (("(iii) lazy open_run + sel", lazy), ("(iv)  head_weights", direct)):
+        for label, t in (
+            ("(iii) lazy open_run + sel", lazy),
+            ("(iii') lazy open_family + sel", family),
+            ("(iv)  head_weights", direct),
+        ):
             print(
-                f"  {label:26s} vs full load {full / t:5.1f}x, vs get_slice {sliced / t:4.2f}x, "
+                f"  {label:30s} vs full load {full / t:5.1f}x, vs get_slice {sliced / t:4.2f}x, "
                 f"vs load_file {mapped / t:5.1f}x"
             )
         print(f"  lazy path / head_weights: {lazy / direct:.2f}")

@@ -5,7 +5,7 @@ The query API is imported lazily, so ``import observatory`` stays cheap::
     import observatory as obs
 
     ds = obs.open_family("store/induction.zarr", size="l2-d64")
-    ds["W_Q"].sel(layer=1, head=2)  # dims (seed, step, d_model, d_head), dask-backed
+    ds["W_Q"].sel(layer=1, head=2)  # dims (seed, step, d_model, d_head), lazily indexed
 """
 
 from importlib import import_module

@@ -2,9 +2,9 @@
 
 Opening a store reads its attributes only.  Every array is lazy: a selection such as
 ``ds["W_Q"].sel(layer=1, head=2)`` reads just that head's bytes when its values are needed
-(one region read of the stored parameter, however the view reshapes it).  :func:`open_run`
-and :func:`open` give lazily indexed arrays, as ``xarray.open_dataset`` does without
-``chunks`` (``.chunk()`` turns them into dask arrays); :func:`open_family` gives dask arrays.
+(one region read of the stored parameter, however the view reshapes it).  :func:`open_run`,
+:func:`open_family` and :func:`open` give lazily indexed arrays, as ``xarray.open_dataset``
+does without ``chunks``; with ``chunks={}`` they are dask arrays in the store's chunks.
 Only committed checkpoints and step records are visible, so a store can be opened while a run
 is still training.
 
@@ -27,7 +27,7 @@ from transformers import AutoConfig, PreTrainedModel
 from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, model_from_config, unstack_layers
 from observatory.replayer import stored_corpus
-from observatory.store import FamilyStore, LazyArray, RunReader, ingested_note
+from observatory.store import FamilyStore, LazyArray, RunReader, ingested_note, read_rows
 
 # Dims of the per-head views of :func:`observatory.models.transformer_lens_weights`,
 # after the leading ``step`` dim.
@@ -85,7 +85,7 @@ def open(path: str | Path) -> xr.DataTree:
     return xr.DataTree.from_dict(nodes, name=family.spec.name)
 
 
-def open_run(path: str | Path, *, size: str, seed: int) -> xr.Dataset:
+def open_run(path: str | Path, *, size: str, seed: int, chunks: dict | None = None) -> xr.Dataset:
     """Open one run as a lazy dataset of its committed checkpoints and step records.
 
     Parameters
@@ -96,13 +96,16 @@ def open_run(path: str | Path, *, size: str, seed: int) -> xr.Dataset:
         Size name, as in the spec's ``[[model.sizes]]``.
     seed
         Seed index (position in the spec's seed list).
+    chunks
+        ``None`` (default): lazily indexed arrays, as ``xarray.open_dataset`` gives without
+        ``chunks``.  ``{}``: dask arrays in the store's chunks; any other value is then passed
+        to :meth:`xarray.Dataset.chunk`.
 
     Returns
     -------
     xarray.Dataset
         Lazily indexed variables (a selection reads only its region of the store, when its
-        values are needed; ``.chunk()`` makes them dask arrays): the raw Hugging Face
-        parameters under their stacked names
+        values are needed): the raw Hugging Face parameters under their stacked names
         (``[step, layer, ...]``), the per-head views of :data:`VIEW_DIMS` (``W_Q``, ``W_O``,
         ``b_Q``, ``W_E``, ``W_U``, ...), the per-step ``loss``, ``lr``, ``grad_norm``,
         ``train_tokens`` and ``batch_indices`` on the ``train_step`` dim, and every array of
@@ -115,11 +118,17 @@ def open_run(path: str | Path, *, size: str, seed: int) -> xr.Dataset:
     StoreError
         If the store, size or seed does not exist (the message lists what does).
     """
-    return _run_dataset(FamilyStore(path).run(size, seed))
+    return _run_dataset(FamilyStore(path).run(size, seed), chunks)
 
 
-def open_family(path: str | Path, *, size: str, seeds: Sequence[int] | None = None) -> xr.Dataset:
-    """Open every run of one size as a single lazy dataset with a ``seed`` dim.
+def open_family(
+    path: str | Path,
+    *,
+    size: str,
+    seeds: Sequence[int] | None = None,
+    chunks: dict | None = None,
+) -> xr.Dataset:
+    """Open every run of one size as a single lazy dataset with a leading ``seed`` dim.
 
     Parameters
     ----------
@@ -129,15 +138,20 @@ def open_family(path: str | Path, *, size: str, seeds: Sequence[int] | None = No
         Size name.
     seeds
         Seed indices to include (default: every run of the size in the store).
+    chunks
+        ``None`` (default): lazily indexed arrays; ``{}``: dask arrays in the store's chunks
+        (one run per chunk along ``seed``), for computations larger than memory; any other
+        value is then passed to :meth:`xarray.Dataset.chunk`.
 
     Returns
     -------
     xarray.Dataset
-        The datasets of :func:`open_run`, dask-backed in the store's chunks, concatenated
-        along ``seed`` (with ``init_seed`` and ``data_seed`` as coordinates on it).
-        Checkpoint steps and training steps are the union over the runs, so a run that has
-        committed fewer checkpoints than the others (still training, or stopped) reads as NaN
-        where it has no data.
+        The variables of :func:`open_run` with a leading ``seed`` dim (``init_seed``,
+        ``data_seed`` and ``complete`` are coordinates on it).  Checkpoint steps and training
+        steps are the union over the runs, so a run that has committed fewer checkpoints than
+        the others (still training, or stopped) reads as NaN where it has no data, as does a
+        run without an analysis that others have.  A selection reads only its region of each
+        selected run.
 
     Raises
     ------
@@ -147,58 +161,122 @@ def open_family(path: str | Path, *, size: str, seeds: Sequence[int] | None = No
     Examples
     --------
     >>> ds = obs.open_family("store/induction.zarr", size="l2-d64")
-    >>> ds["W_Q"].sel(layer=1, head=2).sel(step=slice(100, 600)).mean("d_model").compute()
+    >>> ds["W_Q"].sel(layer=1, head=2).sel(step=slice(100, 600)).mean("d_model")
     """
     family = FamilyStore(path)
     if seeds is None:
         readers = family.size_runs(size)
     else:
         readers = [family.run(size, seed) for seed in seeds]
-    datasets = [_run_dataset(reader, chunked=True) for reader in readers]
-    tokens_seen: dict[int, int] = {}
-    for ds in datasets:
-        tokens_seen.update(ds["tokens_seen"].to_series().items())
-    combined = xr.concat(
-        [ds.drop_vars("tokens_seen") for ds in datasets],
-        dim="seed",
-        data_vars="all",
-        coords="different",
-        compat="equals",
-        join="outer",
-        combine_attrs="drop_conflicts",
-    )
-    steps = combined["step"].values.tolist()
-    return combined.assign_coords(tokens_seen=("step", [tokens_seen[s] for s in steps]))
+    runs = [_run_arrays(reader) for reader in readers]
+    steps = np.unique(np.concatenate([reader.steps() for reader in readers]))
+    train_steps = np.arange(max(reader.n_steps for reader in readers), dtype=np.int64)
+    rows = {
+        "step": [_rows(steps, reader.steps()) for reader in readers],
+        "train_step": [_rows(train_steps, train_steps[: reader.n_steps]) for reader in readers],
+    }
+    names = list(dict.fromkeys(name for arrays in runs for name in arrays))
+    arrays = {name: _Stacked([arrays.get(name) for arrays in runs], rows) for name in names}
+    coords = {
+        "seed": [reader.run.seed for reader in readers],
+        "init_seed": ("seed", [reader.run.init_seed for reader in readers]),
+        "data_seed": ("seed", [reader.run.data_seed for reader in readers]),
+        "complete": ("seed", [reader.complete for reader in readers]),
+        "step": steps,
+        "tokens_seen": ("step", steps * family.spec.train.tokens_per_step),
+        "train_step": train_steps,
+    }
+    return _dataset(arrays, coords, readers[0], chunks)
 
 
-def _run_dataset(reader: RunReader, *, chunked: bool = False) -> xr.Dataset:
-    """The lazy dataset of one run (see :func:`open_run`); dask-backed if ``chunked``."""
-    family, run = reader.family, reader.run
-    arrays = reader.lazy_arrays()
-    arrays |= views(arrays, architecture=family.spec.model.architecture)
-    # The writer stores step records consecutively from 0: nothing to read for the coordinate.
-    train_step = np.arange(reader.n_steps, dtype=np.int64)
+def _run_dataset(reader: RunReader, chunks: dict | None = None) -> xr.Dataset:
+    """The lazy dataset of one run (see :func:`open_run`)."""
+    coords = _run_coords(reader) | {"train_step": np.arange(reader.n_steps, dtype=np.int64)}
+    return _dataset(_run_arrays(reader), coords, reader, chunks)
+
+
+def _run_arrays(reader: RunReader) -> dict[str, LazyArray]:
+    """Every lazy array of one run: stored, TransformerLens views, analysis results."""
+    arrays: dict[str, LazyArray] = reader.lazy_arrays()
+    arrays |= views(arrays, architecture=reader.family.spec.model.architecture)
     for name in ("step", "tokens_seen", "train_step"):  # coordinates, derived without reading
         del arrays[name]
-    variables = {name: array.variable(chunked=chunked) for name, array in arrays.items()}
-    ds = xr.Dataset(
-        variables,
-        coords=_run_coords(reader) | {"train_step": train_step},
-        attrs={
-            "family": family.spec.name,
-            "size": run.size,
-            "architecture": family.spec.model.architecture,
-            "store": str(family.path),
-        },
+    steps = reader.steps()
+    for name in reader.analyses():
+        for key, array in reader.analysis_lazy_arrays(name, steps).items():
+            if key in arrays:
+                owner = arrays[key].attrs.get("analysis")
+                raise StoreError(
+                    f"{reader.run.path}: analysis {name!r} has an array {key!r}, as "
+                    + (f"analysis {owner!r} has" if owner else "the run has")
+                )
+            arrays[key] = array
+    return arrays
+
+
+# Datasets built before, by everything they were built from (see _dataset).
+_DATASETS: dict[tuple, xr.Dataset] = {}
+_DATASETS_MAX = 16
+
+
+def _dataset(
+    arrays: dict[str, LazyArray], coords: dict, reader: RunReader, chunks: dict | None
+) -> xr.Dataset:
+    """The dataset of ``arrays``: lazily indexed, or dask-backed if ``chunks`` is given.
+
+    The arrays' tokens name everything a read depends on (store, array, layout, committed
+    length, rows; the zarr metadata is looked up at each read), so a dataset of the same
+    tokens, attributes and coordinates is built once per process, and each call returns a
+    shallow copy of it: reopening an unchanged store costs no more than checking it.
+    """
+    spec = reader.family.spec
+    key = (
+        (str(reader.family.path), spec.name, spec.model.architecture, reader.run.size),
+        tuple((name, array.token, repr(array.attrs)) for name, array in arrays.items()),
+        tuple((name, _frozen(value)) for name, value in coords.items()),
+        chunks is not None,
     )
-    analyses = _analysis_variables(reader, ds["step"].values, chunked=chunked)
-    if not analyses:
-        return ds
+    ds = _DATASETS.get(key)
+    if ds is None:
+        ds = _build_dataset(arrays, coords, reader, chunked=chunks is not None)
+        if len(_DATASETS) >= _DATASETS_MAX:
+            del _DATASETS[next(iter(_DATASETS))]
+        _DATASETS[key] = ds
+    ds = ds.copy(deep=False)
+    return ds.chunk(chunks) if chunks else ds
+
+
+def _frozen(value: object) -> object:
+    """A coordinate's value as a hashable key."""
+    if isinstance(value, tuple):
+        return tuple(_frozen(item) for item in value)
+    if isinstance(value, np.ndarray | list):
+        array = np.asarray(value)
+        return array.dtype.str, array.shape, array.tobytes()
+    return value
+
+
+def _build_dataset(
+    arrays: dict[str, LazyArray], coords: dict, reader: RunReader, *, chunked: bool
+) -> xr.Dataset:
+    family = reader.family
+    variables = {name: array.variable(chunked=chunked) for name, array in arrays.items()}
     try:
-        return ds.assign(analyses)
+        return xr.Dataset(
+            variables,
+            coords=coords,
+            attrs={
+                "family": family.spec.name,
+                "size": reader.run.size,
+                "architecture": family.spec.model.architecture,
+                "store": str(family.path),
+            },
+        )
     except ValueError as err:  # e.g. an analysis dim whose size clashes with the run's
         first_line = str(err).splitlines()[0]
-        raise StoreError(f"{run.path}: analysis results do not fit the run: {first_line}") from None
+        raise StoreError(
+            f"{family.path}: analysis results do not fit the runs: {first_line}"
+        ) from None
 
 
 def _run_coords(reader: RunReader) -> dict[str, object]:
@@ -216,20 +294,76 @@ def _run_coords(reader: RunReader) -> dict[str, object]:
     }
 
 
-def _analysis_variables(
-    reader: RunReader, steps: np.ndarray, *, chunked: bool
-) -> dict[str, xr.Variable]:
-    """Every array of every analysis group, aligned on the run's committed checkpoint steps."""
-    out: dict[str, xr.Variable] = {}
-    for name in reader.analyses():
-        for key, array in reader.analysis_lazy_arrays(name, steps).items():
-            if key in out:
+def _rows(entries: np.ndarray, present: np.ndarray) -> np.ndarray | None:
+    """Row of each of ``entries`` among ``present`` (a sorted subset; -1: absent); None if
+    ``present`` is all of ``entries``."""
+    if len(present) == len(entries):
+        return None
+    rows = np.full(len(entries), -1, dtype=np.int64)
+    rows[np.searchsorted(entries, present)] = np.arange(len(present))
+    return rows
+
+
+class _Stacked(LazyArray):
+    """One variable of several runs, stacked along a leading ``seed`` dim.
+
+    Entries along ``step`` and ``train_step`` are aligned on the family's (``rows[dim][i]``:
+    the row of each family entry in run ``i``'s array, -1 where it has none); a run without
+    the variable (``None``) reads as NaN, and so does a missing entry.
+    """
+
+    def __init__(self, sources: list[LazyArray | None], rows: dict[str, list]):
+        first = next(source for source in sources if source is not None)
+        dim, self.sources = first.dims[0], sources
+        self.rows = rows.get(dim, [None] * len(sources))
+        length = next((len(r) for r in self.rows if r is not None), None)
+        if dim in rows and length is None:  # every run has every entry
+            length = first.shape[0]
+        self.dims = ("seed", *first.dims)
+        self.shape = (len(sources), first.shape[0] if length is None else length, *first.shape[1:])
+        for source in sources:
+            if source is not None and (source.dims, source.shape[1:]) != (
+                first.dims,
+                first.shape[1:],
+            ):
                 raise StoreError(
-                    f"{reader.run.path}: analyses {out[key].attrs['analysis']!r} and {name!r} "
-                    f"both have an array {key!r}"
+                    f"{first.token[0]}: runs disagree on the dims or shape of {first.token[2]!r}"
                 )
-            out[key] = array.variable(chunked=chunked)
-    return out
+        gaps = None in sources or any(r is not None and (r < 0).any() for r in self.rows)
+        self.dtype = np.dtype("float64") if gaps and first.dtype.kind not in "fc" else first.dtype
+        self.chunks = (1, *first.chunks)
+        self.attrs = first.attrs
+        self.token = tuple(
+            (None, None) if s is None else (s.token, None if r is None else r.tobytes())
+            for s, r in zip(sources, self.rows, strict=True)
+        )
+
+    def read(self, key: tuple) -> np.ndarray:
+        key = tuple(
+            slice(*k.indices(n)) if isinstance(k, slice) else k
+            for k, n in zip(key, self.shape, strict=True)
+        )
+        if isinstance(key[0], int | np.integer):
+            return self._read_run(int(key[0]), key[1:])
+        runs = np.arange(len(self.sources))[key[0]]
+        return np.stack([self._read_run(int(i), key[1:]) for i in runs])
+
+    def _read_run(self, i: int, key: tuple) -> np.ndarray:
+        source, rows = self.sources[i], self.rows[i]
+        if source is None:
+            return np.full(_selected_shape(key, self.shape[1:]), np.nan, dtype=self.dtype)
+        if rows is None:
+            return source.read(key).astype(self.dtype, copy=False)
+        return read_rows(source.read, rows, key, self.dtype)
+
+
+def _selected_shape(key: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of ``key`` (ints, resolved slices, arrays) of an array of ``shape``."""
+    return tuple(
+        len(range(*k.indices(n))) if isinstance(k, slice) else len(k)
+        for k, n in zip(key, shape, strict=True)
+        if not isinstance(k, int | np.integer)
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -166,11 +166,11 @@ def _checked(array: zarr.Array) -> zarr.Array:
     return zarr.open_array(store=store, path=array.path, mode="r", zarr_format=3)
 
 
-# Opened metadata of local stores, kept per process while its file is unchanged.  Opening a
+# Opened metadata of local stores, kept per process while its files are unchanged.  Opening a
 # run otherwise reads a dozen zarr.json files (the root, the run, its analysis groups and their
 # arrays), each a round trip through zarr's event loop that costs more than the read of a head.
-_NODES: dict[tuple[Path, str], tuple[tuple[int, int, int], Any]] = {}
-_NODES_MAX = 4096
+_CACHED: dict[tuple[Path, str], tuple[tuple, Any]] = {}
+_CACHED_MAX = 4096
 # A file rewritten within the file system's timestamp granularity (a jiffy on ext4) can keep
 # its inode, size and mtime: metadata younger than this is read, never reused.
 _SETTLED_NS = 2_000_000_000
@@ -189,19 +189,45 @@ def _cached_node(root: Path, path: str, open_node: Callable[[], Any]) -> Any:
     file is absent.  The node opened earlier is returned instead while its ``zarr.json`` has
     the same inode, mtime and size, so an unchanged store costs one ``stat`` per node."""
     try:
-        stat = (root / path / "zarr.json").stat()
+        return _cached(root, path, [f"{path}/zarr.json".lstrip("/")], open_node)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    cached = _NODES.get((root, path))
+
+
+def _cached(root: Path, key: str, files: list[str], compute: Callable[[], Any]) -> Any:
+    """``compute()`` from the files ``files`` of the local store ``root``, or what it returned
+    for ``key`` before if none of them has changed since (a missing file raises)."""
+    stats = [(root / name).stat() for name in files]
+    signature = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
+    cached = _CACHED.get((root, key))
     if cached is not None and cached[0] == signature:
         return cached[1]
-    node = open_node()
-    if time.time_ns() - stat.st_mtime_ns >= _SETTLED_NS:
-        if len(_NODES) >= _NODES_MAX:
-            _NODES.clear()
-        _NODES[(root, path)] = (signature, node)
-    return node
+    value = compute()
+    if time.time_ns() - max(st.st_mtime_ns for st in stats) >= _SETTLED_NS:
+        if len(_CACHED) >= _CACHED_MAX:
+            _CACHED.clear()
+        _CACHED[(root, key)] = (signature, value)
+    return value
+
+
+def _read_whole(array: zarr.Array) -> np.ndarray:
+    """All of a small array (an analysis's ``step`` array), read-only, reused while its files
+    are unchanged in a local store (see :func:`_cached`)."""
+
+    def read() -> np.ndarray:
+        values = _read(array, slice(None))
+        values.setflags(write=False)
+        return values
+
+    root = _local_root(array)
+    n_chunks = math.ceil(array.shape[0] / array.chunks[0])
+    keys = ["zarr.json"] + [array.metadata.encode_chunk_key((i,)) for i in range(n_chunks)]
+    try:
+        if root is not None:
+            return _cached(root, f"{array.path}#", [f"{array.path}/{k}" for k in keys], read)
+    except (FileNotFoundError, NotADirectoryError):  # a missing chunk: the read says which
+        pass
+    return read()
 
 
 def _child(group: zarr.Group, path: str) -> zarr.Group | zarr.Array | None:
@@ -1209,17 +1235,20 @@ class RunReader:
         self._arrays: dict[str, zarr.Array] = {}
 
     def array(self, path: str) -> zarr.Array:
-        """The run's array at ``path``, its metadata read once per reader.
+        """The run's array at ``path``, its metadata read once per reader (on a local store:
+        once while its file is unchanged, see :func:`_cached`).
 
         Arrays are created at their final length, so metadata read after the commit markers
         (which this reader read on opening) covers everything the markers promise.
         """
-        if path not in self._arrays:
+        array = self._arrays.get(path)
+        if array is None:
             array = _child(self.group, path)
             if array is None:
                 raise KeyError(path)
-            self._arrays[path] = array
-        return self._arrays[path]
+            if _local_root(array) is None:
+                self._arrays[path] = array
+        return array
 
     @property
     def n_checkpoints(self) -> int:
@@ -1476,7 +1505,7 @@ class RunReader:
             raise StoreError(f"{self.run.path}: no analysis {name!r} (analyses: {self.analyses()})")
         arrays = dict(_children(group, zarr.Array))
         steps = arrays.pop("step", None)
-        return (np.zeros(0, np.int64) if steps is None else _read(steps, slice(None))), arrays
+        return (np.zeros(0, np.int64) if steps is None else _read_whole(steps)), arrays
 
     def read_all_analyses(self) -> None:
         """Read every stored analysis result once: a damaged chunk raises :class:`StoreError`."""
@@ -1815,28 +1844,41 @@ class StoredArray(LazyArray):
         array: zarr.Array | None = None,
         attrs: dict[str, Any] | None = None,
     ):
-        self.reader, self.path, self.rows, self._array = reader, path, rows, array
+        self.reader, self.path, self.rows = reader, path, rows
+        if array is not None:  # opened already: saves the reader a metadata read
+            reader._arrays.setdefault(path, array)
         self.dims = tuple(layout["dims"])
         self.shape = (length, *layout["shape"])
         self.dtype = np.dtype(layout["dtype"])
         self.chunks = tuple(layout["chunks"])
         self.attrs = attrs or {}
         where = (str(reader.family.path), reader.run.path, path, self.shape)
+        where += (self.dims, self.dtype.str, self.chunks)
         self.token = where if rows is None else (*where, rows.tobytes())
 
     def read(self, key: tuple) -> np.ndarray:
-        if self._array is None:
-            self._array = self.reader.array(self.path)
+        array = self.reader.array(self.path)
         key = tuple(
             slice(*k.indices(n)) if isinstance(k, slice) else k
             for k, n in zip(key, self.shape, strict=True)
         )
         if self.rows is None:
-            return self.reader.read(self._array, key)
-        stored = np.atleast_1d(self.rows[key[0]])
-        found = stored >= 0
-        low, high = (stored[found].min(), stored[found].max() + 1) if found.any() else (0, 0)
-        block = self.reader.read(self._array, (slice(low, high), *key[1:]))
-        out = np.full((len(stored), *block.shape[1:]), np.nan, dtype=self.dtype)
-        out[found] = block[stored[found] - low]
-        return out if isinstance(key[0], slice | np.ndarray) else out[0]
+            return self.reader.read(array, key)
+        return read_rows(lambda k: self.reader.read(array, k), self.rows, key, self.dtype)
+
+
+def read_rows(
+    read: Callable[[tuple], np.ndarray], rows: np.ndarray, key: tuple, dtype: np.dtype
+) -> np.ndarray:
+    """``key`` of an array whose entry ``i`` along the first dim is row ``rows[i]`` of what
+    ``read`` reads (``-1``: no row, read as NaN), with one region read for every row.
+
+    ``key`` holds ints, slices with positive steps (their ``indices`` resolved) and arrays.
+    """
+    stored = np.atleast_1d(rows[key[0]])
+    found = stored >= 0
+    low, high = (stored[found].min(), stored[found].max() + 1) if found.any() else (0, 0)
+    block = read((slice(int(low), int(high)), *key[1:]))
+    out = np.full((len(stored), *block.shape[1:]), np.nan, dtype=dtype)
+    out[found] = block[stored[found] - low]
+    return out if isinstance(key[0], slice | np.ndarray) else out[0]
