@@ -111,3 +111,18 @@ def imported_packages(tree: ast.Module) -> set[str]:
 def test_only_the_store_imports_zarr():
     importers = [name for name, tree in modules().items() if "zarr" in imported_packages(tree)]
     assert importers == ["observatory.store"]
+
+
+def test_importing_the_trainer_leaves_the_analyses_unimported():
+    """Every dask worker that trains imports the trainer: it must not pay for the analyses."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, observatory.trainer, observatory.analysis as a; "
+        "names = ('ruptures', 'observatory.analysis.'); "
+        "print(sorted(m for m in sys.modules if m.startswith(names))); "
+        "a.head_scores; print('observatory.analysis.heads' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["['observatory.analysis.phase']", "True"]

@@ -9,74 +9,55 @@ The package itself is callable: ``@obs.analysis(variables=...)`` is :func:`analy
 
 import sys
 import types
+from importlib import import_module
 
-from observatory.analysis.ablation import ablated_losses, head_ablation_effects
-from observatory.analysis.compiled import compiled_induction_model
-from observatory.analysis.heads import (
-    attention_patterns,
-    copying_score,
-    head_score_attrs,
-    head_scores,
-)
-from observatory.analysis.icl import (
-    LossPCA,
-    icl_positions,
-    icl_score,
-    loss_pca,
-    loss_positions,
-    token_losses,
-)
-from observatory.analysis.phase import Bump, Emergence, emergence, loss_bump
-from observatory.analysis.probes import Probe, repeated_tokens
-from observatory.analysis.protocol import Analysis, SharedData, analysis
-from observatory.analysis.stats import (
-    HeadMatch,
-    bootstrap_ci,
-    linear_cka,
-    match_heads,
-    seed_summary,
-    t_interval,
-    variance_split,
-)
+# Public names, imported from their module on first use: importing one analysis module (the
+# trainer needs ``phase.final_loss``) does not import scipy, ruptures and every other analysis.
+_LAZY = {
+    **dict.fromkeys(("ablated_losses", "head_ablation_effects"), "ablation"),
+    "compiled_induction_model": "compiled",
+    **dict.fromkeys(
+        ("attention_patterns", "copying_score", "head_score_attrs", "head_scores"), "heads"
+    ),
+    **dict.fromkeys(
+        ("LossPCA", "icl_positions", "icl_score", "loss_pca", "loss_positions", "token_losses"),
+        "icl",
+    ),
+    **dict.fromkeys(("Bump", "Emergence", "emergence", "loss_bump"), "phase"),
+    **dict.fromkeys(("Probe", "repeated_tokens"), "probes"),
+    **dict.fromkeys(("Analysis", "SharedData", "analysis"), "protocol"),
+    **dict.fromkeys(
+        (
+            "HeadMatch",
+            "bootstrap_ci",
+            "linear_cka",
+            "match_heads",
+            "seed_summary",
+            "t_interval",
+            "variance_split",
+        ),
+        "stats",
+    ),
+}
 
-__all__ = [
-    "Analysis",
-    "Bump",
-    "Emergence",
-    "HeadMatch",
-    "LossPCA",
-    "Probe",
-    "SharedData",
-    "ablated_losses",
-    "analysis",
-    "attention_patterns",
-    "bootstrap_ci",
-    "compiled_induction_model",
-    "copying_score",
-    "emergence",
-    "head_ablation_effects",
-    "head_score_attrs",
-    "head_scores",
-    "icl_positions",
-    "icl_score",
-    "linear_cka",
-    "loss_bump",
-    "loss_pca",
-    "loss_positions",
-    "match_heads",
-    "repeated_tokens",
-    "seed_summary",
-    "t_interval",
-    "token_losses",
-    "variance_split",
-]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 class _CallableModule(types.ModuleType):
     """This package, callable as the :func:`analysis` decorator (``@obs.analysis(...)``)."""
 
     def __call__(self, **kwargs):
-        return analysis(**kwargs)
+        return self.analysis(**kwargs)
 
 
 sys.modules[__name__].__class__ = _CallableModule

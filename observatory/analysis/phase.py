@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import ruptures
 
 SEGMENTATION = "ruptures.Pelt(model='linear') on step-binned loss"
 # One step's loss is one batch's loss: the final loss averages the last few steps.
@@ -166,6 +165,8 @@ def loss_bump(
         penalty = 4.0 * np.log(len(y)) * variance
     t = (x - x[0]) / span  # [0, 1]
     signal = np.column_stack([y, t, np.ones_like(t)])  # y ~ slope * t + intercept
+    import ruptures  # imported here: the trainer imports this module, for final_loss
+
     ends = ruptures.Pelt(model="linear", min_size=min_size, jump=1).fit(signal).predict(pen=penalty)
     starts = [0, *ends[:-1]]
     fits = [np.polyfit(t[a:b], y[a:b], 1) for a, b in zip(starts, ends, strict=True)]
