@@ -127,13 +127,20 @@ def test_open_family_reads_metadata_only_and_views_are_lazy(trained_tiny, monkey
     np.testing.assert_array_equal(values[1], run)
 
 
-def test_reopening_an_unchanged_store_reads_no_metadata_and_sees_every_change(
-    trained_tiny, tmp_path, monkeypatch
-):
+@pytest.fixture
+def fresh_copy(trained_tiny, tmp_path, monkeypatch):
+    """A copy of the tiny store whose metadata is reused at once (it is seconds old)."""
     _, trained = trained_tiny
     store = tmp_path / "tiny.zarr"
     shutil.copytree(trained, store)
-    monkeypatch.setattr(store_module, "_SETTLED_NS", 0)  # the copy is new: reuse it at once
+    monkeypatch.setattr(store_module, "_SETTLED_NS", 0)
+    return store
+
+
+def test_reopening_an_unchanged_store_reads_no_metadata_and_sees_every_change(
+    fresh_copy, monkeypatch
+):
+    store = fresh_copy
     before = obs.open_run(store, size=SIZE, seed=0)["W_Q"].values
     keys = spy_reads(monkeypatch)
     np.testing.assert_array_equal(obs.open_run(store, size=SIZE, seed=0)["W_Q"].values, before)
@@ -152,13 +159,8 @@ def test_reopening_an_unchanged_store_reads_no_metadata_and_sees_every_change(
         obs.open_run(store, size=SIZE, seed=0)
 
 
-def test_reopened_datasets_are_copies_that_read_through_current_metadata(
-    trained_tiny, tmp_path, monkeypatch
-):
-    _, trained = trained_tiny
-    store = tmp_path / "tiny.zarr"
-    shutil.copytree(trained, store)
-    monkeypatch.setattr(store_module, "_SETTLED_NS", 0)  # the copy is new: reuse it at once
+def test_reopened_datasets_are_copies_that_read_through_current_metadata(fresh_copy):
+    store = fresh_copy
     ds = obs.open_run(store, size=SIZE, seed=0)
     expected = ds["W_Q"].values
     ds.attrs["family"] = "mine"
