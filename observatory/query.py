@@ -321,10 +321,11 @@ class _Stacked(LazyArray):
             length = first.shape[0]
         self.dims = ("seed", *first.dims)
         self.shape = (len(sources), first.shape[0] if length is None else length, *first.shape[1:])
+        kept = 1 if dim in rows else 0  # the dims every run must share, from the first
         for source in sources:
-            if source is not None and (source.dims, source.shape[1:]) != (
+            if source is not None and (source.dims, source.shape[kept:]) != (
                 first.dims,
-                first.shape[1:],
+                first.shape[kept:],
             ):
                 raise StoreError(
                     f"{first.token[0]}: runs disagree on the dims or shape of {first.token[2]!r}"

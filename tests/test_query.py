@@ -185,6 +185,17 @@ def test_reopened_datasets_are_copies_that_read_through_current_metadata(fresh_c
     np.testing.assert_array_equal(obs.open_run(store, size=SIZE, seed=0)["W_Q"].values, expected)
 
 
+def test_runs_whose_results_disagree_in_shape_are_an_error_not_a_ragged_read(fresh_copy):
+    for seed, rows in ((0, 3), (1, 2)):
+        group = zarr.open_group(fresh_copy / SIZE / f"seed{seed}", mode="r+")
+        extra = group.require_group("analysis/extra")
+        extra.create_array("step", data=np.array([1]), dimension_names=("step",))
+        extra.create_array("table", data=np.arange(1, rows + 1), dimension_names=("row",))
+    assert obs.open_run(fresh_copy, size=SIZE, seed=1).sizes["row"] == 2
+    with pytest.raises(StoreError, match="runs disagree on the dims or shape of"):
+        obs.open_family(fresh_copy, size=SIZE)
+
+
 def test_dims_and_coordinates(trained_tiny):
     spec, store = trained_tiny
     ds = obs.open_family(store, size=SIZE)
