@@ -13,7 +13,8 @@ Then ``W_Q`` of one head (layer 1, head 2) at every checkpoint is read by
 (ii)  ``safe_open(...).get_slice(name)[rows]`` on each file (reads only the head's rows),
 (iii) observatory, lazy xarray path: ``obs.open_run(...)["W_Q"].sel(layer=1, head=2).values``
       (the view's selection is one region read of the stored fused QKV weight), and
-(iii') the same through ``obs.open_family(...)`` (the path the README leads with),
+(iii') the same through ``obs.open_family(...)`` (the path the README leads with) and
+(iii'') through the tree of ``obs.open(...)``,
 (iv)  observatory, direct path: ``obs.head_weights(..., layer=1, head=2)``.
 
 Every observatory time includes opening the store.  Rounds alternate between the methods and
@@ -164,6 +165,10 @@ def read_family(store: Path) -> np.ndarray:
     return ds["W_Q"].sel(seed=0, layer=LAYER, head=HEAD).values
 
 
+def read_tree(store: Path) -> np.ndarray:
+    return obs.open(store)["bench/seed0"]["W_Q"].sel(layer=LAYER, head=HEAD).values
+
+
 def read_direct(store: Path) -> np.ndarray:
     return obs.head_weights(store, size="bench", seed=0, layer=LAYER, head=HEAD).values
 
@@ -256,6 +261,7 @@ def main() -> None:
             "(ii)  safetensors safe_open.get_slice": lambda: read_slices(files, rows),
             "(iii) observatory open_run + W_Q.sel": lambda: read_xarray(store),
             "(iii') observatory open_family + W_Q.sel": lambda: read_family(store),
+            "(iii'') observatory open (tree) + W_Q.sel": lambda: read_tree(store),
             "(iv)  observatory head_weights": lambda: read_direct(store),
         }
         seconds, cpu_seconds, results = best_times(args.rounds, methods)
@@ -267,6 +273,7 @@ def main() -> None:
             slice_bytes_read(files, rows, size.d_model),
             store_bytes_read(lambda: read_xarray(store)),
             store_bytes_read(lambda: read_family(store)),
+            store_bytes_read(lambda: read_tree(store)),
             store_bytes_read(lambda: read_direct(store)),
         ]
 
@@ -290,11 +297,12 @@ def main() -> None:
             f"{n_bytes / 1e6:9.3f} MB read{note}"
         )
     for clock, best in (("wall", seconds), ("CPU", cpu_seconds)):
-        mapped, full, sliced, lazy, family, direct = best.values()
+        mapped, full, sliced, lazy, family, tree, direct = best.values()
         print(f"speed-ups by {clock} time (targets for (iii): >= 20x full load, >= 1x get_slice):")
         for label, t in (
             ("(iii) lazy open_run + sel", lazy),
             ("(iii') lazy open_family + sel", family),
+            ("(iii'') lazy open (tree) + sel", tree),
             ("(iv)  head_weights", direct),
         ):
             print(

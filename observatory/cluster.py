@@ -58,7 +58,7 @@ def dask_client(*, scheduler: str | None = None, workers: int = 0, threads: int 
         "distributed.nanny.pre-spawn-environ": environ,
         # The statistical profiler samples every thread each 10 ms, and the event loops and
         # monitors wake every 20-500 ms, for a dashboard that a local cluster does not serve:
-        # with them, a training thread had the CPU 95-97% of its time, without, 98.5-99%.
+        # with them, a training thread had the CPU 94.5-97% of its time, without, 98.5-99%.
         "distributed.worker.profile.enabled": False,
         "distributed.admin.tick.interval": "2s",
         "distributed.admin.system-monitor.interval": "2s",

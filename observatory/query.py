@@ -27,7 +27,14 @@ from transformers import AutoConfig, PreTrainedModel
 from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, model_from_config, unstack_layers
 from observatory.replayer import stored_corpus
-from observatory.store import FamilyStore, LazyArray, RunReader, ingested_note, read_rows
+from observatory.store import (
+    FamilyStore,
+    LazyArray,
+    RunReader,
+    ingested_note,
+    read_rows,
+    resolved,
+)
 
 # Dims of the per-head views of :func:`observatory.models.transformer_lens_weights`,
 # after the leading ``step`` dim.
@@ -316,11 +323,10 @@ class _Stacked(LazyArray):
         first = next(source for source in sources if source is not None)
         dim, self.sources = first.dims[0], sources
         self.rows = rows.get(dim, [None] * len(sources))
-        length = next((len(r) for r in self.rows if r is not None), None)
-        if dim in rows and length is None:  # every run has every entry
-            length = first.shape[0]
+        # the family's entries along the first dim: a run's rows, or all of any run's
+        length = next((len(r) for r in self.rows if r is not None), first.shape[0])
         self.dims = ("seed", *first.dims)
-        self.shape = (len(sources), first.shape[0] if length is None else length, *first.shape[1:])
+        self.shape = (len(sources), length, *first.shape[1:])
         kept = 1 if dim in rows else 0  # the dims every run must share, from the first
         for source in sources:
             if source is not None and (source.dims, source.shape[kept:]) != (
@@ -340,10 +346,7 @@ class _Stacked(LazyArray):
         )
 
     def read(self, key: tuple) -> np.ndarray:
-        key = tuple(
-            slice(*k.indices(n)) if isinstance(k, slice) else k
-            for k, n in zip(key, self.shape, strict=True)
-        )
+        key = resolved(key, self.shape)
         if isinstance(key[0], int | np.integer):
             return self._read_run(int(key[0]), key[1:])
         runs = np.arange(len(self.sources))[key[0]]

@@ -1858,13 +1858,17 @@ class StoredArray(LazyArray):
 
     def read(self, key: tuple) -> np.ndarray:
         array = self.reader.array(self.path)
-        key = tuple(
-            slice(*k.indices(n)) if isinstance(k, slice) else k
-            for k, n in zip(key, self.shape, strict=True)
-        )
+        key = resolved(key, self.shape)
         if self.rows is None:
             return self.reader.read(array, key)
         return read_rows(lambda k: self.reader.read(array, k), self.rows, key, self.dtype)
+
+
+def resolved(key: tuple, shape: tuple[int, ...]) -> tuple:
+    """``key`` with each slice's bounds resolved against ``shape`` (``slice(0, n, 1)``)."""
+    return tuple(
+        slice(*k.indices(n)) if isinstance(k, slice) else k for k, n in zip(key, shape, strict=True)
+    )
 
 
 def read_rows(
