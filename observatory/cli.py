@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -419,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ObservatoryError as err:
         return _fail(str(err))
     except KeyboardInterrupt:
+        # zarr's writes in flight are abandoned (commit markers go last, so nothing committed
+        # is lost); asyncio would print each abandoned task as a traceback at exit.
+        logging.getLogger("asyncio").disabled = True
         print(
             "observatory: interrupted; committed checkpoints are kept (continue with --resume)",
             file=sys.stderr,
