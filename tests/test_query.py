@@ -169,6 +169,15 @@ def test_reopened_datasets_are_copies_that_read_through_current_metadata(fresh_c
     again = obs.open_run(store, size=SIZE, seed=0)
     assert again.attrs["family"] == "tiny" and "note" not in again["W_Q"].attrs
     assert "W_K" in again
+    tree = obs.open(store)
+    tree[f"{SIZE}/seed0"].attrs["family"] = "mine"
+    tree[f"{SIZE}/seed0"]["W_Q"].attrs["note"] = "mine"
+    del tree[f"{SIZE}/seed0"]["W_K"]
+    tree.attrs["spec"] = "mine"
+    again = obs.open(store)
+    assert again[f"{SIZE}/seed0"].attrs["family"] == "tiny" and again.attrs["spec"] != "mine"
+    assert "W_K" in again[f"{SIZE}/seed0"] and "note" not in again[f"{SIZE}/seed0/W_Q"].attrs
+    assert "W_K" in obs.open_run(store, size=SIZE, seed=0)
     # The same array rewritten with another codec (same shape): read with its new metadata.
     plain = FamilyStore(store).run(SIZE, 0).parameter_array(QKV)
     values = plain[:]
