@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import gc
 import logging
 import os
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Sequence
 
 from observatory.errors import ObservatoryError
+
+# At exit, the interpreter's last collections would traverse the ~450k objects that torch,
+# transformers and zarr create: 1.1 s of a 1.15 s teardown, measured.  Frozen, they are skipped.
+atexit.register(gc.freeze)
 
 DESCRIPTION = """\
 Observatory: train seeded model families with dense checkpoints and a recorded data order
@@ -53,22 +61,37 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from observatory.cluster import dask_client, warm_import
     from observatory.spec import load_run_spec
-    from observatory.trainer import train_family
 
     spec = load_run_spec(args.spec)
-    path = train_family(
-        spec,
-        store=args.store,
-        seeds=args.seeds,
-        sizes=args.sizes.split(",") if args.sizes else None,
-        resume=args.resume,
-        progress=not args.no_progress,
-        stop_after=args.stop_after,
-        on_run_end=_print_run_summary,
-        workers=args.workers,
-        scheduler=args.scheduler,
+    sizes = args.sizes.split(",") if args.sizes else None
+    spec.runs(seeds=args.seeds, sizes=sizes)  # a wrong seed or size fails before anything starts
+    # This process imports torch (about 4 s) while local workers start and import it too.
+    importer = threading.Thread(target=warm_import, args=("observatory.trainer",))
+    importer.start()
+    cluster = (
+        contextlib.nullcontext()
+        if args.workers is None and args.scheduler is None
+        else dask_client(
+            scheduler=args.scheduler, workers=args.workers or 0, threads=spec.train.threads
+        )
     )
+    with cluster as client:
+        importer.join()
+        from observatory.trainer import train_family
+
+        path = train_family(
+            spec,
+            store=args.store,
+            seeds=args.seeds,
+            sizes=sizes,
+            resume=args.resume,
+            progress=not args.no_progress,
+            stop_after=args.stop_after,
+            on_run_end=_print_run_summary,
+            client=client,
+        )
     print(f"trained into {path}")
 
 

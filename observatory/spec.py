@@ -15,6 +15,7 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -442,12 +443,32 @@ class RunSpec:
     def default_store(self) -> str:
         return self.store_path or f"store/{self.name}.zarr"
 
-    def runs(self) -> list[RunId]:
-        """Every run of the family: one per size and seed pair, in training order."""
+    def runs(
+        self, *, seeds: Sequence[int] | None = None, sizes: Sequence[str] | None = None
+    ) -> list[RunId]:
+        """The runs of the family, one per size and seed pair, in training order: all of them,
+        or those of the given seed indices and size names.
+
+        Raises
+        ------
+        SpecError
+            If a given seed or size does not exist (the message lists those that do).
+        """
+        n_seeds = len(self.seeds.pairs())
+        for seed in seeds or ():
+            if not 0 <= seed < n_seeds:
+                raise SpecError(f"--seeds: no seed {seed} in the spec (seeds: 0..{n_seeds - 1})")
+        names = [size.name for size in self.model.sizes]
+        for size in sizes or ():
+            if size not in names:
+                raise SpecError(
+                    f"--sizes: no size {size!r} in the spec (sizes: {', '.join(names)})"
+                )
         return [
             RunId(size=size.name, seed=index, init_seed=init, data_seed=data)
             for size in self.model.sizes
             for index, (init, data) in enumerate(self.seeds.pairs())
+            if (seeds is None or index in seeds) and (sizes is None or size.name in sizes)
         ]
 
     def size(self, name: str) -> SizeSpec:

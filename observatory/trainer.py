@@ -80,12 +80,13 @@ def train_family(
     on_run_end: Callable[[RunSummary], None] | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    client=None,
 ) -> str | Path:
     """Train every run of the family (or the selected seeds/sizes) into one store.
 
-    Runs train one after another in this process, or, with ``workers`` or ``scheduler``, as
-    one dask.distributed task per run: this process creates the family's metadata, and each
-    run is written by the one worker process that trains it.
+    Runs train one after another in this process, or, with ``workers``, ``scheduler`` or
+    ``client``, as one dask.distributed task per run: this process creates the family's
+    metadata, and each run is written by the one worker process that trains it.
 
     Parameters
     ----------
@@ -111,6 +112,8 @@ def train_family(
         Train on a local dask cluster of this many single-threaded worker processes.
     scheduler
         Train on the running dask cluster at this address (``tcp://host:8786``).
+    client
+        Train on the cluster of this ``distributed.Client`` (one the caller has already).
 
     Returns
     -------
@@ -119,9 +122,10 @@ def train_family(
     """
     path = location(store or spec.default_store)
     # Everything that can be checked is checked before the store is touched.
-    runs = select_runs(spec, seeds=seeds, sizes=sizes)
+    runs = spec.runs(seeds=seeds, sizes=sizes)
     check_budget(spec, runs, path)
-    if workers is None and scheduler is None:
+    sequential = workers is None and scheduler is None and client is None
+    if sequential:
         spec.train.require_device()  # on a cluster, each worker checks its own
     corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
     root = create_family(
@@ -138,50 +142,19 @@ def train_family(
         size = spec.size(name)
         write_size_attrs(root, size, hf_config=build_config(spec.model, size).to_dict())
     on_run_end = on_run_end or (lambda summary: None)
-    if workers is None and scheduler is None:
+    options = {"resume": resume, "stop_after": stop_after}
+    if sequential:
         for run in runs:
-            summary = train_run(
-                spec, run, root, corpus, resume=resume, progress=progress, stop_after=stop_after
-            )
-            on_run_end(summary)
-        return path
-    from observatory.cluster import dask_client
+            on_run_end(train_run(spec, run, root, corpus, progress=progress, **options))
+    elif client is not None:
+        _train_on_cluster(client, spec, str(path), runs, corpus, progress, on_run_end, options)
+    else:
+        from observatory.cluster import dask_client
 
-    with dask_client(
-        scheduler=scheduler, workers=workers or 0, threads=spec.train.threads
-    ) as client:
-        _train_on_cluster(
-            client,
-            spec,
-            str(path),
-            runs,
-            corpus,
-            resume=resume,
-            progress=progress,
-            stop_after=stop_after,
-            on_run_end=on_run_end,
-        )
+        threads = spec.train.threads
+        with dask_client(scheduler=scheduler, workers=workers or 0, threads=threads) as client:
+            _train_on_cluster(client, spec, str(path), runs, corpus, progress, on_run_end, options)
     return path
-
-
-def select_runs(
-    spec: RunSpec, *, seeds: list[int] | None = None, sizes: list[str] | None = None
-) -> list[RunId]:
-    """The runs of the selected seeds and sizes; a named seed or size that does not exist
-    is a :class:`SpecError` listing those that do."""
-    n_seeds = len(spec.seeds.pairs())
-    for seed in seeds or ():
-        if not 0 <= seed < n_seeds:
-            raise SpecError(f"--seeds: no seed {seed} in the spec (seeds: 0..{n_seeds - 1})")
-    names = [size.name for size in spec.model.sizes]
-    for size in sizes or ():
-        if size not in names:
-            raise SpecError(f"--sizes: no size {size!r} in the spec (sizes: {', '.join(names)})")
-    return [
-        run
-        for run in spec.runs()
-        if (seeds is None or run.seed in seeds) and (sizes is None or run.size in sizes)
-    ]
 
 
 def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
@@ -289,9 +262,7 @@ def _human(n: float) -> str:
     raise AssertionError  # unreachable
 
 
-def _train_on_cluster(
-    client, spec, store, runs, corpus, *, resume, progress, stop_after, on_run_end
-) -> None:
+def _train_on_cluster(client, spec, store, runs, corpus, progress, on_run_end, options) -> None:
     """One task per run; report each run as it ends, and every failed run at the end."""
     from distributed import as_completed
 
@@ -303,8 +274,7 @@ def _train_on_cluster(
             store,
             run,
             shared_corpus,
-            resume=resume,
-            stop_after=stop_after,
+            **options,
             key=f"train-{run.path}",
             pure=False,
         ): run

@@ -445,6 +445,24 @@ def test_local_workers_train_the_same_store_as_one_process(trained_tiny, tmp_pat
         train_family(spec, store=store, workers=2, progress=False)
 
 
+def _worker_setup() -> tuple:
+    import gc
+
+    return os.environ.get("MALLOC_ARENA_MAX"), gc.get_freeze_count(), "torch" in sys.modules
+
+
+def test_local_workers_start_warm_and_train_for_a_client_given(trained_tiny, tmp_path):
+    from observatory.cluster import dask_client
+
+    spec, sequential = trained_tiny
+    with dask_client(workers=1) as client:
+        # preloaded: torch imported at start-up and frozen out of the collector's reach
+        ((arena, frozen, torch_imported),) = client.run(_worker_setup).values()
+        assert arena == "1" and frozen > 10_000 and torch_imported
+        store = train_family(spec, store=tmp_path / "given.zarr", client=client, progress=False)
+    assert_stores_identical(sequential, store)
+
+
 def _cli_train(spec_path, store, *args, wait=True):
     command = [sys.executable, "-m", "observatory.cli", "train", str(spec_path)]
     command += ["--store", str(store), "--no-progress", *args]
