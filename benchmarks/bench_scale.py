@@ -53,16 +53,17 @@ def family_speedup(spec_path: str, steps: int, runs: int, tmp: Path) -> list[str
     fresh command as a user runs it (imports, corpus, store, cluster start and stop included),
     and where the difference goes: the runs' own training time, and the rest."""
     spec_file = tmp / "family.toml"
-    spec_file.write_text(with_train_table(Path(spec_path).read_text(), steps=steps, threads=1))
+    text = with_values(Path(spec_path).read_text(), "train", steps=steps, threads=1)
+    spec_file.write_text(with_values(text, "seeds", init=list(range(runs)), data=list(range(runs))))
     seeds = f"0-{runs - 1}"
     walls, runs_seconds = {}, {}
     for label, extra in (("one process", []), ("--workers 2", ["--workers", "2"])):
         command = [sys.executable, "-m", "observatory.cli", "train", str(spec_file)]
         command += ["--seeds", seeds, "--store", str(tmp / f"family{len(walls)}.zarr")]
         start = time.perf_counter()
-        done = subprocess.run(
-            [*command, "--no-progress", *extra], capture_output=True, text=True, check=True
-        )
+        done = subprocess.run([*command, "--no-progress", *extra], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip()}")
         walls[label] = time.perf_counter() - start
         runs_seconds[label] = [float(t) for t in re.findall(r" steps in ([\d.]+) s", done.stdout)]
     sequential, parallel = walls.values()
@@ -81,16 +82,16 @@ def family_speedup(spec_path: str, steps: int, runs: int, tmp: Path) -> list[str
     return lines
 
 
-def with_train_table(toml: str, **values: int) -> str:
-    """A spec file's text with ``values`` set in its ``[train]`` table."""
-    lines, table = toml.splitlines(), None
+def with_values(toml: str, table: str, **values: object) -> str:
+    """A spec file's text with ``values`` (ints, lists of ints) set in its ``[table]``."""
+    lines, current = toml.splitlines(), None
     for i, line in enumerate(lines):
         if line.startswith("["):
-            table = line.strip()
+            current = line.strip()
         key = line.split("=")[0].strip()
-        if table == "[train]" and key in values:
+        if current == f"[{table}]" and key in values:
             lines[i] = f"{key} = {values.pop(key)}"
-    at = lines.index("[train]") + 1
+    at = lines.index(f"[{table}]") + 1
     lines[at:at] = [f"{key} = {value}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
 
@@ -212,7 +213,9 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=1000, help="steps per run of the family (the demo's 1000)"
     )
-    parser.add_argument("--runs", type=int, default=2, help="runs in the family")
+    parser.add_argument(
+        "--runs", type=int, default=4, help="runs in the family (4: two per worker)"
+    )
     parser.add_argument("--big-spec", default="runs/pythia14m.toml")
     parser.add_argument(
         "--big-steps",

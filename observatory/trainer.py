@@ -10,6 +10,7 @@ interrupted one stopped.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import os
 import platform
@@ -121,6 +122,7 @@ def train_family(
         The store path, or its URL.
     """
     path = location(store or spec.default_store)
+    one_malloc_arena()  # before zarr starts its threads
     # Everything that can be checked is checked before the store is touched.
     runs = spec.runs(seeds=seeds, sizes=sizes)
     check_budget(spec, runs, path)
@@ -326,6 +328,7 @@ def train_run(
     """
     spec.train.require_device()
     device = _setup_device(spec.train.device)
+    one_malloc_arena()
     # One writer per run: a second one gets a one-line error.
     with recipe(spec.train.threads), RunLock(root, run):
         return _train(
@@ -339,6 +342,25 @@ def train_run(
             on_batch=on_batch,
             device=device,
         )
+
+
+def one_malloc_arena() -> None:
+    """Let threads started from now on allocate from glibc's main arena (``M_ARENA_MAX=1``).
+
+    The writer thread and zarr's I/O threads would otherwise each get an arena of their own,
+    and each arena keeps what it freed for itself: on the 14M-shaped size, a run's peak RSS
+    was 435 MiB above the bare training loop's with them, 282 MiB with one arena (the writer's
+    buffer is 230 MiB).  A training thread in a worker thread (dask) trained 8-15% slower in
+    an arena of its own.  Elsewhere than glibc (or with ``MALLOC_ARENA_MAX`` set), nothing.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None and platform.libc_ver()[0] == "glibc":
+        mallopt(_M_ARENA_MAX, 1)
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 @contextmanager

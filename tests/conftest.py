@@ -120,9 +120,13 @@ def dask_processes(
     ]
     worker = [sys.executable, "-m", "distributed.cli.dask_worker", address]
     worker += ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+    worker += ["--preload", "observatory.cluster"]  # as the README starts workers
     worker += [] if nanny else ["--no-nanny"]
     worker += ["--local-directory", str(workdir)] if workdir else []
-    procs += [subprocess.Popen(worker, cwd=workdir, **quiet) for _ in range(n_workers)]
+    environ = os.environ | {"MALLOC_ARENA_MAX": "1"}
+    procs += [
+        subprocess.Popen(worker, cwd=workdir, env=environ, **quiet) for _ in range(n_workers)
+    ]
     try:
         deadline = time.monotonic() + 120
         while True:  # wait until every worker has joined

@@ -526,7 +526,9 @@ def test_plain_xarray_polling_a_training_run_sees_only_whole_checkpoints(tmp_pat
     )
     seen = []
     try:
-        while proc.poll() is None or not seen:
+        finished = False
+        while not finished:
+            finished = proc.poll() is not None  # then one last read sees the whole run
             group = store / SIZE / "seed0" / "zarr.json"
             if not group.exists() or ATTRS_KEY not in json.loads(group.read_text())["attributes"]:
                 continue  # the run is being created: its attributes are written last
