@@ -124,9 +124,7 @@ def dask_processes(
     worker += [] if nanny else ["--no-nanny"]
     worker += ["--local-directory", str(workdir)] if workdir else []
     environ = os.environ | {"MALLOC_ARENA_MAX": "1"}
-    procs += [
-        subprocess.Popen(worker, cwd=workdir, env=environ, **quiet) for _ in range(n_workers)
-    ]
+    procs += [subprocess.Popen(worker, cwd=workdir, env=environ, **quiet) for _ in range(n_workers)]
     try:
         deadline = time.monotonic() + 120
         while True:  # wait until every worker has joined
