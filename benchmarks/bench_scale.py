@@ -40,8 +40,8 @@ from bench_trainer import BareLoop, lockstep_round
 from observatory.data import batch_indices, build_corpus
 from observatory.models import build_model
 from observatory.spec import load_run_spec
-from observatory.store import MAX_BUFFER_BYTES, create_family
-from observatory.trainer import recipe, train_family, train_run
+from observatory.store import MAX_BUFFER_BYTES
+from observatory.trainer import recipe, train_family
 
 
 def with_train(spec, **changes):
@@ -107,12 +107,13 @@ def peak_rss_round(spec_path: str, steps: int, store: str | None) -> int:
     """In a fresh process: peak RSS (bytes) of training one run with the trainer into
     ``store``, or (``store`` None) with the bare loop alone on the same batches."""
     spec = with_train(load_run_spec(spec_path), steps=steps)
-    corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
     run = spec.runs()[0]
-    if store is not None:
-        root = create_family(Path(store), spec, data={"fingerprint": corpus.fingerprint})
-        train_run(spec, run, root, corpus, progress=False)
+    if store is not None:  # as `observatory train` does
+        train_family(spec, store=Path(store), seeds=[run.seed], sizes=[run.size], progress=False)
     else:
+        corpus = build_corpus(
+            spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size
+        )
         bare = BareLoop(spec, run)
         with recipe(spec.train.threads):
             for step in range(steps):
