@@ -68,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     sizes = args.sizes.split(",") if args.sizes else None
     spec.runs(seeds=args.seeds, sizes=sizes)  # a wrong seed or size fails before anything starts
     # This process imports torch (about 4 s) while local workers start and import it too.
-    importer = threading.Thread(target=warm_import, args=("observatory.trainer",))
+    importer = threading.Thread(target=_quietly, args=(warm_import, "observatory.trainer"))
     importer.start()
     cluster = (
         contextlib.nullcontext()
@@ -93,6 +93,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
             client=client,
         )
     print(f"trained into {path}")
+
+
+def _quietly(function, *args) -> None:
+    """``function(*args)`` in a thread; what it raises, the main thread meets again itself."""
+    with contextlib.suppress(Exception):
+        function(*args)
 
 
 def _print_run_summary(summary) -> None:
