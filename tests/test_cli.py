@@ -41,6 +41,7 @@ def test_malformed_arguments_are_one_line_errors(tiny_spec_path, tmp_path, capsy
     [
         (["--seeds", "0,5"], "--seeds: no seed 5 in the spec (seeds: 0..1)"),
         (["--sizes", "l2-d61"], "--sizes: no size 'l2-d61' in the spec (sizes: l2-d16)"),
+        (["--workers", "2", "--seeds", "0,5"], "--seeds: no seed 5 in the spec (seeds: 0..1)"),
     ],
 )
 def test_a_selection_typo_is_an_error_and_creates_no_store(
@@ -86,6 +87,15 @@ def test_a_spec_beyond_this_machine_is_refused_before_anything_is_allocated(
     err = one_line_error(capsys)
     assert "needs" in err and message in err, err
     assert "this machine has" in err or "free" in err
+    assert not store.exists()
+
+
+def test_a_spec_beyond_this_machine_is_refused_on_local_workers_too(tmp_path, capsys):
+    text = TINY_TOML.replace("n_sequences = 64", "n_sequences = 1000000000000")
+    store = tmp_path / "s.zarr"
+    spec_path = write_spec(tmp_path, text)
+    assert main(["train", str(spec_path), "--store", str(store), "--workers", "1"]) == 2
+    assert "for the corpus" in one_line_error(capsys)
     assert not store.exists()
 
 
