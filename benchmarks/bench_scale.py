@@ -13,7 +13,7 @@ Prints three figures, each against a baseline measured in the same process:
 3. bytes fetched from S3 (a moto server on loopback) to read one head of one layer across all
    checkpoints, vs to read every checkpoint's weights whole.
 
-    python benchmarks/bench_scale.py [--steps 1000] [--runs 2] [--big-steps 200]
+    python benchmarks/bench_scale.py [--steps 1000] [--runs 4] [--big-steps 200]
 
 Timings on a shared machine are noisy: run it when the machine is otherwise idle.
 """

@@ -349,9 +349,10 @@ def one_malloc_arena() -> None:
 
     The writer thread and zarr's I/O threads would otherwise each get an arena of their own,
     and each arena keeps what it freed for itself: on the 14M-shaped size, a run's peak RSS
-    was 435 MiB above the bare training loop's with them, 282 MiB with one arena (the writer's
-    buffer is 230 MiB).  A training thread in a worker thread (dask) trained 8-15% slower in
-    an arena of its own.  Elsewhere than glibc (or with ``MALLOC_ARENA_MAX`` set), nothing.
+    was 409-435 MiB above the bare training loop's with them, 282-348 MiB with one arena (the
+    writer's buffer is 230 MiB).  A training thread in a worker thread (dask) trained 8-15%
+    slower in an arena of its own.  Elsewhere than glibc (or with ``MALLOC_ARENA_MAX`` set),
+    nothing.
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return
