@@ -84,6 +84,7 @@ STEP_METRICS = ("loss", "lr", "grad_norm")
 METRIC_CHUNK = 4096
 READ_ATTEMPTS = 5  # see RunReader.read
 MAX_BUFFER_BYTES = 2**30  # checkpoints a writer holds in memory before it commits them
+WRITE_PIECE = 2**22  # most bytes the writer hands zarr at once: about one chunk (see _append)
 ANALYSIS_FLUSH_ROWS = 256  # analysis rows buffered before they are written (one chunk) ...
 ANALYSIS_FLUSH_SECONDS = 10.0  # ... or after this long
 # Arrays of a run with a leading ``train_step`` dim: one entry per training step.
@@ -656,7 +657,8 @@ class StepRecord:
 
 
 def _block_length(n: int, most: int) -> int:
-    """Checkpoints per chunk file: at most ``most``, with ``n`` split into equal blocks.
+    """A chunk's length along a dim of ``n`` (checkpoints, layers): at most ``most``, with
+    ``n`` split into equal blocks.
 
     zarr stores the last chunk of an array at full size; the weights are not compressed, so a
     last block of 47 of 64 checkpoints would store 17 checkpoints of zeros (111 of the demo's
@@ -664,6 +666,22 @@ def _block_length(n: int, most: int) -> int:
     """
     n = max(n, 1)
     return math.ceil(n / math.ceil(n / most))
+
+
+def _checkpoint_chunks(dims, shape, shard: int, itemsize: int, per_head: bool, d_head: int):
+    """Chunks of an array of ``shard`` checkpoints of a parameter (``dims``, ``shape``).
+
+    Weights with per-head dims are chunked per layer and block of ``d_head`` rows, so one head
+    reads only its bytes: plain chunk files, not shards, which would cost a read of the shard
+    index first (measured: 0.9 against 0.4 ms a chunk).  The rest are one chunk, split along
+    their first (layer) dim, in equal blocks, where a chunk would exceed ``WRITE_PIECE``: the
+    writer hands zarr one chunk's width at a time (see ``RunWriter._append``).
+    """
+    if per_head:
+        per_dim = {"layer": 1} | dict.fromkeys(PER_HEAD_DIMS, d_head)
+        return (shard, *(per_dim.get(dim, n) for dim, n in zip(dims, shape, strict=True)))
+    row = shard * itemsize * math.prod(shape[1:])
+    return (shard, _block_length(shape[0], max(1, WRITE_PIECE // row)), *shape[1:])
 
 
 class RunWriter:
@@ -776,20 +794,15 @@ class RunWriter:
         def checkpoint_array(
             parent: zarr.Group, name: str, shape, dims, dtype="float32", weights=False, axis="step"
         ):
-            # A file holds K checkpoints. Weights with per-head dims are chunked per layer
-            # and head block of rows, so one head reads only its bytes: plain chunk files,
-            # not shards, which would cost a read of the shard index first (measured: 0.9
-            # against 0.4 ms a chunk).  The rest are one chunk across the other dims.
-            chunks = tuple(
-                1 if dim == "layer" else d_head if dim in PER_HEAD_DIMS else n
-                for dim, n in zip(dims, shape, strict=True)
-            )
-            per_head = weights and any(dim in PER_HEAD_DIMS for dim in dims)
             shard = _block_length(lengths[axis], per_file)
+            per_head = weights and any(dim in PER_HEAD_DIMS for dim in dims)
+            chunks = _checkpoint_chunks(
+                dims, shape, shard, np.dtype(dtype).itemsize, per_head, d_head
+            )
             parent.create_array(
                 name,
                 shape=(lengths[axis], *shape),
-                chunks=(shard, *chunks) if per_head else (shard, *shape),
+                chunks=chunks,
                 dtype=dtype,
                 compressors=_compressors(spec.store, weights=weights),
                 fill_value=0,
@@ -954,7 +967,7 @@ class RunWriter:
             while True:
                 item = self._queue.get()  # a StepRecord, a Checkpoint, or None to stop
                 started = time.perf_counter()
-                commit = item is None
+                stop = commit = item is None
                 if isinstance(item, StepRecord):
                     records.append(item)
                 elif isinstance(item, Checkpoint):
@@ -962,6 +975,7 @@ class RunWriter:
                         for key, value in row.items():
                             blocks[axis][key][filled[axis]] = value
                         filled[axis] += 1
+                    item = row = value = None  # the blocks hold it: free it before a commit
                     buffered = filled["step"]
                     commit = (
                         (self.committed[0] + buffered) % self._shard == 0  # the shard is full
@@ -978,7 +992,7 @@ class RunWriter:
                     )
                     filled, records, last_commit = dict.fromkeys(blocks, 0), [], time.monotonic()
                 self.busy_seconds += time.perf_counter() - started
-                if item is None:
+                if stop:
                     return
         except BaseException as err:  # reported to the training thread by _check()
             self._error = err
@@ -1021,7 +1035,16 @@ class RunWriter:
             stop = start + len(block)
             if array.shape[0] < stop:  # a store from before arrays were created full length
                 array.resize((stop, *array.shape[1:]))
-            array[start:stop] = block
+            # A chunk's width at a time: zarr encodes all the chunks of a write at once, each
+            # into new buffers, which for a whole block of the largest array would add about
+            # 1.7 times its size (lz4) to the writer's memory.
+            rows = slice(start, stop)
+            if block.ndim > 1 and block.nbytes > WRITE_PIECE:
+                width = array.chunks[1]
+                for at in range(0, block.shape[1], width):
+                    array[rows, at : at + width] = block[:, at : at + width]
+            else:
+                array[rows] = block
 
 
 def _read_checkpoint(group: zarr.Group, names: list[str], index: int, keyframe: int | None, read):

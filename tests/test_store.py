@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import re
 import shutil
 import time
@@ -50,6 +51,49 @@ def checkpoint(step, shapes):
 
 def record(step):
     return StepRecord(step, 1.0, 0.1, 0.5, (step + 1) * 10, np.arange(4) + step)
+
+
+def test_large_blocks_are_chunked_and_written_a_chunk_width_at_a_time(
+    tiny_spec, tmp_path, monkeypatch
+):
+    # Blocks over WRITE_PIECE are split along their first dim (layer, or rows), so a commit
+    # never hands zarr (which encodes a write's chunks all at once) more than that.
+    monkeypatch.setattr(store_module, "WRITE_PIECE", 100)
+    written = []
+    setitem = zarr.Array.__setitem__
+
+    def spy(array, selection, value):
+        width = math.prod(array.chunks[:2]) * math.prod(array.shape[2:]) * 4  # bytes
+        written.append((array.path, np.asarray(value).nbytes, width))
+        setitem(array, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", spy)
+    writer, shapes = make_writer(
+        tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=0
+    )
+    rng = np.random.default_rng(0)
+    saved = [
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(5)
+    ]
+    writer.start()
+    for step, params in enumerate(saved):
+        moments = {m: params for m in MOMENTS}
+        writer.put_checkpoint(Checkpoint(step, step, params, moments, np.zeros(3, np.uint8)))
+    writer.close(complete=True)
+    run = tmp_path / "s.zarr/l2-d16/seed0"
+    # lm_head [5, 4]: 3 checkpoints x 2 rows x 4 x 4 bytes = 96 <= 100; moments per layer
+    assert zarr.open_array(run / "lm_head.weight").chunks == (3, 2, 4)
+    qkv_moment = run / "state/exp_avg/gpt_neox.layers.attention.query_key_value.weight"
+    assert zarr.open_array(qkv_moment).chunks == (3, 1, 12, 4)
+    params = [(path, n, width) for path, n, width in written if "weight" in path]
+    assert len(params) > 6 and all(n <= width for _, n, width in params)
+    reader = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0)
+    for step, expected in enumerate(saved):
+        got = reader.parameters_at(step)
+        assert all(np.array_equal(got[k], v) for k, v in expected.items())
+    last = writer.last_keyframe()  # the moments, written per layer
+    assert last.step == 4
+    assert all(np.array_equal(last.moments["exp_avg_sq"][k], v) for k, v in saved[4].items())
 
 
 def test_buffered_checkpoints_stay_invisible_until_committed(tiny_spec, tmp_path):
