@@ -41,7 +41,7 @@ from bench_trainer import BareLoop, lockstep_round
 from observatory.data import batch_indices, build_corpus
 from observatory.models import build_model
 from observatory.spec import load_run_spec
-from observatory.store import MAX_BUFFER_BYTES
+from observatory.store import buffer_slots
 from observatory.trainer import recipe, train_family
 
 
@@ -128,12 +128,14 @@ def peak_rss_round(spec_path: str, steps: int, store: str | None) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def writer_buffer_bound(spec_path: str) -> tuple[int, int]:
-    """Checkpoints the writer may buffer, and the bytes of one (weights and AdamW moments)."""
-    spec = load_run_spec(spec_path)
+def writer_buffer_bound(spec_path: str, steps: int) -> tuple[int, int]:
+    """Checkpoints the writer buffers for a run of ``steps``, and the bytes of one (weights
+    and AdamW moments)."""
+    spec = with_train(load_run_spec(spec_path), steps=steps)
     model = build_model(spec.model, spec.model.sizes[0], init_seed=0)
     checkpoint = 3 * 4 * sum(p.numel() for p in model.parameters())  # float32
-    return max(1, min(spec.store.checkpoints_per_shard, MAX_BUFFER_BYTES // checkpoint)), checkpoint
+    n_checkpoints = len(spec.checkpoints.steps(steps))
+    return buffer_slots(n_checkpoints, spec.store.checkpoints_per_shard, checkpoint), checkpoint
 
 
 def big_model(spec_path: str, steps: int, tmp: Path) -> list[str]:
@@ -145,7 +147,7 @@ def big_model(spec_path: str, steps: int, tmp: Path) -> list[str]:
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         round_ = pool.submit(big_model_round, spec_path, steps, str(tmp / "big.zarr"))
         bare, trainer = round_.result()
-    slots, checkpoint = writer_buffer_bound(spec_path)
+    slots, checkpoint = writer_buffer_bound(spec_path, steps)
     added = peaks["trainer"] - peaks["bare"]
     bound = (slots + 1) * checkpoint  # as trainer.check_budget reserves for the writer
     mib = 2**20

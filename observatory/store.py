@@ -84,7 +84,7 @@ STEP_METRICS = ("loss", "lr", "grad_norm")
 METRIC_CHUNK = 4096
 READ_ATTEMPTS = 5  # see RunReader.read
 MAX_BUFFER_BYTES = 2**30  # checkpoints a writer holds in memory before it commits them
-WRITE_PIECE = 2**22  # most bytes the writer hands zarr at once: about one chunk (see _append)
+WRITE_PIECE = 2**22  # most bytes the writer hands zarr at once: about one chunk (see _write_rows)
 ANALYSIS_FLUSH_ROWS = 256  # analysis rows buffered before they are written (one chunk) ...
 ANALYSIS_FLUSH_SECONDS = 10.0  # ... or after this long
 # Arrays of a run with a leading ``train_step`` dim: one entry per training step.
@@ -668,6 +668,17 @@ def _block_length(n: int, most: int) -> int:
     return math.ceil(n / math.ceil(n / most))
 
 
+def buffer_slots(n_checkpoints: int, per_shard: int, checkpoint_bytes: int) -> int:
+    """Checkpoints a run's writer holds before it commits them (its buffer).
+
+    One chunk's worth (a run's ``n_checkpoints`` split into equal blocks of at most
+    ``per_shard``, see :func:`_block_length`), and never more than ``MAX_BUFFER_BYTES`` of
+    checkpoints of ``checkpoint_bytes`` each (at least one).
+    """
+    chunk = _block_length(n_checkpoints, per_shard)
+    return max(1, min(chunk, MAX_BUFFER_BYTES // max(checkpoint_bytes, 1)))
+
+
 def _checkpoint_chunks(dims, shape, shard: int, itemsize: int, per_head: bool, d_head: int):
     """Chunks of an array of ``shard`` checkpoints of a parameter (``dims``, ``shape``).
 
@@ -675,7 +686,7 @@ def _checkpoint_chunks(dims, shape, shard: int, itemsize: int, per_head: bool, d
     reads only its bytes: plain chunk files, not shards, which would cost a read of the shard
     index first (measured: 0.9 against 0.4 ms a chunk).  The rest are one chunk, split along
     their first (layer) dim, in equal blocks, where a chunk would exceed ``WRITE_PIECE``: the
-    writer hands zarr one chunk's width at a time (see ``RunWriter._append``).
+    writer hands zarr one chunk's width at a time (see ``_write_rows``).
     """
     if per_head:
         per_dim = {"layer": 1} | dict.fromkeys(PER_HEAD_DIMS, d_head)
@@ -773,7 +784,9 @@ class RunWriter:
             for arrays in self._ckpt_arrays.values()
             for a in arrays.values()
         )
-        self._buffer_slots = max(1, min(self._shard, MAX_BUFFER_BYTES // checkpoint_bytes))
+        self._buffer_slots = buffer_slots(
+            len(schedule), spec.store.checkpoints_per_shard, checkpoint_bytes
+        )
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -951,16 +964,8 @@ class RunWriter:
             raise StoreError(f"{self.run.path}: writing the store failed: {self._error}")
 
     def _loop(self) -> None:
-        # Checkpoints are copied on arrival into one block per array, reused from commit to
-        # commit, so a commit hands zarr whole blocks without stacking or allocating them.
-        blocks = {
-            axis: {
-                key: np.empty((self._buffer_slots, *array.shape[1:]), dtype=array.dtype)
-                for key, array in arrays.items()
-            }
-            for axis, arrays in self._ckpt_arrays.items()
-        }
-        filled = dict.fromkeys(blocks, 0)  # rows of each axis's blocks in use
+        rows = self._rows()
+        steps = rows["step"]
         records = []
         last_commit = time.monotonic()
         try:
@@ -972,39 +977,45 @@ class RunWriter:
                     records.append(item)
                 elif isinstance(item, Checkpoint):
                     for axis, row in _checkpoint_rows(item).items():
-                        for key, value in row.items():
-                            blocks[axis][key][filled[axis]] = value
-                        filled[axis] += 1
-                    item = row = value = None  # the blocks hold it: free it before a commit
-                    buffered = filled["step"]
+                        rows[axis].add(row)
+                    item = row = None  # the blocks hold it now: free it before a commit
                     commit = (
-                        (self.committed[0] + buffered) % self._shard == 0  # the shard is full
-                        or buffered == self._buffer_slots
+                        (steps.base + steps.filled) % self._shard == 0  # the shard is full
+                        or steps.filled == self._buffer_slots
                         or time.monotonic() - last_commit >= self._commit_seconds
                     )
                 if commit:
-                    self._commit(
-                        {
-                            axis: {key: block[: filled[axis]] for key, block in axis_blocks.items()}
-                            for axis, axis_blocks in blocks.items()
-                        },
-                        records,
-                    )
-                    filled, records, last_commit = dict.fromkeys(blocks, 0), [], time.monotonic()
+                    self._commit(rows, records)
+                    records, last_commit = [], time.monotonic()
                 self.busy_seconds += time.perf_counter() - started
                 if stop:
                     return
         except BaseException as err:  # reported to the training thread by _check()
             self._error = err
 
-    def _commit(self, checkpoints: dict[str, dict[tuple[str, ...], np.ndarray]], records) -> None:
-        """Append ``checkpoints`` (a block per array) and the step ``records``, then the markers."""
-        n_ckpt, n_steps = self.committed
-        n_new = len(checkpoints["step"][("step",)])
-        self._append(self._ckpt_arrays["step"], checkpoints["step"], n_ckpt)
+    def _rows(self) -> dict[str, _Rows]:
+        """The blocks the writer copies checkpoints into, per axis, from the committed rows."""
+        attrs = _attrs(self._group)
+        n_ckpt = attrs["committed_checkpoints"]
+        rows = {"step": _Rows(self._ckpt_arrays["step"], self._buffer_slots, n_ckpt, self._shard)}
         if KEYFRAME in self._ckpt_arrays:  # an ingested run has no training state
-            n_keyframes = _keyframe_count(_attrs(self._group), n_ckpt)
-            self._append(self._ckpt_arrays[KEYFRAME], checkpoints[KEYFRAME], n_keyframes)
+            arrays = self._ckpt_arrays[KEYFRAME]
+            rows[KEYFRAME] = _Rows(
+                arrays,
+                self._buffer_slots,
+                _keyframe_count(attrs, n_ckpt),
+                arrays[("rng_state",)].chunks[0],
+                # Whole chunks only where keyframe chunks fill as checkpoint chunks do.
+                keep=attrs["keyframes"] == attrs["schedule"],
+            )
+        return rows
+
+    def _commit(self, rows: dict[str, _Rows], records: list[StepRecord]) -> None:
+        """Write the new checkpoint ``rows`` and the step ``records``, then the markers."""
+        n_ckpt, n_steps = self.committed
+        n_new = rows["step"].new
+        for axis_rows in rows.values():
+            axis_rows.write()
         if records:
             if records[0].step != n_steps:
                 raise StoreError(f"step records start at {records[0].step}, expected {n_steps}")
@@ -1016,8 +1027,8 @@ class RunWriter:
             }
             if not self._state:
                 del columns["batch_indices"]
-            arrays = {name: self._array(name) for name in columns}
-            self._append(arrays, {name: np.stack(v) for name, v in columns.items()}, n_steps)
+            for name, values in columns.items():
+                _write_rows(self._array(name), np.stack(values), n_steps)
         # The markers go last: readers never see a checkpoint before all its arrays are written.
         _set_attrs(
             self._group,
@@ -1026,25 +1037,69 @@ class RunWriter:
         )
         self.checkpoints_written += n_new
 
-    @staticmethod
-    def _append(arrays: dict, blocks: dict[Any, np.ndarray], start: int) -> None:
-        for key, array in arrays.items():
-            block = blocks[key]
-            if not len(block):
-                continue
-            stop = start + len(block)
-            if array.shape[0] < stop:  # a store from before arrays were created full length
-                array.resize((stop, *array.shape[1:]))
-            # A chunk's width at a time: zarr encodes all the chunks of a write at once, each
-            # into new buffers, which for a whole block of the largest array would add about
-            # 1.7 times its size (lz4) to the writer's memory.
-            rows = slice(start, stop)
-            if block.ndim > 1 and block.nbytes > WRITE_PIECE:
-                width = array.chunks[1]
-                for at in range(0, block.shape[1], width):
-                    array[rows, at : at + width] = block[:, at : at + width]
-            else:
-                array[rows] = block
+
+class _Rows:
+    """The checkpoint rows of one axis (``step`` or ``keyframe``) that a writer holds.
+
+    One block per array, allocated once and reused, so a commit hands zarr whole blocks
+    without stacking or allocating them.  Block row 0 is store row ``base``; rows
+    ``[done, filled)`` are not committed yet.  With ``keep``, rows stay after a commit until
+    their chunk is full, and each commit writes whole chunks (rows past ``filled`` hold older
+    values, which the markers do not cover): zarr then never reads back, decodes and merges a
+    chunk that an earlier commit left partly filled.  Such merges happen after every commit
+    ``commit_seconds`` triggers, and took about three times the chunk in memory (measured on
+    the 14M-shaped size: up to 90 MiB more during a commit).
+    """
+
+    def __init__(self, arrays: dict, slots: int, committed: int, chunk: int, keep: bool = True):
+        self.arrays = arrays
+        self.chunk = chunk
+        self.keep = keep and chunk <= slots
+        self.base = committed - committed % chunk if self.keep else committed
+        self.done = self.filled = committed - self.base
+        self.blocks = {k: np.zeros((slots, *a.shape[1:]), a.dtype) for k, a in arrays.items()}
+        for key, array in arrays.items():  # a resumed run: its chunk's committed rows
+            if self.done:
+                self.blocks[key][: self.done] = _read(array, slice(self.base, committed))
+
+    @property
+    def new(self) -> int:
+        return self.filled - self.done
+
+    def add(self, row: dict[tuple[str, ...], Any]) -> None:
+        for key, value in row.items():
+            self.blocks[key][self.filled] = value
+        self.filled += 1
+
+    def write(self) -> None:
+        """Write the new rows (their whole chunk, with ``keep``); free full chunks' rows."""
+        if not self.new:
+            return
+        for key, array in self.arrays.items():
+            low, high = self.done, self.filled
+            if self.keep and array.chunks[0] == self.chunk:
+                low, high = 0, max(high, min(self.chunk, array.shape[0] - self.base))
+            _write_rows(array, self.blocks[key][low:high], self.base + low)
+        self.done = self.filled
+        if not self.keep or self.filled == self.chunk:
+            self.base, self.done, self.filled = self.base + self.filled, 0, 0
+
+
+def _write_rows(array: zarr.Array, block: np.ndarray, start: int) -> None:
+    """Write ``block`` to ``array[start:start + len(block)]``."""
+    stop = start + len(block)
+    if array.shape[0] < stop:  # a store from before arrays were created full length
+        array.resize((stop, *array.shape[1:]))
+    # A chunk's width at a time: zarr encodes all the chunks of a write at once, each into
+    # new buffers, which for a whole block of the largest array would add about 1.7 times its
+    # size (lz4) to the writer's memory.
+    rows = slice(start, stop)
+    if block.ndim > 1 and block.nbytes > WRITE_PIECE:
+        width = array.chunks[1]
+        for at in range(0, block.shape[1], width):
+            array[rows, at : at + width] = block[:, at : at + width]
+    else:
+        array[rows] = block
 
 
 def _read_checkpoint(group: zarr.Group, names: list[str], index: int, keyframe: int | None, read):

@@ -44,12 +44,12 @@ from observatory.models import (
 )
 from observatory.spec import RunId, RunSpec, SizeSpec
 from observatory.store import (
-    MAX_BUFFER_BYTES,
     Checkpoint,
     FamilyStore,
     RunLock,
     RunWriter,
     StepRecord,
+    buffer_slots,
     create_family,
     location,
     write_size_attrs,
@@ -182,7 +182,7 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
     for size in {run.size: spec.size(run.size) for run in runs}.values():
         params = _parameter_count(spec, size) * 4
         state = 3 * params  # weights and the two AdamW moments, as one checkpoint holds them
-        slots = max(1, min(spec.store.checkpoints_per_shard, MAX_BUFFER_BYTES // max(state, 1)))
+        slots = buffer_slots(n_ckpt, spec.store.checkpoints_per_shard, state)
         activations = (
             train.batch_size
             * train.context

@@ -96,6 +96,48 @@ def test_large_blocks_are_chunked_and_written_a_chunk_width_at_a_time(
     assert all(np.array_equal(last.moments["exp_avg_sq"][k], v) for k, v in saved[4].items())
 
 
+def test_commits_write_whole_chunks_and_a_resumed_writer_keeps_its_chunk(
+    tiny_spec, tmp_path, monkeypatch
+):
+    # commit_seconds=0 commits every checkpoint: each commit rewrites its chunk whole, so zarr
+    # never reads a chunk back to merge new rows into it; a writer reopened in mid-chunk
+    # starts from the committed rows of that chunk.
+    reads = []
+    get = zarr.storage.LocalStore.get
+
+    async def spy(store, key, *args, **kwargs):
+        reads.append(key)
+        return await get(store, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", spy)
+    path = tmp_path / "s.zarr"
+    writer, shapes = make_writer(tiny_spec, path, checkpoints_per_shard=4, commit_seconds=0)
+    writer.start()
+    for step in range(4):  # chunks of 3 checkpoints: the second chunk is left with one row
+        writer.put_checkpoint(checkpoint(step, shapes))
+    writer.close(complete=False)
+    assert writer.committed == (4, 0)
+    assert not [key for key in reads if ".weight/c/" in key]
+    resumed = RunWriter(
+        zarr.open_group(path),
+        writer.run,
+        dataclasses.replace(tiny_spec, store=StoreSpec(checkpoints_per_shard=4)),
+        param_shapes=shapes,
+        d_head=2,
+        schedule=(0, 1, 2, 3, 4),
+        rng_bytes=3,
+        data_order_fingerprint="f",
+    )
+    resumed.start()
+    resumed.put_checkpoint(checkpoint(4, shapes))
+    resumed.close(complete=True)
+    reader = FamilyStore(path).run("l2-d16", 0)
+    assert list(reader.steps()) == [0, 1, 2, 3, 4]
+    for step in range(5):
+        assert all(np.all(a == step) for a in reader.parameters_at(step).values())
+    assert np.all(resumed.last_keyframe().moments["exp_avg"]["lm_head.weight"] == 4)
+
+
 def test_buffered_checkpoints_stay_invisible_until_committed(tiny_spec, tmp_path):
     writer, shapes = make_writer(
         tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=1e9
