@@ -69,6 +69,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from observatory.errors import StoreError
+from observatory.memory import release_free_memory
 from observatory.models import PER_HEAD_DIMS, parameter_dims
 from observatory.spec import RunId, RunSpec, SizeSpec, StoreSpec, spec_from_dict
 
@@ -1036,6 +1037,7 @@ class RunWriter:
             committed_steps=n_steps + len(records),
         )
         self.checkpoints_written += n_new
+        release_free_memory()  # the copied checkpoints', zarr's buffers (see observatory.memory)
 
 
 class _Rows:

@@ -10,7 +10,6 @@ interrupted one stopped.
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
 import os
 import platform
@@ -35,6 +34,7 @@ from observatory.data import (
     data_order_fingerprint,
 )
 from observatory.errors import ObservatoryError, SpecError, StoreError
+from observatory.memory import one_malloc_arena
 from observatory.models import (
     build_config,
     build_model,
@@ -342,26 +342,6 @@ def train_run(
             on_batch=on_batch,
             device=device,
         )
-
-
-def one_malloc_arena() -> None:
-    """Let threads started from now on allocate from glibc's main arena (``M_ARENA_MAX=1``).
-
-    The writer thread and zarr's I/O threads would otherwise each get an arena of their own,
-    and each arena keeps what it freed for itself: on the 14M-shaped size, a run's peak RSS
-    was 409-435 MiB above the bare training loop's with them, 282-348 MiB with one arena (the
-    writer's buffer is 230 MiB).  A training thread in a worker thread (dask) trained 8-15%
-    slower in an arena of its own.  Elsewhere than glibc (or with ``MALLOC_ARENA_MAX`` set),
-    nothing.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None and platform.libc_ver()[0] == "glibc":
-        mallopt(_M_ARENA_MAX, 1)
-
-
-_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 @contextmanager
