@@ -1,12 +1,11 @@
 """glibc's allocator, set for training: one arena, and free memory handed back after commits.
 
-Both act on glibc only (the allocator of Linux distributions but Alpine); elsewhere they do
+Both act on glibc only (the allocator of most Linux distributions); elsewhere they do
 nothing.  Measured on the 14M-shaped size (``runs/pythia14m.toml``, 200 steps), the peak RSS
-a run adds to the bare training loop's (the writer's buffer there: 216 MiB):
-
-- 409-435 MiB with an arena per thread, 282-348 MiB with one (:func:`one_malloc_arena`);
-- with one arena, 254-282 MiB, and 224 MiB when the writer hands back free memory after
-  each commit (:func:`release_free_memory`).
+a run adds to the bare training loop's was 409-435 MiB with an arena per thread, and 282-348
+MiB with one (:func:`one_malloc_arena`).  With the writer's later changes (whole-chunk
+commits) and :func:`release_free_memory` it is 247-254 MiB, of which the writer's buffer is
+216 MiB.
 """
 
 from __future__ import annotations
