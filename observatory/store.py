@@ -22,7 +22,8 @@ without ``state/`` and ``batch_indices``: its ``origin`` attribute says where it
 Checkpoint arrays are chunked along ``step``: a chunk file holds up to
 ``checkpoints_per_shard`` checkpoints of an array (the schedule split into equal blocks).  The
 weights with per-head dims are also chunked per layer and per head (one file each), so that one
-head of one layer across all checkpoints reads only its own bytes, in one request per file.
+head of one layer across all checkpoints reads only its own bytes, in one request per file; the
+other arrays are split per layer (or block of rows) where a chunk would exceed ``WRITE_PIECE``.
 Arrays are created at their final length (every scheduled checkpoint, every step) and filled
 as checkpoints are committed; a run's
 ``committed_checkpoints``/``committed_steps`` attrs are updated last: readers use only what
