@@ -982,7 +982,7 @@ class RunWriter:
                         rows[axis].add(row)
                     item = row = None  # the blocks hold it now: free it before a commit
                     commit = (
-                        (steps.base + steps.filled) % self._shard == 0  # the shard is full
+                        (steps.base + steps.filled) % steps.chunk == 0  # the chunk is full
                         or steps.filled == self._buffer_slots
                         or time.monotonic() - last_commit >= self._commit_seconds
                     )
@@ -1038,7 +1038,8 @@ class RunWriter:
             committed_steps=n_steps + len(records),
         )
         self.checkpoints_written += n_new
-        release_free_memory()  # the copied checkpoints', zarr's buffers (see observatory.memory)
+        # Copied checkpoints and zarr's encoding buffers were freed into the heap: hand back.
+        release_free_memory()
 
 
 class _Rows:
