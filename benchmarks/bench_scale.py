@@ -7,10 +7,11 @@ Prints three figures, each against a baseline measured in the same process:
    user runs it; target >= 1.7x on 2 cores);
 2. for the Pythia-14M-shaped size (``runs/pythia14m.toml``): the trainer-vs-bare-loop speed
    ratio (the lock-step measurement of ``bench_trainer.py``; target >= 0.95), and the peak
-   RSS of a fresh process that trains it with the trainer against that of one that runs the
-   bare loop on the same batches: what checkpoints, writer and store add must stay within the
-   writer's buffer (``MAX_BUFFER_BYTES``, at most ``checkpoints_per_shard`` checkpoints) and
-   the checkpoint in transit to it (a copy of the model's weights and AdamW state);
+   RSS of fresh processes that train it with the trainer against that of ones that run the
+   bare loop on the same batches (medians of ``--rss-rounds``): what checkpoints, writer and
+   store add must stay within what the writer may hold (``store.writer_memory``: its buffer
+   of at most ``checkpoints_per_shard`` checkpoints and ``MAX_BUFFER_BYTES``, the checkpoint
+   in transit to it, and zarr's encoding of one piece);
 3. bytes fetched from S3 (a moto server on loopback) to read one head of one layer across all
    checkpoints, vs to read every checkpoint's weights whole.
 
@@ -29,6 +30,7 @@ import multiprocessing
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,7 @@ from bench_trainer import BareLoop, lockstep_round
 from observatory.data import batch_indices, build_corpus
 from observatory.models import build_model
 from observatory.spec import load_run_spec
-from observatory.store import buffer_slots
+from observatory.store import ENCODING_COPIES, WRITE_PIECE, buffer_slots, writer_memory
 from observatory.trainer import recipe, train_family
 
 
@@ -128,37 +130,50 @@ def peak_rss_round(spec_path: str, steps: int, store: str | None) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def writer_buffer_bound(spec_path: str, steps: int) -> tuple[int, int]:
-    """Checkpoints the writer buffers for a run of ``steps``, and the bytes of one (weights
-    and AdamW moments)."""
+def writer_bound(spec_path: str, steps: int) -> tuple[int, int, int]:
+    """For a run of ``steps``: the checkpoints the writer buffers, the bytes of one (weights and
+    AdamW moments), and the most the writer holds (:func:`observatory.store.writer_memory`)."""
     spec = with_train(load_run_spec(spec_path), steps=steps)
     model = build_model(spec.model, spec.model.sizes[0], init_seed=0)
     checkpoint = 3 * 4 * sum(p.numel() for p in model.parameters())  # float32
     n_checkpoints = len(spec.checkpoints.steps(steps))
-    return buffer_slots(n_checkpoints, spec.store.checkpoints_per_shard, checkpoint), checkpoint
+    per_shard = spec.store.checkpoints_per_shard
+    slots = buffer_slots(n_checkpoints, per_shard, checkpoint)
+    return slots, checkpoint, writer_memory(n_checkpoints, per_shard, checkpoint)
 
 
-def big_model(spec_path: str, steps: int, tmp: Path) -> list[str]:
-    spawn = multiprocessing.get_context("spawn")
-    peaks = {}
-    for label, store in (("bare", None), ("trainer", str(tmp / "big-rss.zarr"))):
-        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            peaks[label] = pool.submit(peak_rss_round, spec_path, steps, store).result()
-    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        round_ = pool.submit(big_model_round, spec_path, steps, str(tmp / "big.zarr"))
-        bare, trainer = round_.result()
-    slots, checkpoint = writer_buffer_bound(spec_path, steps)
-    added = peaks["trainer"] - peaks["bare"]
-    bound = (slots + 1) * checkpoint  # as trainer.check_budget reserves for the writer
+def in_fresh_process(function, *args):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def big_model(spec_path: str, steps: int, rounds: int, tmp: Path) -> list[str]:
+    # Peak RSS of identical processes differs by up to 50 MiB here (the heap's layout at the
+    # backward pass's peak): medians of alternating rounds.
+    peaks: dict[str, list[int]] = {"bare": [], "trainer": []}
+    for i in range(rounds):
+        peaks["bare"].append(in_fresh_process(peak_rss_round, spec_path, steps, None))
+        store = str(tmp / f"big-rss{i}.zarr")
+        peaks["trainer"].append(in_fresh_process(peak_rss_round, spec_path, steps, store))
+    bare, trainer = in_fresh_process(big_model_round, spec_path, steps, str(tmp / "big.zarr"))
+    slots, checkpoint, bound = writer_bound(spec_path, steps)
+    median = {label: statistics.median(values) for label, values in peaks.items()}
+    added = median["trainer"] - median["bare"]
     mib = 2**20
+
+    def listed(values):
+        return ", ".join(f"{v / mib:.0f}" for v in values)
+
     return [
         f"{spec_path}, {steps} steps: bare loop {steps / bare:.2f} steps/s, trainer "
         f"{steps / trainer:.2f} steps/s -> ratio {bare / trainer:.3f} (target >= 0.95)",
-        f"peak RSS, each in a fresh process: trainer {peaks['trainer'] / mib:.0f} MiB, bare loop "
-        f"{peaks['bare'] / mib:.0f} MiB (same model and batches, no store) -> checkpoints, "
-        f"writer and store add {added / mib:.0f} MiB; bound: the writer's buffer of {slots} "
-        f"checkpoints and the one in transit, {slots + 1} x {checkpoint / mib:.1f} MiB = "
-        f"{bound / mib:.0f} MiB ({'within' if added <= bound else 'OVER'} the bound)",
+        f"bound (as trainer.check_budget reserves): the writer's buffer of {slots} checkpoints "
+        f"and the one in transit, {slots + 1} x {checkpoint / mib:.1f} MiB, and zarr's encoding "
+        f"of one piece, {ENCODING_COPIES} x {WRITE_PIECE / mib:.0f} MiB = {bound / mib:.0f} MiB",
+        f"peak RSS, {rounds} fresh processes each: trainer {listed(peaks['trainer'])} MiB, "
+        f"bare loop {listed(peaks['bare'])} MiB (same model and batches, no store) -> "
+        f"checkpoints, writer and store add {added / mib:.0f} MiB (medians; "
+        f"{'within' if added <= bound else 'OVER'} the bound)",
     ]
 
 
@@ -228,11 +243,15 @@ def main() -> None:
         default=200,
         help="steps of the 14M-shaped size (200: the writer's buffer fills and commits)",
     )
+    parser.add_argument(
+        "--rss-rounds", type=int, default=3, help="fresh processes per side for peak RSS"
+    )
     args = parser.parse_args()
     print(f"cores available: {len(os.sched_getaffinity(0))}; load: {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         print("\n".join(family_speedup(args.spec, args.steps, args.runs, Path(tmp))), flush=True)
-        print("\n".join(big_model(args.big_spec, args.big_steps, Path(tmp))), flush=True)
+        lines = big_model(args.big_spec, args.big_steps, args.rss_rounds, Path(tmp))
+        print("\n".join(lines), flush=True)
         print(s3_bytes(args.spec, args.steps, Path(tmp)), flush=True)
 
 

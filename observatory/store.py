@@ -87,6 +87,8 @@ METRIC_CHUNK = 4096
 READ_ATTEMPTS = 5  # see RunReader.read
 MAX_BUFFER_BYTES = 2**30  # checkpoints a writer holds in memory before it commits them
 WRITE_PIECE = 2**22  # most bytes the writer hands zarr at once: about one chunk (see _write_rows)
+# Copies of a piece while zarr writes it: the piece, its bytes, compressed, with its checksum.
+ENCODING_COPIES = 4
 ANALYSIS_FLUSH_ROWS = 256  # analysis rows buffered before they are written (one chunk) ...
 ANALYSIS_FLUSH_SECONDS = 10.0  # ... or after this long
 # Arrays of a run with a leading ``train_step`` dim: one entry per training step.
@@ -679,6 +681,14 @@ def buffer_slots(n_checkpoints: int, per_shard: int, checkpoint_bytes: int) -> i
     """
     chunk = _block_length(n_checkpoints, per_shard)
     return max(1, min(chunk, MAX_BUFFER_BYTES // max(checkpoint_bytes, 1)))
+
+
+def writer_memory(n_checkpoints: int, per_shard: int, checkpoint_bytes: int) -> int:
+    """Most bytes a run's writer holds: its buffer (:func:`buffer_slots`), the checkpoint on
+    its way to it (the training loop's copy), and zarr's encoding of the one piece it writes at
+    a time (``ENCODING_COPIES`` x ``WRITE_PIECE``)."""
+    slots = buffer_slots(n_checkpoints, per_shard, checkpoint_bytes)
+    return (slots + 1) * checkpoint_bytes + ENCODING_COPIES * WRITE_PIECE
 
 
 def _checkpoint_chunks(dims, shape, shard: int, itemsize: int, per_head: bool, d_head: int):

@@ -49,10 +49,10 @@ from observatory.store import (
     RunLock,
     RunWriter,
     StepRecord,
-    buffer_slots,
     create_family,
     location,
     write_size_attrs,
+    writer_memory,
 )
 
 
@@ -182,7 +182,6 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
     for size in {run.size: spec.size(run.size) for run in runs}.values():
         params = _parameter_count(spec, size) * 4
         state = 3 * params  # weights and the two AdamW moments, as one checkpoint holds them
-        slots = buffer_slots(n_ckpt, spec.store.checkpoints_per_shard, state)
         activations = (
             train.batch_size
             * train.context
@@ -194,7 +193,9 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
             )
         )
         memory[f"the parameters, gradients and AdamW state of size {size.name!r}"] = 4 * params
-        memory[f"the checkpoints the writer buffers for size {size.name!r}"] = (slots + 1) * state
+        memory[f"the checkpoints the writer buffers for size {size.name!r}"] = writer_memory(
+            n_ckpt, spec.store.checkpoints_per_shard, state
+        )
         memory[f"the activations of a batch of size {size.name!r}"] = activations
         runs_of_size = sum(run.size == size.name for run in runs)
         disk += runs_of_size * (n_ckpt * state + train.steps * (train.batch_size * 8 + 40))
