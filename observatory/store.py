@@ -433,7 +433,10 @@ def _read_root(path: str | Path) -> zarr.Group:
 
 def write_size_attrs(root: zarr.Group, size: SizeSpec, *, hf_config: dict[str, Any]) -> None:
     """Record a size's spec and Hugging Face config on its group (created if needed)."""
-    group = root.require_group(size.name)
+    try:
+        group = root.require_group(size.name)
+    except zarr.errors.ContainsGroupError:  # another process created it just now
+        group = root[size.name]
     _set_attrs(group, size=size.__dict__, d_head=size.d_head, hf_config=hf_config)
 
 
