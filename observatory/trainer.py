@@ -14,9 +14,11 @@ import dataclasses
 import os
 import platform
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -129,7 +131,32 @@ def train_family(
     sequential = workers is None and scheduler is None and client is None
     if sequential:
         spec.train.require_device()  # on a cluster, each worker checks its own
-    corpus = build_corpus(spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size)
+    on_run_end = on_run_end or (lambda summary: None)
+    options = {"resume": resume, "stop_after": stop_after}
+    # In this process, Ctrl-C stops at a step boundary (see interrupts_between_steps).
+    with interrupts_between_steps() if sequential else nullcontext():
+        corpus = build_corpus(
+            spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size
+        )
+        root = _create_store(spec, path, runs, corpus)
+        if sequential:
+            for run in runs:
+                raise_if_interrupted()
+                on_run_end(train_run(spec, run, root, corpus, progress=progress, **options))
+            return path
+    if client is not None:
+        _train_on_cluster(client, spec, str(path), runs, corpus, progress, on_run_end, options)
+    else:
+        from observatory.cluster import dask_client
+
+        threads = spec.train.threads
+        with dask_client(scheduler=scheduler, workers=workers or 0, threads=threads) as client:
+            _train_on_cluster(client, spec, str(path), runs, corpus, progress, on_run_end, options)
+    return path
+
+
+def _create_store(spec: RunSpec, path, runs: list[RunId], corpus: Corpus):
+    """Create the family's store (or open it) with its data record and each size's attributes."""
     root = create_family(
         path,
         spec,
@@ -143,20 +170,44 @@ def train_family(
     for name in dict.fromkeys(run.size for run in runs):
         size = spec.size(name)
         write_size_attrs(root, size, hf_config=build_config(spec.model, size).to_dict())
-    on_run_end = on_run_end or (lambda summary: None)
-    options = {"resume": resume, "stop_after": stop_after}
-    if sequential:
-        for run in runs:
-            on_run_end(train_run(spec, run, root, corpus, progress=progress, **options))
-    elif client is not None:
-        _train_on_cluster(client, spec, str(path), runs, corpus, progress, on_run_end, options)
-    else:
-        from observatory.cluster import dask_client
+    return root
 
-        threads = spec.train.threads
-        with dask_client(scheduler=scheduler, workers=workers or 0, threads=threads) as client:
-            _train_on_cluster(client, spec, str(path), runs, corpus, progress, on_run_end, options)
-    return path
+
+_interrupted = threading.Event()
+
+
+@contextmanager
+def interrupts_between_steps() -> Iterator[None]:
+    """Within the block, Ctrl-C (SIGINT) stops training at the next step boundary.
+
+    Python raises KeyboardInterrupt at whatever bytecode runs when the signal arrives. That
+    can be a weakref callback or a ``__del__``, where Python prints "Exception ignored" with a
+    traceback and carries on, or zarr's bookkeeping half-way through a call. So the handler only
+    records the signal, and :func:`raise_if_interrupted` raises it where the loop checks: before
+    each step and each run. A second Ctrl-C interrupts at once. Outside the main thread (a dask
+    worker) this does nothing: signals reach the main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def record(signum, frame):
+        if _interrupted.is_set():
+            raise KeyboardInterrupt
+        _interrupted.set()
+
+    previous = signal.signal(signal.SIGINT, record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupted.clear()
+
+
+def raise_if_interrupted() -> None:
+    """Raise the KeyboardInterrupt that :func:`interrupts_between_steps` held back, if any."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
@@ -473,6 +524,7 @@ def _train(
     started = time.perf_counter()
     try:
         for step in range(start, end + 1):
+            raise_if_interrupted()
             if step in checkpoint_steps and not (step == start and n_ckpt):
                 state = step in keyframe_steps  # optimizer and RNG state only at keyframes
                 writer.put_checkpoint(snapshot(model, optimizer, step, tokens_per_step, state))

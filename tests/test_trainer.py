@@ -13,7 +13,12 @@ from observatory.data import build_corpus
 from observatory.errors import StoreError
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, create_family
-from observatory.trainer import train_family, train_run
+from observatory.trainer import (
+    interrupts_between_steps,
+    raise_if_interrupted,
+    train_family,
+    train_run,
+)
 from tests.conftest import TINY_TOML, assert_stores_identical, dask_processes, write_spec
 
 
@@ -397,6 +402,20 @@ def test_a_crash_at_any_phase_resumes_to_bit_identical_results(
     ours, theirs = FamilyStore(store).run("l2-d16", 0), FamilyStore(clean).run("l2-d16", 0)
     assert ours.complete and np.array_equal(ours.steps(), theirs.steps())
     assert np.array_equal(ours.metrics()["loss"], theirs.metrics()["loss"])
+
+
+def test_ctrl_c_while_training_is_held_until_the_next_step_boundary():
+    handler = signal.getsignal(signal.SIGINT)
+    with interrupts_between_steps():
+        os.kill(os.getpid(), signal.SIGINT)  # arrives mid-"step": nothing is raised here
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()  # the boundary raises it
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C interrupts at once
+            time.sleep(1)
+    raise_if_interrupted()  # cleared on leaving the block
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 @pytest.mark.slow
