@@ -740,6 +740,7 @@ def ablation_effects(section: Section) -> Figure | None:
                 lw=2.5 if best else 1,
                 label=head_label(layer, head) + (" (best induction)" if best else ""),
             )
+        _layer_ablations(ax, ds, seed)
         if np.isfinite(row["emergence_midpoint_step"]):
             ax.axvline(row["emergence_midpoint_step"], color="k", ls="--", lw=1)
         ax.set_title(f"seed {seed}")
@@ -750,6 +751,22 @@ def ablation_effects(section: Section) -> Figure | None:
     axes[0].set_ylabel("loss increase on repeated tokens (nats)")
     figure.suptitle("Head ablation: loss increase when one head's output is removed")
     return figure
+
+
+def _layer_ablations(ax, ds: xr.Dataset, seed) -> None:
+    """Dotted: every head of a layer ablated at once (stores analysed before it lack it)."""
+    if "repeated_layer_loss_increase" not in ds:
+        return
+    effect = _analysed(ds["repeated_layer_loss_increase"].sel(seed=seed))
+    for layer in effect["layer"].values:
+        ax.plot(
+            effect["step"],
+            effect.sel(layer=layer),
+            color="0.2" if layer % 2 else "0.55",
+            ls=":",
+            lw=1.5,
+            label=f"all of layer {layer}",
+        )
 
 
 def _pattern_steps(steps: np.ndarray, midpoint: float) -> list[int]:
@@ -844,11 +861,13 @@ FIGURES |= {
         "Head ablation",
         "Increase in loss on the repeated part of the probe when one head's output (its z "
         "before W_O) is ablated, per head and checkpoint (thick: the seed's best induction "
-        "head; dashed: its emergence midpoint). An induction head that computes, rather than "
-        "only attends, hurts once the circuit has formed; where several heads of a layer all "
-        "become induction heads (all four layer-1 heads of the demo family do), removing one "
-        "costs little, since the others copy too, and the previous-token head they all read "
-        "from is the one whose removal hurts most.",
+        "head; dashed: its emergence midpoint; dotted: every head of a layer ablated at "
+        "once). An induction head that computes, rather than only attends, hurts once the "
+        "circuit has formed; where several heads of a layer all become induction heads (all "
+        "four layer-1 heads of the demo family do after the phase change), removing one costs "
+        "little, since the others copy too, while removing the layer destroys the copying; "
+        "the previous-token head they all read from is then the one head whose removal hurts "
+        "most.",
         ablation_effects,
     ),
     "attention_patterns.png": (

@@ -58,3 +58,33 @@ def test_zero_ablation_equals_zeroing_the_heads_columns_of_w_o(architecture):
         output_projections(model)[layer].weight[:, head * d_head : (head + 1) * d_head] = 0
     np.testing.assert_allclose(ablated[layer, head], token_losses(model, tokens), rtol=1e-6)
     assert not np.allclose(ablated[0, 0], ablated[layer, head])
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_a_whole_layer_ablation_is_its_one_working_head_in_the_compiled_circuit(compiled, ablation):
+    model, probe = compiled
+    heads, layers = (
+        head_ablation_effects(
+            model,
+            probe.tokens,
+            ablation=ablation,
+            from_position=probe.block_length,
+            whole_layers=whole,
+        )
+        for whole in (False, True)
+    )
+    assert layers.shape == (2,)
+    np.testing.assert_allclose(layers, heads[:, 0], atol=1e-6)  # the other heads add nothing
+
+
+@pytest.mark.parametrize("architecture", ["gpt_neox", "attn_only"])
+def test_zero_ablation_of_a_layer_equals_zeroing_its_w_o(architecture):
+    size = SizeSpec(name="s", n_layers=2, d_model=16, n_heads=4, n_positions=12)
+    spec = ModelSpec(architecture=architecture, vocab_size=16, sizes=(size,))
+    model = build_model(spec, size, init_seed=0).eval()
+    tokens = np.random.default_rng(0).integers(0, 16, size=(3, 12))
+    _, ablated = ablated_losses(model, tokens, whole_layers=True)  # [layer, batch, pos - 1]
+    assert ablated.shape == (2, 3, 11)
+    with torch.no_grad():
+        output_projections(model)[1].weight.zero_()
+    np.testing.assert_allclose(ablated[1], token_losses(model, tokens), rtol=1e-6)

@@ -308,8 +308,23 @@ def test_summary_ranks_the_best_head_by_its_ablation_effect(planted):
     assert list(per_seed["best_head_is_top_ablation"]) == [True, True, False]
     assert list(per_seed["top_ablation_head"]) == ["L1H2", "L1H0", "L0H0"]
     assert (per_seed["ablation_step"] == CHECKPOINTS[-1]).all()
-    assert "best's rank" in str(summary(with_causal_results(planted)))
+    assert "ablation last: top, best (rank)" in str(summary(with_causal_results(planted)))
     assert "best_head_ablation_rank" not in summary(planted).per_seed  # without ablations
+
+
+def test_summary_ranks_ablations_at_the_end_of_the_bump_and_at_the_last_checkpoint(planted):
+    ds = with_causal_results(planted)
+    # Seed 0: after step 800 a second head duplicates the circuit and takes most of it over.
+    effect = ds["repeated_loss_increase"].copy()
+    late = effect["step"] > 800
+    effect.loc[{"seed": 0, "layer": 1, "head": 1}] = np.where(late, 5.0, 0.0)
+    per_seed = summary(ds.assign(repeated_loss_increase=effect)).per_seed
+    first_after = [CHECKPOINTS[CHECKPOINTS >= end][0] for end in per_seed["bump_end_step"]]
+    assert list(per_seed["bump_end_ablation_step"]) == first_after
+    assert list(per_seed["bump_end_best_head_ablation_rank"]) == [1, 1, 2]
+    assert list(per_seed["best_head_ablation_rank"]) == [2, 1, 2]
+    assert per_seed.loc[0, "top_ablation_head"] == "L1H1"
+    assert per_seed.loc[0, "bump_end_top_ablation_head"] == "L1H2"
 
 
 def test_summary_of_a_store_without_analyses_says_nothing_was_analysed(trained_tiny):

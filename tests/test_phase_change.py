@@ -32,12 +32,15 @@ def test_demo_family_shows_induction_heads_a_loss_bump_and_an_icl_benefit(tmp_pa
     )
     run_analysis(job, progress=False)
     ds = open_family(store, size="l2-d64")
-    # Causal check after the phase change. Every layer-1 head of the demo model becomes an
-    # induction head, so knocking out any one of them costs little (the others copy too); the
-    # single point of failure is the previous-token head they all read from: its ablation
-    # hurts most.
+    # Causal checks. As the phase change ends, the best induction head is among the two heads
+    # whose ablation hurts most (beside the previous-token head it reads from). Later every
+    # layer-1 head becomes an induction head, so knocking out any one of them costs little
+    # (the others copy too); the single point of failure is the previous-token head they all
+    # read from: at the last checkpoint its ablation hurts most.
     per_seed = summary(store).per_seed
     assert (per_seed["ablation_step"] == 600).all()
+    assert (per_seed["bump_end_ablation_step"] >= per_seed["bump_end_step"]).all()
+    assert (per_seed["bump_end_best_head_ablation_rank"] <= 2).all(), per_seed.T
     last = ds.sel(step=600)
     for seed in ds["seed"].values:
         previous = last["previous_token_score"].sel(seed=seed, layer=0)

@@ -5,7 +5,8 @@ A head's output is its ``z`` (the attention-weighted values, ``[batch, pos, d_he
 per-head ``z`` before ``W_O``) by zero or by its mean over every sequence and position of the
 evaluated tokens (mean ablation changes the next layer's input distribution less). The
 projection's bias ``b_O`` is kept. Works for GPT-NeoX (``attention.dense``) and the
-attention-only models (``attn.o_proj``), whose projection inputs are head-major.
+attention-only models (``attn.o_proj``), whose projection inputs are head-major. Ablating
+every head of a layer at once measures what heads that duplicate each other do together.
 """
 
 from __future__ import annotations
@@ -52,17 +53,23 @@ def mean_head_outputs(model: PreTrainedModel, tokens: np.ndarray) -> list[torch.
     return means
 
 
-def _replace_head(head: int, value: torch.Tensor, n_heads: int) -> Callable:
+def _replace_heads(heads: list[int], value: torch.Tensor | float, n_heads: int) -> Callable:
+    """A pre-hook on ``W_O`` setting the ``z`` of ``heads`` to ``value`` (0, ``[head, d_head]``)."""
+
     def hook(_module: nn.Module, args: tuple) -> tuple:
         z = args[0].clone()
-        _head_view(z, n_heads)[..., head, :] = value
+        _head_view(z, n_heads)[..., heads, :] = value
         return (z, *args[1:])
 
     return hook
 
 
 def ablated_losses(
-    model: PreTrainedModel, tokens: np.ndarray, *, ablation: Ablation = "zero"
+    model: PreTrainedModel,
+    tokens: np.ndarray,
+    *,
+    ablation: Ablation = "zero",
+    whole_layers: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-token losses of the model and of the model with each head ablated in turn.
 
@@ -74,30 +81,34 @@ def ablated_losses(
         ``tokens[batch, pos]``.
     ablation
         ``"zero"``: the head's ``z`` becomes 0; ``"mean"``: its mean over ``tokens``.
+    whole_layers
+        Ablate every head of a layer at once instead of one head at a time (heads that
+        duplicate each other's work each cost little alone, but not together).
 
     Returns
     -------
     tuple of numpy.ndarray
-        ``clean[batch, pos - 1]`` and ``ablated[layer, head, batch, pos - 1]`` (float64, nats;
-        index convention of :func:`~observatory.analysis.token_losses`).
+        ``clean[batch, pos - 1]`` and ``ablated[layer, head, batch, pos - 1]``, or
+        ``ablated[layer, batch, pos - 1]`` with ``whole_layers`` (float64, nats; index
+        convention of :func:`~observatory.analysis.token_losses`).
     """
     if ablation not in ("zero", "mean"):
         raise ValueError(f"unknown ablation {ablation!r} (allowed: zero, mean)")
     n_heads = model.config.num_attention_heads
     projections = output_projections(model)
     clean = token_losses(model, tokens)
-    if ablation == "mean":
-        means = mean_head_outputs(model, tokens)
-    ablated = np.empty((len(projections), n_heads, *clean.shape))
+    means = mean_head_outputs(model, tokens) if ablation == "mean" else None
+    groups = [list(range(n_heads))] if whole_layers else [[head] for head in range(n_heads)]
+    ablated = np.empty((len(projections), len(groups), *clean.shape))
     for layer, projection in enumerate(projections):
-        for head in range(n_heads):
-            value = means[layer][head] if ablation == "mean" else 0.0
-            handle = projection.register_forward_pre_hook(_replace_head(head, value, n_heads))
+        for index, heads in enumerate(groups):
+            value = 0.0 if means is None else means[layer][heads]
+            handle = projection.register_forward_pre_hook(_replace_heads(heads, value, n_heads))
             try:
-                ablated[layer, head] = token_losses(model, tokens)
+                ablated[layer, index] = token_losses(model, tokens)
             finally:
                 handle.remove()
-    return clean, ablated
+    return clean, ablated[:, 0] if whole_layers else ablated
 
 
 def head_ablation_effects(
@@ -106,12 +117,13 @@ def head_ablation_effects(
     *,
     ablation: Ablation = "zero",
     from_position: int = 0,
+    whole_layers: bool = False,
 ) -> np.ndarray:
     """Increase in mean loss when each head is ablated, over loss positions ``>= from_position``.
 
     Parameters
     ----------
-    model, tokens, ablation
+    model, tokens, ablation, whole_layers
         As in :func:`ablated_losses`.
     from_position
         First loss index counted (``loss[:, t]`` predicts ``tokens[:, t + 1]``); on the
@@ -120,7 +132,8 @@ def head_ablation_effects(
     Returns
     -------
     numpy.ndarray
-        ``effect[layer, head]`` (float64, nats): ablated minus clean mean loss.
+        ``effect[layer, head]``, or ``effect[layer]`` with ``whole_layers`` (float64, nats):
+        ablated minus clean mean loss.
     """
-    clean, ablated = ablated_losses(model, tokens, ablation=ablation)
+    clean, ablated = ablated_losses(model, tokens, ablation=ablation, whole_layers=whole_layers)
     return ablated[..., from_position:].mean(axis=(-2, -1)) - clean[:, from_position:].mean()

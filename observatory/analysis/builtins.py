@@ -170,7 +170,12 @@ def token_loss_analysis(model, data: SharedData) -> dict[str, np.ndarray]:
 
 @analysis(
     name="head_ablation",
-    variables={"repeated_loss_increase": HEADS, "held_out_loss_increase": HEADS},
+    variables={
+        "repeated_loss_increase": HEADS,
+        "held_out_loss_increase": HEADS,
+        "repeated_layer_loss_increase": ("layer",),
+        "held_out_layer_loss_increase": ("layer",),
+    },
     attrs=lambda options, data: (
         data.probe.attrs
         | data.held_out_attrs
@@ -184,17 +189,24 @@ def token_loss_analysis(model, data: SharedData) -> dict[str, np.ndarray]:
 def head_ablation_analysis(
     model, data: SharedData, *, ablation: Literal["zero", "mean"] = "zero"
 ) -> dict[str, np.ndarray]:
-    """Increase in loss when each head's output is zero- or mean-ablated.
+    """Increase in loss when each head's output (and each layer's) is zero- or mean-ablated.
 
     ``repeated_loss_increase``: on the probe's repeated blocks (the tokens induction can
     predict); ``held_out_loss_increase``: on every position of the held-out sequences.
+    ``repeated_layer_loss_increase``, ``held_out_layer_loss_increase``: the same with every
+    head of a layer ablated at once (heads that duplicate a circuit each cost little alone).
     ``ablation``: ``"zero"`` or ``"mean"`` (the head's mean output over the evaluated tokens).
     """
-    repeated = head_ablation_effects(
-        model, data.probe_tokens, ablation=ablation, from_position=data.probe.block_length
-    )
-    held_out = head_ablation_effects(model, data.held_out_tokens, ablation=ablation)
-    return {"repeated_loss_increase": repeated, "held_out_loss_increase": held_out}
+    results = {}
+    for prefix, tokens, start in (
+        ("repeated", data.probe_tokens, data.probe.block_length),
+        ("held_out", data.held_out_tokens, 0),
+    ):
+        for infix, whole_layers in (("", False), ("_layer", True)):
+            results[f"{prefix}{infix}_loss_increase"] = head_ablation_effects(
+                model, tokens, ablation=ablation, from_position=start, whole_layers=whole_layers
+            )
+    return results
 
 
 def _pattern_tokens(options: Any, data: SharedData) -> dict[str, tuple]:

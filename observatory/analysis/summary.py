@@ -589,40 +589,58 @@ def _heads_columns(
 def ablation_ranks(ds: xr.Dataset, per_seed: pd.DataFrame) -> pd.DataFrame:
     """Per seed: is the best induction head the head whose ablation hurts most?
 
-    At each seed's last checkpoint with ``head_ablation`` results, heads are ranked by the
-    increase in loss on the probe's repeated part when ablated (``repeated_loss_increase``).
+    Heads are ranked by the increase in loss on the probe's repeated part when ablated
+    (``repeated_loss_increase``) at two checkpoints of each seed: the first with ablation
+    results at or after the end of its loss bump (``bump_end_*`` columns: the circuit that
+    the phase change formed), and the last one. At each, the best induction head is the head
+    with the highest induction score at that checkpoint. Heads that later duplicate the
+    circuit each carry part of it, so removing one costs less: the two ranks differ then.
 
     Returns
     -------
     pandas.DataFrame
-        Index ``seed``; ``ablation_step``, ``top_ablation_head`` (largest effect),
-        ``top_ablation_effect``, ``best_head_ablation_effect``, ``best_head_ablation_rank``
-        (1: largest) and ``best_head_is_top_ablation``.
+        Index ``seed``; for the last checkpoint ``ablation_step``, ``top_ablation_head``
+        (largest effect), ``top_ablation_effect``, ``ablation_best_head``,
+        ``best_head_ablation_effect``, ``best_head_ablation_rank`` (1: largest) and
+        ``best_head_is_top_ablation``; the same with the prefix ``bump_end_`` for the end of
+        the loss bump (NaN/None without a bump).
     """
     rows = []
     for seed in ds["seed"].values:
         effect = ds["repeated_loss_increase"].sel(seed=seed)
         effect = effect.isel(step=effect.notnull().all(["layer", "head"]).values)
-        row = {"seed": int(seed), "ablation_step": math.nan, "top_ablation_head": None}
-        if effect.sizes["step"] and per_seed.loc[int(seed), "best_head"]:
-            last = effect.isel(step=-1).transpose("layer", "head")
-            values, best = last.values, per_seed.loc[int(seed)]
-            layer = list(last["layer"].values).index(best["best_layer"])
-            head = list(last["head"].values).index(best["best_head_in_layer"])
-            top = np.unravel_index(np.argmax(values), values.shape)
-            rank = 1 + int((values > values[layer, head]).sum())
-            row |= {
-                "ablation_step": int(last["step"]),
-                "top_ablation_head": head_label(
-                    last["layer"].values[top[0]], last["head"].values[top[1]]
-                ),
-                "top_ablation_effect": float(values[top]),
-                "best_head_ablation_effect": float(values[layer, head]),
-                "best_head_ablation_rank": rank,
-                "best_head_is_top_ablation": rank == 1,
-            }
+        scores = ds["induction_score"].sel(seed=seed)
+        row = {"seed": int(seed)}
+        row |= _ablation_rank(effect.isel(step=slice(-1, None)), scores, prefix="")
+        after = effect.sel(step=effect["step"] >= per_seed.loc[int(seed), "bump_end_step"])
+        row |= _ablation_rank(after.isel(step=slice(0, 1)), scores, prefix="bump_end_")
         rows.append(row)
     return pd.DataFrame(rows).set_index("seed")
+
+
+def _ablation_rank(effect: xr.DataArray, scores: xr.DataArray, *, prefix: str) -> dict:
+    """The ranks at the one checkpoint of ``effect`` (none: NaN and None)."""
+    row = {f"{prefix}ablation_step": math.nan, f"{prefix}top_ablation_head": None}
+    if not effect.sizes["step"]:
+        return row
+    last = effect.isel(step=0).transpose("layer", "head")
+    step = int(last["step"])
+    score = scores.sel(step=step).transpose("layer", "head").values
+    if not np.isfinite(score).all():
+        return row
+    values, labels = last.values, (last["layer"].values, last["head"].values)
+    top = np.unravel_index(np.argmax(values), values.shape)
+    best = np.unravel_index(np.argmax(score), score.shape)
+    rank = 1 + int((values > values[best]).sum())
+    return {
+        f"{prefix}ablation_step": step,
+        f"{prefix}top_ablation_head": head_label(labels[0][top[0]], labels[1][top[1]]),
+        f"{prefix}top_ablation_effect": float(values[top]),
+        f"{prefix}ablation_best_head": head_label(labels[0][best[0]], labels[1][best[1]]),
+        f"{prefix}best_head_ablation_effect": float(values[best]),
+        f"{prefix}best_head_ablation_rank": rank,
+        f"{prefix}best_head_is_top_ablation": rank == 1,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -810,12 +828,19 @@ def _profiles(one: xr.Dataset, scores: list[str]) -> np.ndarray:
 
 
 def _ablation_cell(row: pd.Series) -> dict[str, str]:
-    """The per-seed table's ablation column, when the store has ablation results."""
+    """The per-seed table's ablation columns, when the store has ablation results."""
     if "best_head_ablation_rank" not in row:
         return {}
-    rank = row["best_head_ablation_rank"]
-    cell = "-" if pd.isna(rank) else f"{row['top_ablation_head']} ({int(rank)})"
-    return {"ablation: top head (best's rank)": cell}
+    cells = {}
+    for prefix, where in (("bump_end_", "after bump"), ("", "last")):
+        rank = row.get(f"{prefix}best_head_ablation_rank", math.nan)
+        cells[f"ablation {where}: top, best (rank)"] = (
+            "-"
+            if pd.isna(rank)
+            else f"{row[f'{prefix}top_ablation_head']}, {row[f'{prefix}ablation_best_head']} "
+            f"({int(rank)}) @{int(row[f'{prefix}ablation_step'])}"
+        )
+    return cells
 
 
 def _nan(value: float | None) -> float:
