@@ -1715,6 +1715,17 @@ def _shown(steps: np.ndarray) -> str:
     return shown or "none"
 
 
+def _require_variables(group, variables: dict[str, Any], where: str) -> None:
+    """Stored results must have the variables the analysis declares now (a one-line error)."""
+    stored = set(group.array_keys()) - {"step"}
+    declared = set(variables)
+    if not declared <= stored:
+        raise StoreError(
+            f"{where}: existing results lack {', '.join(sorted(declared - stored))}, which the "
+            "analysis now returns (it changed since); pass --recompute to replace them"
+        )
+
+
 class AnalysisWriter:
     """Appends the results of one analysis for one run, checkpoint by checkpoint.
 
@@ -1763,6 +1774,8 @@ class AnalysisWriter:
                 f"{self.where}: existing results were computed with other parameters "
                 f"({', '.join(changed)} differ); pass --recompute to replace them"
             )
+        if group is not None:
+            _require_variables(group, variables, self.where)
         if group is None:
             group = reader.analysis_group(name, create=True)
             _set_attrs(group, parameters=attrs)

@@ -329,6 +329,23 @@ def test_analysis_rows_are_buffered_then_written_step_last(tiny_spec, tmp_path, 
     assert plain["step"].values.tolist() == [1, 2, 3, 5, 8, 9]  # plain xarray: sorted too
 
 
+def test_results_without_a_variable_the_analysis_now_returns_need_recompute(tiny_spec, tmp_path):
+    writer, _ = make_writer(tiny_spec, tmp_path / "s.zarr")
+    writer.start()
+    writer.close(complete=True)
+    run = FamilyStore(tmp_path / "s.zarr", mode="r+").run("l2-d16", 0)
+    old = AnalysisWriter(run, "scores", attrs={}, variables={"score": (("head",), (2,))})
+    old.append(np.array([8]), {"score": np.array([[8, 8]], np.float32)})
+    old.flush()
+    grown = {"score": (("head",), (2,)), "extra": (("layer",), (2,))}
+    with pytest.raises(StoreError, match="scores: existing results lack extra, .*--recompute"):
+        AnalysisWriter(run, "scores", attrs={}, variables=grown)
+    covered, _ = run.analysis_arrays("scores")
+    assert list(covered) == [8]  # kept
+    AnalysisWriter(run, "scores", attrs={}, variables=grown, recompute=True)
+    assert set(run.analysis_arrays("scores")[1]) == {"score", "extra"}
+
+
 def damage(path):
     """Flip one byte in the middle of a stored file."""
     data = bytearray(path.read_bytes())
