@@ -749,7 +749,7 @@ def ablation_effects(section: Section) -> Figure | None:
         ax.legend(fontsize="x-small", ncols=2)
         _tokens_axis(ax, per_step)
     axes[0].set_ylabel("loss increase on repeated tokens (nats)")
-    figure.suptitle("Head ablation: loss increase when one head's output is removed")
+    figure.suptitle("Head ablation: loss increase when a head's (dotted: a layer's) output is gone")
     return figure
 
 

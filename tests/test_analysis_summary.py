@@ -298,6 +298,7 @@ def with_causal_results(ds: xr.Dataset, *, n_pos: int = 9) -> xr.Dataset:
         patterns[i] = np.eye(n_pos)  # attend to self
     return ds.assign(
         repeated_loss_increase=(("seed", "step", "layer", "head"), effect),
+        repeated_layer_loss_increase=(("seed", "step", "layer"), effect.sum(axis=-1)),
         attention_pattern=(("seed", "step", "layer", "head", "probe_query", "probe_key"), patterns),
     )
 

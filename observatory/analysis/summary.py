@@ -48,6 +48,7 @@ RESULTS = {
     "icl_score": "icl",
     "token_loss": "token_loss",
     "repeated_loss_increase": "head_ablation",
+    "repeated_layer_loss_increase": "head_ablation",
     "attention_pattern": "attention_patterns",
     "llc": "llc",
     "llc_std": "llc",
