@@ -84,10 +84,13 @@ def open(path: str | Path) -> xr.DataTree:
     >>> tree["l2-d64/seed0"]["loss"].plot()
     """
     family = FamilyStore(path)
-    runs: dict[str, dict[str, xr.DataTree]] = {size: {} for size in family.sizes()}
-    for run in family.runs():
-        reader = RunReader(family, run)
-        size, name = run.path.split("/")
+    readers = family.readers()
+    present = {reader.run.size for reader in readers}
+    runs: dict[str, dict[str, xr.DataTree]] = {
+        size.name: {} for size in family.spec.model.sizes if size.name in present
+    }
+    for reader in readers:
+        size, name = reader.run.path.split("/")
         # DataTree copies the dataset (shallowly), so the shared one is never handed out
         runs[size][name] = xr.DataTree(_shared_dataset(*_run_parts(reader), reader))
     # Children are attached through the setter, which does not copy them again (the

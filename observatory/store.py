@@ -1238,6 +1238,11 @@ class FamilyStore:
         """
         return [run for run in self.spec.runs() if self._group(run.path) is not None]
 
+    def readers(self) -> list[RunReader]:
+        """Readers of every run in the store (as :meth:`runs`), one lookup per run."""
+        found = ((run, self._group(run.path)) for run in self.spec.runs())
+        return [RunReader(self, run, group) for run, group in found if group is not None]
+
     def run(self, size: str, seed: int) -> RunReader:
         """The run of ``size`` and seed index ``seed``; a clear error lists what exists."""
         for run in self.spec.runs():  # the common case: one existence check, not one per run
