@@ -46,12 +46,17 @@ def test_ablation_leaves_the_model_unchanged(compiled):
     assert all(not p._forward_pre_hooks for p in output_projections(model))
 
 
-@pytest.mark.parametrize("architecture", ["gpt_neox", "attn_only"])
-def test_zero_ablation_equals_zeroing_the_heads_columns_of_w_o(architecture):
+def random_model(architecture: str):
+    """A freshly initialised 2-layer, 4-head model of ``architecture`` and random tokens."""
     size = SizeSpec(name="s", n_layers=2, d_model=16, n_heads=4, n_positions=12)
     spec = ModelSpec(architecture=architecture, vocab_size=16, sizes=(size,))
     model = build_model(spec, size, init_seed=0).eval()
-    tokens = np.random.default_rng(0).integers(0, 16, size=(3, 12))
+    return model, np.random.default_rng(0).integers(0, 16, size=(3, 12))
+
+
+@pytest.mark.parametrize("architecture", ["gpt_neox", "attn_only"])
+def test_zero_ablation_equals_zeroing_the_heads_columns_of_w_o(architecture):
+    model, tokens = random_model(architecture)
     _, ablated = ablated_losses(model, tokens)
     layer, head, d_head = 1, 2, 4
     with torch.no_grad():
@@ -79,10 +84,7 @@ def test_a_whole_layer_ablation_is_its_one_working_head_in_the_compiled_circuit(
 
 @pytest.mark.parametrize("architecture", ["gpt_neox", "attn_only"])
 def test_zero_ablation_of_a_layer_equals_zeroing_its_w_o(architecture):
-    size = SizeSpec(name="s", n_layers=2, d_model=16, n_heads=4, n_positions=12)
-    spec = ModelSpec(architecture=architecture, vocab_size=16, sizes=(size,))
-    model = build_model(spec, size, init_seed=0).eval()
-    tokens = np.random.default_rng(0).integers(0, 16, size=(3, 12))
+    model, tokens = random_model(architecture)
     _, ablated = ablated_losses(model, tokens, whole_layers=True)  # [layer, batch, pos - 1]
     assert ablated.shape == (2, 3, 11)
     with torch.no_grad():
