@@ -62,7 +62,8 @@ def timed_jobs(
     store: Path, workers: int, block_size: int, repeats: int, analyses=(("head_scores",),)
 ) -> tuple[list[float], int]:
     """Fastest of ``repeats`` jobs per entry of ``analyses`` on ``workers`` workers, after a
-    warm-up job each; the entries' jobs run in turn, so drift hits them alike.
+    warm-up job each; the entries' jobs run in turn, each first in every other repeat, so
+    drift and the order hit them alike.
 
     Returns
     -------
@@ -87,8 +88,9 @@ def timed_jobs(
     ):
         client.wait_for_workers(workers)
         times: list[list[float]] = [[] for _ in specs]
-        for _ in range(1 + repeats):  # the first job warms the workers up
-            for spec, spent in zip(specs, times, strict=True):
+        for repeat in range(1 + repeats):  # the first job warms the workers up
+            pairs = list(zip(specs, times, strict=True))
+            for spec, spent in pairs if repeat % 2 else pairs[::-1]:  # each goes first in turn
                 start = time.perf_counter()
                 report = run_analysis(
                     spec, scheduler=cluster.scheduler_address, recompute=True, progress=False
