@@ -324,8 +324,10 @@ def summary(
     * ``final_loss``: :func:`~observatory.analysis.phase.final_loss` of the steps trained
       (of an incomplete run: where it stopped, and left out across seeds);
     * ``init_seed``, ``data_seed``;
-    * with ``head_ablation`` results, whether the best head is the head whose ablation hurts
-      most (:func:`ablation_ranks`: ``top_ablation_head``, ``best_head_ablation_rank``, ...).
+    * with ``head_ablation`` results, the rank of the best induction head among the heads by
+      ablation effect, at the last checkpoint and at the end of the loss bump
+      (:func:`ablation_ranks`: ``best_head_ablation_rank``, ``bump_end_best_head_ablation_rank``,
+      ``top_ablation_head``, ...).
 
     Across seeds (``Summary.across_seeds``), for each quantity of :data:`CROSS_SEED`: the
     seeds that contributed and the seeds left out with the reason (``"incomplete"``,
