@@ -266,7 +266,7 @@ def main() -> None:
         "--rounds", type=int, default=2, help="alternating rounds per side of the family timing"
     )
     parser.add_argument(
-        "--rss-rounds", type=int, default=3, help="fresh processes per side for peak RSS"
+        "--rss-rounds", type=int, default=5, help="fresh processes per side for peak RSS"
     )
     args = parser.parse_args()
     print(f"cores available: {len(os.sched_getaffinity(0))}; load: {os.getloadavg()[0]:.1f}")
