@@ -4,7 +4,7 @@ Both act on glibc only (the allocator of most Linux distributions); elsewhere th
 nothing.  Measured on the 14M-shaped size (``runs/pythia14m.toml``, 200 steps), the peak RSS
 a run adds to the bare training loop's was 409-435 MiB with an arena per thread, and 282-348
 MiB with one (:func:`one_malloc_arena`).  With the writer's later changes (whole-chunk
-commits) and :func:`release_free_memory` it is 233 MiB (median of three processes each), of
+commits) and :func:`release_free_memory` it is 238 MiB (median of five processes each), of
 which the writer's buffer is 216 MiB.
 """
 

@@ -84,15 +84,11 @@ def open(path: str | Path) -> xr.DataTree:
     >>> tree["l2-d64/seed0"]["loss"].plot()
     """
     family = FamilyStore(path)
-    readers = family.readers()
-    present = {reader.run.size for reader in readers}
-    runs: dict[str, dict[str, xr.DataTree]] = {
-        size.name: {} for size in family.spec.model.sizes if size.name in present
-    }
-    for reader in readers:
+    runs: dict[str, dict[str, xr.DataTree]] = {}
+    for reader in family.readers():  # size by size, in spec order
         size, name = reader.run.path.split("/")
         # DataTree copies the dataset (shallowly), so the shared one is never handed out
-        runs[size][name] = xr.DataTree(_shared_dataset(*_run_parts(reader), reader))
+        runs.setdefault(size, {})[name] = xr.DataTree(_shared_dataset(*_run_parts(reader), reader))
     # Children are attached through the setter, which does not copy them again (the
     # constructor and DataTree.from_dict do): a third of the cost of opening.
     root = xr.DataTree(xr.Dataset(attrs=family.attrs), name=family.spec.name)

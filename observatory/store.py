@@ -1781,7 +1781,7 @@ class AnalysisWriter:
             )
         if group is not None:
             _require_variables(group, variables, self.where)
-        if group is None:
+        else:
             group = reader.analysis_group(name, create=True)
             _set_attrs(group, parameters=attrs)
             for variable, (dims, shape) in variables.items():

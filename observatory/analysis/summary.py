@@ -626,12 +626,12 @@ def _ablation_rank(effect: xr.DataArray, scores: xr.DataArray, *, prefix: str) -
     row = {f"{prefix}ablation_step": math.nan, f"{prefix}top_ablation_head": None}
     if not effect.sizes["step"]:
         return row
-    last = effect.isel(step=0).transpose("layer", "head")
-    step = int(last["step"])
+    at = effect.isel(step=0).transpose("layer", "head")
+    step = int(at["step"])
     score = scores.sel(step=step).transpose("layer", "head").values
     if not np.isfinite(score).all():
         return row
-    values, labels = last.values, (last["layer"].values, last["head"].values)
+    values, labels = at.values, (at["layer"].values, at["head"].values)
     top = np.unravel_index(np.argmax(values), values.shape)
     best = np.unravel_index(np.argmax(score), score.shape)
     rank = 1 + int((values > values[best]).sum())
