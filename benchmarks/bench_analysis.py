@@ -33,7 +33,7 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from observatory.jobs import AnalysisSpec, ExecutionSpec, run_analysis
+from observatory.jobs.analyze import AnalysisSpec, ExecutionSpec, run_analysis
 
 # The built-in head_scores, written as a user would: the same pure functions, same outputs.
 CUSTOM = '''\

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import observatory as obs
 from observatory.data import build_corpus
-from observatory.replayer import stored_corpus
+from observatory.jobs.verify import verify_store
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, create_family
-from observatory.trainer import train_run
-from observatory.verify import verify_store
+from observatory.train import train_run
+from observatory.train.replay import stored_corpus
 
 
 def replay_round(spec, corpus, store: Path) -> tuple[float, float]:

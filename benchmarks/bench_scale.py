@@ -44,7 +44,7 @@ from observatory.data import batch_indices, build_corpus
 from observatory.models import build_model
 from observatory.spec import load_run_spec
 from observatory.store import ENCODING_COPIES, WRITE_PIECE, buffer_slots, writer_memory
-from observatory.trainer import recipe, train_family
+from observatory.train import recipe, train_family
 
 
 def with_train(spec, **changes):

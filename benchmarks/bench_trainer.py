@@ -33,7 +33,7 @@ from observatory.data import build_corpus
 from observatory.models import build_model
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, RunWriter, StepRecord, create_family
-from observatory.trainer import train_run, train_step
+from observatory.train import train_run, train_step
 
 
 class BareLoop:

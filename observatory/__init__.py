@@ -16,14 +16,27 @@ _LAZY = {
         ("open", "open_run", "open_family", "head_weights", "model_at", "batch_at", "describe"),
         "observatory.query",
     ),
-    "summary": "observatory.results",
-    "compute": "observatory.jobs",
-    "replay": "observatory.replayer",
-    "transformer_lens_at": "observatory.lens",
+    "summary": "observatory.report.results",
+    "compute": "observatory.jobs.analyze",
+    "replay": "observatory.train.replay",
+    "transformer_lens_at": "observatory.interop.lens",
 }
-# ``obs.analysis`` is the ``observatory.analysis`` package, which is callable: the decorator
-# ``@obs.analysis(variables=...)`` (a plain function would be shadowed by the subpackage).
-_SUBMODULES = ("analysis",)
+# Subpackages resolve as attributes (``obs.store.FamilyStore``), imported on first use.
+# ``obs.analysis`` is callable: the decorator ``@obs.analysis(variables=...)`` (a plain function
+# would be shadowed by the subpackage).
+_SUBMODULES = (
+    "analysis",
+    "data",
+    "errors",
+    "interop",
+    "jobs",
+    "models",
+    "query",
+    "report",
+    "spec",
+    "store",
+    "train",
+)
 
 __all__ = [*_LAZY, *_SUBMODULES]
 

@@ -61,14 +61,14 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from observatory.cluster import dask_client, warm_import
+    from observatory.jobs.cluster import dask_client, warm_import
     from observatory.spec import load_run_spec
 
     spec = load_run_spec(args.spec)
     sizes = args.sizes.split(",") if args.sizes else None
     spec.runs(seeds=args.seeds, sizes=sizes)  # a wrong seed or size fails before anything starts
     # This process imports torch (about 4 s) while local workers start and import it too.
-    importer = threading.Thread(target=_quietly, args=(warm_import, "observatory.trainer"))
+    importer = threading.Thread(target=_quietly, args=(warm_import, "observatory.train"))
     importer.start()
     cluster = (
         contextlib.nullcontext()
@@ -79,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     )
     with cluster as client:
         importer.join()
-        from observatory.trainer import train_family
+        from observatory.train import train_family
 
         path = train_family(
             spec,
@@ -119,7 +119,7 @@ def _print_run_summary(summary) -> None:
 def _cmd_analyze(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from observatory.jobs import load_analysis_spec, run_analysis
+    from observatory.jobs.analyze import load_analysis_spec, run_analysis
 
     spec = load_analysis_spec(args.spec)
     if args.store:
@@ -134,13 +134,13 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def _cmd_analyses(args: argparse.Namespace) -> None:
-    from observatory.jobs import describe_analyses
+    from observatory.jobs.analyze import describe_analyses
 
     print(describe_analyses())
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from observatory.verify import format_verdicts, verify_store
+    from observatory.jobs.verify import format_verdicts, verify_store
 
     verdicts = verify_store(
         args.store,
@@ -184,7 +184,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from observatory.interop import export
+    from observatory.interop.hf import export
 
     targets = export(
         args.store,
@@ -200,7 +200,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
-    from observatory.interop import ingest
+    from observatory.interop.hf import ingest
     from observatory.query import describe
 
     path = ingest(

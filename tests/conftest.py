@@ -85,7 +85,7 @@ def tiny_spec(tiny_spec_path: Path) -> RunSpec:
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory) -> tuple[RunSpec, Path]:
     """A fully trained tiny family (2 seeds), shared read-only by tests of the readers."""
-    from observatory.trainer import train_family
+    from observatory.train import train_family
 
     directory = tmp_path_factory.mktemp("trained")
     spec = load_run_spec(write_spec(directory))
@@ -120,7 +120,7 @@ def dask_processes(
     ]
     worker = [sys.executable, "-m", "distributed.cli.dask_worker", address]
     worker += ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
-    worker += ["--preload", "observatory.cluster"]  # as the README starts workers
+    worker += ["--preload", "observatory.jobs.cluster"]  # as the README starts workers
     worker += [] if nanny else ["--no-nanny"]
     worker += ["--local-directory", str(workdir)] if workdir else []
     environ = os.environ | {"MALLOC_ARENA_MAX": "1"}
@@ -254,7 +254,7 @@ def http_server(directory: Path) -> Iterator[tuple[str, list[tuple[str, int]]]]:
 @pytest.fixture(scope="session")
 def trained_tiny_attn_only(tmp_path_factory) -> tuple[RunSpec, Path]:
     """The tiny family with the attention-only architecture, trained (2 seeds)."""
-    from observatory.trainer import train_family
+    from observatory.train import train_family
 
     directory = tmp_path_factory.mktemp("trained_attn_only")
     text = TINY_TOML.replace('architecture = "gpt_neox"', 'architecture = "attn_only"')

@@ -9,9 +9,9 @@ import xarray as xr
 import zarr
 
 from observatory.analysis import variance_split
-from observatory.analysis.summary import token_loss_pca
 from observatory.errors import StoreError
-from observatory.results import load_results, summary
+from observatory.report.results import load_results, summary
+from observatory.report.summary import token_loss_pca
 
 TOKENS_PER_STEP = 2048
 TRAIN_STEPS = np.arange(1000)

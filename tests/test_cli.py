@@ -121,12 +121,12 @@ def test_an_unexpected_error_prints_one_line_and_where_the_traceback_is(
 
 
 def test_a_full_disk_is_a_one_line_error(tiny_spec_path, tmp_path, monkeypatch, capsys):
-    import observatory.trainer
+    import observatory.train
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "s.zarr"))
 
-    monkeypatch.setattr(observatory.trainer, "train_family", full)
+    monkeypatch.setattr(observatory.train, "train_family", full)
     assert main(["train", str(tiny_spec_path), "--resume"]) == 2
     assert "No space left on device: " in one_line_error(capsys)
 

@@ -6,9 +6,8 @@ import subprocess
 
 import pytest
 
-from observatory import interactive
-from observatory.analysis.summary import summary
-from observatory.report import write_report
+from observatory.report import interactive, write_report
+from observatory.report.summary import summary
 from tests.test_analysis_summary import synthetic_results
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

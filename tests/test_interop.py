@@ -15,7 +15,7 @@ import observatory as obs
 from observatory.cli import main
 from observatory.errors import StoreError
 from observatory.spec import load_run_spec
-from observatory.trainer import train_family
+from observatory.train import train_family
 
 from .conftest import TINY_TOML, write_spec
 from .test_jobs import JOB  # the tiny analysis job

@@ -7,7 +7,13 @@ import xarray as xr
 from observatory.analysis import attention_patterns, head_scores
 from observatory.cli import main
 from observatory.errors import SpecError
-from observatory.jobs import ProbeSpec, compute, load_analysis_spec, run_analysis, shared_data
+from observatory.jobs.analyze import (
+    ProbeSpec,
+    compute,
+    load_analysis_spec,
+    run_analysis,
+    shared_data,
+)
 from observatory.query import model_at, open_family
 from observatory.store import FamilyStore
 from tests.conftest import dask_processes

@@ -10,9 +10,9 @@ import torch
 from transformer_lens.head_detector import detect_head
 
 import observatory as obs
-from observatory import lens
 from observatory.cli import main
 from observatory.errors import ObservatoryError
+from observatory.interop import lens
 
 SIZE = "l2-d16"
 JOB = """\

@@ -119,7 +119,7 @@ def test_importing_the_trainer_leaves_the_analyses_unimported():
     import sys
 
     code = (
-        "import sys, observatory.trainer, observatory.analysis as a; "
+        "import sys, observatory.train, observatory.analysis as a; "
         "names = ('ruptures', 'observatory.analysis.'); "
         "print(sorted(m for m in sys.modules if m.startswith(names))); "
         "a.head_scores; print('observatory.analysis.heads' in sys.modules)"

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from observatory.analysis import emergence, loss_bump
-from observatory.jobs import AnalysisSpec, ExecutionSpec, HeldOutSpec, run_analysis
+from observatory.jobs.analyze import AnalysisSpec, ExecutionSpec, HeldOutSpec, run_analysis
 from observatory.query import open_family
-from observatory.results import summary
+from observatory.report.results import summary
 from observatory.spec import CheckpointSpec, SeedSpec, load_run_spec
-from observatory.trainer import train_family
+from observatory.train import train_family
 
 
 @pytest.mark.slow

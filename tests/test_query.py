@@ -18,7 +18,7 @@ import zarr.storage
 
 import observatory as obs
 from observatory import store as store_module
-from observatory import trainer
+from observatory import train as trainer
 from observatory.cli import main
 from observatory.errors import StoreError
 from observatory.store import ATTRS_KEY, FamilyStore

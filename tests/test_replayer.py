@@ -5,10 +5,10 @@ import torch
 import observatory as obs
 from observatory.errors import StoreError
 from observatory.models import build_model, stack_layers, unstack_layers
-from observatory.replayer import RecipeError
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore
-from observatory.trainer import train_family
+from observatory.train import train_family
+from observatory.train.replay import RecipeError
 from tests.conftest import TINY_TOML, write_spec
 from tests.test_trainer import assert_bit_identical
 
@@ -88,7 +88,7 @@ def test_on_step_gets_the_gradients_of_every_step(trained_tiny):
 
 def test_replay_refuses_another_recipe_unless_not_strict(trained_tiny, monkeypatch):
     _, store = trained_tiny
-    import observatory.replayer as replay_module
+    import observatory.train.replay as replay_module
 
     real = replay_module.recipe_record
     monkeypatch.setattr(

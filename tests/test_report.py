@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from observatory import report as report_module
-from observatory.analysis.summary import summary
 from observatory.cli import main
 from observatory.report import FIGURES, write_report
+from observatory.report.summary import summary
 from tests.test_analysis_summary import analysed_copy, synthetic_results, with_causal_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -137,7 +137,7 @@ def test_report_of_a_store_with_an_untrained_seed(trained_tiny, tmp_path, capsys
 
 def test_a_store_with_two_sizes_gets_one_page_with_a_section_per_size(tmp_path, capsys):
     from observatory.spec import load_run_spec
-    from observatory.trainer import train_family
+    from observatory.train import train_family
     from tests.conftest import TINY_TOML, write_spec
 
     second = '[[model.sizes]]\nname = "l2-d8"\nn_layers = 2\nd_model = 8\nn_heads = 2\n'

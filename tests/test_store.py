@@ -594,7 +594,7 @@ def _s3_spec(directory, *, seeds: str, steps: int, every: int):
 
 
 def _analyse(store, directory):
-    from observatory.jobs import load_analysis_spec, run_analysis
+    from observatory.jobs.analyze import load_analysis_spec, run_analysis
 
     job = directory / f"job{len(list(directory.glob('job*')))}.toml"
     job.write_text(S3_JOB.format(store=store))
@@ -609,7 +609,7 @@ def test_a_family_in_s3_trains_analyses_and_reads_back_as_on_local_disk(
 
     from observatory import open_family
     from observatory.cli import main
-    from observatory.trainer import train_family
+    from observatory.train import train_family
 
     tiny_spec = _s3_spec(tmp_path, seeds="init = [0, 1]\ndata = [5, 6]", steps=24, every=12)
     url = f"{s3_bucket}/family.zarr"
@@ -676,7 +676,7 @@ def test_a_reader_polling_s3_during_training_never_sees_a_partial_checkpoint(s3_
     import threading
 
     from observatory.store import FamilyStore
-    from observatory.trainer import train_family
+    from observatory.train import train_family
 
     spec = _s3_spec(tmp_path, seeds="init = [0]\ndata = [5]", steps=12, every=3)
     url = f"{s3_bucket}/polled.zarr"

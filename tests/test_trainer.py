@@ -13,7 +13,7 @@ from observatory.data import build_corpus
 from observatory.errors import StoreError
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore, create_family
-from observatory.trainer import (
+from observatory.train import (
     interrupts_between_steps,
     raise_if_interrupted,
     train_family,
@@ -471,7 +471,7 @@ def _worker_setup() -> tuple:
 
 
 def test_local_workers_start_warm_and_train_for_a_client_given(trained_tiny, tmp_path):
-    from observatory.cluster import dask_client
+    from observatory.jobs.cluster import dask_client
 
     spec, sequential = trained_tiny
     with dask_client(workers=1) as client:

@@ -126,7 +126,7 @@ def test_bad_input_is_exit_code_2(trained_tiny, tmp_path, capsys):
 
 
 def test_a_run_still_training_verifies_what_is_committed(tiny_spec, tmp_path, capsys):
-    from observatory.trainer import train_family
+    from observatory.train import train_family
 
     store = train_family(
         tiny_spec, store=tmp_path / "s.zarr", seeds=[0], progress=False, stop_after=10

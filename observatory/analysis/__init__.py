@@ -1,8 +1,8 @@
 """Pure analysis functions: one checkpoint's model or weights plus probe data in, numpy out.
 
 No I/O here: analyses follow one protocol (:func:`analysis`, in ``protocol.py``; the built-ins
-in ``builtins.py``), and the job runner (:mod:`observatory.jobs`) calls them per checkpoint and
-stores the results, with the conventions each one records as attributes.
+in ``builtins.py``), and the job runner (:mod:`observatory.jobs.analyze`) calls them per
+checkpoint and stores the results, with the conventions each one records as attributes.
 
 The package itself is callable: ``@obs.analysis(variables=...)`` is :func:`analysis`.
 """

@@ -32,9 +32,9 @@ from observatory.analysis.protocol import (
     dim_sizes,
     resolve_variables,
 )
-from observatory.cluster import dask_client
 from observatory.data import build_corpus
 from observatory.errors import AnalysisError, SpecError
+from observatory.jobs.cluster import dask_client
 from observatory.spec import DataSpec, RunId, RunSpec, _type_name, from_table, load_toml
 
 

@@ -78,7 +78,7 @@ def head_label(layer: int, head: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Checking loaded results (loading them is I/O: observatory.results.load_results).
+# Checking loaded results (loading them is I/O: observatory.report.results.load_results).
 
 
 def check_results(ds: xr.Dataset, require: tuple[str, ...]) -> None:
@@ -106,9 +106,9 @@ def _results(
     require: tuple[str, ...],
     seeds: list[int] | None = None,
 ) -> xr.Dataset:
-    if not isinstance(source, xr.Dataset):  # loading a store is I/O: observatory.results
+    if not isinstance(source, xr.Dataset):  # loading a store is I/O: observatory.report.results
         raise TypeError(
-            "pass the dataset of observatory.results.load_results; "
+            "pass the dataset of observatory.report.results.load_results; "
             "observatory.summary(store) loads a store"
         )
     check_results(source, require)
@@ -339,8 +339,8 @@ def summary(
     Parameters
     ----------
     path
-        A dataset from :func:`~observatory.results.load_results` (``observatory.summary``
-        and :func:`observatory.results.summary` take a store).
+        A dataset from :func:`~observatory.report.results.load_results` (``observatory.summary``
+        and :func:`observatory.report.results.summary` take a store).
     size
         Size name; may be omitted when the store has a single size.
     seeds
@@ -661,8 +661,8 @@ def token_loss_pca(
     Parameters
     ----------
     path
-        A dataset from :func:`~observatory.results.load_results` (``observatory.summary``
-        and :func:`observatory.results.summary` take a store).
+        A dataset from :func:`~observatory.report.results.load_results` (``observatory.summary``
+        and :func:`observatory.report.results.summary` take a store).
     size
         Size name; may be omitted when the store has a single size.
     n_components

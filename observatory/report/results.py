@@ -7,10 +7,10 @@ from typing import Any
 
 import xarray as xr
 
-from observatory.analysis import summary as summaries
-from observatory.analysis.summary import RESULTS, Summary, check_results
 from observatory.errors import StoreError
 from observatory.query import open_family
+from observatory.report import summary as summaries
+from observatory.report.summary import RESULTS, Summary, check_results
 from observatory.store import FamilyStore
 
 
@@ -82,7 +82,7 @@ def summary(
     """Circuit formation per seed and across seeds of one size of a family store (``obs.summary``).
 
     Loads the results (:func:`load_results`) and returns
-    :func:`observatory.analysis.summary.summary` of them; see there for the columns.
+    :func:`observatory.report.summary.summary` of them; see there for the columns.
 
     Parameters
     ----------
@@ -91,7 +91,7 @@ def summary(
     size, seeds
         Which size (may be omitted when the store has one) and seeds.
     threshold, include_incomplete
-        As in :func:`observatory.analysis.summary.summary`.
+        As in :func:`observatory.report.summary.summary`.
 
     Raises
     ------

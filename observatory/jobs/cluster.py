@@ -85,7 +85,7 @@ def dask_client(*, scheduler: str | None = None, workers: int = 0, threads: int 
 
 def dask_setup(worker) -> None:
     """Preload of the local cluster's workers: import what every task needs at start-up."""
-    warm_import("observatory.trainer")
+    warm_import("observatory.train")
 
 
 def warm_import(module: str) -> None:

@@ -26,7 +26,6 @@ from transformers import AutoConfig, PreTrainedModel
 
 from observatory.errors import StoreError
 from observatory.models import PER_HEAD_DIMS, model_from_config, unstack_layers
-from observatory.replayer import stored_corpus
 from observatory.store import (
     FamilyStore,
     LazyArray,
@@ -35,6 +34,7 @@ from observatory.store import (
     read_rows,
     resolved,
 )
+from observatory.train.replay import stored_corpus
 
 # Dims of the per-head views of :func:`observatory.models.transformer_lens_weights`,
 # after the leading ``step`` dim.
@@ -578,7 +578,7 @@ def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrained
     step
         The weights after ``step`` updates.  A committed checkpoint is read; any other
         recorded step is replayed from the nearest keyframe before it (with a warning that
-        says so; see :func:`observatory.replayer.replay`).
+        says so; see :func:`observatory.train.replay.replay`).
 
     Returns
     -------
@@ -593,7 +593,7 @@ def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrained
     """
     reader = FamilyStore(path).run(size, seed)
     if step not in reader.steps() and 0 <= step <= reader.n_steps:
-        from observatory.replayer import model_at_step
+        from observatory.train.replay import model_at_step
 
         return model_at_step(path, size=size, seed=seed, step=step)
     model = _empty_model(reader)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from observatory.cluster import dask_client
 from observatory.data import batch_indices
 from observatory.errors import StoreError
+from observatory.jobs.cluster import dask_client
 from observatory.spec import RunId
 from observatory.store import FamilyStore, RunReader
 
@@ -217,9 +217,9 @@ def replay_span(store: str, size: str, seed: int, start: int, end: int) -> tuple
     tuple
         Checkpoints compared, and the first mismatch (one line) or None.
     """
-    from observatory.replayer import ReplaySource
     from observatory.store import state_digest, weights_digest
-    from observatory.trainer import snapshot
+    from observatory.train import snapshot
+    from observatory.train.replay import ReplaySource
 
     source = ReplaySource.open(store, size=size, seed=seed, strict=True)
     reader, tokens = source.reader, source.spec.train.tokens_per_step

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
-from observatory.analysis.summary import Summary, head_label
+from observatory.report.summary import Summary, head_label
 
 # Heatmaps: variable -> (title, colour scale, value range)
 HEATMAPS = {
@@ -32,7 +32,7 @@ def page(sections: list[tuple[Summary, xr.Dataset]], *, transformer_lens: bool =
     ----------
     sections
         ``(summary, results)`` per size; ``results`` as from
-        :func:`~observatory.results.load_results`, restricted to the seeds to draw.
+        :func:`~observatory.report.results.load_results`, restricted to the seeds to draw.
     transformer_lens
         Also show the TransformerLens-convention induction scores (``tl_induction_score``).
 

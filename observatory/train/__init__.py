@@ -147,7 +147,7 @@ def train_family(
     if client is not None:
         _train_on_cluster(client, spec, str(path), runs, corpus, progress, on_run_end, options)
     else:
-        from observatory.cluster import dask_client
+        from observatory.jobs.cluster import dask_client
 
         threads = spec.train.threads
         with dask_client(scheduler=scheduler, workers=workers or 0, threads=threads) as client:

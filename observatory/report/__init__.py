@@ -1,6 +1,7 @@
 """A circuit-formation report of one family store: PNG figures, one HTML page, summary tables.
 
-An interactive twin of the page (plotly, :mod:`observatory.interactive`) is written next to it.
+An interactive twin of the page (plotly, :mod:`observatory.report.interactive`) is written
+next to it.
 
 Figures are drawn on bare :class:`matplotlib.figure.Figure` objects (Agg canvas), so writing a
 report never touches pyplot's global state or the user's interactive backend.
@@ -26,8 +27,9 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from observatory import interactive
-from observatory.analysis.summary import (
+from observatory.report import interactive
+from observatory.report.results import load_results
+from observatory.report.summary import (
     SeedAlignment,
     Summary,
     check_results,
@@ -37,7 +39,6 @@ from observatory.analysis.summary import (
     token_loss_pca,
     tokens_per_step,
 )
-from observatory.results import load_results
 
 DPI = 120
 # Analyses the report draws on (all of them: figures for each). The training loss is drawn
@@ -75,7 +76,7 @@ def write_report(
     ----------
     path
         The family store (analysed with ``observatory analyze``), or a dataset from
-        :func:`~observatory.results.load_results`.
+        :func:`~observatory.report.results.load_results`.
     out_dir
         Directory to write into (created if needed; existing report files are replaced).
     sizes
@@ -86,7 +87,7 @@ def write_report(
         Seed indices to report (default: every seed).
     include_incomplete
         Keep incomplete runs in the cross-seed statistics (see
-        :func:`~observatory.analysis.summary.summary`); they are drawn and marked either way.
+        :func:`~observatory.report.summary.summary`); they are drawn and marked either way.
         Seeds without results (not trained or not analysed) are listed, not drawn.
     transformer_lens
         Also draw the induction scores in the TransformerLens convention (``tl_*``).

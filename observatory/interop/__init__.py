@@ -1,0 +1,1 @@
+"""Interoperation: Hugging Face export and ingest, TransformerLens bridges."""

@@ -1,0 +1,1 @@
+"""Analysis jobs on dask: the job spec, compute, verify, and the one dask client helper."""
