@@ -13,13 +13,17 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from observatory.errors import SpecError
+from observatory.errors import SpecError, StoreError
 from observatory.models import BOS_TOKEN
 from observatory.spec import DataSpec
+
+if TYPE_CHECKING:
+    from observatory.store import FamilyStore
 
 DATA_ORDER_RULE = "epoch e visits numpy.random.default_rng([data_seed, e]).permutation(n_sequences)"
 
@@ -134,6 +138,30 @@ def build_corpus(spec: DataSpec, *, context: int, vocab_size: int) -> Corpus:
         tokens = text_corpus(spec, context=context)
     definition = {"spec": spec.__dict__ | {"paths": list(spec.paths)}, "context": context}
     return Corpus(tokens=tokens, fingerprint=_fingerprint(definition, tokens))
+
+
+def stored_corpus(family: FamilyStore) -> Corpus:
+    """The corpus a store was trained on, rebuilt from its spec (cached) and fingerprint-checked.
+
+    Raises
+    ------
+    StoreError
+        If the rebuilt corpus differs from the one the store was trained on.
+    """
+    spec = family.spec
+    corpus = _cached_corpus(spec.data, spec.train.context, spec.model.vocab_size)
+    stored = family.attrs["data"]["fingerprint"]
+    if corpus.fingerprint != stored:
+        raise StoreError(
+            f"{family.path}: the corpus rebuilt from the stored spec has fingerprint "
+            f"{corpus.fingerprint}, but the store was trained on {stored} (changed corpus files?)"
+        )
+    return corpus
+
+
+@lru_cache(maxsize=2)
+def _cached_corpus(data: DataSpec, context: int, vocab_size: int) -> Corpus:
+    return build_corpus(data, context=context, vocab_size=vocab_size)
 
 
 @lru_cache(maxsize=4)

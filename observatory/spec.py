@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from observatory.errors import SpecError
+from observatory.models.registry import names as architecture_names
 
 # --------------------------------------------------------------------------------------------
 # Strict TOML -> dataclass conversion, shared by run specs and analysis specs.
@@ -177,15 +178,22 @@ class SizeSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Architecture shared by every size: ``gpt_neox`` (Pythia-style) or ``attn_only``."""
+    """Architecture shared by every size: ``gpt_neox`` (Pythia-style), ``attn_only``, or any
+    other module of :mod:`observatory.models` (see :mod:`observatory.models.registry`)."""
 
-    architecture: Literal["gpt_neox", "attn_only"]
+    architecture: str
     vocab_size: int
     sizes: tuple[SizeSpec, ...]
     rotary_pct: float = 0.25  # gpt_neox: fraction of each head's dims that get rotary embeddings
     layer_norm: bool = True  # attn_only: LayerNorm before each attention layer and the unembed
 
     def validate(self, where: str) -> None:
+        valid = architecture_names()
+        _require(
+            self.architecture in valid,
+            f"{where}.architecture: expected {' or '.join(map(repr, valid))}, "
+            f"got {self.architecture!r}",
+        )
         _require(self.vocab_size > 1, f"{where}.vocab_size: must be at least 2")
         _require(len(self.sizes) > 0, f"{where}.sizes: the list of sizes is empty")
         names = [s.name for s in self.sizes]

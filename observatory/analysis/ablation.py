@@ -4,8 +4,9 @@ A head's output is its ``z`` (the attention-weighted values, ``[batch, pos, d_he
 ``W_O``; ablating the head replaces its slice of the attention output projection's input (the
 per-head ``z`` before ``W_O``) by zero or by its mean over every sequence and position of the
 evaluated tokens (mean ablation changes the next layer's input distribution less). The
-projection's bias ``b_O`` is kept. Works for GPT-NeoX (``attention.dense``) and the
-attention-only models (``attn.o_proj``), whose projection inputs are head-major. Ablating
+projection's bias ``b_O`` is kept. Works for every architecture: each declares its output
+projections (GPT-NeoX's ``attention.dense``, the attention-only ``attn.o_proj``), whose inputs
+are head-major. Ablating
 every head of a layer at once measures what heads that duplicate each other do together.
 """
 
@@ -20,15 +21,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from observatory.analysis.icl import token_losses
+from observatory.models.registry import of_config
 
 Ablation = Literal["zero", "mean"]
 
 
 def output_projections(model: PreTrainedModel) -> list[nn.Linear]:
     """The attention output projection (``W_O``) of every layer, in layer order."""
-    if hasattr(model, "gpt_neox"):
-        return [layer.attention.dense for layer in model.gpt_neox.layers]
-    return [layer.attn.o_proj for layer in model.layers]
+    return of_config(model.config).output_projections(model)
 
 
 def _head_view(z: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -38,7 +38,6 @@ EXPORT_FORMAT = {"format": "observatory-export", "version": 1}
 STEP_FOLDER = re.compile(r"(?:step|checkpoint-)(\d+)")
 # Config entries that differ between saves of the same model (left out of the config hash).
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
-MODEL_TYPES = {"gpt_neox": "gpt_neox", "observatory_attn_only": "attn_only"}
 EXPORT_BLOCK = 16  # checkpoints read together while exporting
 
 
@@ -361,8 +360,9 @@ def _common_config(series: list[CheckpointSeries]) -> Any:
     """The config every checkpoint shares; an error names the first one that differs."""
     from transformers import AutoConfig
 
-    import observatory.models  # noqa: F401  (registers the attention-only model type)
+    from observatory.models.registry import model_types
 
+    supported = model_types()  # importing each architecture registers its model type
     reference, first = None, None
     for folder in (f for one in series for f in one.folders.values()):
         try:
@@ -370,10 +370,10 @@ def _common_config(series: list[CheckpointSeries]) -> Any:
         except (OSError, ValueError, KeyError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise InteropError(f"{folder}: cannot read config.json ({reason})") from None
-        if config.model_type not in MODEL_TYPES:
+        if config.model_type not in supported:
             raise InteropError(
                 f"{folder}: model type {config.model_type!r} is not supported "
-                f"(supported: {', '.join(MODEL_TYPES)})"
+                f"(supported: {', '.join(supported)})"
             )
         if reference is None:
             reference, first = config, folder
@@ -427,26 +427,21 @@ def _exported_family(series: list[CheckpointSeries]) -> tuple[RunSpec, list[RunI
 
 def _derived_spec(config, name, size, context, batch_size, n_runs, series) -> RunSpec:
     """A spec describing checkpoints that carry none: architecture from the config."""
-    architecture = MODEL_TYPES[config.model_type]
+    from observatory.models.registry import of_config
+
+    declared = of_config(config)
     n_positions = config.max_position_embeddings
     context = context or n_positions
     period_max = max(1, min(32, context - 1))
-    model: dict[str, Any] = {"architecture": architecture, "vocab_size": config.vocab_size}
+    model_keys, size_keys = declared.spec_keys(config)
+    model = {"architecture": declared.name, "vocab_size": config.vocab_size} | model_keys
     shape = {
         "name": size or f"l{config.num_hidden_layers}-d{config.hidden_size}",
         "n_layers": config.num_hidden_layers,
         "d_model": config.hidden_size,
         "n_heads": config.num_attention_heads,
         "n_positions": n_positions,
-    }
-    if architecture == "gpt_neox":
-        shape["d_mlp"] = config.intermediate_size
-        rope = getattr(config, "rope_parameters", None) or {}
-        model["rotary_pct"] = float(
-            rope.get("partial_rotary_factor", getattr(config, "rotary_pct", 0.25))
-        )
-    else:
-        model["layer_norm"] = bool(config.layer_norm)
+    } | size_keys
     steps = sorted({step for one in series for step in one.steps})
     table = {
         "name": name,

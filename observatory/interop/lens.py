@@ -1,10 +1,11 @@
-"""TransformerLens models of stored checkpoints, for both architectures.
+"""TransformerLens models of stored checkpoints, for every architecture.
 
 TransformerLens 4 replaced ``HookedTransformer`` by ``TransformerBridge``, which wraps a
 Hugging Face model in hook points and TransformerLens names (``blocks.1.attn.hook_pattern``,
 ``W_Q[layer, head, d_model, d_head]``).  GPT-NeoX has an architecture adapter in
-TransformerLens; the attention-only model gets one here, registered with TransformerLens's
-public ``ArchitectureAdapterFactory.register_adapter``.  Both models are wrapped with
+TransformerLens; an architecture without one declares its own (``lens_adapters``, beside its
+model in :mod:`observatory.models`), registered here with TransformerLens's public
+``ArchitectureAdapterFactory.register_adapter``.  Every model is wrapped with
 ``build_bridge_from_module``, TransformerLens's builder for a model already in memory, so the
 bridge runs the very weights that :func:`observatory.query.model_at` loads (same logits).
 
@@ -21,10 +22,6 @@ from typing import Any
 
 from observatory.errors import ObservatoryError
 
-# TransformerLens architecture names: GPT-NeoX has TransformerLens's own adapter; the
-# attention-only model one of the two below, with and without LayerNorm.
-GPT_NEOX = "GPTNeoXForCausalLM"
-ATTN_ONLY = {True: "ObservatoryAttnOnlyForCausalLM", False: "ObservatoryAttnOnlyNoLNForCausalLM"}
 INSTALL_HINT = 'pip install -e ".[tl]"  (transformer-lens 4.x)'
 MIN_MAJOR = 4
 
@@ -38,12 +35,8 @@ def transformer_lens_at(path: str | Path, *, size: str, seed: int, step: int) ->
 
     Parameters
     ----------
-    path
-        The family store.
-    size
-        Size name.
-    seed
-        Seed index.
+    path, size, seed
+        The run: its family store, size name and seed index.
     step
         A committed checkpoint step.
 
@@ -75,7 +68,7 @@ def transformer_lens_at(path: str | Path, *, size: str, seed: int, step: int) ->
 
 
 def bridge(model: Any, *, name: str = "observatory") -> Any:
-    """Wrap an in-memory observatory model (GPT-NeoX or attention-only) in a TransformerBridge.
+    """Wrap an in-memory observatory model (of any architecture) in a TransformerBridge.
 
     The bridge takes ``model`` over (its submodules are replaced by bridge components): pass a
     model you do not use otherwise.
@@ -91,17 +84,14 @@ def bridge(model: Any, *, name: str = "observatory") -> Any:
     -------
     transformer_lens.model_bridge.TransformerBridge
     """
-    from observatory.models import AttnOnlyForCausalLM
+    from observatory.models.registry import of_config
 
     sources = _transformer_lens().model_bridge.sources
-    if isinstance(model, AttnOnlyForCausalLM):
-        _register_attn_only()
-        architecture = ATTN_ONLY[bool(model.config.layer_norm)]
-    else:
-        architecture = GPT_NEOX
+    declared = of_config(model.config)
+    _register_adapters(declared.name)
     wrapped = sources.build_bridge_from_module(
         model.eval(),
-        architecture,
+        declared.lens_name(model.config),
         hf_config=model.config,
         tokenizer=token_names_tokenizer(model.config.vocab_size),
         model_name=name,
@@ -155,91 +145,14 @@ def _transformer_lens() -> Any:
 
 
 @cache
-def _register_attn_only() -> None:
-    """Register the attention-only adapter with TransformerLens (once per process)."""
+def _register_adapters(name: str) -> None:
+    """Register architecture ``name``'s TransformerLens adapters, once per process."""
     from transformer_lens.factories.architecture_adapter_factory import (
         ArchitectureAdapterFactory,
     )
 
-    for layer_norm, name in ATTN_ONLY.items():
-        ArchitectureAdapterFactory.register_adapter(name, _attn_only_adapter_class(layer_norm))
+    from observatory.models.registry import architecture
 
-
-def _attn_only_adapter_class(layer_norm: bool) -> type:
-    """The TransformerLens adapter of :class:`observatory.models.AttnOnlyForCausalLM`.
-
-    The model's ``layer_norm`` flag does not reach an adapter (TransformerLens keeps only the
-    config fields it knows), hence one adapter class with and one without LayerNorm.
-    """
-    from transformer_lens.conversion_utils.conversion_steps import RearrangeTensorConversion
-    from transformer_lens.conversion_utils.param_processing_conversion import (
-        ParamProcessingConversion,
-    )
-    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
-    from transformer_lens.model_bridge.generalized_components import (
-        AttentionBridge,
-        BlockBridge,
-        EmbeddingBridge,
-        LinearBridge,
-        NormalizationBridge,
-        PosEmbedBridge,
-        UnembeddingBridge,
-    )
-
-    class AttnOnlyBlockBridge(BlockBridge):
-        """A block without an MLP: no mid-residual stream and no MLP output to hook."""
-
-        def __init__(self, name: str, config: Any = None, submodules: Any = None):
-            super().__init__(name, config=config, submodules=submodules)
-            self.hook_aliases = {
-                alias: target
-                for alias, target in self.hook_aliases.items()
-                if alias not in ("hook_resid_mid", "hook_mlp_out")
-            }
-
-    class AttnOnlyArchitectureAdapter(ArchitectureAdapter):
-        """Token + learned position embeddings, (LayerNorm +) attention blocks, unembedding.
-
-        Q/K/V/O are separate ``nn.Linear`` layers whose rows (columns for O) are
-        ``[head, d_head]``; the conversions give TransformerLens's per-head shapes.
-        """
-
-        def __init__(self, cfg: Any) -> None:
-            super().__init__(cfg)
-            self.cfg.normalization_type = "LN" if layer_norm else None
-            self.cfg.positional_embedding_type = "standard"
-            self.cfg.final_rms = False
-            self.cfg.gated_mlp = False
-            self.cfg.attn_only = True
-            n_heads = self.cfg.n_heads
-
-            def rearrange(pattern: str) -> ParamProcessingConversion:
-                return ParamProcessingConversion(
-                    tensor_conversion=RearrangeTensorConversion(pattern, n=n_heads)
-                )
-
-            self.weight_processing_conversions = {
-                **{f"blocks.{{i}}.attn.{x}.weight": rearrange("(n h) m -> n m h") for x in "qkv"},
-                **{f"blocks.{{i}}.attn.{x}.bias": rearrange("(n h) -> n h") for x in "qkv"},
-                "blocks.{i}.attn.o.weight": rearrange("m (n h) -> n h m"),
-            }
-            attention = AttentionBridge(
-                name="attn",
-                config=self.cfg,
-                submodules={key: LinearBridge(name=f"{key}_proj") for key in ("q", "k", "v", "o")},
-            )
-            block = {"attn": attention}
-            if layer_norm:
-                block = {"ln1": NormalizationBridge(name="ln", config=self.cfg), **block}
-            self.component_mapping = {
-                "embed": EmbeddingBridge(name="embed"),
-                "pos_embed": PosEmbedBridge(name="pos_embed"),
-                "blocks": AttnOnlyBlockBridge(name="layers", config=self.cfg, submodules=block),
-                "unembed": UnembeddingBridge(name="unembed"),
-            }
-            if layer_norm:
-                self.component_mapping["ln_final"] = NormalizationBridge(
-                    name="ln_final", config=self.cfg
-                )
-
-    return AttnOnlyArchitectureAdapter
+    adapters = architecture(name).lens_adapters
+    for lens_name, adapter in (adapters() if adapters else {}).items():
+        ArchitectureAdapterFactory.register_adapter(lens_name, adapter)

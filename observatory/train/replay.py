@@ -14,16 +14,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from observatory.data import Corpus, build_corpus
+from observatory.data import Corpus, stored_corpus
 from observatory.errors import StoreError
 from observatory.models import build_model
-from observatory.spec import DataSpec, RunSpec
+from observatory.spec import RunSpec
 from observatory.store import FamilyStore, RunReader
 from observatory.train import recipe, recipe_record, restore, train_step
 
@@ -240,27 +239,3 @@ def check_recipe(reader: RunReader, *, strict: bool) -> None:
     if strict:
         raise RecipeError(f"{message} (pass strict=False to replay anyway)")
     warnings.warn(message, stacklevel=3)
-
-
-def stored_corpus(family: FamilyStore) -> Corpus:
-    """The corpus a store was trained on, rebuilt from its spec (cached) and fingerprint-checked.
-
-    Raises
-    ------
-    StoreError
-        If the rebuilt corpus differs from the one the store was trained on.
-    """
-    spec = family.spec
-    corpus = _corpus(spec.data, spec.train.context, spec.model.vocab_size)
-    stored = family.attrs["data"]["fingerprint"]
-    if corpus.fingerprint != stored:
-        raise StoreError(
-            f"{family.path}: the corpus rebuilt from the stored spec has fingerprint "
-            f"{corpus.fingerprint}, but the store was trained on {stored} (changed corpus files?)"
-        )
-    return corpus
-
-
-@lru_cache(maxsize=2)
-def _corpus(data: DataSpec, context: int, vocab_size: int) -> Corpus:
-    return build_corpus(data, context=context, vocab_size=vocab_size)
