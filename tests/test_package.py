@@ -82,8 +82,8 @@ def test_import_graph_sees_function_level_and_relative_imports():
         "def f():\n    from observatory.store import FamilyStore\n"
         "from . import errors\nfrom .models import parameter_dims\n"
     )
-    known = {"observatory.store", "observatory.errors", "observatory.models", "observatory.query"}
-    assert imported("observatory.query", tree, known) == {
+    known = {"observatory.store", "observatory.errors", "observatory.models", "observatory.data"}
+    assert imported("observatory.data", tree, known) == {
         "observatory.store",
         "observatory.errors",
         "observatory.models",
@@ -92,7 +92,7 @@ def test_import_graph_sees_function_level_and_relative_imports():
 
 def test_no_import_cycle_among_observatory_modules():
     graph = import_graph()
-    assert "observatory.store" in graph["observatory.query"]  # the graph is really read
+    assert "observatory.store" in graph["observatory.query.datasets"]  # the graph is really read
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -126,3 +126,30 @@ def test_importing_the_trainer_leaves_the_analyses_unimported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:2] == ["['observatory.analysis.phase']", "True"]
+
+
+def test_importing_the_query_api_leaves_the_training_loop_unimported():
+    """Reading a store must not pay for the trainer: only a replay imports it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, observatory.query; "
+        "print(sorted(m for m in sys.modules if m.startswith('observatory.train')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_checking_a_specs_architecture_does_not_import_torch():
+    """The CLI loads a spec while torch imports in the background: the check must not wait."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from observatory.spec import load_run_spec; "
+        "from observatory.models.registry import names; "
+        "print(names(), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "('attn_only', 'gpt_neox') False"

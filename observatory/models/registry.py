@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from observatory.spec import ModelSpec, SizeSpec
-
 # Modules of this package that are not architectures.
 SUPPORT_MODULES = frozenset({"build", "naming", "registry"})
 
@@ -72,7 +70,7 @@ class Architecture:
 
     name: str
     model_type: str
-    config: Callable[[ModelSpec, SizeSpec], PretrainedConfig]
+    config: Callable[[Any, Any], PretrainedConfig]  # (ModelSpec, SizeSpec): spec imports us
     model: Callable[[PretrainedConfig], PreTrainedModel]
     parameter_dims: Mapping[str, tuple[str, ...]]
     head_blocks: Mapping[str, tuple[str, int, int]]
