@@ -57,6 +57,10 @@ MALFORMED = {
     "zip with unequal seed lists": (("data = [5, 6]", "data = [5]"), "seeds.data"),
     "heads do not divide d_model": (("n_heads = 2", "n_heads = 3"), "d_model"),
     "not TOML": (("[train]", "[train"), "not valid TOML"),
+    "unknown architecture": (
+        ('architecture = "gpt_neox"', 'architecture = "mamba"'),
+        "model.architecture: expected 'attn_only' or 'gpt_neox', got 'mamba'",
+    ),
 }
 
 

@@ -35,10 +35,9 @@ def transformer_lens_at(path: str | Path, *, size: str, seed: int, step: int) ->
 
     Parameters
     ----------
-    path, size, seed
-        The run: its family store, size name and seed index.
-    step
-        A committed checkpoint step.
+    path, size, seed, step
+        The run and a committed checkpoint step, as :func:`observatory.query.model_at` takes
+        them.
 
     Returns
     -------

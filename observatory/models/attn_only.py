@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from observatory.models.naming import BOS_TOKEN
+from observatory.models.naming import config_keys
 from observatory.models.registry import Architecture
 
 if TYPE_CHECKING:
@@ -167,15 +167,7 @@ AutoModelForCausalLM.register(AttnOnlyConfig, AttnOnlyForCausalLM)
 
 def build_config(spec: ModelSpec, size: SizeSpec) -> AttnOnlyConfig:
     """The config of one size (``spec.layer_norm``: LayerNorm before each layer and unembed)."""
-    return AttnOnlyConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=size.d_model,
-        num_hidden_layers=size.n_layers,
-        num_attention_heads=size.n_heads,
-        max_position_embeddings=size.n_positions,
-        layer_norm=spec.layer_norm,
-        bos_token_id=BOS_TOKEN,
-    )
+    return AttnOnlyConfig(**config_keys(spec, size), layer_norm=spec.layer_norm)
 
 
 def output_projections(model: AttnOnlyForCausalLM) -> list[nn.Module]:
@@ -278,18 +270,12 @@ def lens_adapters() -> dict[str, type]:
 PARAMETER_DIMS: dict[str, tuple[str, ...]] = {
     "embed.weight": ("d_vocab", "d_model"),
     "pos_embed.weight": ("n_ctx", "d_model"),
-    "layers.ln.weight": ("layer", "d_model"),
-    "layers.ln.bias": ("layer", "d_model"),
-    "layers.attn.q_proj.weight": ("layer", "d_heads", "d_model"),
-    "layers.attn.q_proj.bias": ("layer", "d_heads"),
-    "layers.attn.k_proj.weight": ("layer", "d_heads", "d_model"),
-    "layers.attn.k_proj.bias": ("layer", "d_heads"),
-    "layers.attn.v_proj.weight": ("layer", "d_heads", "d_model"),
-    "layers.attn.v_proj.bias": ("layer", "d_heads"),
+    **{f"layers.ln.{name}": ("layer", "d_model") for name in ("weight", "bias")},
+    **{f"layers.attn.{x}_proj.weight": ("layer", "d_heads", "d_model") for x in "qkv"},
+    **{f"layers.attn.{x}_proj.bias": ("layer", "d_heads") for x in "qkv"},
     "layers.attn.o_proj.weight": ("layer", "d_model", "d_heads"),
     "layers.attn.o_proj.bias": ("layer", "d_model"),
-    "ln_final.weight": ("d_model",),
-    "ln_final.bias": ("d_model",),
+    **{f"ln_final.{name}": ("d_model",) for name in ("weight", "bias")},
     "unembed.weight": ("d_vocab", "d_model"),
 }
 

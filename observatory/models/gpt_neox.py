@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PretrainedConfig
 
-from observatory.models.naming import BOS_TOKEN
+from observatory.models.naming import BOS_TOKEN, config_keys
 from observatory.models.registry import Architecture
 
 if TYPE_CHECKING:
@@ -22,12 +22,8 @@ if TYPE_CHECKING:
 def build_config(spec: ModelSpec, size: SizeSpec) -> GPTNeoXConfig:
     """The config of one size: eager attention, no dropout, untied embeddings."""
     return GPTNeoXConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=size.d_model,
-        num_hidden_layers=size.n_layers,
-        num_attention_heads=size.n_heads,
+        **config_keys(spec, size),
         intermediate_size=size.d_mlp or 4 * size.d_model,
-        max_position_embeddings=size.n_positions,
         rotary_pct=spec.rotary_pct,  # transformers < 5
         rope_parameters={
             "rope_type": "default",
@@ -35,7 +31,6 @@ def build_config(spec: ModelSpec, size: SizeSpec) -> GPTNeoXConfig:
             "partial_rotary_factor": spec.rotary_pct,
         },
         attn_implementation="eager",
-        bos_token_id=BOS_TOKEN,
         eos_token_id=BOS_TOKEN,
         tie_word_embeddings=False,
         use_cache=False,

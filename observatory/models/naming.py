@@ -43,6 +43,25 @@ VIEW_DIMS: dict[str, tuple[str, ...]] = {
     "W_pos": ("n_ctx", "d_model"),
 }
 
+
+def config_keys(spec: Any, size: Any) -> dict[str, Any]:
+    """The Hugging Face config entries that every architecture takes from a spec.
+
+    Parameters
+    ----------
+    spec, size
+        The family's :class:`~observatory.spec.ModelSpec` and one of its sizes.
+    """
+    return {
+        "vocab_size": spec.vocab_size,
+        "hidden_size": size.d_model,
+        "num_hidden_layers": size.n_layers,
+        "num_attention_heads": size.n_heads,
+        "max_position_embeddings": size.n_positions,
+        "bos_token_id": BOS_TOKEN,
+    }
+
+
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 

@@ -18,6 +18,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -83,10 +84,15 @@ class Architecture:
 
 def names() -> tuple[str, ...]:
     """The architecture names (sorted), read from the package's modules without importing them."""
-    package = importlib.import_module(__package__)
+    return _module_names(tuple(importlib.import_module(__package__).__path__))
+
+
+@cache
+def _module_names(path: tuple[str, ...]) -> tuple[str, ...]:
+    """The architecture modules found on the package's search path (listed once per path)."""
     found = {
         module.name
-        for module in pkgutil.iter_modules(package.__path__)
+        for module in pkgutil.iter_modules(path)
         if not module.ispkg and not module.name.startswith("_")
     }
     return tuple(sorted(found - SUPPORT_MODULES))
