@@ -155,7 +155,8 @@ def transformer_lens_weights(
         picked, expanded = _head_block(array, dims(param, array), n_heads, part, parts)
         out[view] = _reordered(picked, expanded, VIEW_DIMS[view])
     for view, params in declared.whole_views.items():
-        param = next(name for name in params if name in stacked)
+        # the first name the model has (a KeyError naming the first if it has none)
+        param = next((name for name in params if name in stacked), params[0])
         out[view] = _reordered(stacked[param], dims(param, stacked[param]), VIEW_DIMS[view])
     return out
 
