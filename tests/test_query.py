@@ -19,6 +19,8 @@ import zarr.storage
 import observatory as obs
 from observatory import store as store_module
 from observatory import train as trainer
+from observatory.train import family as train_family_module
+from observatory.train import loop as train_loop_module
 from observatory.cli import main
 from observatory.errors import StoreError
 from observatory.store import ATTRS_KEY, FamilyStore
@@ -39,7 +41,7 @@ def captured(trained_tiny, tmp_path_factory):
     spec, _ = trained_tiny
     store = tmp_path_factory.mktemp("captured") / "tiny.zarr"
     models, built, batches = {}, [], {}
-    build = trainer.build_model
+    build = train_loop_module.build_model
 
     def capture_build(spec, size, *, init_seed):
         model = build(spec, size, init_seed=init_seed)
@@ -54,8 +56,8 @@ def captured(trained_tiny, tmp_path_factory):
 
     train_run = trainer.train_run
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "build_model", capture_build)
-        patch.setattr(trainer, "train_run", capture_run)
+        patch.setattr(train_loop_module, "build_model", capture_build)
+        patch.setattr(train_family_module, "train_run", capture_run)
         for seed, stop_after, resume in ((0, 10, False), (0, None, True), (1, 5, False)):
             trainer.train_family(
                 spec,

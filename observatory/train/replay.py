@@ -25,7 +25,7 @@ from observatory.errors import StoreError
 from observatory.models import build_model
 from observatory.spec import DataSpec, RunSpec
 from observatory.store import FamilyStore, RunReader
-from observatory.train import recipe, recipe_record, restore, train_step
+from observatory.train.step import recipe, recipe_record, restore, train_step
 
 # on_step(step, model, batch, loss, grads): see :func:`replay`.
 OnStep = Callable[[int, PreTrainedModel, torch.Tensor, float, dict[str, torch.Tensor]], None]
