@@ -19,11 +19,11 @@ import zarr.storage
 import observatory as obs
 from observatory import store as store_module
 from observatory import train as trainer
-from observatory.train import family as train_family_module
-from observatory.train import loop as train_loop_module
 from observatory.cli import main
 from observatory.errors import StoreError
 from observatory.store import ATTRS_KEY, FamilyStore
+from observatory.train import family as train_family_module
+from observatory.train import loop as train_loop_module
 
 SIZE = "l2-d16"
 QKV = "gpt_neox.layers.attention.query_key_value.weight"
