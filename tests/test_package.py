@@ -83,7 +83,6 @@ def test_import_graph_sees_function_level_and_relative_imports():
         "from . import errors\nfrom .models import parameter_dims\n"
     )
     known = {"observatory.store", "observatory.errors", "observatory.models", "observatory.data"}
-    # A module, not a package: its relative imports resolve against observatory.
     assert imported("observatory.data", tree, known) == {
         "observatory.store",
         "observatory.errors",

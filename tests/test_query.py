@@ -22,8 +22,6 @@ from observatory import train as trainer
 from observatory.cli import main
 from observatory.errors import StoreError
 from observatory.store import ATTRS_KEY, FamilyStore
-from observatory.train import family as train_family_module
-from observatory.train import loop as train_loop_module
 
 SIZE = "l2-d16"
 QKV = "gpt_neox.layers.attention.query_key_value.weight"
@@ -41,7 +39,9 @@ def captured(trained_tiny, tmp_path_factory):
     spec, _ = trained_tiny
     store = tmp_path_factory.mktemp("captured") / "tiny.zarr"
     models, built, batches = {}, [], {}
-    build = train_loop_module.build_model
+    from observatory.train import family, loop  # where train_family and train_run look them up
+
+    build = loop.build_model
 
     def capture_build(spec, size, *, init_seed):
         model = build(spec, size, init_seed=init_seed)
@@ -56,8 +56,8 @@ def captured(trained_tiny, tmp_path_factory):
 
     train_run = trainer.train_run
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_loop_module, "build_model", capture_build)
-        patch.setattr(train_family_module, "train_run", capture_run)
+        patch.setattr(loop, "build_model", capture_build)
+        patch.setattr(family, "train_run", capture_run)
         for seed, stop_after, resume in ((0, 10, False), (0, None, True), (1, 5, False)):
             trainer.train_family(
                 spec,
