@@ -624,6 +624,7 @@ def compute(
     """
     import xarray as xr
 
+    from observatory.jobs.selection import select_readers
     from observatory.query import models_at
     from observatory.store import FamilyStore
 
@@ -642,9 +643,7 @@ def compute(
             found.declared(chosen), size_dims(family.spec, size, data), found.name
         ),
     )
-    runs = family.size_runs(size)
-    if seeds is not None:
-        runs = [family.run(size, seed) for seed in seeds]
+    runs = select_readers(family, sizes=[size], seeds=seeds)
     wanted = None if steps is None else {int(s) for s in steps}
     per_seed = []
     for reader in runs:
