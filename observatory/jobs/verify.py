@@ -33,7 +33,7 @@ from observatory.jobs.selection import select_readers
 from observatory.spec import RunId
 from observatory.store import FamilyStore, RunReader
 
-TASK_STEPS = 250  # a replay task covers at least this many steps (start-up costs ~1 step/s)
+TASK_STEPS = 250  # a replay task covers at least this many steps: its start-up is a small part
 
 
 @dataclass(frozen=True)
