@@ -273,7 +273,7 @@ def _cmd_analyses(args: argparse.Namespace) -> None:
     List the built-in analyses: what each computes, the variables it stores (dims after seed
     and step) and its options (the job file's [<name>] table).
     """
-    from observatory.jobs.analyze import describe_analyses
+    from observatory.jobs.compute import describe_analyses
 
     print(describe_analyses())
 
@@ -299,7 +299,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     """
     import dataclasses
 
-    from observatory.jobs.analyze import load_analysis_spec, run_analysis
+    from observatory.jobs.analyze import run_analysis
+    from observatory.jobs.job_spec import load_analysis_spec
 
     spec = load_analysis_spec(args.spec)
     if args.store:
