@@ -103,8 +103,16 @@ def train_run(
         writer = _open_writer(spec, run, root, corpus, model, schedule, keyframes)
         writer.record_device(device)
         start = _resume(writer, model, optimizer, run, schedule, resume=resume)
-        if start is None:
-            return RunSummary(run.path, 0, 0, 0.0, 0.0, final_loss=None, complete=True)
+        if start is None:  # already complete: nothing to do
+            return RunSummary(
+                run=run.path,
+                steps=0,
+                checkpoints=0,
+                seconds=0.0,
+                writer_seconds=0.0,
+                final_loss=None,
+                complete=True,
+            )
         segment = _Segment(
             start=start,
             end=total_steps if stop_after is None else min(total_steps, start + stop_after),
