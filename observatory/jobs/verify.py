@@ -207,8 +207,8 @@ def replay_span(store: str, size: str, seed: int, start: int, end: int) -> tuple
         Checkpoints compared, and the first mismatch (one line) or None.
     """
     from observatory.store import state_digest, weights_digest
-    from observatory.train import snapshot
     from observatory.train.replay import ReplaySource
+    from observatory.train.step import snapshot
 
     source = ReplaySource.open(store, size=size, seed=seed, strict=True)
     reader, tokens = source.reader, source.spec.train.tokens_per_step

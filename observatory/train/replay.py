@@ -4,7 +4,7 @@ A store records everything a training step depends on: the whole training state 
 AdamW moments, RNG state) at its keyframes, the corpus indices of every batch, the spec (and
 so the learning-rate schedule) and the recipe (library versions, threads, CPU).  Replay loads
 the nearest keyframe at or before the first step asked for and re-executes the recorded
-batches with the trainer's own :func:`~observatory.train.train_step`, so the weights it
+batches with the trainer's own :func:`~observatory.train.step.train_step`, so the weights it
 reaches at a stored checkpoint are bit-identical to the stored ones, and the weights between
 checkpoints are the ones training had.  It only reads the store.
 """
