@@ -33,7 +33,8 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from observatory.jobs.analyze import AnalysisSpec, ExecutionSpec, run_analysis
+from observatory.jobs.analyze import run_analysis
+from observatory.jobs.job_spec import AnalysisSpec, ExecutionSpec
 
 # The built-in head_scores, written as a user would: the same pure functions, same outputs.
 CUSTOM = '''\

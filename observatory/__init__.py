@@ -17,7 +17,7 @@ _LAZY = {
         "observatory.query",
     ),
     "summary": "observatory.report.results",
-    "compute": "observatory.jobs.analyze",
+    "compute": "observatory.jobs.compute",
     "replay": "observatory.train.replay",
     "transformer_lens_at": "observatory.interop.lens",
 }

@@ -1,4 +1,10 @@
-"""The ``observatory`` command: a thin layer over the library."""
+"""The ``observatory`` command: a thin layer over the library.
+
+Each command is a handler ``_cmd_<name>(args)`` whose docstring is its help (the first line, in
+``observatory --help``) and its description (the rest, in ``observatory <name> --help``), and a
+function that builds its parser beside it.  Options several commands share are defined once,
+as argparse parent parsers (:class:`_Options`).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,13 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from observatory.errors import ObservatoryError
 
-# At exit, the interpreter's last collections would traverse the ~450k objects that torch,
-# transformers and zarr create: 1.1 s of a 1.15 s teardown, measured.  Frozen, they are skipped.
+# At exit, the interpreter's last collections would traverse every object that torch,
+# transformers and zarr created, most of the teardown's time; frozen, they are skipped.
 atexit.register(gc.freeze)
 
 DESCRIPTION = """\
@@ -34,406 +41,9 @@ typical session:
   observatory verify store/induction.zarr            # checksums, ledger, replay of every step
   observatory export store/induction.zarr --seed 0 --out hf/   # step<N>/ Hugging Face folders
   observatory ingest hf/ --out store/ingested.zarr   # any series of HF checkpoint folders
+
+run `observatory COMMAND --help` for a command's description and options.
 """
-
-
-def _int_list(text: str) -> list[int]:
-    """Parse ``"0-2"``, ``"0,3"`` or ``"1"`` into a list of ints (each range ascending)."""
-    out: list[int] = []
-    for part in text.split(","):
-        lo, dash, hi = part.partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise argparse.ArgumentTypeError(f"expected seeds like 0-2 or 0,3, got {text!r}")
-        if dash and int(hi) < int(lo):
-            raise argparse.ArgumentTypeError(f"the range {part!r} is empty (write {hi}-{lo})")
-        out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
-    return out
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _cmd_train(args: argparse.Namespace) -> None:
-    from observatory.jobs.cluster import dask_client, warm_import
-    from observatory.spec import load_run_spec
-
-    spec = load_run_spec(args.spec)
-    sizes = args.sizes.split(",") if args.sizes else None
-    spec.runs(seeds=args.seeds, sizes=sizes)  # a wrong seed or size fails before anything starts
-    # This process imports torch (about 4 s) while local workers start and import it too.
-    importer = threading.Thread(target=_quietly, args=(warm_import, "observatory.train"))
-    importer.start()
-    cluster = (
-        contextlib.nullcontext()
-        if args.workers is None and args.scheduler is None
-        else dask_client(
-            scheduler=args.scheduler, workers=args.workers or 0, threads=spec.train.threads
-        )
-    )
-    with cluster as client:
-        importer.join()
-        from observatory.train import train_family
-
-        path = train_family(
-            spec,
-            store=args.store,
-            seeds=args.seeds,
-            sizes=sizes,
-            resume=args.resume,
-            progress=not args.no_progress,
-            stop_after=args.stop_after,
-            on_run_end=_print_run_summary,
-            client=client,
-        )
-    print(f"trained into {path}")
-
-
-def _quietly(function, *args) -> None:
-    """``function(*args)`` in a thread; what it raises, the main thread meets again itself."""
-    with contextlib.suppress(Exception):
-        function(*args)
-
-
-def _print_run_summary(summary) -> None:
-    from observatory.analysis.phase import FINAL_LOSS
-
-    if not summary.steps:
-        print(f"{summary.run}: already trained")
-        return
-    print(
-        f"{summary.run}: {summary.steps} steps in {summary.seconds:.1f} s "
-        f"({summary.steps / summary.seconds:.1f} steps/s), {summary.checkpoints} checkpoints "
-        f"committed (writer busy {summary.writer_seconds:.1f} s), final loss "
-        f"{summary.final_loss:.4f} ({FINAL_LOSS}"
-        f"{'' if summary.complete else '; run incomplete, continue with --resume'})"
-    )
-
-
-def _cmd_analyze(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from observatory.jobs.analyze import load_analysis_spec, run_analysis
-
-    spec = load_analysis_spec(args.spec)
-    if args.store:
-        spec = dataclasses.replace(spec, store=args.store)
-    report = run_analysis(
-        spec, scheduler=args.scheduler, recompute=args.recompute, progress=not args.no_progress
-    )
-    print(
-        f"analysed {report.computed} checkpoints of {len(report.runs)} runs "
-        f"({report.skipped} already done) into {spec.store}"
-    )
-
-
-def _cmd_analyses(args: argparse.Namespace) -> None:
-    from observatory.jobs.analyze import describe_analyses
-
-    print(describe_analyses())
-
-
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from observatory.jobs.verify import format_verdicts, verify_store
-
-    verdicts = verify_store(
-        args.store,
-        quick=args.quick,
-        sizes=args.sizes.split(",") if args.sizes else None,
-        seeds=args.seeds,
-        scheduler=args.scheduler,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
-    print(format_verdicts(verdicts))
-    failed = [v for v in verdicts if v.failure]
-    if failed:
-        print(f"verification failed: {failed[0].failure}")
-        return 1
-    checks = "checksums and ledger" if args.quick else "checksums, ledger and replay"
-    print(f"verified {len(verdicts)} runs ({checks}): all checkpoints are the right ones")
-    return 0
-
-
-def _cmd_inspect(args: argparse.Namespace) -> None:
-    from observatory.query import describe
-
-    print(describe(args.store))
-
-
-def _cmd_report(args: argparse.Namespace) -> None:
-    from observatory.report import write_report
-
-    files = write_report(
-        args.store,
-        args.out,
-        sizes=args.sizes.split(",") if args.sizes else None,
-        seeds=args.seeds,
-        include_incomplete=args.include_incomplete,
-        transformer_lens=args.transformer_lens,
-    )
-    print(f"wrote {len(files)} files into {args.out}:")
-    for path in files:
-        print(f"  {path}")
-
-
-def _cmd_export(args: argparse.Namespace) -> None:
-    from observatory.interop.hf import export
-
-    targets = export(
-        args.store,
-        args.out,
-        size=args.size,
-        seeds=[args.seed] if args.seed is not None else args.seeds,
-        steps=args.steps,
-        per_seed_folders=args.seed is None,
-    )
-    print(f"exported {len(targets)} run{'s' * (len(targets) != 1)}:")
-    for target in targets:
-        print(f"  {target}")
-
-
-def _cmd_ingest(args: argparse.Namespace) -> None:
-    from observatory.interop.hf import ingest
-    from observatory.query import describe
-
-    path = ingest(
-        args.dirs,
-        args.out,
-        name=args.name,
-        size=args.size,
-        context=args.context,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
-    print(describe(path))
-
-
-def _add_interop_commands(commands) -> None:
-    export = commands.add_parser(
-        "export",
-        help="write checkpoints as per-step Hugging Face folders (step<N>/), with provenance",
-        description="Export runs as the revision layout of published suites: one folder per "
-        "checkpoint, step<N>/ with config.json and model.safetensors (float32), plus per run "
-        "observatory.json (spec, seeds, corpus fingerprint, versions), metrics.csv (loss, lr, "
-        "grad norm per step) and data_order.csv (the corpus index of every sequence of every "
-        "step up to the last exported checkpoint). With --seed the run's folders go straight "
-        "into --out; otherwise each run gets --out/seed<k>/.",
-    )
-    export.add_argument("store", help="family store (*.zarr)")
-    export.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
-    export.add_argument("--size", help="size name (default: the store's only size)")
-    which = export.add_mutually_exclusive_group()
-    which.add_argument("--seed", type=int, help="one seed index, written straight into --out")
-    which.add_argument("--seeds", type=_int_list, help="seed indices, e.g. 0-2 (default: all)")
-    export.add_argument(
-        "--steps", type=_int_list, help="checkpoint steps, e.g. 0,512,1000 (default: all)"
-    )
-    export.set_defaults(func=_cmd_export)
-
-    ingest = commands.add_parser(
-        "ingest",
-        help="make a store from directories of Hugging Face checkpoint folders",
-        description="Ingest series of Hugging Face checkpoints (GPT-NeoX, i.e. Pythia's "
-        "architecture, or the attention-only model) into a new store, one directory per run: "
-        "folders named step<N> or checkpoint-<N>, or a .json/.csv file mapping steps to "
-        "folders. Several directories become seeds of one family. Exports keep their spec, "
-        "seeds and metrics. Ingested runs have no optimizer state or data order, so batch_at "
-        "and resuming refuse; every query, analysis and report works.",
-    )
-    ingest.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint directory per run")
-    ingest.add_argument("--out", required=True, metavar="STORE", help="the new store (*.zarr)")
-    ingest.add_argument("--name", help="family name (default: the store's file name)")
-    ingest.add_argument("--size", help="size name (default: l<layers>-d<d_model>)")
-    ingest.add_argument(
-        "--context",
-        type=int,
-        help="tokens per probe/held-out sequence of the analyses (default: n_positions)",
-    )
-    ingest.add_argument(
-        "--batch-size",
-        type=int,
-        default=1,
-        help="sequences per training step of the original run, for tokens seen (default: 1)",
-    )
-    ingest.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ingest.set_defaults(func=_cmd_ingest)
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (``observatory train: error: ...``)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="observatory",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
-    )
-
-    train = commands.add_parser(
-        "train",
-        help="train a model family from a run spec",
-        description="Train every size x seed of a run spec into one zarr store: dense "
-        "checkpoints (weights, AdamW state, RNG state), per-step loss/lr/grad-norm and the "
-        "corpus indices of every batch. Deterministic: the same spec gives the same weights.",
-    )
-    train.add_argument("spec", help="run spec (runs/*.toml)")
-    train.add_argument("--store", help="store path (default: the spec's store_path)")
-    train.add_argument("--seeds", type=_int_list, help="seed indices to train, e.g. 0-1 or 0,2")
-    train.add_argument("--sizes", help="comma-separated size names to train (default: all)")
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue unfinished runs from their last committed checkpoint; skip finished ones",
-    )
-    train.add_argument(
-        "--stop-after",
-        type=_positive_int,
-        metavar="N",
-        help="stop each run after N steps in this call (continue later with --resume)",
-    )
-    cluster = train.add_mutually_exclusive_group()
-    cluster.add_argument(
-        "--workers",
-        type=_positive_int,
-        metavar="N",
-        help="train runs in parallel on a local dask cluster of N single-threaded worker "
-        "processes (each run uses the spec's torch threads)",
-    )
-    cluster.add_argument(
-        "--scheduler",
-        metavar="ADDRESS",
-        help="train runs as tasks on a running dask cluster, e.g. tcp://host:8786 "
-        "(dask-jobqueue on Slurm, ...); every worker must reach the store",
-    )
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.set_defaults(func=_cmd_train)
-
-    analyze = commands.add_parser(
-        "analyze",
-        help="run an analysis job over every checkpoint and seed, on dask.distributed",
-        description="Run the job's analyses (built-in ones, see `observatory analyses`, or "
-        "your own: 'package.module:name' or 'file.py:name' beside the job file) on every "
-        "selected checkpoint of every selected run on a dask cluster, and write the results "
-        "into the store. Checkpoints already analysed with the same parameters (and the same "
-        "source code) are skipped; only committed checkpoints are used, so this works while "
-        "training is still running.",
-    )
-    analyze.add_argument("spec", help="analysis job spec (analyses/*.toml)")
-    analyze.add_argument("--store", help="store to analyse (default: the spec's store)")
-    analyze.add_argument(
-        "--scheduler",
-        metavar="ADDRESS",
-        help="address of a running dask scheduler, e.g. tcp://host:8786 "
-        "(default: a local cluster, one single-threaded worker per core)",
-    )
-    analyze.add_argument(
-        "--recompute", action="store_true", help="replace existing results instead of skipping"
-    )
-    analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
-    analyze.set_defaults(func=_cmd_analyze)
-
-    analyses = commands.add_parser(
-        "analyses",
-        help="list the built-in analyses, their variables and options",
-        description="List the built-in analyses: what each computes, the variables it stores "
-        "(dims after seed and step) and its options (the job file's [<name>] table).",
-    )
-    analyses.set_defaults(func=_cmd_analyses)
-
-    inspect = commands.add_parser(
-        "inspect",
-        help="show a store's runs, seeds, checkpoints, tokens seen and disk use",
-        description="Summarise a family store: the family and its corpus, then one line per "
-        "run with its init and data seeds, whether it is complete, its committed checkpoints "
-        "and their steps, the tokens seen at the last checkpoint, its size on disk and its "
-        "analyses. Reads metadata only, so it is quick and safe while training is running.",
-    )
-    inspect.add_argument("store", help="family store (*.zarr)")
-    inspect.set_defaults(func=_cmd_inspect)
-
-    report = commands.add_parser(
-        "report",
-        help="write figures, an HTML page and summary tables of an analysed store",
-        description="Summarise circuit formation in an analysed store (run `observatory "
-        "analyze` first): per seed, the induction heads, the emergence step of the best one, "
-        "the loss bump and the ICL score either side of it; across seeds, mean, std and a "
-        "t-interval (BCa bootstrap from 10 seeds), with the seeds left out and why "
-        "(incomplete, not analysed, not formed, no bump). Writes PNG figures (training and "
-        "held-out loss, induction and copying score of every head, emergence, ICL score, loss "
-        "by position, per-token-loss PCA, previous-token heads, heads matched across seeds), "
-        "one self-contained HTML page (report.html), an interactive one (report_interactive"
-        ".html, plotly, works offline) and summary.csv / summary_across_seeds.csv / "
-        "summary.json.",
-    )
-    report.add_argument("store", help="family store (*.zarr), analysed")
-    report.add_argument(
-        "--out", required=True, metavar="DIR", help="directory to write into (created if needed)"
-    )
-    report.add_argument(
-        "--sizes",
-        "--size",
-        help="comma-separated size names (default: every size; several get one page with a "
-        "section per size and a comparison)",
-    )
-    report.add_argument("--seeds", type=_int_list, help="seed indices to report, e.g. 0-1 or 0,2")
-    report.add_argument(
-        "--include-incomplete",
-        action="store_true",
-        help="keep incomplete runs in the across-seed statistics (default: left out, marked)",
-    )
-    report.add_argument(
-        "--transformer-lens",
-        action="store_true",
-        help="also draw the induction scores in TransformerLens's detect_head convention",
-    )
-    report.set_defaults(func=_cmd_report)
-
-    verify = commands.add_parser(
-        "verify",
-        help="prove a store holds the checkpoints it claims: checksums, ledger, replay",
-        description="Verify every run of a store and print a table (run, checkpoints checked, "
-        "checkpoints replayed, result): (1) every chunk's checksum; (2) every checkpoint "
-        "against the SHA-256 recorded when it was written, no two steps with identical "
-        "weights, and steps, tokens seen, learning rates and batches as the spec prescribes; "
-        "(3) unless --quick, every checkpoint bit-identical to a replay of the steps from the "
-        "keyframe before it, on dask. Reads committed data only and writes nothing. Exit "
-        "code 0: all verified; 1: a check failed (the first failing run and step is named); "
-        "2: bad input.",
-    )
-    verify.add_argument("store", help="family store (*.zarr)")
-    verify.add_argument("--quick", action="store_true", help="checksums and ledger only")
-    verify.add_argument("--sizes", help="comma-separated size names (default: all)")
-    verify.add_argument("--seeds", type=_int_list, help="seed indices, e.g. 0-1 or 0,2")
-    verify.add_argument(
-        "--scheduler",
-        metavar="ADDRESS",
-        help="address of a running dask scheduler (default: a local cluster)",
-    )
-    verify.add_argument(
-        "--workers",
-        type=_positive_int,
-        metavar="N",
-        help="local cluster workers (default: cores / the spec's torch threads; replay runs "
-        "with the threads each run was trained with)",
-    )
-    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
-    verify.set_defaults(func=_cmd_verify)
-    _add_interop_commands(commands)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -467,6 +77,425 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _internal_error()
     return code or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``observatory`` parser: one subcommand per library entry point."""
+    parser = _Parser(
+        prog="observatory",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    options = _options()
+    # In the order of a typical session, as `observatory --help` lists them.
+    _train_parser(commands, options)
+    _command(commands, "inspect", _cmd_inspect, options.store)
+    _command(commands, "analyses", _cmd_analyses)
+    _analyze_parser(commands, options)
+    _report_parser(commands, options)
+    _verify_parser(commands, options)
+    _export_parser(commands, options)
+    _ingest_parser(commands, options)
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``observatory train: error: ...``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _command(commands, name: str, handler: Callable, *parents: argparse.ArgumentParser):
+    """Add the command ``name``, run by ``handler``, whose docstring is the command's help."""
+    summary, _, details = handler.__doc__.partition("\n\n")
+    parser = commands.add_parser(
+        name, parents=parents, help=summary.rstrip("."), description=details or summary
+    )
+    parser.set_defaults(func=handler)
+    return parser
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Options several commands share, each defined once as an argparse parent parser."""
+
+    store: argparse.ArgumentParser  # the positional family store
+    spec_store: argparse.ArgumentParser  # --store, overriding the store a spec names
+    out_dir: argparse.ArgumentParser  # --out DIR, required
+    selection: argparse.ArgumentParser  # --sizes, --seeds
+    dask: argparse.ArgumentParser  # --scheduler | --workers
+    progress: argparse.ArgumentParser  # --no-progress
+
+
+def _options() -> _Options:
+    def parent() -> argparse.ArgumentParser:
+        return argparse.ArgumentParser(add_help=False)
+
+    store, spec_store, out_dir = parent(), parent(), parent()
+    store.add_argument("store", help="family store (*.zarr)")
+    spec_store.add_argument("--store", help="store path or URL (default: the one the spec names)")
+    out_dir.add_argument(
+        "--out", required=True, metavar="DIR", help="directory to write into (created if needed)"
+    )
+    selection = parent()
+    selection.add_argument(
+        "--sizes",
+        "--size",
+        type=_names,
+        metavar="NAMES",
+        help="comma-separated size names (default: all)",
+    )
+    _add_seeds(selection)
+    dask = parent()
+    cluster = dask.add_mutually_exclusive_group()
+    cluster.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the tasks on the running dask cluster at ADDRESS, e.g. tcp://host:8786 "
+        "(dask-jobqueue on Slurm, ...); every worker must reach the store",
+    )
+    cluster.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="run the tasks on a local dask cluster of N single-threaded worker processes",
+    )
+    progress = parent()
+    progress.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars"
+    )
+    return _Options(store, spec_store, out_dir, selection, dask, progress)
+
+
+def _add_seeds(parser) -> None:
+    """``--seeds``, in a parent parser or in a group of its own (``export``)."""
+    parser.add_argument(
+        "--seeds", type=_int_list, help="seed indices, e.g. 0-2 or 0,3 (default: all)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The commands: each one's parser, then its handler.
+
+
+def _train_parser(commands, options: _Options) -> None:
+    parents = (options.spec_store, options.selection, options.dask, options.progress)
+    train = _command(commands, "train", _cmd_train, *parents)
+    train.add_argument("spec", help="run spec (runs/*.toml)")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue unfinished runs from their last committed checkpoint; skip finished ones",
+    )
+    train.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        metavar="N",
+        help="stop each run after N steps in this call (continue later with --resume)",
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    """Train a model family from a run spec.
+
+    Train every size x seed of a run spec (or the selected ones) into one zarr store: dense
+    checkpoints (weights, AdamW state, RNG state), per-step loss/lr/grad-norm and the corpus
+    indices of every batch. Deterministic: the same spec gives the same weights. Runs train one
+    after another in this process, or in parallel with --workers or --scheduler (each run uses
+    the spec's torch threads).
+    """
+    from observatory.jobs.cluster import dask_client, warm_import
+    from observatory.spec import load_run_spec
+
+    spec = load_run_spec(args.spec)
+    # A wrong seed or size fails before anything starts.
+    spec.runs(seeds=args.seeds, sizes=args.sizes)
+    # Importing torch takes seconds: this process does it while local workers start and do too.
+    importer = threading.Thread(target=_quietly, args=(warm_import, "observatory.train"))
+    importer.start()
+    cluster = (
+        contextlib.nullcontext()
+        if args.workers is None and args.scheduler is None
+        else dask_client(
+            scheduler=args.scheduler, workers=args.workers or 0, threads=spec.train.threads
+        )
+    )
+    with cluster as client:
+        importer.join()
+        from observatory.train import train_family
+
+        options = _same_names(args, "store", "seeds", "sizes", "resume", "progress", "stop_after")
+        path = train_family(spec, **options, on_run_end=_print_run_summary, client=client)
+    print(f"trained into {path}")
+
+
+def _quietly(function, *args) -> None:
+    """``function(*args)`` in a thread; what it raises, the main thread meets again itself."""
+    with contextlib.suppress(Exception):
+        function(*args)
+
+
+def _print_run_summary(summary) -> None:
+    from observatory.analysis.phase import FINAL_LOSS
+
+    if not summary.steps:
+        print(f"{summary.run}: already trained")
+        return
+    print(
+        f"{summary.run}: {summary.steps} steps in {summary.seconds:.1f} s "
+        f"({summary.steps / summary.seconds:.1f} steps/s), {summary.checkpoints} checkpoints "
+        f"committed (writer busy {summary.writer_seconds:.1f} s), final loss "
+        f"{summary.final_loss:.4f} ({FINAL_LOSS}"
+        f"{'' if summary.complete else '; run incomplete, continue with --resume'})"
+    )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    """Show a store's runs, seeds, checkpoints, tokens seen and disk use.
+
+    Summarise a family store: the family and its corpus, then one line per run with its init
+    and data seeds, whether it is complete, its committed checkpoints and their steps, the
+    tokens seen at the last checkpoint, its size on disk and its analyses. Reads metadata only,
+    so it is quick and safe while training is running.
+    """
+    from observatory.query import describe
+
+    print(describe(args.store))
+
+
+def _cmd_analyses(args: argparse.Namespace) -> None:
+    """List the built-in analyses, their variables and options.
+
+    List the built-in analyses: what each computes, the variables it stores (dims after seed
+    and step) and its options (the job file's [<name>] table).
+    """
+    from observatory.jobs.compute import describe_analyses
+
+    print(describe_analyses())
+
+
+def _analyze_parser(commands, options: _Options) -> None:
+    parents = (options.spec_store, options.dask, options.progress)
+    analyze = _command(commands, "analyze", _cmd_analyze, *parents)
+    analyze.add_argument("spec", help="analysis job spec (analyses/*.toml)")
+    analyze.add_argument(
+        "--recompute", action="store_true", help="replace existing results instead of skipping"
+    )
+
+
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    """Run an analysis job over every checkpoint and seed, on dask.distributed.
+
+    Run the job's analyses (built-in ones, see `observatory analyses`, or your own:
+    'package.module:name' or 'file.py:name' beside the job file) on every selected checkpoint of
+    every selected run on a dask cluster (default: a local one of the job's execution.workers,
+    or one single-threaded worker per core), and write the results into the store. Checkpoints
+    already analysed with the same parameters (and the same source code) are skipped; only
+    committed checkpoints are used, so this works while training is still running.
+    """
+    import dataclasses
+
+    from observatory.jobs.analyze import run_analysis
+    from observatory.jobs.job_spec import load_analysis_spec
+
+    spec = load_analysis_spec(args.spec)
+    if args.store:
+        spec = dataclasses.replace(spec, store=args.store)
+    if args.workers:
+        execution = dataclasses.replace(spec.execution, workers=args.workers)
+        spec = dataclasses.replace(spec, execution=execution)
+    report = run_analysis(spec, **_same_names(args, "scheduler", "recompute", "progress"))
+    print(
+        f"analysed {report.computed} checkpoints of {len(report.runs)} runs "
+        f"({report.skipped} already done) into {spec.store}"
+    )
+
+
+def _report_parser(commands, options: _Options) -> None:
+    parents = (options.store, options.out_dir, options.selection)
+    report = _command(commands, "report", _cmd_report, *parents)
+    report.add_argument(
+        "--include-incomplete",
+        action="store_true",
+        help="keep incomplete runs in the across-seed statistics (default: left out, marked)",
+    )
+    report.add_argument(
+        "--transformer-lens",
+        action="store_true",
+        help="also draw the induction scores in TransformerLens's detect_head convention",
+    )
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    """Write figures, an HTML page and summary tables of an analysed store.
+
+    Summarise circuit formation in an analysed store (run `observatory analyze` first): per
+    seed, the induction heads, the emergence step of the best one, the loss bump and the ICL
+    score either side of it; across seeds, mean, std and a t-interval (BCa bootstrap from 10
+    seeds), with the seeds left out and why (incomplete, not analysed, not formed, no bump).
+    Writes PNG figures (training and held-out loss, induction and copying score of every head,
+    emergence, ICL score, loss by position, per-token-loss PCA, previous-token heads, heads
+    matched across seeds), one self-contained HTML page (report.html), an interactive one
+    (report_interactive.html, plotly, works offline) and summary.csv /
+    summary_across_seeds.csv / summary.json. Several sizes get one page with a section per size
+    and a comparison.
+    """
+    from observatory.report import write_report
+
+    options = _same_names(args, "sizes", "seeds", "include_incomplete", "transformer_lens")
+    files = write_report(args.store, args.out, **options)
+    _print_paths(f"wrote {len(files)} files into {args.out}:", files)
+
+
+def _verify_parser(commands, options: _Options) -> None:
+    parents = (options.store, options.selection, options.dask, options.progress)
+    verify = _command(commands, "verify", _cmd_verify, *parents)
+    verify.add_argument("--quick", action="store_true", help="checksums and ledger only")
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Prove a store holds the checkpoints it claims: checksums, ledger, replay.
+
+    Verify every run of a store and print a table (run, checkpoints checked, checkpoints
+    replayed, result): (1) every chunk's checksum; (2) every checkpoint against the SHA-256
+    recorded when it was written, no two steps with identical weights, and steps, tokens seen,
+    learning rates and batches as the spec prescribes; (3) unless --quick, every checkpoint
+    bit-identical to a replay of the steps from the keyframe before it, on dask (default: a
+    local cluster of one worker per the spec's torch threads cores, since replay runs with the
+    threads each run was trained with). Reads committed data only and writes nothing. Exit
+    code 0: all verified; 1: a check failed (the first failing run and step is named); 2: bad
+    input.
+    """
+    from observatory.jobs.verify import format_verdicts, verify_store
+
+    options = _same_names(args, "quick", "sizes", "seeds", "scheduler", "workers", "progress")
+    verdicts = verify_store(args.store, **options)
+    print(format_verdicts(verdicts))
+    failed = [v for v in verdicts if v.failure]
+    if failed:
+        print(f"verification failed: {failed[0].failure}")
+        return 1
+    checks = "checksums and ledger" if args.quick else "checksums, ledger and replay"
+    print(f"verified {len(verdicts)} runs ({checks}): all checkpoints are the right ones")
+    return 0
+
+
+def _export_parser(commands, options: _Options) -> None:
+    export = _command(commands, "export", _cmd_export, options.store, options.out_dir)
+    export.add_argument("--size", help="size name (default: the store's only size)")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--seed", type=int, help="one seed index, written straight into --out")
+    _add_seeds(which)
+    export.add_argument(
+        "--steps", type=_int_list, help="checkpoint steps, e.g. 0,512,1000 (default: all)"
+    )
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    """Write checkpoints as per-step Hugging Face folders (step<N>/), with provenance.
+
+    Export runs as the revision layout of published suites: one folder per checkpoint,
+    step<N>/ with config.json and model.safetensors (float32), plus per run observatory.json
+    (spec, seeds, corpus fingerprint, versions), metrics.csv (loss, lr, grad norm per step) and
+    data_order.csv (the corpus index of every sequence of every step up to the last exported
+    checkpoint). With --seed the run's folders go straight into --out; otherwise each run gets
+    --out/seed<k>/.
+    """
+    from observatory.interop.hf import export
+
+    targets = export(
+        args.store,
+        args.out,
+        size=args.size,
+        seeds=[args.seed] if args.seed is not None else args.seeds,
+        steps=args.steps,
+        per_seed_folders=args.seed is None,
+    )
+    _print_paths(f"exported {len(targets)} run{'s' * (len(targets) != 1)}:", targets)
+
+
+def _ingest_parser(commands, options: _Options) -> None:
+    ingest = _command(commands, "ingest", _cmd_ingest, options.progress)
+    ingest.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint directory per run")
+    ingest.add_argument("--out", required=True, metavar="STORE", help="the new store (*.zarr)")
+    ingest.add_argument("--name", help="family name (default: the store's file name)")
+    ingest.add_argument("--size", help="size name (default: l<layers>-d<d_model>)")
+    ingest.add_argument(
+        "--context",
+        type=int,
+        help="tokens per probe/held-out sequence of the analyses (default: n_positions)",
+    )
+    ingest.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="sequences per training step of the original run, for tokens seen (default: 1)",
+    )
+
+
+def _cmd_ingest(args: argparse.Namespace) -> None:
+    """Make a store from directories of Hugging Face checkpoint folders.
+
+    Ingest series of Hugging Face checkpoints (GPT-NeoX, i.e. Pythia's architecture, or the
+    attention-only model) into a new store, one directory per run: folders named step<N> or
+    checkpoint-<N>, or a .json/.csv file mapping steps to folders. Several directories become
+    seeds of one family. Exports keep their spec, seeds and metrics. Ingested runs have no
+    optimizer state or data order, so batch_at and resuming refuse; every query, analysis and
+    report works.
+    """
+    from observatory.interop.hf import ingest
+    from observatory.query import describe
+
+    options = _same_names(args, "name", "size", "context", "batch_size", "progress")
+    path = ingest(args.dirs, args.out, **options)
+    print(describe(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Argument types and output.
+
+
+def _int_list(text: str) -> list[int]:
+    """Parse ``"0-2"``, ``"0,3"`` or ``"1"`` into a list of ints (each range ascending)."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise argparse.ArgumentTypeError(f"expected seeds like 0-2 or 0,3, got {text!r}")
+        if dash and int(hi) < int(lo):
+            raise argparse.ArgumentTypeError(f"the range {part!r} is empty (write {hi}-{lo})")
+        out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    return out
+
+
+def _names(text: str) -> list[str]:
+    """Parse ``"l2-d64,l4-d128"`` into a list of names."""
+    return [name for name in text.split(",") if name]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _same_names(args: argparse.Namespace, *names: str) -> dict:
+    """The named options as keyword arguments of the library function that has the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
+def _print_paths(title: str, paths) -> None:
+    print(title)
+    for path in paths:
+        print(f"  {path}")
 
 
 def _fail(message: str) -> int:

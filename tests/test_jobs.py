@@ -7,13 +7,9 @@ import xarray as xr
 from observatory.analysis import attention_patterns, head_scores
 from observatory.cli import main
 from observatory.errors import SpecError
-from observatory.jobs.analyze import (
-    ProbeSpec,
-    compute,
-    load_analysis_spec,
-    run_analysis,
-    shared_data,
-)
+from observatory.jobs.analyze import run_analysis, shared_data
+from observatory.jobs.compute import compute
+from observatory.jobs.job_spec import ProbeSpec, load_analysis_spec
 from observatory.query import model_at, open_family
 from observatory.store import FamilyStore
 from tests.conftest import dask_processes

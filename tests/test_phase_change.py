@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from observatory.analysis import emergence, loss_bump
-from observatory.jobs.analyze import AnalysisSpec, ExecutionSpec, HeldOutSpec, run_analysis
+from observatory.jobs.analyze import run_analysis
+from observatory.jobs.job_spec import AnalysisSpec, ExecutionSpec, HeldOutSpec
 from observatory.query import open_family
 from observatory.report.results import summary
 from observatory.spec import CheckpointSpec, SeedSpec, load_run_spec

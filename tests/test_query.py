@@ -39,7 +39,9 @@ def captured(trained_tiny, tmp_path_factory):
     spec, _ = trained_tiny
     store = tmp_path_factory.mktemp("captured") / "tiny.zarr"
     models, built, batches = {}, [], {}
-    build = trainer.build_model
+    from observatory.train import family, loop  # where train_family and train_run look them up
+
+    build = loop.build_model
 
     def capture_build(spec, size, *, init_seed):
         model = build(spec, size, init_seed=init_seed)
@@ -54,8 +56,8 @@ def captured(trained_tiny, tmp_path_factory):
 
     train_run = trainer.train_run
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "build_model", capture_build)
-        patch.setattr(trainer, "train_run", capture_run)
+        patch.setattr(loop, "build_model", capture_build)
+        patch.setattr(family, "train_run", capture_run)
         for seed, stop_after, resume in ((0, 10, False), (0, None, True), (1, 5, False)):
             trainer.train_family(
                 spec,

@@ -594,7 +594,8 @@ def _s3_spec(directory, *, seeds: str, steps: int, every: int):
 
 
 def _analyse(store, directory):
-    from observatory.jobs.analyze import load_analysis_spec, run_analysis
+    from observatory.jobs.analyze import run_analysis
+    from observatory.jobs.job_spec import load_analysis_spec
 
     job = directory / f"job{len(list(directory.glob('job*')))}.toml"
     job.write_text(S3_JOB.format(store=store))

@@ -95,11 +95,11 @@ def export(
     ObservatoryError
         On an unknown size, seed or step, or a target directory that is not empty.
     """
+    from observatory.jobs.selection import select_readers
     from observatory.store import FamilyStore
 
     family = FamilyStore(store)
-    size = size or _only_size(family)
-    readers = family.size_runs(size) if seeds is None else [family.run(size, s) for s in seeds]
+    readers = select_readers(family, sizes=[size or _only_size(family)], seeds=seeds)
     if not per_seed_folders and len(readers) != 1:
         raise InteropError(f"{len(readers)} runs to export: give one seed, or use seed folders")
     out = Path(out)

@@ -31,8 +31,7 @@ def dask_client(*, scheduler: str | None = None, workers: int = 0, threads: int 
     threads
         Torch threads each task uses (a run's recipe fixes them).  When the local workers
         need more threads than there are cores, their OpenMP threads wait passively instead
-        of spinning: two workers of 2 threads on 2 cores ran 4.5x slower each when spinning,
-        1.6x when waiting passively.
+        of spinning, so that a spinning thread does not take the core another worker needs.
 
     Yields
     ------
@@ -58,9 +57,9 @@ def dask_client(*, scheduler: str | None = None, workers: int = 0, threads: int 
     environ = _worker_environ(oversubscribed=workers * threads > default_workers())
     local = {
         "distributed.nanny.pre-spawn-environ": environ,
-        # The statistical profiler samples every thread each 10 ms, and the event loops and
-        # monitors wake every 20-500 ms, for a dashboard that a local cluster does not serve:
-        # with them, a training thread had the CPU 94.5-97% of its time, without, 98.5-99%.
+        # The statistical profiler samples every thread and the event loops and monitors wake
+        # often, for a dashboard that a local cluster does not serve: they take CPU time from
+        # the training threads.
         "distributed.worker.profile.enabled": False,
         "distributed.admin.tick.interval": "2s",
         "distributed.admin.system-monitor.interval": "2s",
@@ -91,10 +90,10 @@ def dask_setup(worker) -> None:
 def warm_import(module: str) -> None:
     """Import ``module`` with the garbage collector paused, then freeze what exists.
 
-    Importing torch, transformers, zarr and xarray (about 4 s) creates ~450k long-lived
-    objects, and each full collection traverses them all: 7 times during the imports (0.5 s)
-    and again when the process exits (1.1 s of its 1.15 s teardown, measured).  Frozen, they
-    are out of the collector's reach; they live as long as the process anyway.
+    Importing torch, transformers, zarr and xarray creates hundreds of thousands of long-lived
+    objects, and each full collection traverses them all: several times during the imports and
+    again when the process exits.  Frozen, they are out of the collector's reach; they live as
+    long as the process anyway.
     """
     gc.disable()
     try:
@@ -108,15 +107,13 @@ def _worker_environ(*, oversubscribed: bool) -> dict:
     """distributed's environment for new worker processes, with glibc's allocator set up for
     training (and ``OMP_WAIT_POLICY=PASSIVE`` if ``oversubscribed``).
 
-    - ``MALLOC_TRIM_THRESHOLD_`` (distributed sets it to 64 KiB) is left out: setting it
-      switches off glibc's adaptive mmap threshold, so every tensor larger than 128 KiB is
-      mmap'ed and unmapped again, and a worker trained at half the speed of the main process
-      (13.6 against 29 steps/s on the demo model, measured), most of it in system time.
+    - ``MALLOC_TRIM_THRESHOLD_`` (distributed sets it) is left out: setting it switches off
+      glibc's adaptive mmap threshold, so every tensor larger than 128 KiB is mmap'ed and
+      unmapped again at every step, which costs a worker much of its speed in system time.
     - ``MALLOC_ARENA_MAX=1``: a task runs in a worker thread, whose allocations go to a
-      thread arena that glibc shrinks and grows again around every step's tensors.  On the
-      demo model, a lone worker took 4-6x the page faults and 3x the system time of the same
-      run in a main thread, and 8-15% longer; with one arena, as long as the main thread.  A
-      value set in the user's environment is kept.
+      thread arena that glibc shrinks and grows again around every step's tensors, with page
+      faults and system time the main thread's arena does not have; with one arena, a worker
+      trains as fast as the main thread.  A value set in the user's environment is kept.
     """
     import dask
 

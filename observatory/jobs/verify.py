@@ -29,10 +29,11 @@ import numpy as np
 from observatory.data import batch_indices
 from observatory.errors import StoreError
 from observatory.jobs.cluster import dask_client
+from observatory.jobs.selection import select_readers
 from observatory.spec import RunId
 from observatory.store import FamilyStore, RunReader
 
-TASK_STEPS = 250  # a replay task covers at least this many steps (start-up costs ~1 step/s)
+TASK_STEPS = 250  # a replay task covers at least this many steps: its start-up is a small part
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def verify_store(
         If the store, a size or a seed does not exist.
     """
     family = FamilyStore(path)
-    readers = _select(family, sizes, seeds)
+    readers = select_readers(family, sizes=sizes, seeds=seeds)
     verdicts = {r.run.path: _check_run(r) for r in readers}
     if not quick:
         tasks = [
@@ -102,18 +103,6 @@ def verify_store(
                 failure=old.failure or failure,
             )
     return list(verdicts.values())
-
-
-def _select(family: FamilyStore, sizes, seeds) -> list[RunReader]:
-    runs = family.runs()
-    for size in sizes or []:
-        family.size_runs(size)  # a clear error listing the sizes
-    selected = [r for r in runs if sizes is None or r.size in sizes]
-    for seed in seeds or []:
-        if not any(r.seed == seed for r in selected):
-            there = sorted({r.seed for r in selected})
-            raise StoreError(f"{family.path}: no seed {seed} (seeds: {there})")
-    return [family.run(r.size, r.seed) for r in selected if seeds is None or r.seed in seeds]
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,8 +207,8 @@ def replay_span(store: str, size: str, seed: int, start: int, end: int) -> tuple
         Checkpoints compared, and the first mismatch (one line) or None.
     """
     from observatory.store import state_digest, weights_digest
-    from observatory.train import snapshot
     from observatory.train.replay import ReplaySource
+    from observatory.train.step import snapshot
 
     source = ReplaySource.open(store, size=size, seed=seed, strict=True)
     reader, tokens = source.reader, source.spec.train.tokens_per_step

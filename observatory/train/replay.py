@@ -4,7 +4,7 @@ A store records everything a training step depends on: the whole training state 
 AdamW moments, RNG state) at its keyframes, the corpus indices of every batch, the spec (and
 so the learning-rate schedule) and the recipe (library versions, threads, CPU).  Replay loads
 the nearest keyframe at or before the first step asked for and re-executes the recorded
-batches with the trainer's own :func:`~observatory.train.train_step`, so the weights it
+batches with the trainer's own :func:`~observatory.train.step.train_step`, so the weights it
 reaches at a stored checkpoint are bit-identical to the stored ones, and the weights between
 checkpoints are the ones training had.  It only reads the store.
 """
@@ -24,7 +24,7 @@ from observatory.errors import StoreError
 from observatory.models import build_model
 from observatory.spec import RunSpec
 from observatory.store import FamilyStore, RunReader
-from observatory.train import recipe, recipe_record, restore, train_step
+from observatory.train.step import recipe, recipe_record, restore, train_step
 
 # on_step(step, model, batch, loss, grads): see :func:`replay`.
 OnStep = Callable[[int, PreTrainedModel, torch.Tensor, float, dict[str, torch.Tensor]], None]

@@ -1,0 +1,136 @@
+"""Resolving the analyses a job names: built-ins, importable modules, and files shipped as source.
+
+A file's analysis travels to the workers as its source text, so a remote worker needs neither
+the file nor the user's package; its source hash is stored with the results, so a changed
+analysis is computed again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import linecache
+import sys
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from observatory.analysis.builtins import BUILTINS
+from observatory.analysis.protocol import Analysis, SharedData
+from observatory.errors import SpecError
+
+
+@dataclass(frozen=True, eq=False)
+class Configured:
+    """An analysis as a job uses it: where it comes from, its options and its parameters."""
+
+    ref: str
+    analysis: Analysis
+    options: Any
+    source: str | None  # the file's source text, for analyses defined in a file
+
+    @property
+    def name(self) -> str:
+        return self.analysis.name
+
+    def parameters(self, data: SharedData) -> dict[str, Any]:
+        """The parameters stored with the results; user analyses add their source hash."""
+        parameters = self.analysis.parameters(self.options, data)
+        if self.ref in BUILTINS:
+            return parameters
+        return parameters | {"source_sha256": self.analysis.source_hash()}
+
+
+def read_source(ref: str) -> str | None:
+    """The source text of a ``"file.py:name"`` analysis (None for other references)."""
+    module, _, _ = ref.rpartition(":")
+    if not module.endswith(".py"):
+        return None
+    path = Path(module)
+    if not path.is_file():
+        raise SpecError(f"no such analysis file {module}")
+    return path.read_text()
+
+
+def resolve(ref: str, source: str | None = None) -> Analysis:
+    """The analysis a reference names.
+
+    Parameters
+    ----------
+    ref
+        A built-in name, ``"package.module:name"`` or ``"path/file.py:name"``.
+    source
+        For a file: its source text (shipped to workers, which may not have the file).
+
+    Raises
+    ------
+    SpecError
+        If nothing of that name exists or it is not an analysis.
+    """
+    module_name, sep, name = ref.rpartition(":")
+    if not sep:
+        if ref not in BUILTINS:
+            raise SpecError(
+                f"unknown analysis {ref!r} (built-in: {', '.join(BUILTINS)}; or "
+                "'package.module:name' or 'file.py:name')"
+            )
+        return BUILTINS[ref]
+    if module_name.endswith(".py"):
+        module = _source_module(module_name, source if source is not None else read_source(ref))
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise SpecError(f"cannot import {module_name!r} for analysis {ref!r}: {err}") from None
+    found = getattr(module, name, None)
+    if not isinstance(found, Analysis):
+        what = "no such name" if found is None else "not decorated with @obs.analysis"
+        raise SpecError(f"analysis {ref!r}: {what}")
+    return found
+
+
+def _source_module(filename: str, source: str) -> types.ModuleType:
+    """Execute a file's source as a fresh module (named after the file and its source)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{filename}\0{source}".encode()).hexdigest()[:16]
+    name = f"observatory_user_{Path(filename).stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    # inspect.getsource reads through linecache: give it this source, not the file on disk
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    module = types.ModuleType(name)
+    module.__file__ = filename
+    sys.modules[name] = module  # dataclasses and pickle look modules up by name
+    try:
+        exec(compile(source, filename, "exec"), module.__dict__)
+    except Exception as err:
+        del sys.modules[name]
+        raise SpecError(f"{filename}: {type(err).__name__}: {err}".splitlines()[0]) from None
+    return module
+
+
+def configure(analyses: Sequence[str], options: dict[str, dict[str, Any]]) -> list[Configured]:
+    """Resolve a job's analyses and validate their option tables (``options[name]``).
+
+    Raises
+    ------
+    SpecError
+        Naming ``analyses[i]`` or the ``[<name>]`` table at fault.
+    """
+    out = []
+    for i, ref in enumerate(analyses):
+        try:
+            source = read_source(ref)
+            analysis = resolve(ref, source)
+        except SpecError as err:
+            raise SpecError(f"analyses[{i}]: {err}") from None
+        if analysis.name in {c.name for c in out}:
+            raise SpecError(f"analyses[{i}]: a second analysis named {analysis.name!r}")
+        chosen = analysis.parse_options(options.get(analysis.name, {}), analysis.name)
+        out.append(Configured(ref=ref, analysis=analysis, options=chosen, source=source))
+    stray = sorted(set(options) - {c.name for c in out})
+    if stray:
+        raise SpecError(f"[{stray[0]}]: options for an analysis the job does not run")
+    return out
