@@ -30,7 +30,10 @@ from observatory.store import (
     FamilyStore,
     LazyArray,
     RunReader,
+    analyses,
+    analysis_lazy_arrays,
     ingested_note,
+    lazy_arrays,
     read_rows,
     resolved,
 )
@@ -216,13 +219,13 @@ def _run_parts(reader: RunReader) -> tuple[dict[str, LazyArray], dict]:
 
 def _run_arrays(reader: RunReader) -> dict[str, LazyArray]:
     """Every lazy array of one run: stored, TransformerLens views, analysis results."""
-    arrays: dict[str, LazyArray] = reader.lazy_arrays()
+    arrays: dict[str, LazyArray] = lazy_arrays(reader)
     arrays |= views(arrays, architecture=reader.family.spec.model.architecture)
     for name in ("step", "tokens_seen", "train_step"):  # coordinates, derived without reading
         del arrays[name]
     steps = reader.steps()
-    for name in reader.analyses():
-        for key, array in reader.analysis_lazy_arrays(name, steps).items():
+    for name in analyses(reader):
+        for key, array in analysis_lazy_arrays(reader, name, steps).items():
             if key in arrays:
                 owner = arrays[key].attrs.get("analysis")
                 raise StoreError(
@@ -555,7 +558,7 @@ def head_weights(
             raise StoreError(f"{reader.run.path}: no {what} {index} ({what}s: 0..{count - 1})")
     name, part, parts = blocks[weight]
     dims = ("step", *VIEW_DIMS[weight])
-    view = _View(reader.lazy_arrays([name])[name], dims, block=(part, parts))
+    view = _View(lazy_arrays(reader, [name])[name], dims, block=(part, parts))
     values = view.read((slice(None), layer, head, *[slice(None)] * (len(dims) - 3)))
     return xr.DataArray(values, dims=dims[:1] + dims[3:], coords=_run_coords(reader), name=weight)
 
@@ -727,7 +730,7 @@ def describe(path: str | Path) -> str:
         rows = [header]
         for reader in (RunReader(family, run) for run in runs if run.size == size_name):
             steps, tokens = reader.steps(), reader.tokens_seen()
-            analyses = reader.analyses()
+            stored = analyses(reader)
             rows.append(
                 (
                     reader.run.path.rpartition("/")[2],
@@ -738,7 +741,7 @@ def describe(path: str | Path) -> str:
                     _summarize(steps),
                     f"{int(tokens[-1]):,}" if len(tokens) else "0",
                     _human_bytes(family.disk_bytes(reader.run.path)),
-                    f"analyses: {', '.join(analyses)}" if analyses else "",
+                    f"analyses: {', '.join(stored)}" if stored else "",
                 )
             )
             if reader.origin is not None:
