@@ -134,7 +134,8 @@ def _renamed(table: dict[str, Any], renamed: dict[str, str], where: str) -> dict
             continue
         if new in table:
             raise SpecError(f"{where}: both {old!r} and {new!r} given; keep {new!r} only")
-        warnings.warn(f"{where}.{old}: deprecated key, use {new!r}", FutureWarning, stacklevel=4)
+        key = f"{where}.{old}".lstrip(".")
+        warnings.warn(f"{key} is deprecated: use {new!r}", FutureWarning, stacklevel=2)
         table = {new if key == old else key: value for key, value in table.items()}
     return table
 

@@ -12,7 +12,9 @@ import zarr
 from observatory.errors import StoreError
 from observatory.spec import StoreSpec
 from observatory.store import (
+    ATTRS_KEY,
     MOMENTS,
+    SCHEMA_VERSION,
     AnalysisWriter,
     Checkpoint,
     FamilyStore,
@@ -737,3 +739,17 @@ def test_a_store_served_over_http_reads_lazily_and_is_read_only(trained_tiny, tm
             FamilyStore(url, mode="r+")
         with pytest.raises(StoreError, match="read-only"):
             create_family(url, spec, data={"fingerprint": "x"})
+
+
+def test_a_store_of_another_schema_version_is_refused_in_one_line(tiny_spec, tmp_path):
+    path = tmp_path / "s.zarr"
+    root = create_family(path, tiny_spec, data={"fingerprint": "abc"})
+    attrs = dict(root.attrs[ATTRS_KEY])
+    root.attrs[ATTRS_KEY] = attrs | {"schema_version": SCHEMA_VERSION - 1}
+    for mode in ("r", "r+"):
+        with pytest.raises(StoreError) as err:
+            FamilyStore(path, mode=mode)
+        message = str(err.value)
+        assert "\n" not in message
+        assert f"schema version {SCHEMA_VERSION - 1}" in message
+        assert f"schema version {SCHEMA_VERSION} only" in message

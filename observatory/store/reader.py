@@ -114,7 +114,7 @@ class FamilyStore:
             raise StoreError(f"{self.path}: no size {size!r} (sizes: {', '.join(sizes) or 'none'})")
         return runs
 
-    def sizeattrs_of(self, size: str) -> dict[str, Any]:
+    def size_attrs(self, size: str) -> dict[str, Any]:
         return attrs_of(node(self.root, size, self.path))
 
     def disk_bytes(self, subpath: str = "") -> int:
