@@ -24,8 +24,8 @@ from observatory.store import (
     create_family,
 )
 from observatory.store import layout as store_layout
-from observatory.store import location as store_location
 from observatory.store import lock as store_lock
+from observatory.store import paths as store_paths
 from observatory.store import results as store_results
 from observatory.store import writer as store_writer
 
@@ -630,7 +630,7 @@ def test_a_family_in_s3_trains_analyses_and_reads_back_as_on_local_disk(
     shown = capsys.readouterr().out
     assert shown.startswith(url) and "complete" in shown
     assert "observatory-test-secret" not in shown  # credentials are never printed ...
-    fs, path = store_location.filesystem(url)
+    fs, path = store_paths.filesystem(url)
     stored = b"".join(fs.cat(f) for f in fs.find(path) if f.endswith("zarr.json"))
     assert b"observatory-test-secret" not in stored and b"test-key" not in stored  # ... nor stored
 
@@ -650,7 +650,7 @@ def test_one_writer_per_run_on_s3_and_a_stale_lock_is_taken_over(
     spec_file = str(tmp_path / "tiny.toml")
     assert main(["train", spec_file, "--store", url, "--stop-after", "1", "--no-progress"]) == 0
     root = FamilyStore(url, mode="r+").root
-    fs, _ = store_location.filesystem(url)
+    fs, _ = store_paths.filesystem(url)
     with RunLock(root, spec.runs()[0]) as held:  # another writer holds seed 0
         assert json.loads(fs.cat_file(held.path))["pid"] == os.getpid()
         assert main(["train", spec_file, "--store", url, "--resume"]) == 2

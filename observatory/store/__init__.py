@@ -1,7 +1,7 @@
 """The storage package: the only code that knows zarr and the layout of an observatory store.
 
 One module per concern: :mod:`~observatory.store.layout` (names, attributes, chunking, schema
-version, creating and opening a family), :mod:`~observatory.store.location` (local paths and
+version, creating and opening a family), :mod:`~observatory.store.paths` (local paths and
 fsspec URLs), :mod:`~observatory.store.integrity` (the checked store and the ledger's digests),
 :mod:`~observatory.store.common` (opening nodes, the metadata cache),
 :mod:`~observatory.store.lock` (one writer per run), :mod:`~observatory.store.writer`,
@@ -38,8 +38,8 @@ from observatory.store.ledger import (
     verify_checkpoint,
     verify_checkpoints,
 )
-from observatory.store.location import location
 from observatory.store.lock import RunLock
+from observatory.store.paths import location
 from observatory.store.reader import FamilyStore, RunReader
 from observatory.store.results import (
     AnalysisWriter,

@@ -19,7 +19,7 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from observatory.errors import StoreError
-from observatory.store.location import storage_options
+from observatory.store.paths import storage_options
 
 # Names of the metadata documents zarr may look for; every other key of a store is a chunk.
 _METADATA_KEYS = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")

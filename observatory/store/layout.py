@@ -51,7 +51,7 @@ from observatory.models import PER_HEAD_DIMS
 from observatory.spec import RunSpec, SizeSpec, StoreSpec, spec_from_dict
 from observatory.store.common import cached_node
 from observatory.store.integrity import checked_store
-from observatory.store.location import (
+from observatory.store.paths import (
     exists,
     location,
     open_group,

@@ -15,7 +15,7 @@ from zarr.storage import LocalStore, WrapperStore
 
 from observatory.errors import StoreError
 from observatory.spec import RunId
-from observatory.store.location import filesystem
+from observatory.store.paths import filesystem
 
 LOCK_HEARTBEAT_SECONDS = 5.0  # a holder touches its lock this often ...
 LOCK_STALE_SECONDS = 60.0  # ... and a lock untouched for this long has no living holder

@@ -33,7 +33,7 @@ from observatory.store.layout import (
     open_root,
     read_checkpoint,
 )
-from observatory.store.location import filesystem, location
+from observatory.store.paths import filesystem, location
 
 
 @lru_cache(maxsize=8)
