@@ -84,7 +84,7 @@ def bench_spec(
             "seeds": {"init": [0]},
             "train": {"steps": 10 * (checkpoints - 1), "batch_size": 1, "context": 64},
             "checkpoints": {"log_spaced": False, "every": 10},
-            "store": {"commit_seconds": 1e9},  # commit whole shards only, as in a long run
+            "store": {"commit_seconds": 1e9},  # commit whole chunks only, as in a long run
         }
     )
 

@@ -10,7 +10,7 @@ Prints three figures, each against a baseline measured in the same process:
    RSS of fresh processes that train it with the trainer against that of ones that run the
    bare loop on the same batches (medians of ``--rss-rounds``): what checkpoints, writer and
    store add must stay within what the writer may hold (``store.writer_memory``: its buffer
-   of at most ``checkpoints_per_shard`` checkpoints and ``MAX_BUFFER_BYTES``, the checkpoint
+   of at most ``checkpoints_per_chunk`` checkpoints and ``MAX_BUFFER_BYTES``, the checkpoint
    in transit to it, and zarr's encoding of one piece);
 3. bytes fetched from S3 (a moto server on loopback) to read one head of one layer across all
    checkpoints, vs to read every checkpoint's weights whole.
@@ -156,9 +156,9 @@ def writer_bound(spec_path: str, steps: int) -> tuple[int, int, int]:
     model = build_model(spec.model, spec.model.sizes[0], init_seed=0)
     checkpoint = 3 * 4 * sum(p.numel() for p in model.parameters())  # float32
     n_checkpoints = len(spec.checkpoints.steps(steps))
-    per_shard = spec.store.checkpoints_per_shard
-    slots = buffer_slots(n_checkpoints, per_shard, checkpoint)
-    return slots, checkpoint, writer_memory(n_checkpoints, per_shard, checkpoint)
+    per_chunk = spec.store.checkpoints_per_chunk
+    slots = buffer_slots(n_checkpoints, per_chunk, checkpoint)
+    return slots, checkpoint, writer_memory(n_checkpoints, per_chunk, checkpoint)
 
 
 def in_fresh_process(function, *args):

@@ -1,11 +1,11 @@
 """glibc's allocator, set for training: one arena, and free memory handed back after commits.
 
 Both act on glibc only (the allocator of most Linux distributions); elsewhere they do
-nothing.  Measured on the 14M-shaped size (``runs/pythia14m.toml``, 200 steps), the peak RSS
-a run adds to the bare training loop's was 409-435 MiB with an arena per thread, and 282-348
-MiB with one (:func:`one_malloc_arena`).  With the writer's later changes (whole-chunk
-commits) and :func:`release_free_memory` it is 238 MiB (median of five processes each), of
-which the writer's buffer is 216 MiB.
+nothing.  With an arena per thread, memory freed by the writer thread stays with its arena
+and the peak RSS of a run grows well past what the writer holds; one arena
+(:func:`one_malloc_arena`) and handing free pages back after each commit
+(:func:`release_free_memory`) keep it near the writer's buffer.  ``benchmarks/bench_scale.py``
+measures it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def one_malloc_arena() -> None:
 
     The writer thread and zarr's I/O threads would otherwise each get an arena of their own,
     and each arena keeps what it freed for itself.  A training loop in a worker thread (dask)
-    also trained 8-15% slower in an arena of its own, which glibc shrinks and grows around
-    every step.  Nothing if ``MALLOC_ARENA_MAX`` is set: the user's setting stands.
+    also trains slower in an arena of its own, which glibc shrinks and grows around every
+    step.  Nothing if ``MALLOC_ARENA_MAX`` is set: the user's setting stands.
     """
     libc = _glibc()
     if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
@@ -40,8 +40,7 @@ def release_free_memory() -> None:
     """Hand the free pages of glibc's heap back to the system (``malloc_trim(0)``).
 
     The checkpoints a writer has copied into its buffer and zarr's encoding buffers are freed
-    into the heap, which keeps their pages; the writer calls this after each commit (a few
-    milliseconds every ``checkpoints_per_shard`` checkpoints).
+    into the heap, which keeps their pages; the writer calls this after each commit.
     """
     libc = _glibc()
     if libc is not None:

@@ -15,10 +15,11 @@ import math
 import tomllib
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from observatory.errors import SpecError
 from observatory.models.registry import names as architecture_names
@@ -108,6 +109,7 @@ def from_table(cls: type, table: dict[str, Any], where: str) -> Any:
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    table = _renamed(table, getattr(cls, "RENAMED", {}), where)
     unknown = sorted(set(table) - set(fields))
     if unknown:
         raise SpecError(
@@ -124,6 +126,19 @@ def from_table(cls: type, table: dict[str, Any], where: str) -> Any:
     if validate is not None:
         validate(where)
     return obj
+
+
+def _renamed(table: dict[str, Any], renamed: dict[str, str], where: str) -> dict[str, Any]:
+    """``table`` with each deprecated key of ``renamed`` (old -> new) under its new name."""
+    for old, new in renamed.items():
+        if old not in table:
+            continue
+        if new in table:
+            raise SpecError(f"{where}: both {old!r} and {new!r} given; keep {new!r} only")
+        key = f"{where}.{old}".lstrip(".")
+        warnings.warn(f"{key} is deprecated: use {new!r}", FutureWarning, stacklevel=2)
+        table = {new if key == old else key: value for key, value in table.items()}
+    return table
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -392,17 +407,20 @@ class CheckpointSpec:
 class StoreSpec:
     """How checkpoints are laid out on disk and how often they are committed."""
 
-    checkpoints_per_shard: int = 64  # one shard file holds this many checkpoints of an array
+    # Keys accepted under an old name: the table's key is read as the new one, with a warning.
+    RENAMED: ClassVar[dict[str, str]] = {"checkpoints_per_shard": "checkpoints_per_chunk"}
+
+    checkpoints_per_chunk: int = 64  # one chunk file holds this many checkpoints of an array
     commit_seconds: float = 20.0  # commit buffered checkpoints at least this often
     compressor: Literal["lz4", "zstd"] = "lz4"  # Blosc codec with byte shuffle (lossless)
     compression_level: int = 5  # Blosc level, 1 (fast) .. 9 (small)
-    # Trained float32 weights barely compress (to 0.87 of their size with lz4 and shuffle), and
-    # decoding a whole chunk was two thirds of reading one head across all checkpoints: the
-    # weights are stored with a checksum only, unless this is set.  Other arrays use Blosc.
+    # Trained float32 weights barely compress, and decoding dominates reading one head across
+    # all checkpoints: the weights are stored with a checksum only, unless this is set.  Other
+    # arrays use Blosc.
     compress_weights: bool = False
 
     def validate(self, where: str) -> None:
-        _require(self.checkpoints_per_shard > 0, f"{where}.checkpoints_per_shard: must be positive")
+        _require(self.checkpoints_per_chunk > 0, f"{where}.checkpoints_per_chunk: must be positive")
         _require(self.commit_seconds >= 0, f"{where}.commit_seconds: must be >= 0")
         _require(1 <= self.compression_level <= 9, f"{where}.compression_level: not in 1..9")
 

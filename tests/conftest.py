@@ -60,7 +60,7 @@ log_spaced = true
 every = 5
 
 [store]
-checkpoints_per_shard = 4
+checkpoints_per_chunk = 4
 commit_seconds = 0.0
 """
 

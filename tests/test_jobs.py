@@ -11,7 +11,7 @@ from observatory.jobs.analyze import run_analysis, shared_data
 from observatory.jobs.compute import compute
 from observatory.jobs.job_spec import ProbeSpec, load_analysis_spec
 from observatory.query import model_at, open_family
-from observatory.store import FamilyStore
+from observatory.store import FamilyStore, analysis_arrays, analysis_group
 from tests.conftest import dask_processes
 
 JOB = """\
@@ -87,18 +87,18 @@ def test_local_cluster_job_scores_every_checkpoint_and_reruns_idempotently(store
 
     # stored values are exactly what the pure functions give on the model at that step
     run = family.run("l2-d16", 1)
-    steps, arrays = run.analysis_arrays("head_scores")
+    steps, arrays = analysis_arrays(run, "head_scores")
     assert sorted(steps) == sorted(run.steps())
     data = shared_data(family.spec, spec.probe, spec.held_out)
     row = int(np.flatnonzero(steps == 8)[0])
     model = model_at(store_copy, size="l2-d16", seed=1, step=8)
     expected = head_scores(attention_patterns(model, data.probe_tokens), data.probe_tokens)
     np.testing.assert_allclose(arrays["induction_score"][row], expected["induction"], rtol=1e-6)
-    assert np.array_equal(run.analysis_group("head_scores")["probe_tokens"][:], data.probe_tokens)
+    assert np.array_equal(analysis_group(run, "head_scores")["probe_tokens"][:], data.probe_tokens)
 
     again = run_analysis(spec, progress=False)
     assert (again.computed, again.skipped) == (0, n_ckpt)
-    assert len(run.analysis_arrays("head_scores")[0]) == len(steps)  # nothing appended twice
+    assert len(analysis_arrays(run, "head_scores")[0]) == len(steps)  # nothing appended twice
     redo = run_analysis(spec, progress=False, recompute=True)
     assert redo.computed == n_ckpt
 

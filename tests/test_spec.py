@@ -130,3 +130,20 @@ def test_a_spec_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", str(path), "--store", str(tmp_path / "s.zarr")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a UTF-8 text file" in err
+
+
+def test_checkpoints_per_shard_is_a_deprecated_alias_of_checkpoints_per_chunk(tmp_path):
+    old = TINY_TOML.replace("checkpoints_per_chunk = 4", "checkpoints_per_shard = 4")
+    deprecated = "store.checkpoints_per_shard is deprecated: use 'checkpoints_per_chunk'"
+    with pytest.warns(FutureWarning, match=deprecated):
+        spec = load_run_spec(write_spec(tmp_path, old))
+    assert spec.store.checkpoints_per_chunk == 4
+    assert spec == load_run_spec(write_spec(tmp_path, TINY_TOML, "new.toml"))
+    both = TINY_TOML.replace(
+        "checkpoints_per_chunk = 4", "checkpoints_per_chunk = 4\ncheckpoints_per_shard = 4"
+    )
+    with pytest.raises(SpecError) as err:
+        load_run_spec(write_spec(tmp_path, both, "both.toml"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "checkpoints_per_shard" in message and "checkpoints_per_chunk" in message

@@ -9,18 +9,25 @@ import pytest
 import xarray as xr
 import zarr
 
-from observatory import store as store_module
 from observatory.errors import StoreError
 from observatory.spec import StoreSpec
 from observatory.store import (
+    ATTRS_KEY,
     MOMENTS,
+    SCHEMA_VERSION,
     AnalysisWriter,
     Checkpoint,
     FamilyStore,
     RunWriter,
     StepRecord,
+    analysis_arrays,
     create_family,
 )
+from observatory.store import layout as store_layout
+from observatory.store import lock as store_lock
+from observatory.store import paths as store_paths
+from observatory.store import results as store_results
+from observatory.store import writer as store_writer
 
 
 def make_writer(spec, path, **store):
@@ -58,7 +65,7 @@ def test_large_blocks_are_chunked_and_written_a_chunk_width_at_a_time(
 ):
     # Blocks over WRITE_PIECE are split along their first dim (layer, or rows), so a commit
     # never hands zarr (which encodes a write's chunks all at once) more than that.
-    monkeypatch.setattr(store_module, "WRITE_PIECE", 100)
+    monkeypatch.setattr(store_layout, "WRITE_PIECE", 100)
     written = []
     setitem = zarr.Array.__setitem__
 
@@ -69,7 +76,7 @@ def test_large_blocks_are_chunked_and_written_a_chunk_width_at_a_time(
 
     monkeypatch.setattr(zarr.Array, "__setitem__", spy)
     writer, shapes = make_writer(
-        tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=0
+        tiny_spec, tmp_path / "s.zarr", checkpoints_per_chunk=4, commit_seconds=0
     )
     rng = np.random.default_rng(0)
     saved = [
@@ -111,7 +118,7 @@ def test_commits_write_whole_chunks_and_a_resumed_writer_keeps_its_chunk(
 
     monkeypatch.setattr(zarr.storage.LocalStore, "get", spy)
     path = tmp_path / "s.zarr"
-    writer, shapes = make_writer(tiny_spec, path, checkpoints_per_shard=4, commit_seconds=0)
+    writer, shapes = make_writer(tiny_spec, path, checkpoints_per_chunk=4, commit_seconds=0)
     writer.start()
     for step in range(4):  # chunks of 3 checkpoints: the second chunk is left with one row
         writer.put_checkpoint(checkpoint(step, shapes))
@@ -121,7 +128,7 @@ def test_commits_write_whole_chunks_and_a_resumed_writer_keeps_its_chunk(
     resumed = RunWriter(
         zarr.open_group(path),
         writer.run,
-        dataclasses.replace(tiny_spec, store=StoreSpec(checkpoints_per_shard=4)),
+        dataclasses.replace(tiny_spec, store=StoreSpec(checkpoints_per_chunk=4)),
         param_shapes=shapes,
         d_head=2,
         schedule=(0, 1, 2, 3, 4),
@@ -140,7 +147,7 @@ def test_commits_write_whole_chunks_and_a_resumed_writer_keeps_its_chunk(
 
 def test_buffered_checkpoints_stay_invisible_until_committed(tiny_spec, tmp_path):
     writer, shapes = make_writer(
-        tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=1e9
+        tiny_spec, tmp_path / "s.zarr", checkpoints_per_chunk=4, commit_seconds=1e9
     )
     writer.start()
     for step in range(3):
@@ -148,7 +155,7 @@ def test_buffered_checkpoints_stay_invisible_until_committed(tiny_spec, tmp_path
         writer.put_step(record(step))
     reader = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0)
     assert reader.n_checkpoints == 0 and len(reader.steps()) == 0
-    writer.put_checkpoint(checkpoint(3, shapes))  # fills a shard: committed as a whole
+    writer.put_checkpoint(checkpoint(3, shapes))  # fills a chunk: committed as a whole
     writer.close(complete=False)
     reader = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0)
     assert list(reader.steps()) == [0, 1, 2, 3] and reader.n_steps == 3
@@ -158,7 +165,7 @@ def test_buffered_checkpoints_stay_invisible_until_committed(tiny_spec, tmp_path
 
 def test_arrays_are_chunked_by_checkpoint_and_per_head(tiny_spec, tmp_path):
     writer, shapes = make_writer(
-        tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=0
+        tiny_spec, tmp_path / "s.zarr", checkpoints_per_chunk=4, commit_seconds=0
     )
     writer.start()
     for step in range(5):
@@ -273,12 +280,12 @@ def test_checkpoint_reads_back_the_whole_training_state(tiny_spec, tmp_path):
         reader.checkpoint(7)
 
 
-def test_a_buffer_smaller_than_a_shard_commits_in_parts(tiny_spec, tmp_path, monkeypatch):
+def test_a_buffer_smaller_than_a_chunk_commits_in_parts(tiny_spec, tmp_path, monkeypatch):
     # make_writer's checkpoints take 1483 bytes (3 x 116 float32, RNG, step, tokens, 2 hashes,
     # keyframe step): 2 fit
-    monkeypatch.setattr(store_module, "MAX_BUFFER_BYTES", 3000)
+    monkeypatch.setattr(store_writer, "MAX_BUFFER_BYTES", 3000)
     writer, shapes = make_writer(
-        tiny_spec, tmp_path / "s.zarr", checkpoints_per_shard=4, commit_seconds=1e9
+        tiny_spec, tmp_path / "s.zarr", checkpoints_per_chunk=4, commit_seconds=1e9
     )
     writer.start()
     for step in range(2):
@@ -297,7 +304,7 @@ def test_a_buffer_smaller_than_a_shard_commits_in_parts(tiny_spec, tmp_path, mon
 
 
 def test_analysis_rows_are_buffered_then_written_step_last(tiny_spec, tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "ANALYSIS_FLUSH_ROWS", 4)
+    monkeypatch.setattr(store_results, "ANALYSIS_FLUSH_ROWS", 4)
     writer, shapes = make_writer(tiny_spec, tmp_path / "s.zarr")
     writer.start()
     writer.close(complete=True)
@@ -310,17 +317,17 @@ def test_analysis_rows_are_buffered_then_written_step_last(tiny_spec, tmp_path, 
     )
     results.append(np.array([8, 2]), {"score": np.array([[8, 8], [2, 2]], np.float32)})
     assert results.done_steps() == {8, 2}  # buffered rows count as done for this job ...
-    covered, _ = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).analysis_arrays("scores")
+    covered, _ = analysis_arrays(FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0), "scores")
     assert len(covered) == 0  # ... but readers do not see them yet
     results.append(np.array([5, 1]), {"score": np.array([[5, 5], [1, 1]], np.float32)})
-    covered, arrays = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).analysis_arrays("scores")
+    covered, arrays = analysis_arrays(FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0), "scores")
     assert list(covered) == [1, 2, 5, 8]  # 4 rows: written together, in step order
     assert np.array_equal(arrays["score"][:, 0], [1, 2, 5, 8])
     results.append(np.array([9]), {"score": np.array([[9, 9]], np.float32)})
     results.flush()  # after every stored row: appended
     results.append(np.array([3]), {"score": np.array([[3, 3]], np.float32)})
     results.flush()  # between stored rows: everything rewritten in order
-    covered, arrays = FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0).analysis_arrays("scores")
+    covered, arrays = analysis_arrays(FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0), "scores")
     assert list(covered) == [1, 2, 3, 5, 8, 9]
     assert np.array_equal(arrays["score"], np.repeat(covered[:, None], 2, axis=1))
     plain = xr.open_zarr(
@@ -340,10 +347,10 @@ def test_results_without_a_variable_the_analysis_now_returns_need_recompute(tiny
     grown = {"score": (("head",), (2,)), "extra": (("layer",), (2,))}
     with pytest.raises(StoreError, match="scores: existing results lack extra, .*--recompute"):
         AnalysisWriter(run, "scores", attrs={}, variables=grown)
-    covered, _ = run.analysis_arrays("scores")
+    covered, _ = analysis_arrays(run, "scores")
     assert list(covered) == [8]  # kept
     AnalysisWriter(run, "scores", attrs={}, variables=grown, recompute=True)
-    assert set(run.analysis_arrays("scores")[1]) == {"score", "extra"}
+    assert set(analysis_arrays(run, "scores")[1]) == {"score", "extra"}
 
 
 def damage(path):
@@ -358,7 +365,7 @@ def test_a_damaged_chunk_is_a_clear_error_not_wrong_numbers(trained_tiny, tmp_pa
     store = tmp_path / "copy.zarr"
     shutil.copytree(trained, store)
     run = FamilyStore(store).run("l2-d16", 0)
-    qkv = "gpt_neox.layers.attention.query_key_value.weight"  # sharded per head
+    qkv = "gpt_neox.layers.attention.query_key_value.weight"  # chunked per head
     damage(store / run.run.path / qkv / "c" / "0" / "0" / "0" / "0")  # checkpoints 0..3
     damage(store / run.run.path / "gpt_neox.embed_in.weight" / "c" / "1" / "0" / "0")  # 4..7
     damage(store / run.run.path / "loss" / "c" / "0")
@@ -378,7 +385,7 @@ def tree_bytes(store) -> dict:
 
 QKV = "gpt_neox.layers.attention.query_key_value.weight"
 # A file of each kind of array, and the checkpoint steps / train steps it holds (the tiny
-# spec has 4 checkpoints per shard: index 4..7 is steps 5, 8, 10, 15).
+# spec has 4 checkpoints per chunk: index 4..7 is steps 5, 8, 10, 15).
 MISSING_FILES = {
     "weights": (f"{QKV}/c/1/0/0/0", "checkpoint steps 5..15"),
     "moments": ("state/exp_avg_sq/lm_head.weight/c/1/0/0", "keyframe 4..7"),
@@ -624,7 +631,7 @@ def test_a_family_in_s3_trains_analyses_and_reads_back_as_on_local_disk(
     shown = capsys.readouterr().out
     assert shown.startswith(url) and "complete" in shown
     assert "observatory-test-secret" not in shown  # credentials are never printed ...
-    fs, path = store_module._filesystem(url)
+    fs, path = store_paths.filesystem(url)
     stored = b"".join(fs.cat(f) for f in fs.find(path) if f.endswith("zarr.json"))
     assert b"observatory-test-secret" not in stored and b"test-key" not in stored  # ... nor stored
 
@@ -644,7 +651,7 @@ def test_one_writer_per_run_on_s3_and_a_stale_lock_is_taken_over(
     spec_file = str(tmp_path / "tiny.toml")
     assert main(["train", spec_file, "--store", url, "--stop-after", "1", "--no-progress"]) == 0
     root = FamilyStore(url, mode="r+").root
-    fs, _ = store_module._filesystem(url)
+    fs, _ = store_paths.filesystem(url)
     with RunLock(root, spec.runs()[0]) as held:  # another writer holds seed 0
         assert json.loads(fs.cat_file(held.path))["pid"] == os.getpid()
         assert main(["train", spec_file, "--store", url, "--resume"]) == 2
@@ -652,7 +659,7 @@ def test_one_writer_per_run_on_s3_and_a_stale_lock_is_taken_over(
         assert err.count("\n") == 1 and "l2-d16/seed0 is being written by pid" in err
     assert not fs.exists(held.path)  # released
     fs.pipe_file(held.path, json.dumps({"host": "elsewhere", "pid": 1, "since": 0}).encode())
-    monkeypatch.setattr(store_module, "LOCK_STALE_SECONDS", 0.0)  # its heartbeat is stale
+    monkeypatch.setattr(store_lock, "LOCK_STALE_SECONDS", 0.0)  # its heartbeat is stale
     assert main(["train", spec_file, "--store", url, "--resume", "--no-progress"]) == 0
     assert not fs.exists(held.path)
 
@@ -733,3 +740,17 @@ def test_a_store_served_over_http_reads_lazily_and_is_read_only(trained_tiny, tm
             FamilyStore(url, mode="r+")
         with pytest.raises(StoreError, match="read-only"):
             create_family(url, spec, data={"fingerprint": "x"})
+
+
+def test_a_store_of_another_schema_version_is_refused_in_one_line(tiny_spec, tmp_path):
+    path = tmp_path / "s.zarr"
+    root = create_family(path, tiny_spec, data={"fingerprint": "abc"})
+    attrs = dict(root.attrs[ATTRS_KEY])
+    root.attrs[ATTRS_KEY] = attrs | {"schema_version": SCHEMA_VERSION - 1}
+    for mode in ("r", "r+"):
+        with pytest.raises(StoreError) as err:
+            FamilyStore(path, mode=mode)
+        message = str(err.value)
+        assert "\n" not in message
+        assert f"schema version {SCHEMA_VERSION - 1}" in message
+        assert f"schema version {SCHEMA_VERSION} only" in message

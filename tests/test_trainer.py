@@ -12,7 +12,7 @@ from observatory.analysis.phase import final_loss
 from observatory.data import build_corpus
 from observatory.errors import StoreError
 from observatory.spec import load_run_spec
-from observatory.store import FamilyStore, create_family
+from observatory.store import FamilyStore, create_family, verify_checkpoint
 from observatory.train import (
     interrupts_between_steps,
     raise_if_interrupted,
@@ -170,7 +170,7 @@ def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path, state_every):
         assert np.array_equal(a.rng_state, b.rng_state)
         assert_bit_identical(a.moments["exp_avg_sq"], b.moments["exp_avg_sq"])
     for step in clean.steps():  # the ledger of the resumed run equals the clean one's
-        assert np.array_equal(resumed.verify_checkpoint(step), clean.verify_checkpoint(step))
+        assert np.array_equal(verify_checkpoint(resumed, step), verify_checkpoint(clean, step))
 
 
 def test_state_every_keeps_optimizer_state_at_keyframes_only(tiny_spec, tmp_path):
@@ -261,10 +261,10 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error_that_changes_nothi
     args = ["train", str(tiny_spec_path), "--store", str(store), "--seeds", "0", "--no-progress"]
     assert main([*args, "--stop-after", "7"]) == 0
     run = FamilyStore(store).run("l2-d16", 0)
-    last_shard = (run.n_checkpoints - 1) // 4  # the tiny spec has 4 checkpoints per shard
-    shard = store / run.run.path / array / "c" / str(last_shard) / "0"
-    shard = next(p for p in sorted(shard.rglob("*")) + [shard] if p.is_file())
-    damage(shard) if harm == "flip" else shard.unlink()  # a moment shard: resume needs it
+    last_chunk = (run.n_checkpoints - 1) // 4  # the tiny spec has 4 checkpoints per chunk
+    chunk = store / run.run.path / array / "c" / str(last_chunk) / "0"
+    chunk = next(p for p in sorted(chunk.rglob("*")) + [chunk] if p.is_file())
+    damage(chunk) if harm == "flip" else chunk.unlink()  # a moment chunk: resume needs it
     before = tree_bytes(store)
     out = capsys.readouterr().out  # one summary line per run, then the store
     assert out.startswith("l2-d16/seed0: 7 steps in ") and f"trained into {store}" in out
@@ -369,7 +369,7 @@ def crash_at(monkeypatch, phase):
         monkeypatch.setattr(store_module.RunWriter, "_create_arrays", create)
         return
     commits = {"first commit": 1, "mid-run": 4, "final flush": None}[phase]
-    original_set = store_module._set_attrs
+    original_set = store_module.writer.set_attrs
     calls = []
 
     def set_attrs(node, **updates):
@@ -381,7 +381,7 @@ def crash_at(monkeypatch, phase):
                 raise Crash
         original_set(node, **updates)
 
-    monkeypatch.setattr(store_module, "_set_attrs", set_attrs)
+    monkeypatch.setattr(store_module.writer, "set_attrs", set_attrs)
 
 
 @pytest.mark.parametrize("phase", ["creation", "first commit", "mid-run", "final flush"])

@@ -50,13 +50,13 @@ def test_a_fresh_store_verifies_with_replay_on_two_workers(trained_tiny, capsys)
 
 def test_a_damaged_chunk_fails_naming_run_and_step(copied, capsys):
     run = FamilyStore(copied).run("l2-d16", 1)
-    index = run.checkpoint_index(8)  # the 6th checkpoint: shard 1 of 4 checkpoints each
+    index = run.checkpoint_index(8)  # the 6th checkpoint: chunk 1 of 4 checkpoints each
     damage(copied / run.run.path / "lm_head.weight" / "c" / str(index // 4) / "0" / "0")
     code, out, _ = verify(capsys, copied, "--quick")
     assert code == 1
     assert "l2-d16/seed0" in out.splitlines()[1] and out.splitlines()[1].endswith("ok")
     last = out.splitlines()[-1]
-    assert last.startswith("verification failed: step 5:")  # the first in the damaged shard
+    assert last.startswith("verification failed: step 5:")  # the first in the damaged chunk
     assert "l2-d16/seed1/lm_head.weight" in last and "damaged" in last
 
 

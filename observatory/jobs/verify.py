@@ -31,7 +31,14 @@ from observatory.errors import StoreError
 from observatory.jobs.cluster import dask_client
 from observatory.jobs.selection import select_readers
 from observatory.spec import RunId
-from observatory.store import FamilyStore, RunReader
+from observatory.store import (
+    FamilyStore,
+    RunReader,
+    read_all_analyses,
+    recorded_digests,
+    step_coordinates,
+    verify_checkpoints,
+)
 
 TASK_STEPS = 250  # a replay task covers at least this many steps: its start-up is a small part
 
@@ -115,7 +122,7 @@ def _check_run(reader: RunReader) -> RunVerdict:
         _check_metadata(reader)
         seen: dict[bytes, int] = {}
         for block in _blocks(reader):
-            for step, digest in zip(block, reader.verify_checkpoints(block), strict=True):
+            for step, digest in zip(block, verify_checkpoints(reader, block), strict=True):
                 if digest.tobytes() in seen:
                     raise StoreError(
                         f"{reader.run.path}: steps {seen[digest.tobytes()]} and {step} hold "
@@ -123,7 +130,7 @@ def _check_run(reader: RunReader) -> RunVerdict:
                     )
                 seen[digest.tobytes()] = step
                 checked += 1
-        reader.read_all_analyses()
+        read_all_analyses(reader)
     except StoreError as err:
         return RunVerdict(reader.run.path, checked, 0, str(err))
     return RunVerdict(reader.run.path, checked, 0, None)
@@ -141,7 +148,7 @@ def _check_metadata(reader: RunReader) -> None:
     spec, run, where = reader.family.spec, reader.run, reader.run.path
     total = spec.train.steps
     tokens = spec.train.tokens_per_step
-    stored = reader.step_coordinates()
+    stored = step_coordinates(reader)
     metrics = reader.metrics()
     steps = np.arange(reader.n_steps)
     schedule, keyframes = spec.checkpoints.steps(total), spec.checkpoints.keyframes(total)
@@ -215,7 +222,7 @@ def replay_span(store: str, size: str, seed: int, start: int, end: int) -> tuple
     targets = {int(s) for s in reader.steps() if start < s <= end}
     compared, keyframe = 0, start
     for step, model, optimizer, rng in source.run_states(start, end, yield_at=targets):
-        weights, state = reader.recorded_digests(step)
+        weights, state = recorded_digests(reader, step)
         replayed = snapshot(model, optimizer, step, tokens, state is not None, rng=rng)
         if not np.array_equal(weights_digest(replayed.params), weights):
             return compared, (

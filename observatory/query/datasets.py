@@ -22,7 +22,16 @@ from observatory.errors import StoreError
 from observatory.models.naming import VIEW_DIMS
 from observatory.models.registry import architecture
 from observatory.query.views import View, views
-from observatory.store import FamilyStore, LazyArray, RunReader, read_rows, resolved
+from observatory.store import (
+    FamilyStore,
+    LazyArray,
+    RunReader,
+    analyses,
+    analysis_lazy_arrays,
+    lazy_arrays,
+    read_rows,
+    resolved,
+)
 
 
 def open(path: str | Path) -> xr.DataTree:
@@ -202,13 +211,13 @@ def _run_parts(reader: RunReader) -> tuple[dict[str, LazyArray], dict]:
 
 def _run_arrays(reader: RunReader) -> dict[str, LazyArray]:
     """Every lazy array of one run: stored, TransformerLens views, analysis results."""
-    arrays: dict[str, LazyArray] = reader.lazy_arrays()
+    arrays: dict[str, LazyArray] = lazy_arrays(reader)
     arrays |= views(arrays, architecture=reader.family.spec.model.architecture)
     for name in ("step", "tokens_seen", "train_step"):  # coordinates, derived without reading
         del arrays[name]
     steps = reader.steps()
-    for name in reader.analyses():
-        for key, array in reader.analysis_lazy_arrays(name, steps).items():
+    for name in analyses(reader):
+        for key, array in analysis_lazy_arrays(reader, name, steps).items():
             if key in arrays:
                 owner = arrays[key].attrs.get("analysis")
                 raise StoreError(
@@ -424,6 +433,6 @@ def head_weights(
             raise StoreError(f"{reader.run.path}: no {what} {index} ({what}s: 0..{count - 1})")
     name, part, parts = blocks[weight]
     dims = ("step", *VIEW_DIMS[weight])
-    view = View(reader.lazy_arrays([name])[name], dims, block=(part, parts))
+    view = View(lazy_arrays(reader, [name])[name], dims, block=(part, parts))
     values = view.read((slice(None), layer, head, *[slice(None)] * (len(dims) - 3)))
     return xr.DataArray(values, dims=dims[:1] + dims[3:], coords=_run_coords(reader), name=weight)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from observatory.store import FamilyStore, RunReader, ingested_note
+from observatory.store import FamilyStore, RunReader, analyses, ingested_note
 
 
 def describe(path: str | Path) -> str:
@@ -58,7 +58,7 @@ def describe(path: str | Path) -> str:
         rows = [header]
         for reader in (RunReader(family, run) for run in runs if run.size == size_name):
             steps, tokens = reader.steps(), reader.tokens_seen()
-            analyses = reader.analyses()
+            stored = analyses(reader)
             rows.append(
                 (
                     reader.run.path.rpartition("/")[2],
@@ -69,7 +69,7 @@ def describe(path: str | Path) -> str:
                     _summarize(steps),
                     f"{int(tokens[-1]):,}" if len(tokens) else "0",
                     _human_bytes(family.disk_bytes(reader.run.path)),
-                    f"analyses: {', '.join(analyses)}" if analyses else "",
+                    f"analyses: {', '.join(stored)}" if stored else "",
                 )
             )
             if reader.origin is not None:

@@ -11,7 +11,7 @@ from observatory.errors import StoreError
 from observatory.query import open_family
 from observatory.report import summary as summaries
 from observatory.report.summary import RESULTS, Summary, check_results
-from observatory.store import FamilyStore
+from observatory.store import FamilyStore, analyses, analysis_parameters
 
 
 def load_results(
@@ -61,8 +61,8 @@ def load_results(
     if seeds is not None:
         readers = [family.run(size, seed) for seed in seeds]
     for reader in readers:
-        for name in reader.analyses():
-            parameters.setdefault(name, reader.analysis_parameters(name))
+        for name in analyses(reader):
+            parameters.setdefault(name, analysis_parameters(reader, name))
     family_ds = open_family(path, size=size, seeds=seeds)  # no results: NaN
     names = [name for name in RESULTS if name in family_ds]
     ds = family_ds[names].load()

@@ -55,7 +55,7 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
         )
         memory[f"the parameters, gradients and AdamW state of size {size.name!r}"] = 4 * params
         memory[f"the checkpoints the writer buffers for size {size.name!r}"] = writer_memory(
-            n_ckpt, spec.store.checkpoints_per_shard, state
+            n_ckpt, spec.store.checkpoints_per_chunk, state
         )
         memory[f"the activations of a batch of size {size.name!r}"] = activations
         runs_of_size = sum(run.size == size.name for run in runs)

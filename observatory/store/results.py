@@ -1,0 +1,212 @@
+"""Analysis results of a run: written by :class:`AnalysisWriter`, read back by step.
+
+The group ``<run>/analysis/<name>`` holds one array per result variable with a leading
+``step`` dim, plus a ``step`` array listing which checkpoint each row belongs to (in any order,
+extended last, so readers only see finished rows).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from observatory.errors import StoreError
+from observatory.store.common import child, children, read_whole
+from observatory.store.integrity import checked_read
+from observatory.store.layout import ANALYSIS_GROUP, WRITE_CONFIG, attrs_of, compressors, set_attrs
+
+if TYPE_CHECKING:
+    from observatory.store.reader import RunReader
+
+ANALYSIS_FLUSH_ROWS = 256  # analysis rows buffered before they are written (one chunk) ...
+ANALYSIS_FLUSH_SECONDS = 10.0  # ... or after this long
+
+
+def analysis_group(reader: RunReader, name: str, *, create: bool = False) -> zarr.Group | None:
+    """The group of an analysis's results (None if absent, unless ``create``)."""
+    path = f"{ANALYSIS_GROUP}/{name}"
+    group = child(reader.group, path)
+    if group is None and create:
+        return reader.group.require_group(path)
+    return group
+
+
+def analyses(reader: RunReader) -> list[str]:
+    """Names of the analyses with results stored for a run."""
+    group = child(reader.group, ANALYSIS_GROUP)
+    return [] if group is None else [name for name, _ in children(group, zarr.Group)]
+
+
+def analysis_parameters(reader: RunReader, name: str) -> dict[str, Any] | None:
+    """The parameters an analysis's results were computed with (None: no such analysis)."""
+    group = analysis_group(reader, name)
+    return None if group is None else attrs_of(group).get("parameters")
+
+
+def analysis_arrays(reader: RunReader, name: str) -> tuple[np.ndarray, dict[str, zarr.Array]]:
+    """The checkpoint steps an analysis covers, and its other arrays.
+
+    The group's ``step`` array (see :class:`AnalysisWriter`) lists the checkpoint of each
+    row, in any order, and is extended last: the arrays with a leading ``step`` dim are
+    valid up to its length.  A group still being created covers no checkpoint yet.
+    """
+    group = analysis_group(reader, name)
+    if group is None:
+        known = analyses(reader)
+        raise StoreError(f"{reader.run.path}: no analysis {name!r} (analyses: {known})")
+    arrays = dict(children(group, zarr.Array))
+    steps = arrays.pop("step", None)
+    return (np.zeros(0, np.int64) if steps is None else read_whole(steps)), arrays
+
+
+def _require_variables(group, variables: dict[str, Any], where: str) -> None:
+    """Stored results must have the variables the analysis declares now (a one-line error)."""
+    stored = set(group.array_keys()) - {"step"}
+    declared = set(variables)
+    if not declared <= stored:
+        raise StoreError(
+            f"{where}: existing results lack {', '.join(sorted(declared - stored))}, which the "
+            "analysis now returns (it changed since); pass --recompute to replace them"
+        )
+
+
+class AnalysisWriter:
+    """Appends the results of one analysis for one run, checkpoint by checkpoint.
+
+    The group ``<run>/analysis/<name>`` holds one array per result variable with a leading
+    ``step`` dim, plus a ``step`` array listing which checkpoint each row belongs to.  Rows are
+    appended in any order; ``step`` is extended last, so readers only see finished rows and a
+    re-run can skip the checkpoints already listed.  Appended rows are buffered and written
+    together (every ``ANALYSIS_FLUSH_ROWS`` rows or ``ANALYSIS_FLUSH_SECONDS``, and on
+    :meth:`flush`): each write resizes and rewrites a partly filled chunk of every array.
+
+    Parameters
+    ----------
+    reader
+        The run, from a :class:`FamilyStore` opened with ``mode="r+"``.
+    name
+        Analysis name (the group name).
+    attrs
+        The analysis parameters (probe seed, conventions, ...), stored on the group.  Existing
+        results computed with other parameters are an error unless ``recompute``.
+    variables
+        ``{variable: (dims_after_step, shape_after_step)}``; stored as float32.
+    recompute
+        Drop existing results first.
+    """
+
+    def __init__(
+        self,
+        reader: RunReader,
+        name: str,
+        *,
+        attrs: dict[str, Any],
+        variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]],
+        recompute: bool = False,
+    ):
+        self.where = f"{reader.run.path}/{ANALYSIS_GROUP}/{name}"
+        self._compressors = compressors(reader.family.spec.store)
+        group = analysis_group(reader, name)
+        if group is not None and recompute:
+            del reader.group[f"{ANALYSIS_GROUP}/{name}"]
+            group = None
+        stored = (attrs_of(group).get("parameters") or {}) if group is not None else attrs
+        if stored != attrs:
+            keys = stored.keys() | attrs.keys()
+            changed = sorted(k for k in keys if stored.get(k) != attrs.get(k))
+            raise StoreError(
+                f"{self.where}: existing results were computed with other parameters "
+                f"({', '.join(changed)} differ); pass --recompute to replace them"
+            )
+        if group is not None:
+            _require_variables(group, variables, self.where)
+        else:
+            group = analysis_group(reader, name, create=True)
+            set_attrs(group, parameters=attrs)
+            for variable, (dims, shape) in variables.items():
+                group.create_array(
+                    variable,
+                    shape=(0, *shape),
+                    chunks=(256, *shape),
+                    dtype="float32",
+                    fill_value=float("nan"),
+                    compressors=self._compressors,
+                    dimension_names=("step", *dims),
+                )
+            group.create_array(
+                "step",
+                shape=(0,),
+                chunks=(4096,),
+                dtype="int64",
+                compressors=self._compressors,
+                dimension_names=("step",),
+            )
+        self.group = group
+        self._arrays = {
+            variable: group[variable].with_config(WRITE_CONFIG) for variable in variables
+        }
+        self._steps = group["step"].with_config(WRITE_CONFIG)
+        self._done = set(checked_read(self._steps, slice(None)).tolist())
+        self._buffered: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self._last_flush = time.monotonic()
+
+    def done_steps(self) -> set[int]:
+        """Checkpoint steps whose results are stored or buffered."""
+        return set(self._done)
+
+    def write_extra(self, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
+        """Store an array that does not depend on the checkpoint (e.g. the probe tokens)."""
+        self.group.create_array(
+            name,
+            data=values,
+            dimension_names=dims,
+            overwrite=True,
+            chunks=values.shape,
+            compressors=self._compressors,
+            config=WRITE_CONFIG,
+        )
+
+    def append(self, steps: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Buffer the rows of ``steps`` (one per checkpoint) for every variable."""
+        self._buffered.append((np.asarray(steps), values))
+        self._done.update(int(step) for step in steps)
+        rows = sum(len(steps) for steps, _ in self._buffered)
+        overdue = time.monotonic() - self._last_flush >= ANALYSIS_FLUSH_SECONDS
+        if rows >= ANALYSIS_FLUSH_ROWS or overdue:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows, keeping the rows sorted by step.
+
+        ``step`` goes last, so readers never see a partial row.  Rows that all come after the
+        stored ones are appended; otherwise every row is rewritten in step order, with
+        ``step`` emptied first, so a crash in between loses results (recomputed on the next
+        run) but never pairs a step with another step's values.
+        """
+        if self._buffered:
+            steps = np.concatenate([steps for steps, _ in self._buffered])
+            values = {
+                variable: np.concatenate([v[variable] for _, v in self._buffered])
+                for variable in self._arrays
+            }
+            self._buffered = []
+            start = self._steps.shape[0]
+            stored = self._steps[:] if start else np.zeros(0, dtype=np.int64)
+            if start and steps.min() < stored[-1]:  # interleaved: rewrite everything
+                steps = np.concatenate([stored, steps])
+                values = {
+                    k: np.concatenate([a[:start], values[k]]) for k, a in self._arrays.items()
+                }
+                self._steps.resize((0,))
+                start = 0
+            order = np.argsort(steps, kind="stable")
+            stop = start + len(steps)
+            for variable, array in self._arrays.items():
+                array.resize((stop, *array.shape[1:]))
+                array[start:stop] = values[variable][order]
+            self._steps.resize((stop,))
+            self._steps[start:stop] = steps[order]
+        self._last_flush = time.monotonic()
