@@ -110,7 +110,7 @@ def imported_packages(tree: ast.Module) -> set[str]:
 
 def test_only_the_store_imports_zarr():
     importers = [name for name, tree in modules().items() if "zarr" in imported_packages(tree)]
-    assert importers == ["observatory.store"]
+    assert importers and all(name.startswith("observatory.store.") for name in importers)
 
 
 def test_importing_the_trainer_leaves_the_analyses_unimported():
