@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from observatory import report as report_module
 from observatory.cli import main
 from observatory.report import FIGURES, write_report
-from observatory.report.summary import summary
+from observatory.report.figures import heads, losses
+from observatory.report.write import _section
+from observatory.report.summary import summarize
 from tests.test_analysis_summary import analysed_copy, synthetic_results, with_causal_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -63,14 +64,14 @@ def test_html_is_self_contained_with_images_and_tables(report):
 def test_legends_stay_outside_the_data_and_name_only_what_is_drawn(report):
     flat = synthetic_results()
     flat["loss"] = flat["loss"] * 0 + 2.0  # no bump anywhere
-    section = report_module._section(flat, include_incomplete=False, transformer_lens=False)
-    strict = dataclasses.replace(section, result=summary(flat, threshold=0.99))  # none forms
-    icl = report_module.icl_scores(strict)
+    section = _section(flat, include_incomplete=False, transformer_lens=False)
+    strict = dataclasses.replace(section, result=summarize(flat, threshold=0.99))  # none forms
+    icl = losses.icl_scores(strict)
     assert "shaded" not in icl.axes[0].get_title()
-    pca = report_module.loss_pca_trajectories(strict)
+    pca = losses.loss_pca_trajectories(strict)
     labels = [text.get_text() for text in pca.axes[0].get_legend().get_texts()]
     assert "emergence midpoint" not in labels and "first checkpoint" in labels
-    emergence = report_module.induction_emergence(section)
+    emergence = heads.induction_emergence(section)
     for figure in (icl, pca, emergence):
         figure.canvas.draw()
         ax = figure.axes[0] if figure is not pca else pca.axes[0]
