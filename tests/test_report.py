@@ -10,8 +10,8 @@ import pytest
 from observatory.cli import main
 from observatory.report import FIGURES, write_report
 from observatory.report.figures import heads, losses
-from observatory.report.write import _section
 from observatory.report.summary import summarize
+from observatory.report.write import _section
 from tests.test_analysis_summary import analysed_copy, synthetic_results, with_causal_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -176,12 +176,9 @@ def bos_attention(model, data):
     return {"bos_attention": patterns[..., 0].mean(axis=(1, 3))}
 
 
-@figure(
-    "bos_attention.png",
-    title="Attention to the first token",
-    caption="Mean attention of every head to the first token of the probe, over training.",
-)
+@figure("bos_attention.png", title="Attention to the first token")
 def bos_attention_figure(section):
+    """Mean attention of every head to the first token of the probe, over training."""
     ds = section.ds
     if "bos_attention" not in ds:
         return None

@@ -10,6 +10,7 @@ options.
 """
 
 import contextlib
+import dataclasses
 import random
 import tempfile
 import warnings
@@ -26,6 +27,13 @@ from transformers import PreTrainedModel
 from observatory.errors import SpecError
 
 INSTALL_HINT = 'pip install -e ".[llc]"  (devinterp >= 2)'
+# devinterp's name of each SGLD setting whose name differs
+SAMPLER_NAMES = {
+    "chains": "num_chains",
+    "draws": "num_draws",
+    "burnin": "num_burnin_steps",
+    "seed": "init_seed",
+}
 
 
 def require_devinterp(where: str) -> None:
@@ -116,15 +124,8 @@ def local_learning_coefficient(
             model=model,
             dataset=data,
             observables={},
-            lr=settings.lr,
-            n_beta=settings.n_beta,
-            localization=settings.localization,
-            num_chains=settings.chains,
-            num_draws=settings.draws,
-            num_burnin_steps=settings.burnin,
-            batch_size=settings.batch_size,
+            **{SAMPLER_NAMES.get(k, k): v for k, v in dataclasses.asdict(settings).items()},
             num_init_loss_batches=max(1, len(rows) // settings.batch_size),
-            init_seed=settings.seed,
             device="cpu",
             output_path=f"{directory}/samples.zarr",
         )

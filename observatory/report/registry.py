@@ -1,8 +1,9 @@
-"""Report figures declare themselves: ``@figure(name, title=..., caption=...)`` on one function.
+"""Report figures declare themselves: ``@figure(name, title=...)`` on one function.
 
 A figure is a function ``draw(section) -> matplotlib Figure | None`` (None: nothing to draw
-for these results, e.g. no copying scores); the decorator turns it into a :class:`ReportFigure`
-that carries its file name, title and caption beside the drawing code. The built-in figures
+for these results, e.g. no copying scores) whose docstring is its caption; the decorator turns
+it into a :class:`ReportFigure` that carries its file name, title and caption beside the
+drawing code. The built-in figures
 are those of the modules of :mod:`observatory.report.figures`; a user's figures come from a
 ``.py`` file or a :class:`ReportFigure` given to
 :func:`~observatory.report.write.write_report` (``figures=[...]``).
@@ -11,6 +12,7 @@ are those of the modules of :mod:`observatory.report.figures`; a user's figures 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -75,7 +77,9 @@ class ReportFigure:
         return self.draw(section)
 
 
-def figure(name: str, *, title: str, caption: str) -> Callable[[Callable], ReportFigure]:
+def figure(
+    name: str, *, title: str, caption: str | None = None
+) -> Callable[[Callable], ReportFigure]:
     """Declare a report figure: its file name, title and caption beside its drawing code.
 
     Parameters
@@ -85,7 +89,7 @@ def figure(name: str, *, title: str, caption: str) -> Callable[[Callable], Repor
     title
         The heading on the page.
     caption
-        The text under the figure.
+        The text under the figure (default: the function's docstring, as one paragraph).
 
     Returns
     -------
@@ -94,15 +98,19 @@ def figure(name: str, *, title: str, caption: str) -> Callable[[Callable], Repor
 
     Examples
     --------
-    >>> @figure("head_norm.png", title="Head norms", caption="Norm of every head's output.")
+    >>> @figure("head_norm.png", title="Head norms")
     ... def head_norm(section):
+    ...     'Norm of every head output over training, one line per head.'
     ...     ...  # draw section.ds["head_norm"] on a matplotlib Figure and return it
     """
     if not name.endswith(".png"):
         raise SpecError(f"figure {name!r}: the file name must end in .png")
 
     def wrap(draw: Callable[[Section], Figure | None]) -> ReportFigure:
-        return ReportFigure(name=name, title=title, caption=caption, draw=draw)
+        text = caption if caption is not None else " ".join((inspect.getdoc(draw) or "").split())
+        if not text:
+            raise SpecError(f"figure {name!r}: give a caption (or a docstring)")
+        return ReportFigure(name=name, title=title, caption=text, draw=draw)
 
     return wrap
 

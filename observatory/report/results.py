@@ -93,12 +93,8 @@ def summary(
 
     Parameters
     ----------
-    path
-        The family store.
-    size
-        Size name; may be omitted when the store has a single size.
-    seeds
-        Seed indices to summarise (default: every seed).
+    path, size, seeds
+        Which results: as in :func:`load_results`.
     threshold, include_incomplete
         As in :func:`~observatory.report.summary.summarize`.
 

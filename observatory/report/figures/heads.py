@@ -6,18 +6,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from observatory.report.declared import heatmaps
-from observatory.report.figures.common import (
-    analysed_only,
-    legend_below,
-    legend_right,
-    mark_emergence,
-    panels,
-    seed_row,
-    seed_title,
-    step_axis,
-    tab_colour,
-    tokens_axis,
-)
+from observatory.report.figures import common
 from observatory.report.registry import Section, figure
 from observatory.report.summary import head_label, tokens_per_step
 
@@ -40,7 +29,7 @@ def head_heatmaps(section: Section, variable: str, suptitle: str) -> Figure | No
     figure = Figure(figsize=(9, 0.8 + n_seeds * (0.9 + 0.22 * len(labels))), layout="constrained")
     axes = figure.subplots(n_seeds, 1, sharex=True, squeeze=False)[:, 0]
     for ax, seed in zip(axes, ds["seed"].values, strict=True):
-        scores = analysed_only(ds[variable].sel(seed=seed))
+        scores = common.analysed_only(ds[variable].sel(seed=seed))
         steps = scores["step"].values
         grid = scores.transpose("layer", "head", "step").values.reshape(len(labels), len(steps))
         edges = np.concatenate([[steps[0]], (steps[1:] + steps[:-1]) / 2, [steps[-1]]])
@@ -54,7 +43,7 @@ def head_heatmaps(section: Section, variable: str, suptitle: str) -> Figure | No
         )
         for boundary in range(len(heads), len(labels), len(heads)):
             ax.axhline(boundary, color="w", lw=1)  # between layers
-        row = seed_row(result, seed)
+        row = common.seed_row(result, seed)
         if np.isfinite(row["emergence_midpoint_step"]):
             ax.axvline(row["emergence_midpoint_step"], color="w", ls="--", lw=1)
         ax.set_yticks(np.arange(len(labels)) + 0.5, labels, fontsize="small")
@@ -62,15 +51,16 @@ def head_heatmaps(section: Section, variable: str, suptitle: str) -> Figure | No
         ax.set_ylabel("head")
         ax.set_xscale("symlog", linthresh=1)
         formed = row["induction_heads"] or "none"
+        peak = f"peak >= {result.threshold:g}"
         ax.set_title(
-            f"{seed_title(row, seed)}: induction heads (peak >= {result.threshold:g}): {formed}",
+            f"{common.seed_title(row, seed)}: induction heads ({peak}): {formed}",
             fontsize="medium",
         )
     midpoints = np.isfinite(result.per_seed["emergence_midpoint_step"]).any()
     axes[-1].set_xlabel(
         "checkpoint step (log)" + (", dashed: induction emergence midpoint" if midpoints else "")
     )
-    tokens_axis(axes[0], tokens_per_step(ds))
+    common.tokens_axis(axes[0], tokens_per_step(ds))
     figure.colorbar(mesh, ax=axes, label=style.title, shrink=0.9)
     figure.suptitle(suptitle)
     return figure
@@ -79,27 +69,23 @@ def head_heatmaps(section: Section, variable: str, suptitle: str) -> Figure | No
 @figure(
     "induction_heatmaps.png",
     title="Induction score of every head",
-    caption=(
-        "Induction score of each head (rows, L<layer>H<head>) at every analysed checkpoint, one "
-        "panel per seed, on the loss curves' log step axis. Head identities differ across seeds."
-    ),
 )
 def induction_heatmaps(section: Section) -> Figure | None:
-    """Induction score of every head over the checkpoints, one panel per seed."""
+    """Induction score of each head (rows, L<layer>H<head>) at every analysed checkpoint, one panel
+    per seed, on the loss curves' log step axis. Head identities differ across seeds.
+    """
     return head_heatmaps(section, "induction_score", "Induction score of every head over training")
 
 
 @figure(
     "induction_heatmaps_tl.png",
     title="Induction score, TransformerLens convention",
-    caption=(
-        "The same heads scored as TransformerLens's detect_head does (sum of attention on the "
-        "induction targets over all attention, every row): lower than the prefix-matching score "
-        "on the same head."
-    ),
 )
 def induction_heatmaps_tl(section: Section) -> Figure | None:
-    """Induction score in the TransformerLens convention (``report --transformer-lens``)."""
+    """The same heads scored as TransformerLens's detect_head does (sum of attention on the
+    induction targets over all attention, every row): lower than the prefix-matching score on the
+    same head.
+    """
     if not section.transformer_lens:
         return None
     return head_heatmaps(
@@ -112,14 +98,12 @@ def induction_heatmaps_tl(section: Section) -> Figure | None:
 @figure(
     "copying_heatmaps.png",
     title="Copying score of every head",
-    caption=(
-        "Re(sum of eigenvalues) / sum |eigenvalues| of each head's OV circuit W_E W_V W_O W_U "
-        "(Elhage et al. 2021): +1 copies the attended token to the output, -1 suppresses it. "
-        "Induction heads copy."
-    ),
 )
 def copying_heatmaps(section: Section) -> Figure | None:
-    """Copying score of every head over the checkpoints, one panel per seed."""
+    """Re(sum of eigenvalues) / sum |eigenvalues| of each head's OV circuit W_E W_V W_O W_U (Elhage
+    et al. 2021): +1 copies the attended token to the output, -1 suppresses it. Induction heads
+    copy.
+    """
     return head_heatmaps(
         section,
         "copying_score",
@@ -130,31 +114,36 @@ def copying_heatmaps(section: Section) -> Figure | None:
 @figure(
     "induction_emergence.png",
     title="Emergence of the induction head",
-    caption=(
-        "Induction score of each seed's best head, the threshold, each seed's emergence midpoint "
-        "(dashed) and the CI of the mean midpoint across the seeds used (t-interval below 10 "
-        "seeds)."
-    ),
 )
 def induction_emergence(section: Section) -> Figure:
-    """The best head's induction score per seed, with the emergence steps across seeds."""
+    """Induction score of each seed's best head, the threshold, each seed's emergence midpoint
+    (dashed) and the CI of the mean midpoint across the seeds used (t-interval below 10 seeds).
+    """
     ds, result = section.ds, section.result
     figure = Figure(figsize=(9.5, 4.8), layout="constrained")
     ax = figure.subplots()
     for i, seed in enumerate(ds["seed"].values):
-        row = seed_row(result, seed)
+        row = common.seed_row(result, seed)
         best = {"layer": row["best_layer"], "head": row["best_head_in_layer"]}
-        scores = analysed_only(ds["induction_score"].sel(seed=seed, **best))
+        scores = common.analysed_only(ds["induction_score"].sel(seed=seed, **best))
         midpoint = row["emergence_midpoint_step"]
         label = f"seed {seed}: {row['best_head']}"
         if np.isfinite(midpoint):
             label += f", midpoint {midpoint:.0f}"
-            ax.axvline(midpoint, color=tab_colour(i), ls="--", lw=1)
+            ax.axvline(midpoint, color=common.tab_colour(i), ls="--", lw=1)
         else:
             label += f" (never reaches {result.threshold:g})"
         if row["left_out"]:
             label += f" [{row['left_out']}: not in the CI]"
-        ax.plot(scores["step"], scores, color=tab_colour(i), marker=".", ms=3, lw=1.3, label=label)
+        ax.plot(
+            scores["step"],
+            scores,
+            color=common.tab_colour(i),
+            marker=".",
+            ms=3,
+            lw=1.3,
+            label=label,
+        )
     ax.axhline(result.threshold, color="0.3", ls=":", lw=1, label=f"threshold {result.threshold:g}")
     stats = result.across_seeds.loc["emergence_midpoint_step"]
     if np.isfinite(stats["ci_low"]):
@@ -170,8 +159,8 @@ def induction_emergence(section: Section) -> Figure:
     ax.set_ylabel("induction score" + (f" ({convention.replace('_', ' ')})" if convention else ""))
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3, lw=0.5)
-    legend_right(ax)
-    step_axis(ax, tokens_per_step(ds))
+    common.legend_right(ax)
+    common.step_axis(ax, tokens_per_step(ds))
     ax.set_title("Induction score of each seed's best head; dashed: emergence midpoints")
     return figure
 
@@ -179,30 +168,33 @@ def induction_emergence(section: Section) -> Figure:
 @figure(
     "previous_token_layer0.png",
     title="Previous-token heads",
-    caption=(
-        "Previous-token score of the first layer's heads: the heads an induction head in the next "
-        "layer reads from."
-    ),
 )
 def previous_token_scores(section: Section) -> Figure:
-    """Previous-token score of the layer-0 heads, one panel per seed."""
+    """Previous-token score of the first layer's heads: the heads an induction head in the next
+    layer reads from.
+    """
     ds, result = section.ds, section.result
     per_step = tokens_per_step(ds)
-    figure, axes = panels(ds.sizes["seed"])
+    figure, axes = common.panels(ds.sizes["seed"])
     layer = ds["layer"].values[0]
     for ax, seed in zip(axes, ds["seed"].values, strict=True):
-        scores = analysed_only(ds["previous_token_score"].sel(seed=seed, layer=layer))
+        scores = common.analysed_only(ds["previous_token_score"].sel(seed=seed, layer=layer))
         for j, head in enumerate(scores["head"].values):
             trajectory = scores.sel(head=head)
-            ax.plot(scores["step"], trajectory, color=tab_colour(j), label=head_label(layer, head))
-        row = seed_row(result, seed)
-        mark_emergence(ax, row)
-        ax.set_title(seed_title(row, seed))
+            ax.plot(
+                scores["step"],
+                trajectory,
+                color=common.tab_colour(j),
+                label=head_label(layer, head),
+            )
+        row = common.seed_row(result, seed)
+        common.mark_emergence(ax, row)
+        ax.set_title(common.seed_title(row, seed))
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3, lw=0.5)
-        step_axis(ax, per_step)
+        common.step_axis(ax, per_step)
     axes[0].set_ylabel("previous-token score")
-    legend_below(figure, axes)
+    common.legend_below(figure, axes)
     figure.suptitle(f"Previous-token score of the layer-{layer} heads")
     return figure
 
@@ -210,15 +202,12 @@ def previous_token_scores(section: Section) -> Figure:
 @figure(
     "seed_similarity.png",
     title="Heads matched across seeds",
-    caption=(
-        "Heads of each seed matched one-to-one to the reference seed's by their induction-score "
-        "trajectories (Hungarian algorithm); linear CKA (unbiased HSIC) of the matched heads' "
-        "score profiles at every checkpoint both seeds analysed. 1: the seeds' heads play the "
-        "same roles."
-    ),
 )
 def seed_similarity(section: Section) -> Figure | None:
-    """Linear CKA of each seed's head-score profile with the reference seed's, over training."""
+    """Heads of each seed matched one-to-one to the reference seed's by their induction-score
+    trajectories (Hungarian algorithm); linear CKA (unbiased HSIC) of the matched heads' score
+    profiles at every checkpoint both seeds analysed. 1: the seeds' heads play the same roles.
+    """
     alignment = section.alignment
     if alignment is None or not np.isfinite(alignment.cka.values).any():
         return None
@@ -229,7 +218,7 @@ def seed_similarity(section: Section) -> Figure | None:
         ax.plot(
             cka["step"],
             cka,
-            color=tab_colour(i + 1),
+            color=common.tab_colour(i + 1),
             lw=1.4,
             marker=".",
             ms=3,
@@ -238,7 +227,7 @@ def seed_similarity(section: Section) -> Figure | None:
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_ylabel("linear CKA (unbiased)")
     ax.grid(alpha=0.3, lw=0.5)
-    legend_right(ax)
-    step_axis(ax, tokens_per_step(section.ds))
+    common.legend_right(ax)
+    common.step_axis(ax, tokens_per_step(section.ds))
     ax.set_title("Similarity of the seeds' heads (matched by Hungarian matching) over training")
     return figure

@@ -8,14 +8,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from observatory.report.figures.common import (
-    analysed_only,
-    legend_right,
-    pattern_steps,
-    seed_row,
-    step_axis,
-    tab_colour,
-)
+from observatory.report.figures import common
 from observatory.report.registry import Section, figure
 from observatory.report.summary import tokens_per_step
 
@@ -25,17 +18,15 @@ TRACE_WINDOW = 8  # SGLD steps averaged in the convergence panel: minibatch loss
 @figure(
     "llc.png",
     title="Local learning coefficient",
-    caption=(
-        "LLC of each checkpoint estimated by SGLD (devinterp; step size, localisation, n*beta, "
-        "chains and draws as in the llc analysis' attributes, the same for every checkpoint), on "
-        "the held-out sequences; band: +-1 sd over chains. Hoogland et al. 2024 read "
-        "developmental stages off its plateaus. Right: the chains' mean SGLD loss at four "
-        "checkpoints of the first seed (running mean over 8 SGLD steps, which see different "
-        "minibatches); a trace still drifting at the end means the estimate has not converged."
-    ),
 )
 def llc_curves(section: Section) -> Figure | None:
-    """The LLC of every seed over training (band: +-1 sd over chains) and SGLD loss traces."""
+    """LLC of each checkpoint estimated by SGLD (devinterp; step size, localisation, n*beta, chains
+    and draws as in the llc analysis' attributes, the same for every checkpoint), on the held-out
+    sequences; band: +-1 sd over chains. Hoogland et al. 2024 read developmental stages off its
+    plateaus. Right: the chains' mean SGLD loss at four checkpoints of the first seed (running mean
+    over 8 SGLD steps, which see different minibatches); a trace still drifting at the end means the
+    estimate has not converged.
+    """
     ds, result = section.ds, section.result
     if "llc" not in ds:
         return None
@@ -44,19 +35,23 @@ def llc_curves(section: Section) -> Figure | None:
     for i, seed in enumerate(ds["seed"].values):
         llc = ds["llc"].sel(seed=seed).dropna("step")
         std = ds["llc_std"].sel(seed=seed, step=llc["step"])
-        curves.plot(llc["step"], llc, color=tab_colour(i), marker=".", lw=1.4, label=f"seed {seed}")
-        curves.fill_between(llc["step"], llc - std, llc + std, color=tab_colour(i), alpha=0.15)
-        midpoint = seed_row(result, seed)["emergence_midpoint_step"]
+        curves.plot(
+            llc["step"], llc, color=common.tab_colour(i), marker=".", lw=1.4, label=f"seed {seed}"
+        )
+        curves.fill_between(
+            llc["step"], llc - std, llc + std, color=common.tab_colour(i), alpha=0.15
+        )
+        midpoint = common.seed_row(result, seed)["emergence_midpoint_step"]
         if np.isfinite(midpoint):
-            curves.axvline(midpoint, color=tab_colour(i), ls="--", lw=1)
+            curves.axvline(midpoint, color=common.tab_colour(i), ls="--", lw=1)
     curves.set_ylabel("estimated LLC")
     curves.grid(alpha=0.3, lw=0.5)
-    legend_right(curves)
-    step_axis(curves, tokens_per_step(ds))
+    common.legend_right(curves)
+    common.step_axis(curves, tokens_per_step(ds))
     curves.set_title("Local learning coefficient; dashed: emergence midpoints")
     first = ds["seed"].values[0]
-    trace = analysed_only(ds["llc_loss_trace"].sel(seed=first))
-    chosen = pattern_steps(trace["step"].values, math.nan)
+    trace = common.analysed_only(ds["llc_loss_trace"].sel(seed=first))
+    chosen = common.pattern_steps(trace["step"].values, math.nan)
     for j, step in enumerate(chosen):
         values = trace.sel(step=step)
         smooth = values.rolling(sgld_step=TRACE_WINDOW, min_periods=1).mean()  # over minibatches

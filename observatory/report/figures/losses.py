@@ -11,18 +11,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from observatory.report.figures.common import (
-    analysed_only,
-    legend_below,
-    legend_right,
-    mark_emergence,
-    panels,
-    seed_row,
-    seed_title,
-    step_axis,
-    tab_colour,
-    tokens_axis,
-)
+from observatory.report.figures import common
 from observatory.report.registry import Section, figure
 from observatory.report.summary import tokens_per_step
 
@@ -33,22 +22,19 @@ LINESTYLES = ("-", "--", ":", "-.")
 @figure(
     "loss_curves.png",
     title="Training and held-out loss",
-    caption=(
-        "Per-step training loss of each seed on a log step axis (faint: every step; solid: mean "
-        "over log-spaced bins) and the held-out loss at each analysed checkpoint (diamonds: mean "
-        "over the icl analysis' held-out sequences and positions). Shaded: the loss bump found by "
-        "change-point detection; dashed: the emergence midpoint of the seed's best induction "
-        "head."
-    ),
 )
 def loss_curves(section: Section) -> Figure:
-    """Training loss per step and held-out loss per checkpoint per seed (log steps)."""
+    """Per-step training loss of each seed on a log step axis (faint: every step; solid: mean over
+    log-spaced bins) and the held-out loss at each analysed checkpoint (diamonds: mean over the icl
+    analysis' held-out sequences and positions). Shaded: the loss bump found by change-point
+    detection; dashed: the emergence midpoint of the seed's best induction head.
+    """
     ds, result = section.ds, section.result
     per_step = tokens_per_step(ds)
-    figure, axes = panels(ds.sizes["seed"])
+    figure, axes = common.panels(ds.sizes["seed"])
     any_bump = False
     for i, (ax, seed) in enumerate(zip(axes, ds["seed"].values, strict=True)):
-        row = seed_row(result, seed)
+        row = common.seed_row(result, seed)
         loss = ds["loss"].sel(seed=seed).dropna("train_step")
         if not loss.size:
             ax.text(0.5, 0.5, "no training loss recorded", ha="center", transform=ax.transAxes)
@@ -56,8 +42,20 @@ def loss_curves(section: Section) -> Figure:
             continue
         loss = loss.sel(train_step=loss["train_step"] > 0)  # log axis
         steps, values = loss["train_step"].values, loss.values
-        ax.plot(steps, values, color=tab_colour(i), alpha=0.25, lw=0.7, label="training, per step")
-        ax.plot(*_log_binned(steps, values), color=tab_colour(i), lw=1.6, label="training, binned")
+        ax.plot(
+            steps,
+            values,
+            color=common.tab_colour(i),
+            alpha=0.25,
+            lw=0.7,
+            label="training, per step",
+        )
+        ax.plot(
+            *_log_binned(steps, values),
+            color=common.tab_colour(i),
+            lw=1.6,
+            label="training, binned",
+        )
         held = _held_out_loss(ds, seed)
         if held is not None:
             ax.plot(held["step"], held, "D", color="k", ms=2.5, label="held-out (checkpoints)")
@@ -70,14 +68,14 @@ def loss_curves(section: Section) -> Figure:
                 alpha=0.2,
                 label="loss bump",
             )
-        mark_emergence(ax, row)
+        common.mark_emergence(ax, row)
         ax.set_xscale("log")
-        ax.set_title(seed_title(row, seed))
+        ax.set_title(common.seed_title(row, seed))
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3, which="both", lw=0.5)
-        tokens_axis(ax, per_step)
+        common.tokens_axis(ax, per_step)
     axes[0].set_ylabel("loss (nats)")
-    legend_below(figure, axes)
+    common.legend_below(figure, axes)
     title = "Training loss per step and held-out loss per checkpoint"
     figure.suptitle(title + ("; shaded: detected loss bump" if any_bump else ""))
     return figure
@@ -105,27 +103,25 @@ def _log_binned(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.n
 @figure(
     "icl_score.png",
     title="In-context-learning score",
-    caption=(
-        "Loss late in the context minus loss early in the context (Olsson et al.'s ICL score, "
-        "scaled to the context length); it falls when the model starts using its context."
-    ),
 )
 def icl_scores(section: Section) -> Figure:
-    """ICL score over training per seed, each seed's loss bump shaded."""
+    """Loss late in the context minus loss early in the context (Olsson et al.'s ICL score, scaled
+    to the context length); it falls when the model starts using its context.
+    """
     ds, result = section.ds, section.result
     figure = Figure(figsize=(9.5, 4.5), layout="constrained")
     ax = figure.subplots()
     any_bump = False
     for i, seed in enumerate(ds["seed"].values):
         icl = ds["icl_score"].sel(seed=seed).dropna("step")
-        ax.plot(icl["step"], icl, color=tab_colour(i), lw=1.4, label=f"seed {seed}")
-        row = seed_row(result, seed)
+        ax.plot(icl["step"], icl, color=common.tab_colour(i), lw=1.4, label=f"seed {seed}")
+        row = common.seed_row(result, seed)
         if np.isfinite(row["bump_start_step"]):
             any_bump = True
             ax.axvspan(
                 row["bump_start_step"],
                 row["bump_end_step"],
-                color=tab_colour(i),
+                color=common.tab_colour(i),
                 alpha=0.12,
                 label=f"seed {seed}: loss bump",
             )
@@ -135,8 +131,8 @@ def icl_scores(section: Section) -> Figure:
     positions = f"loss at position {late} - at {early}" if early is not None else "late - early"
     ax.set_ylabel(f"ICL score: {positions} (nats)")
     ax.grid(alpha=0.3, lw=0.5)
-    legend_right(ax)
-    step_axis(ax, tokens_per_step(ds))
+    common.legend_right(ax)
+    common.step_axis(ax, tokens_per_step(ds))
     title = "In-context-learning score (lower: more use of context)"
     ax.set_title(title + ("; shaded: loss bumps" if any_bump else ""))
     return figure
@@ -145,21 +141,19 @@ def icl_scores(section: Section) -> Figure:
 @figure(
     "loss_by_position.png",
     title="Loss by token position",
-    caption=(
-        "Held-out loss at each token position at seven checkpoints from early (dark) to late "
-        "(yellow): after the phase change late tokens are predicted much better than early ones."
-    ),
 )
 def loss_by_position(section: Section) -> Figure | None:
-    """Held-out loss against token position at a few checkpoints, one panel per seed."""
+    """Held-out loss at each token position at seven checkpoints from early (dark) to late (yellow):
+    after the phase change late tokens are predicted much better than early ones.
+    """
     ds = section.ds
     if "loss_by_position" not in ds or not bool(ds["loss_by_position"].notnull().any()):
         return None
-    figure, axes = panels(ds.sizes["seed"])
+    figure, axes = common.panels(ds.sizes["seed"])
     steps = ds["step"].values
     norm = LogNorm(max(steps.min(), 1), max(steps.max(), 2))
     for ax, seed in zip(axes, ds["seed"].values, strict=True):
-        losses = analysed_only(ds["loss_by_position"].sel(seed=seed))
+        losses = common.analysed_only(ds["loss_by_position"].sel(seed=seed))
         analysed = losses["step"].values
         targets = np.geomspace(max(analysed[0], 1), analysed[-1], 7)
         picks = np.unique([np.abs(analysed - target).argmin() for target in targets])
@@ -168,7 +162,7 @@ def loss_by_position(section: Section) -> Figure | None:
             colour = colormaps["viridis"](norm(max(analysed[pick], 1)))
             ax.plot(position, losses.isel(step=pick), color=colour, lw=1.3)
         ax.set_xscale("log")
-        ax.set_title(seed_title(seed_row(section.result, seed), seed))
+        ax.set_title(common.seed_title(common.seed_row(section.result, seed), seed))
         ax.set_xlabel("token position in the context")
         ax.grid(alpha=0.3, which="both", lw=0.5)
     axes[0].set_ylabel("held-out loss (nats)")
@@ -183,13 +177,11 @@ def loss_by_position(section: Section) -> Figure | None:
 @figure(
     "loss_pca.png",
     title="Per-token-loss PCA",
-    caption=(
-        "Per-token losses on fixed held-out positions, projected on the first two principal "
-        "components of one joint fit; the trajectory turns at the phase change."
-    ),
 )
 def loss_pca_trajectories(section: Section) -> Figure:
-    """The per-token-loss PCA trajectory (PC1 vs PC2) of every seed, coloured by step."""
+    """Per-token losses on fixed held-out positions, projected on the first two principal components
+    of one joint fit; the trajectory turns at the phase change.
+    """
     pca, result = section.pca, section.result
     figure = Figure(figsize=(9, 6), layout="constrained")
     ax = figure.subplots()
@@ -208,7 +200,7 @@ def loss_pca_trajectories(section: Section) -> Figure:
         ax.plot(*xy[0], "o", mfc="w", mec="k", ms=8, zorder=3)
         ax.plot(*xy[-1], "s", mfc="k", mec="k", ms=7, zorder=3)
         ax.annotate(f"seed {seed}", xy[-1], xytext=(6, 4), textcoords="offset points")
-        midpoint = seed_row(result, seed)["emergence_midpoint_step"]
+        midpoint = common.seed_row(result, seed)["emergence_midpoint_step"]
         if np.isfinite(midpoint):
             any_midpoint = True
             nearest = int(np.abs(points["step"].values - midpoint).argmin())
@@ -229,7 +221,7 @@ def loss_pca_trajectories(section: Section) -> Figure:
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
     ax.grid(alpha=0.3, lw=0.5)
-    legend_right(ax, handles)
+    common.legend_right(ax, handles)
     figure.colorbar(lines, ax=ax, label="checkpoint step", location="left")
     ax.set_title("Per-token-loss PCA, one joint fit over every checkpoint of every seed")
     return figure
