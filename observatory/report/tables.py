@@ -7,13 +7,11 @@ computed (``Summary.per_seed``, ``across_seeds``, ``variance``) for people and f
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
-if TYPE_CHECKING:
-    from observatory.report.summary import Summary
 
 
 def seed_table(per_seed: pd.DataFrame) -> pd.DataFrame:
@@ -60,13 +58,14 @@ def variance_text(variance: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def size_comparison(results: list[Summary]) -> pd.DataFrame:
+def size_comparison(results: Sequence[Any]) -> pd.DataFrame:
     """One row per size: does it form induction heads, when, and its final loss.
 
     Parameters
     ----------
     results
-        The summary of each size.
+        The :class:`~observatory.report.summary.Summary` of each size (this module formats
+        summaries and is imported by theirs, so it names the class only here).
 
     Returns
     -------
