@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import xarray as xr
@@ -149,7 +149,7 @@ def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool
     )
 
 
-def _write_figures(section: Section, out: Path, drawing) -> list[Drawn]:
+def _write_figures(section: Section, out: Path, drawing: Iterable[ReportFigure]) -> list[Drawn]:
     drawn = []
     for found in drawing:
         image = found(section)

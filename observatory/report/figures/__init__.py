@@ -1,8 +1,9 @@
 """The report's built-in figures, one module per theme; each figure declares itself.
 
 A figure is one function decorated with :func:`~observatory.report.registry.figure` (file
-name, title, caption) in the module of its theme; :data:`FIGURES` collects them in the order
-of the modules below and of the functions in each, which is their order on the page.
+name and title; its docstring is the caption) in the module of its theme; :data:`FIGURES`
+collects them in the order of the modules below and of the functions in each, which is their
+order on the page. Drawing helpers they share are in ``common``.
 """
 
 from observatory.report.figures import causal, heads, llc, losses
