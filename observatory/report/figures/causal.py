@@ -22,10 +22,9 @@ def ablation_effects(section: Section) -> Figure | None:
     is ablated, per head and checkpoint (thick: the seed's best induction head; dashed: its
     emergence midpoint; dotted: every head of a layer ablated at once). An induction head that
     computes, rather than only attends, hurts once the circuit has formed; where several heads of a
-    layer all become induction heads (all four layer-1 heads of the demo family do after the phase
-    change), removing one costs little, since the others copy too, while removing the layer destroys
-    the copying; the previous-token head they all read from is then the one head whose removal hurts
-    most.
+    layer all become induction heads, removing one costs little, since the others copy too, while
+    removing the layer destroys the copying; the previous-token head they all read from is then the
+    one head whose removal hurts most.
     """
     ds, result = section.ds, section.result
     if "repeated_loss_increase" not in ds:
