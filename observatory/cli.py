@@ -326,7 +326,16 @@ def _report_parser(commands, options: _Options) -> None:
     report.add_argument(
         "--transformer-lens",
         action="store_true",
-        help="also draw the induction scores in TransformerLens's detect_head convention",
+        help="also draw the induction scores in TransformerLens's detect_head convention "
+        "(needs head_scores results with tl_* scores)",
+    )
+    report.add_argument(
+        "--figures",
+        nargs="+",
+        default=(),
+        metavar="FILE.py",
+        help="Python files whose @observatory.report.figure functions are drawn after the "
+        "built-in figures",
     )
 
 
@@ -346,7 +355,9 @@ def _cmd_report(args: argparse.Namespace) -> None:
     """
     from observatory.report import write_report
 
-    options = _same_names(args, "sizes", "seeds", "include_incomplete", "transformer_lens")
+    options = _same_names(
+        args, "sizes", "seeds", "include_incomplete", "transformer_lens", "figures"
+    )
     files = write_report(args.store, args.out, **options)
     _print_paths(f"wrote {len(files)} files into {args.out}:", files)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from observatory.analysis.llc import local_learning_coefficient
+from observatory.analysis.llc import SGLD, local_learning_coefficient
 from observatory.data import build_corpus
 from observatory.errors import SpecError
 from observatory.models import build_model
@@ -37,15 +37,15 @@ def test_llc_is_finite_and_reproducible_for_a_fixed_seed():
     torch.manual_seed(5)
     random.seed(5)
     state = torch.get_rng_state()
-    first = local_learning_coefficient(model, tokens(), seed=3, **OPTIONS)
+    first = local_learning_coefficient(model, tokens(), SGLD(seed=3, **OPTIONS))
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
     assert random.random() == random.Random(5).random()
     assert all(np.isfinite(value).all() for value in first.values())
     assert first["llc_loss_trace"].shape == (OPTIONS["burnin"] + OPTIONS["draws"],)
-    again = local_learning_coefficient(model, tokens(), seed=3, **OPTIONS)
+    again = local_learning_coefficient(model, tokens(), SGLD(seed=3, **OPTIONS))
     for name, value in first.items():
         np.testing.assert_array_equal(value, again[name])
-    other = local_learning_coefficient(model, tokens(), seed=4, **OPTIONS)
+    other = local_learning_coefficient(model, tokens(), SGLD(seed=4, **OPTIONS))
     assert other["llc"] != first["llc"]
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name])  # the sampler works on a copy

@@ -11,7 +11,7 @@ import zarr
 from observatory.analysis import variance_split
 from observatory.errors import StoreError
 from observatory.report.results import load_results, summary
-from observatory.report.summary import token_loss_pca
+from observatory.report.summary import summarize, token_loss_pca
 
 TOKENS_PER_STEP = 2048
 TRAIN_STEPS = np.arange(1000)
@@ -85,7 +85,7 @@ def planted():
 
 @pytest.fixture(scope="module")
 def result(planted):
-    return summary(planted)
+    return summarize(planted)
 
 
 def test_summary_finds_each_seeds_heads_emergence_and_bump(result):
@@ -134,10 +134,10 @@ def test_summary_text_markdown_and_json(result):
 def test_threshold_from_the_analysis_job_then_the_argument(planted):
     recorded = planted.copy()
     recorded.attrs = planted.attrs | {"analysis_parameters": {"head_scores": {"threshold": 0.7}}}
-    from_job = summary(recorded)
+    from_job = summarize(recorded)
     assert from_job.threshold == 0.7 and from_job.threshold_source == "analysis job"
     assert from_job.per_seed.loc[0, "induction_heads"] == "L1H2"  # L1H1 peaks at 0.6
-    strict = summary(recorded, threshold=0.95)
+    strict = summarize(recorded, threshold=0.95)
     assert strict.threshold_source == "argument"
     assert (strict.per_seed["n_induction_heads"] == 0).all()
     assert strict.per_seed["emergence_midpoint_step"].isna().all()
@@ -147,7 +147,7 @@ def test_threshold_from_the_analysis_job_then_the_argument(planted):
 def test_a_seed_without_a_bump_is_counted_as_missing(planted):
     flat = planted.copy()
     flat["loss"] = planted["loss"].where(planted["seed"] != 1, 2.0)
-    result = summary(flat)
+    result = summarize(flat)
     assert np.isnan(result.per_seed.loc[1, "bump_start_step"])
     assert result.per_seed["jump_in_bump"].isna()[1]
     assert result.across_seeds.loc["bump_start_step", "n"] == 2
@@ -156,7 +156,7 @@ def test_a_seed_without_a_bump_is_counted_as_missing(planted):
 
 def test_missing_analyses_raise_one_clear_line(planted):
     with pytest.raises(StoreError, match=r"'head_scores'.*run `observatory analyze` first"):
-        summary(planted.drop_vars("induction_score"))
+        summarize(planted.drop_vars("induction_score"))
     with pytest.raises(StoreError, match="'token_loss'"):
         token_loss_pca(planted.assign(token_loss=planted["token_loss"] * np.nan))
 
@@ -164,7 +164,7 @@ def test_missing_analyses_raise_one_clear_line(planted):
 def test_a_seed_without_results_is_reported_and_left_out(planted):
     unanalysed = planted.copy()
     unanalysed["induction_score"] = planted["induction_score"].where(planted["seed"] != 2)
-    result = summary(unanalysed)
+    result = summarize(unanalysed)
     assert result.per_seed.loc[2, "left_out"] == "not analysed"
     row = result.across_seeds.loc["emergence_midpoint_step"]
     assert (row["n"], row["seeds"], row["left_out"]) == (2, "0, 1", "2: not analysed")
@@ -174,7 +174,7 @@ def test_a_seed_without_results_is_reported_and_left_out(planted):
 def test_an_incomplete_run_is_flagged_and_left_out(planted):
     stopped = planted.assign_coords(complete=("seed", [True, False, True]))
     stopped["loss"] = planted["loss"].where((planted["seed"] != 1) | (planted["train_step"] < 400))
-    result = summary(stopped)
+    result = summarize(stopped)
     row = result.per_seed.loc[1]
     assert (row["status"], row["left_out"], row["trained_steps"]) == (
         "incomplete",
@@ -188,7 +188,7 @@ def test_an_incomplete_run_is_flagged_and_left_out(planted):
     assert final["mean"] == pytest.approx(kept.mean())
     text = str(result)
     assert "incomplete (incomplete)" in text and "(step 400)" in text
-    included = summary(stopped, include_incomplete=True)
+    included = summarize(stopped, include_incomplete=True)
     assert included.across_seeds.loc["final_loss", "n"] == 3
     assert included.per_seed.loc[1, "left_out"] == ""
 
@@ -197,7 +197,7 @@ def test_crossed_init_and_data_seeds_split_the_variance():
     crossed = synthetic_results(seeds=(0, 1, 2, 3)).assign_coords(
         init_seed=("seed", [0, 0, 1, 1]), data_seed=("seed", [5, 6, 5, 6])
     )
-    result = summary(crossed)
+    result = summarize(crossed)
     assert list(result.variance.index) == ["emergence_midpoint_step", "final_loss"]
     midpoints = result.per_seed["emergence_midpoint_step"]
     expected = variance_split(midpoints, [0, 0, 1, 1], [5, 6, 5, 6])
@@ -205,7 +205,7 @@ def test_crossed_init_and_data_seeds_split_the_variance():
         expected["init_share"]
     )
     assert "2 init x 2 data seeds" in str(result) and "rough" in str(result)
-    assert summary(crossed, seeds=[0, 1, 2]).variance.empty  # no longer crossed
+    assert summarize(crossed, seeds=[0, 1, 2]).variance.empty  # no longer crossed
 
 
 def test_token_loss_pca_is_one_fit_over_every_seed(planted):
@@ -304,13 +304,13 @@ def with_causal_results(ds: xr.Dataset, *, n_pos: int = 9) -> xr.Dataset:
 
 
 def test_summary_ranks_the_best_head_by_its_ablation_effect(planted):
-    per_seed = summary(with_causal_results(planted)).per_seed
+    per_seed = summarize(with_causal_results(planted)).per_seed
     assert list(per_seed["best_head_ablation_rank"]) == [1, 1, 2]
     assert list(per_seed["best_head_is_top_ablation"]) == [True, True, False]
     assert list(per_seed["top_ablation_head"]) == ["L1H2", "L1H0", "L0H0"]
     assert (per_seed["ablation_step"] == CHECKPOINTS[-1]).all()
-    assert "ablation last: top, best (rank)" in str(summary(with_causal_results(planted)))
-    assert "best_head_ablation_rank" not in summary(planted).per_seed  # without ablations
+    assert "ablation last: top, best (rank)" in str(summarize(with_causal_results(planted)))
+    assert "best_head_ablation_rank" not in summarize(planted).per_seed  # without ablations
 
 
 def test_summary_ranks_ablations_at_the_end_of_the_bump_and_at_the_last_checkpoint(planted):
@@ -319,7 +319,7 @@ def test_summary_ranks_ablations_at_the_end_of_the_bump_and_at_the_last_checkpoi
     effect = ds["repeated_loss_increase"].copy()
     late = effect["step"] > 800
     effect.loc[{"seed": 0, "layer": 1, "head": 1}] = np.where(late, 5.0, 0.0)
-    per_seed = summary(ds.assign(repeated_loss_increase=effect)).per_seed
+    per_seed = summarize(ds.assign(repeated_loss_increase=effect)).per_seed
     first_after = [CHECKPOINTS[CHECKPOINTS >= end][0] for end in per_seed["bump_end_step"]]
     assert list(per_seed["bump_end_ablation_step"]) == first_after
     assert list(per_seed["bump_end_best_head_ablation_rank"]) == [1, 1, 2]

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from observatory.report import interactive, write_report
-from observatory.report.summary import summary
+from observatory.report.summary import summarize
 from tests.test_analysis_summary import synthetic_results
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -32,7 +32,7 @@ def test_page_embeds_plotly_and_shows_head_step_and_value_on_hover(page):
 def test_transformer_lens_scores_only_when_asked():
     ds = synthetic_results()
     ds["tl_induction_score"] = ds["induction_score"] * 0.5
-    result = summary(ds)
+    result = summarize(ds)
     assert len(interactive.figures(ds, result)) == 5
     titles = [f.layout.title.text for f in interactive.figures(ds, result, transformer_lens=True)]
     assert "Induction score, TransformerLens convention of every head over training" in titles

@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from observatory import report as report_module
 from observatory.cli import main
 from observatory.report import FIGURES, write_report
-from observatory.report.summary import summary
+from observatory.report.figures import heads, losses
+from observatory.report.summary import summarize
+from observatory.report.write import _section
 from tests.test_analysis_summary import analysed_copy, synthetic_results, with_causal_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -63,14 +64,14 @@ def test_html_is_self_contained_with_images_and_tables(report):
 def test_legends_stay_outside_the_data_and_name_only_what_is_drawn(report):
     flat = synthetic_results()
     flat["loss"] = flat["loss"] * 0 + 2.0  # no bump anywhere
-    section = report_module._section(flat, include_incomplete=False, transformer_lens=False)
-    strict = dataclasses.replace(section, result=summary(flat, threshold=0.99))  # none forms
-    icl = report_module.icl_scores(strict)
+    section = _section(flat, include_incomplete=False, transformer_lens=False)
+    strict = dataclasses.replace(section, result=summarize(flat, threshold=0.99))  # none forms
+    icl = losses.icl_scores(strict)
     assert "shaded" not in icl.axes[0].get_title()
-    pca = report_module.loss_pca_trajectories(strict)
+    pca = losses.loss_pca_trajectories(strict)
     labels = [text.get_text() for text in pca.axes[0].get_legend().get_texts()]
     assert "emergence midpoint" not in labels and "first checkpoint" in labels
-    emergence = report_module.induction_emergence(section)
+    emergence = heads.induction_emergence(section)
     for figure in (icl, pca, emergence):
         figure.canvas.draw()
         ax = figure.axes[0] if figure is not pca else pca.axes[0]
@@ -158,3 +159,147 @@ def test_a_store_with_two_sizes_gets_one_page_with_a_section_per_size(tmp_path, 
     assert "Sizes compared" in page and page.count("<h2>Circuit formation in") == 2
     assert main(["report", str(store), "--out", str(tmp_path / "one"), "--sizes", "l2-d8"]) == 0
     assert (tmp_path / "one" / "induction_heatmaps.png").exists()
+
+
+USER_MODULE = '''\
+from matplotlib.figure import Figure
+
+import observatory as obs
+from observatory.analysis import attention_patterns
+from observatory.report import figure
+
+
+@obs.analysis(variables={"bos_attention": ("layer", "head")})
+def bos_attention(model, data):
+    """Mean attention to the first token on the probe."""
+    patterns = attention_patterns(model, data.probe_tokens)  # [layer, batch, head, q, k]
+    return {"bos_attention": patterns[..., 0].mean(axis=(1, 3))}
+
+
+@figure("bos_attention.png", title="Attention to the first token")
+def bos_attention_figure(section):
+    """Mean attention of every head to the first token of the probe, over training."""
+    ds = section.ds
+    if "bos_attention" not in ds:
+        return None
+    image = Figure()
+    ax = image.subplots()
+    for layer in ds["layer"].values:
+        for head in ds["head"].values:
+            values = ds["bos_attention"].sel(layer=layer, head=head).mean("seed")
+            ax.plot(ds["step"], values, label=f"L{layer}H{head}")
+    ax.legend()
+    return image
+'''
+
+EVERY_ANALYSIS = """\
+store = "{store}"
+analyses = [{analyses}, "mine.py:bos_attention"]
+steps = {steps}
+
+[probe]
+seed = 7
+n_sequences = 3
+
+[held_out]
+n_sequences = 6
+
+[llc]
+chains = 1
+draws = 2
+batch_size = 2
+
+[execution]
+workers = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def every_analysis(trained_tiny, tmp_path_factory):
+    """A copy of the trained store analysed by every built-in and by a user's analysis, whose
+    module (beside the job) also declares a report figure."""
+    import shutil
+
+    from observatory.analysis.builtins import BUILTINS
+    from observatory.jobs.analyze import load_analysis_spec, run_analysis
+    from observatory.store import FamilyStore
+
+    _, trained = trained_tiny
+    directory = tmp_path_factory.mktemp("every_analysis")
+    store = directory / "tiny.zarr"
+    shutil.copytree(trained, store)
+    steps = FamilyStore(store).run("l2-d16", 0).steps()
+    (directory / "mine.py").write_text(USER_MODULE)
+    job = directory / "job.toml"
+    analyses = ", ".join(f'"{name}"' for name in BUILTINS)
+    chosen = [int(steps[0]), int(steps[len(steps) // 2]), int(steps[-1])]
+    job.write_text(EVERY_ANALYSIS.format(store=store, analyses=analyses, steps=chosen))
+    run_analysis(load_analysis_spec(job), progress=False)
+    return store, directory / "mine.py"
+
+
+def test_every_variable_a_builtin_writes_is_loaded(every_analysis):
+    from observatory.analysis.builtins import BUILTINS
+    from observatory.report import load_results
+
+    store, _ = every_analysis
+    ds = load_results(store)
+    for found in BUILTINS.values():
+        for variable in found.declared():
+            assert variable in ds, (found.name, variable)
+            assert ds[variable].attrs["analysis"] == found.name
+            assert bool(ds[variable].notnull().any()), (found.name, variable)
+
+
+def test_transformer_lens_heatmap_of_a_store_with_head_scores(every_analysis, tmp_path, capsys):
+    store, _ = every_analysis
+    out = tmp_path / "tl"
+    assert main(["report", str(store), "--out", str(out), "--transformer-lens"]) == 0
+    capsys.readouterr()
+    assert (out / "induction_heatmaps_tl.png").read_bytes().startswith(PNG_MAGIC)
+    assert "Induction score, TransformerLens convention" in (out / "report.html").read_text()
+
+
+def test_transformer_lens_without_tl_scores_is_refused_in_one_line(trained_tiny, tmp_path, capsys):
+    _, trained = trained_tiny
+    store = analysed_copy(trained, tmp_path / "tiny.zarr")  # no tl_* scores
+    out = tmp_path / "report"
+    assert main(["report", str(store), "--out", str(out), "--transformer-lens"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "tl_induction_score" in error
+    assert not out.exists()  # refused before writing anything
+
+
+def test_a_new_analysis_and_figure_from_one_user_module(every_analysis, tmp_path):
+    from observatory.report import load_results
+
+    store, module = every_analysis
+    ds = load_results(store)
+    assert ds["bos_attention"].dims == ("seed", "step", "layer", "head")
+    assert ds["bos_attention"].attrs["analysis"] == "bos_attention"
+    files = write_report(store, tmp_path, figures=[module])
+    assert tmp_path / "bos_attention.png" in files
+    assert (tmp_path / "bos_attention.png").read_bytes().startswith(PNG_MAGIC)
+    page = (tmp_path / "report.html").read_text()
+    assert '<figure id="bos_attention"><h2>Attention to the first token</h2>' in page
+    assert "Mean attention of every head to the first token of the probe" in page
+    assert "bos_attention.png" not in {path.name for path in write_report(store, tmp_path)}
+
+
+def test_figure_modules_are_checked(tmp_path):
+    from observatory.errors import SpecError
+
+    with pytest.raises(SpecError, match="no such figure module"):
+        write_report(synthetic_results(), tmp_path, figures=[tmp_path / "missing.py"])
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(SpecError, match="defines no figure"):
+        write_report(synthetic_results(), tmp_path, figures=[empty])
+    clash = tmp_path / "clash.py"
+    clash.write_text(
+        "from observatory.report import figure\n\n\n"
+        '@figure("loss_curves.png", title="t", caption="c")\n'
+        "def mine(section):\n    return None\n"
+    )
+    with pytest.raises(SpecError, match="two report figures write 'loss_curves.png'"):
+        write_report(synthetic_results(), tmp_path, figures=[clash])

@@ -24,8 +24,9 @@ _LAZY = {
         "icl",
     ),
     **dict.fromkeys(("Bump", "Emergence", "emergence", "loss_bump"), "phase"),
+    **dict.fromkeys(("SGLD", "local_learning_coefficient"), "llc"),
     **dict.fromkeys(("Probe", "repeated_tokens"), "probes"),
-    **dict.fromkeys(("Analysis", "SharedData", "analysis"), "protocol"),
+    **dict.fromkeys(("Analysis", "Heatmap", "SharedData", "analysis"), "protocol"),
     **dict.fromkeys(
         (
             "HeadMatch",

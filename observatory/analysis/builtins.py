@@ -16,8 +16,8 @@ from observatory.analysis.ablation import head_ablation_effects
 from observatory.analysis.heads import attention_patterns as patterns_of
 from observatory.analysis.heads import copying_score, head_score_attrs, head_scores
 from observatory.analysis.icl import icl_positions, icl_score, loss_positions, token_losses
-from observatory.analysis.llc import local_learning_coefficient, require_devinterp
-from observatory.analysis.protocol import Analysis, SharedData, analysis
+from observatory.analysis.llc import SGLD, local_learning_coefficient
+from observatory.analysis.protocol import Analysis, Heatmap, SharedData, analysis
 from observatory.errors import SpecError
 from observatory.models import model_weights
 
@@ -80,6 +80,10 @@ def _check_head_score_options(options: Any, where: str) -> None:
     constants=lambda options, data: {
         "probe_tokens": (("probe_sequence", "probe_position"), data.probe_tokens)
     },
+    heatmaps={
+        "induction_score": Heatmap("Induction score"),
+        "tl_induction_score": Heatmap("Induction score, TransformerLens convention"),
+    },
 )
 def head_scores_analysis(
     model,
@@ -120,6 +124,7 @@ def head_scores_analysis(
     name="copying",
     variables={"copying_score": HEADS},
     attrs=lambda options, data: {"copying_score": "Re(sum eig) / sum |eig| of W_E W_V W_O W_U"},
+    heatmaps={"copying_score": Heatmap("Copying score", "RdBu", -1.0, 1.0)},
 )
 def copying_analysis(model, data: SharedData) -> dict[str, np.ndarray]:
     """Copying score of every head's OV circuit (Elhage et al. 2021)."""
@@ -244,20 +249,9 @@ def attention_patterns_analysis(model, data: SharedData, *, sequence: int = 0) -
 # Developmental stages.
 
 
-def _check_llc_options(options: Any, where: str) -> None:
-    for name in ("lr", "n_beta", "localization"):
-        if not getattr(options, name) > 0:
-            raise SpecError(f"{where}.{name}: must be > 0")
-    for name in ("chains", "draws", "batch_size"):
-        if getattr(options, name) < 1:
-            raise SpecError(f"{where}.{name}: must be >= 1")
-    if options.burnin < 0:
-        raise SpecError(f"{where}.burnin: must be >= 0")
-    require_devinterp(where)
-
-
 @analysis(
     name="llc",
+    options=SGLD,
     variables=lambda options: {
         "llc": (),
         "llc_std": (),
@@ -269,42 +263,18 @@ def _check_llc_options(options: Any, where: str) -> None:
         | dataclasses.asdict(options)
         | {"estimator": "devinterp SGLD: n_beta * (mean SGLD loss - loss at the checkpoint)"}
     ),
-    validate=_check_llc_options,
 )
-def llc_analysis(
-    model,
-    data: SharedData,
-    *,
-    lr: float = 3e-5,
-    n_beta: float = 30.0,
-    localization: float = 3000.0,
-    chains: int = 2,
-    draws: int = 100,
-    burnin: int = 0,
-    batch_size: int = 16,
-    seed: int = 0,
-) -> dict[str, Any]:
+def llc_analysis(model, data: SharedData, **settings: Any) -> dict[str, Any]:
     """Local learning coefficient by SGLD (devinterp), on the held-out sequences.
 
-    ``lr`` (epsilon), ``n_beta``, ``localization`` (gamma), ``chains``, ``draws``, ``burnin``
-    and ``batch_size`` are the sampler's; ``seed`` fixes the chains and minibatch order, so
-    every checkpoint is estimated with the same noise. ``llc_loss_trace[sgld_step]`` (mean over
-    chains) shows whether the chains converged: flat after burn-in. The defaults converge
-    within 25 SGLD steps on the demo family's checkpoints (a weaker ``localization`` or a
-    larger ``lr`` let the chains drift off). Needs ``.[llc]``.
+    The options are the sampler's settings (:class:`~observatory.analysis.llc.SGLD`: ``lr``,
+    ``n_beta``, ``localization``, ``chains``, ``draws``, ``burnin``, ``batch_size``, ``seed``);
+    the seed fixes the chains and minibatch order, so every checkpoint is estimated with the
+    same noise. ``llc_loss_trace[sgld_step]`` (mean over chains) shows whether the chains
+    converged: flat after burn-in (a weaker ``localization`` or a larger ``lr`` let the chains
+    drift off). Needs ``.[llc]``.
     """
-    return local_learning_coefficient(
-        model,
-        data.held_out_tokens,
-        lr=lr,
-        n_beta=n_beta,
-        localization=localization,
-        chains=chains,
-        draws=draws,
-        burnin=burnin,
-        batch_size=batch_size,
-        seed=seed,
-    )
+    return local_learning_coefficient(model, data.held_out_tokens, SGLD(**settings))
 
 
 BUILTINS: dict[str, Analysis] = {

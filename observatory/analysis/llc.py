@@ -9,13 +9,13 @@ and seeds, so the estimate is a deterministic function of the checkpoint, the da
 options.
 """
 
-from __future__ import annotations
-
 import contextlib
+import dataclasses
 import random
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from unittest import mock
@@ -27,6 +27,13 @@ from transformers import PreTrainedModel
 from observatory.errors import SpecError
 
 INSTALL_HINT = 'pip install -e ".[llc]"  (devinterp >= 2)'
+# devinterp's name of each SGLD setting whose name differs
+SAMPLER_NAMES = {
+    "chains": "num_chains",
+    "draws": "num_draws",
+    "burnin": "num_burnin_steps",
+    "seed": "init_seed",
+}
 
 
 def require_devinterp(where: str) -> None:
@@ -37,28 +44,12 @@ def require_devinterp(where: str) -> None:
         raise SpecError(f"{where}: needs devinterp; install it with: {INSTALL_HINT}") from None
 
 
-def local_learning_coefficient(
-    model: PreTrainedModel,
-    tokens: np.ndarray,
-    *,
-    lr: float,
-    n_beta: float,
-    localization: float,
-    chains: int,
-    draws: int,
-    burnin: int,
-    batch_size: int,
-    seed: int,
-) -> dict[str, Any]:
-    """Estimate the LLC of ``model`` on ``tokens`` with SGLD chains (``devinterp.slt``).
+@dataclass(frozen=True)
+class SGLD:
+    """The SGLD sampler's settings: the ``llc`` analysis's options, in one place.
 
-    Parameters
+    Attributes
     ----------
-    model
-        The checkpoint's model; it is copied by the sampler, never changed.
-    tokens
-        ``tokens[sequence, position]``: the data of the loss (each SGLD step a minibatch of
-        ``batch_size`` sequences, drawn in an order fixed by ``seed``).
     lr
         SGLD step size (epsilon).
     n_beta
@@ -75,6 +66,44 @@ def local_learning_coefficient(
         Sequences per SGLD step.
     seed
         Seed of the chains and the minibatch order: the same seed gives the same estimate.
+    """
+
+    lr: float = 3e-5
+    n_beta: float = 30.0
+    localization: float = 3000.0
+    chains: int = 2
+    draws: int = 100
+    burnin: int = 0
+    batch_size: int = 16
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        """Raise a one-line :class:`SpecError` on an impossible setting or without devinterp."""
+        for name in ("lr", "n_beta", "localization"):
+            if not getattr(self, name) > 0:
+                raise SpecError(f"{where}.{name}: must be > 0")
+        for name in ("chains", "draws", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"{where}.{name}: must be >= 1")
+        if self.burnin < 0:
+            raise SpecError(f"{where}.burnin: must be >= 0")
+        require_devinterp(where)
+
+
+def local_learning_coefficient(
+    model: PreTrainedModel, tokens: np.ndarray, settings: SGLD = SGLD()
+) -> dict[str, Any]:
+    """Estimate the LLC of ``model`` on ``tokens`` with SGLD chains (``devinterp.slt``).
+
+    Parameters
+    ----------
+    model
+        The checkpoint's model; it is copied by the sampler, never changed.
+    tokens
+        ``tokens[sequence, position]``: the data of the loss (each SGLD step a minibatch of
+        ``settings.batch_size`` sequences, drawn in an order fixed by ``settings.seed``).
+    settings
+        The sampler's settings.
 
     Returns
     -------
@@ -95,15 +124,8 @@ def local_learning_coefficient(
             model=model,
             dataset=data,
             observables={},
-            lr=lr,
-            n_beta=n_beta,
-            localization=localization,
-            num_chains=chains,
-            num_draws=draws,
-            num_burnin_steps=burnin,
-            batch_size=batch_size,
-            num_init_loss_batches=max(1, len(rows) // batch_size),
-            init_seed=seed,
+            **{SAMPLER_NAMES.get(k, k): v for k, v in dataclasses.asdict(settings).items()},
+            num_init_loss_batches=max(1, len(rows) // settings.batch_size),
             device="cpu",
             output_path=f"{directory}/samples.zarr",
         )

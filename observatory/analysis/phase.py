@@ -164,38 +164,11 @@ def loss_bump(
     if penalty is None:
         penalty = 4.0 * np.log(len(y)) * variance
     t = (x - x[0]) / span  # [0, 1]
-    signal = np.column_stack([y, t, np.ones_like(t)])  # y ~ slope * t + intercept
-    import ruptures  # imported here: the trainer imports this module, for final_loss
-
-    ends = ruptures.Pelt(model="linear", min_size=min_size, jump=1).fit(signal).predict(pen=penalty)
-    starts = [0, *ends[:-1]]
-    fits = [np.polyfit(t[a:b], y[a:b], 1) for a, b in zip(starts, ends, strict=True)]
-    # dimensionless slope of each segment: loss range per step span
-    slopes = np.array([fit[0] for fit in fits]) / loss_range
-    # standard error of each slope: sigma / sqrt(sum (t - mean t)^2), same units
-    spread = np.array(
-        [np.sum((t[a:b] - t[a:b].mean()) ** 2) for a, b in zip(starts, ends, strict=True)]
+    starts, ends, fits, slopes, slope_se = _linear_segments(t, y, penalty, min_size, variance)
+    slopes, slope_se = slopes / loss_range, slope_se / loss_range  # loss range per step span
+    best = _largest_steepening(
+        t, starts, ends, fits, slopes, slope_se, min_steepening=min_steepening, min_z=min_z
     )
-    slope_se = np.sqrt(variance / spread) / loss_range
-
-    def fitted(segment: int, index: int) -> float:
-        return float(np.polyval(fits[segment], t[index]))
-
-    best: tuple[float, float, int, int] | None = None  # (drop, steepening, first, last segment)
-    for first in range(1, len(slopes)):
-        before = slopes[first - 1]
-        last = first - 1
-        while last + 1 < len(slopes) and slopes[last + 1] <= before - min_steepening:
-            last += 1
-        if last < first:
-            continue
-        steepest = first + int(np.argmin(slopes[first : last + 1]))
-        steepening = before - slopes[steepest]
-        if steepening / np.hypot(slope_se[first - 1], slope_se[steepest]) < min_z:
-            continue
-        drop = fitted(first, starts[first]) - fitted(last, ends[last] - 1)
-        if best is None or drop > best[0]:
-            best = (drop, steepening, first, last)
     if best is None:
         return None
     drop, steepening, first, last = best
@@ -214,6 +187,48 @@ def loss_bump(
         min_steepening=min_steepening,
         min_z=min_z,
     )
+
+
+def _linear_segments(t: np.ndarray, y: np.ndarray, penalty: float, min_size: int, variance: float):
+    """Pelt segmentation of ``y(t)`` into lines: starts, ends, fits, slopes and their errors."""
+    signal = np.column_stack([y, t, np.ones_like(t)])  # y ~ slope * t + intercept
+    import ruptures  # imported here: the trainer imports this module, for final_loss
+
+    ends = ruptures.Pelt(model="linear", min_size=min_size, jump=1).fit(signal).predict(pen=penalty)
+    starts = [0, *ends[:-1]]
+    fits = [np.polyfit(t[a:b], y[a:b], 1) for a, b in zip(starts, ends, strict=True)]
+    slopes = np.array([fit[0] for fit in fits])
+    # standard error of each slope: sigma / sqrt(sum (t - mean t)^2)
+    spread = np.array(
+        [np.sum((t[a:b] - t[a:b].mean()) ** 2) for a, b in zip(starts, ends, strict=True)]
+    )
+    return starts, ends, fits, slopes, np.sqrt(variance / spread)
+
+
+def _largest_steepening(
+    t, starts, ends, fits, slopes, slope_se, *, min_steepening: float, min_z: float
+) -> tuple[float, float, int, int] | None:
+    """``(drop, steepening, first, last segment)`` of the steepening run that drops most."""
+
+    def fitted(segment: int, index: int) -> float:
+        return float(np.polyval(fits[segment], t[index]))
+
+    best = None
+    for first in range(1, len(slopes)):
+        before = slopes[first - 1]
+        last = first - 1
+        while last + 1 < len(slopes) and slopes[last + 1] <= before - min_steepening:
+            last += 1
+        if last < first:
+            continue
+        steepest = first + int(np.argmin(slopes[first : last + 1]))
+        steepening = before - slopes[steepest]
+        if steepening / np.hypot(slope_se[first - 1], slope_se[steepest]) < min_z:
+            continue
+        drop = fitted(first, starts[first]) - fitted(last, ends[last] - 1)
+        if best is None or drop > best[0]:
+            best = (drop, steepening, first, last)
+    return best
 
 
 @dataclass(frozen=True)

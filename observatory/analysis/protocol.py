@@ -81,6 +81,26 @@ class SharedData:
         return {"held_out": self.held_out_source, "held_out_n_sequences": len(self.held_out_tokens)}
 
 
+@dataclass(frozen=True)
+class Heatmap:
+    """How the report draws a per-head variable (``[step, layer, head]``) as heatmaps.
+
+    Attributes
+    ----------
+    title
+        What the variable is, e.g. ``"Induction score"`` (the figure says "... of every head").
+    colours
+        The colour map's name (matplotlib's; plotly knows the same names).
+    low, high
+        The values at the ends of the colour scale.
+    """
+
+    title: str
+    colours: str = "viridis"
+    low: float = 0.0
+    high: float = 1.0
+
+
 @dataclass(frozen=True, eq=False)
 class Analysis:
     """A registered analysis; calling it calls the function.
@@ -102,6 +122,8 @@ class Analysis:
     constants
         Optional callable ``(options, data) -> {name: (dims, values)}``: arrays that do not
         depend on the checkpoint (e.g. the probe tokens), stored once beside the results.
+    heatmaps
+        ``{variable: Heatmap}``: per-head variables the report's pages draw as heatmaps.
     """
 
     name: str
@@ -110,6 +132,7 @@ class Analysis:
     variables: Variables | Callable[[Any], Variables]
     attrs: Callable[[Any, SharedData], dict[str, Any]] | None = None
     constants: Callable[[Any, SharedData], dict[str, tuple]] | None = None
+    heatmaps: Mapping[str, Heatmap] = dataclasses.field(default_factory=dict)
 
     def __call__(self, model, data: SharedData, **options: Any) -> Mapping[str, Any]:
         return self.function(model, data, **options)
@@ -133,11 +156,11 @@ class Analysis:
         """Validate the job's ``[<name>]`` table into the options dataclass (one-line errors)."""
         return from_table(self.options, dict(table), where)
 
-    def declared(self, options: Any) -> dict[str, tuple[Dim, ...]]:
-        """``{variable: dims}`` for these options."""
+    def declared(self, options: Any = None) -> dict[str, tuple[Dim, ...]]:
+        """``{variable: dims}`` for these options (default: the default options)."""
         variables = self.variables
         if callable(variables):
-            variables = variables(options)
+            variables = variables(self.options() if options is None else options)
         return {name: tuple(dims) for name, dims in variables.items()}
 
     def parameters(self, options: Any, data: SharedData) -> dict[str, Any]:
@@ -155,6 +178,7 @@ def analysis(
     attrs: Callable[[Any, SharedData], dict[str, Any]] | None = None,
     validate: Callable[[Any, str], None] | None = None,
     constants: Callable[[Any, SharedData], dict[str, tuple]] | None = None,
+    heatmaps: Mapping[str, Heatmap] | None = None,
 ) -> Callable[[Callable], Analysis]:
     """Declare an analysis: a pure function of (model, shared data) with declared outputs.
 
@@ -182,6 +206,9 @@ def analysis(
     constants
         A callable ``(options, data) -> {name: (dims, values)}`` of checkpoint-independent
         arrays stored once beside the results.
+    heatmaps
+        ``{variable: Heatmap}``: per-head variables (dims ``("layer", "head")``) that the
+        report's interactive page draws as heatmaps of every head over training.
 
     Returns
     -------
@@ -204,6 +231,7 @@ def analysis(
             variables=variables,
             attrs=attrs,
             constants=constants,
+            heatmaps=dict(heatmaps or {}),
         )
 
     return wrap

@@ -96,10 +96,11 @@ def export(
         On an unknown size, seed or step, or a target directory that is not empty.
     """
     from observatory.jobs.selection import select_readers
+    from observatory.query import resolve_size
     from observatory.store import FamilyStore
 
     family = FamilyStore(store)
-    readers = select_readers(family, sizes=[size or _only_size(family)], seeds=seeds)
+    readers = select_readers(family, sizes=[resolve_size(family, size)], seeds=seeds)
     if not per_seed_folders and len(readers) != 1:
         raise InteropError(f"{len(readers)} runs to export: give one seed, or use seed folders")
     out = Path(out)
@@ -113,15 +114,6 @@ def export(
             reader.checkpoint_index(step)  # a clear error for a step that is not committed
         _export_run(reader, target, sorted(set(int(s) for s in chosen)))
     return targets
-
-
-def _only_size(family) -> str:
-    sizes = family.sizes()
-    if len(sizes) != 1:
-        raise InteropError(
-            f"{family.path}: several sizes ({', '.join(sizes)}); choose one (--size)"
-        )
-    return sizes[0]
 
 
 def _export_run(reader, target: Path, steps: list[int]) -> None:

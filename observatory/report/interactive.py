@@ -14,14 +14,9 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
+from observatory.report.declared import heatmaps as declared_heatmaps
 from observatory.report.summary import Summary, head_label
 
-# Heatmaps: variable -> (title, colour scale, value range)
-HEATMAPS = {
-    "induction_score": ("Induction score", "Viridis", (0.0, 1.0)),
-    "tl_induction_score": ("Induction score, TransformerLens convention", "Viridis", (0.0, 1.0)),
-    "copying_score": ("Copying score", "RdBu", (-1.0, 1.0)),
-}
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 
 
@@ -69,9 +64,13 @@ def page(sections: list[tuple[Summary, xr.Dataset]], *, transformer_lens: bool =
 
 
 def figures(ds: xr.Dataset, result: Summary, *, transformer_lens: bool = False) -> list[go.Figure]:
-    """The interactive figures of one size: losses, head-score heatmaps, emergence, ICL."""
+    """The interactive figures of one size: losses, head-score heatmaps, emergence, ICL.
+
+    A heatmap for every per-head variable whose analysis declares one
+    (``@analysis(heatmaps=...)``); the ``tl_*`` ones only with ``transformer_lens``.
+    """
     out = [losses(ds)]
-    for variable in HEATMAPS:
+    for variable in declared_heatmaps():
         wanted = transformer_lens or not variable.startswith("tl_")
         if wanted and variable in ds and bool(ds[variable].notnull().any()):
             out.append(heatmaps(ds, variable))
@@ -123,7 +122,7 @@ def losses(ds: xr.Dataset) -> go.Figure:
 
 def heatmaps(ds: xr.Dataset, variable: str) -> go.Figure:
     """One heatmap of ``variable[step, layer, head]`` per seed; hover: head, step, value."""
-    title, scale, (low, high) = HEATMAPS[variable]
+    style = declared_heatmaps()[variable]
     seeds = ds["seed"].values
     layers, heads = ds["layer"].values, ds["head"].values
     labels = [head_label(layer, head) for layer in layers for head in heads]
@@ -142,11 +141,11 @@ def heatmaps(ds: xr.Dataset, variable: str) -> go.Figure:
             x=values["step"].values,
             y=labels,
             z=grid,
-            zmin=low,
-            zmax=high,
-            colorscale=scale,
+            zmin=style.low,
+            zmax=style.high,
+            colorscale=style.colours,
             showscale=row == 1,
-            colorbar={"title": title.split(",")[0]},
+            colorbar={"title": style.title.split(",")[0]},
             hovertemplate=f"seed {seed}<br>head %{{y}}<br>step %{{x}}<br>{variable} "
             "%{z:.3f}<extra></extra>",
             row=row,
@@ -156,7 +155,7 @@ def heatmaps(ds: xr.Dataset, variable: str) -> go.Figure:
         figure.update_xaxes(type="log", row=row, col=1)
     figure.update_xaxes(title="checkpoint step", row=len(seeds), col=1)
     figure.update_layout(
-        title=f"{title} of every head over training",
+        title=f"{style.title} of every head over training",
         height=160 + len(seeds) * (40 + 22 * len(labels)),
     )
     return figure

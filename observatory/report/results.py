@@ -7,10 +7,8 @@ from typing import Any
 
 import xarray as xr
 
-from observatory.errors import StoreError
-from observatory.query import open_family
-from observatory.report import summary as summaries
-from observatory.report.summary import RESULTS, Summary, check_results
+from observatory.query import open_family, resolve_size
+from observatory.report.summary import SUMMARY_REQUIRED, Summary, check_results, summarize
 from observatory.store import FamilyStore, analyses, analysis_parameters
 
 
@@ -22,6 +20,9 @@ def load_results(
     require: tuple[str, ...] = (),
 ) -> xr.Dataset:
     """The per-step loss and the analysis results of one size of a family, in memory.
+
+    Every variable of every analysis stored in the runs is loaded (built-in or not, whatever
+    its options), so what an analysis writes reaches the summary and the report.
 
     Parameters
     ----------
@@ -37,10 +38,10 @@ def load_results(
     Returns
     -------
     xarray.Dataset
-        The variables of :data:`RESULTS` that exist (``loss[seed, train_step]``,
-        ``induction_score[seed, step, layer, head]``, ...), loaded, with coordinates ``seed``,
-        ``init_seed``, ``data_seed``, ``complete`` (per seed), ``step``, ``tokens_seen``,
-        ``train_step``; ``attrs``: ``store``, ``size`` and
+        ``loss[seed, train_step]`` and the analyses' variables (``induction_score[seed, step,
+        layer, head]``, ...; each with the attribute ``analysis``: the analysis that wrote it),
+        loaded, with coordinates ``seed``, ``init_seed``, ``data_seed``, ``complete`` (per
+        seed), ``step``, ``tokens_seen``, ``train_step``; ``attrs``: ``store``, ``size`` and
         ``analysis_parameters`` (``{analysis: parameters}`` as recorded by the analysis job).
 
     Raises
@@ -49,13 +50,7 @@ def load_results(
         If the store, size or a seed does not exist, or a required analysis has no results.
     """
     family = FamilyStore(path)
-    if size is None:
-        sizes = family.sizes()
-        if len(sizes) != 1:
-            raise StoreError(
-                f"{family.path}: several sizes ({', '.join(sizes)}); choose one (--size)"
-            )
-        size = sizes[0]
+    size = resolve_size(family, size)
     parameters: dict[str, Any] = {}
     readers = family.size_runs(size)
     if seeds is not None:
@@ -64,7 +59,11 @@ def load_results(
         for name in analyses(reader):
             parameters.setdefault(name, analysis_parameters(reader, name))
     family_ds = open_family(path, size=size, seeds=seeds)  # no results: NaN
-    names = [name for name in RESULTS if name in family_ds]
+    names = [
+        name
+        for name, values in family_ds.data_vars.items()
+        if name == "loss" or "analysis" in values.attrs
+    ]
     ds = family_ds[names].load()
     ds.attrs = {"store": str(family.path), "size": size, "analysis_parameters": parameters}
     check_results(ds, require)
@@ -72,7 +71,7 @@ def load_results(
 
 
 def summary(
-    source: str | Path | xr.Dataset,
+    path: str | Path,
     *,
     size: str | None = None,
     seeds: list[int] | None = None,
@@ -82,25 +81,19 @@ def summary(
     """Circuit formation per seed and across seeds of one size of a family store (``obs.summary``).
 
     Loads the results (:func:`load_results`) and returns
-    :func:`observatory.report.summary.summary` of them; see there for the columns.
+    :func:`~observatory.report.summary.summarize` of them; see there for the columns.
 
     Parameters
     ----------
-    source
-        The family store, or a dataset from :func:`load_results`.
-    size, seeds
-        Which size (may be omitted when the store has one) and seeds.
+    path, size, seeds
+        Which results: as in :func:`load_results`.
     threshold, include_incomplete
-        As in :func:`observatory.report.summary.summary`.
+        As in :func:`~observatory.report.summary.summarize`.
 
     Raises
     ------
     StoreError
         If the store, size or a seed does not exist, or nothing was analysed.
     """
-    if not isinstance(source, xr.Dataset):
-        source = load_results(source, size=size, seeds=seeds, require=summaries.SUMMARY_REQUIRED)
-        seeds = None
-    return summaries.summary(
-        source, seeds=seeds, threshold=threshold, include_incomplete=include_incomplete
-    )
+    ds = load_results(path, size=size, seeds=seeds, require=SUMMARY_REQUIRED)
+    return summarize(ds, threshold=threshold, include_incomplete=include_incomplete)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,8 @@ from observatory.analysis.stats import (
     variance_split,
 )
 from observatory.errors import StoreError
+from observatory.report import tables
+from observatory.report.declared import analysis_of
 
 DEFAULT_THRESHOLD = 0.5
 CONFIDENCE = 0.95
@@ -38,22 +39,6 @@ INTERVAL_RULE = (
     f"t-interval of the mean over the seeds used (n < {BOOTSTRAP_MIN_N}), BCa bootstrap "
     f"(n >= {BOOTSTRAP_MIN_N})"
 )
-# Variables of the results dataset, and the analysis that writes each (None: training).
-RESULTS = {
-    "loss": None,
-    "copying_score": "copying",
-    "loss_by_position": "icl",
-    "induction_score": "head_scores",
-    "previous_token_score": "head_scores",
-    "icl_score": "icl",
-    "token_loss": "token_loss",
-    "repeated_loss_increase": "head_ablation",
-    "repeated_layer_loss_increase": "head_ablation",
-    "attention_pattern": "attention_patterns",
-    "llc": "llc",
-    "llc_std": "llc",
-    "llc_loss_trace": "llc",
-}
 # What the summary needs (the training loss is optional: ingested checkpoints may lack it).
 SUMMARY_REQUIRED = ("induction_score", "icl_score")
 CROSS_SEED = (
@@ -87,32 +72,17 @@ def check_results(ds: xr.Dataset, require: tuple[str, ...]) -> None:
     A seed without results (not analysed yet, or no checkpoints) is not an error here: the
     summary reports it and leaves it out of the statistics.
     """
-    missing = set()
-    for name in require:
-        analysis = RESULTS.get(name) or name
-        if name not in ds or not bool(ds[name].notnull().any()):
-            missing.add(analysis)
+    missing = {
+        analysis_of(name, ds)
+        for name in require
+        if name not in ds or not bool(ds[name].notnull().any())
+    }
     if missing:
         where = f"{ds.attrs.get('store', 'dataset')} (size {ds.attrs.get('size', '?')})"
         raise StoreError(
             f"{where}: no results of analysis {', '.join(map(repr, sorted(missing)))}; "
             "run `observatory analyze` first"
         )
-
-
-def _results(
-    source: str | Path | xr.Dataset,
-    size: str | None,
-    require: tuple[str, ...],
-    seeds: list[int] | None = None,
-) -> xr.Dataset:
-    if not isinstance(source, xr.Dataset):  # loading a store is I/O: observatory.report.results
-        raise TypeError(
-            "pass the dataset of observatory.report.results.load_results; "
-            "observatory.summary(store) loads a store"
-        )
-    check_results(source, require)
-    return source if seeds is None else source.sel(seed=seeds)
 
 
 def tokens_per_step(ds: xr.Dataset) -> float:
@@ -141,7 +111,7 @@ class Summary:
     threshold_source
         ``"argument"``, ``"analysis job"`` (recorded in the store) or ``"default"``.
     per_seed
-        One row per seed (index ``seed``); see :func:`summary` for the columns.
+        One row per seed (index ``seed``); see :func:`summarize` for the columns.
     across_seeds
         One row per quantity of :data:`CROSS_SEED`; see :func:`across_seeds`.
     variance
@@ -163,42 +133,7 @@ class Summary:
 
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The per-seed and cross-seed tables as formatted text, for display."""
-        per_seed = pd.DataFrame([_seed_cells(seed, row) for seed, row in self.per_seed.iterrows()])
-        across = pd.DataFrame(
-            [
-                {
-                    "quantity": name.replace("_", " "),
-                    "n": f"{int(row['n'])} of {int(row['n']) + int(row['n_missing'])}",
-                    "mean": _fmt(row["mean"], digits),
-                    "std": _fmt(row["std"], digits),
-                    f"{row['confidence']:.0%} CI": _window(
-                        row["ci_low"], row["ci_high"], digits, ", ", "[]"
-                    ),
-                    "interval": {"t": "t", "bca": "BCa bootstrap"}.get(row["ci_method"], "-"),
-                    "seeds used": row["seeds"] or "none",
-                    "left out (why)": row["left_out"] or "none",
-                }
-                for name, row in self.across_seeds.iterrows()
-                for digits in [3 if name == "final_loss" else 1]
-            ]
-        )
-        return per_seed, across
-
-    def variance_text(self) -> pd.DataFrame:
-        """The init/data-seed variance split as formatted text (no rows if not crossed)."""
-        return pd.DataFrame(
-            [
-                {
-                    "quantity": name.replace("_", " "),
-                    "design": row["design"],
-                    "init seed": f"{row['init_share']:.0%}",
-                    "data seed": f"{row['data_share']:.0%}",
-                    "residual": f"{row['residual_share']:.0%}",
-                    "residual df": str(int(row["df_residual"])),
-                }
-                for name, row in self.variance.iterrows()
-            ]
-        )
+        return tables.seed_table(self.per_seed), tables.across_table(self.across_seeds)
 
     @property
     def title(self) -> str:
@@ -237,26 +172,26 @@ class Summary:
         per_seed, across = self.tables()
         sections = [("per seed:", per_seed), (self.across_note, across)]
         if len(self.variance):
-            sections.append((self.variance_note + ":", self.variance_text()))
+            sections.append((self.variance_note + ":", tables.variance_text(self.variance)))
         return sections
 
     def __str__(self) -> str:
         lines = [self.title, self.note]
         for caption, table in self._sections():
-            lines += ["", caption, _text_table(table)]
+            lines += ["", caption, tables.text_table(table)]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
         """The summary as Markdown: a caption and pipe tables."""
         lines = [f"**{self.title}**", "", self.note]
         for caption, table in self._sections():
-            lines += ["", caption, "", _pipe_table(table)]
+            lines += ["", caption, "", tables.pipe_table(table)]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN and missing values become None)."""
         per_seed = self.per_seed.reset_index().astype(object)
-        return _json_ready(
+        return tables.json_ready(
             {
                 "store": self.store,
                 "size": self.size,
@@ -271,30 +206,9 @@ class Summary:
         )
 
 
-def _seed_cells(seed: int, row: pd.Series) -> dict[str, str]:
-    """One row of the per-seed display table."""
-    status = row["status"] + (f" ({row['left_out']})" if row["left_out"] else "")
-    best = f"{row['best_head']} ({row['best_head_peak']:.2f})" if row["best_head"] else "-"
-    return {
-        "seed": str(seed),
-        "status": status,
-        "induction heads": row["induction_heads"] or "none",
-        "best head (peak)": best,
-        "crossing step": _fmt(row["emergence_crossing_step"], 0),
-        "midpoint step": _fmt(row["emergence_midpoint_step"], 1),
-        "bump (steps)": _window(row["bump_start_step"], row["bump_end_step"], 0),
-        "bump (M tokens)": _window(row["bump_start_tokens"] / 1e6, row["bump_end_tokens"] / 1e6, 2),
-        "jump in bump": {True: "yes", False: "no"}.get(row["jump_in_bump"], "-"),
-        "ICL before -> after": _window(row["icl_before"], row["icl_after"], 2, " -> "),
-        "final loss": _fmt(row["final_loss"], 3)
-        + ("" if row["status"] == "complete" else f" (step {row['trained_steps']})"),
-    } | _ablation_cell(row)
-
-
-def summary(
-    path: str | Path | xr.Dataset,
+def summarize(
+    ds: xr.Dataset,
     *,
-    size: str | None = None,
     seeds: list[int] | None = None,
     threshold: float | None = None,
     include_incomplete: bool = False,
@@ -338,11 +252,9 @@ def summary(
 
     Parameters
     ----------
-    path
-        A dataset from :func:`~observatory.report.results.load_results` (``observatory.summary``
-        and :func:`observatory.report.results.summary` take a store).
-    size
-        Size name; may be omitted when the store has a single size.
+    ds
+        Results as from :func:`~observatory.report.results.load_results`
+        (:func:`observatory.summary` loads a store and summarises it).
     seeds
         Seed indices to summarise (default: every seed).
     threshold
@@ -359,11 +271,12 @@ def summary(
     Raises
     ------
     StoreError
-        If the store, size or a seed does not exist, or no seed has results of the
-        ``head_scores`` or ``icl`` analysis (run ``observatory analyze`` first).
+        If no seed has results of the ``head_scores`` or ``icl`` analysis (run
+        ``observatory analyze`` first).
     """
-    # (the training loss is optional: ingested checkpoints may come without it)
-    ds = _results(path, size, SUMMARY_REQUIRED, seeds)
+    check_results(ds, SUMMARY_REQUIRED)
+    if seeds is not None:
+        ds = ds.sel(seed=seeds)
     recorded = ds.attrs.get("analysis_parameters", {}).get("head_scores") or {}
     if threshold is not None:
         source = "argument"
@@ -487,7 +400,7 @@ def variance_table(per_seed: pd.DataFrame) -> pd.DataFrame:
 
 
 def _seed_status(one: xr.Dataset, *, include_incomplete: bool) -> tuple[str, str]:
-    """``(status, left_out)`` of one seed (see :func:`summary`)."""
+    """``(status, left_out)`` of one seed (see :func:`summarize`)."""
     complete = bool(one["complete"]) if "complete" in one.coords else True
     status = "complete" if complete else "incomplete"
     if not bool(one["induction_score"].notnull().any()):
@@ -501,7 +414,7 @@ def _seed_status(one: xr.Dataset, *, include_incomplete: bool) -> tuple[str, str
 def _seed_row(
     one: xr.Dataset, *, threshold: float, tokens_per_step: float, include_incomplete: bool
 ) -> dict[str, Any]:
-    """The per-seed columns of :func:`summary` for one seed's slice of the results."""
+    """The per-seed columns of :func:`summarize` for one seed's slice of the results."""
     status, left_out = _seed_status(one, include_incomplete=include_incomplete)
     loss = one["loss"].dropna("train_step")
     row: dict[str, Any] = {
@@ -562,7 +475,7 @@ def _seed_row(
 def _heads_columns(
     induction: xr.DataArray, threshold: float, tokens_per_step: float
 ) -> dict[str, Any]:
-    """Induction heads, best head and its emergence of one seed (see :func:`summary`)."""
+    """Induction heads, best head and its emergence of one seed (see :func:`summarize`)."""
     scores = induction.transpose("step", "layer", "head")
     scores = scores.isel(step=scores.notnull().all(["layer", "head"]).values)
     steps = scores["step"].values
@@ -650,9 +563,7 @@ def _ablation_rank(effect: xr.DataArray, scores: xr.DataArray, *, prefix: str) -
 # The per-token-loss PCA.
 
 
-def token_loss_pca(
-    path: str | Path | xr.Dataset, *, size: str | None = None, n_components: int = 2
-) -> xr.Dataset:
+def token_loss_pca(ds: xr.Dataset, *, n_components: int = 2) -> xr.Dataset:
     """Joint PCA of the per-token-loss vectors of every checkpoint of every seed.
 
     One fit (:func:`~observatory.analysis.loss_pca`) over all (seed, checkpoint) rows that
@@ -660,11 +571,8 @@ def token_loss_pca(
 
     Parameters
     ----------
-    path
-        A dataset from :func:`~observatory.report.results.load_results` (``observatory.summary``
-        and :func:`observatory.report.results.summary` take a store).
-    size
-        Size name; may be omitted when the store has a single size.
+    ds
+        Results as from :func:`~observatory.report.results.load_results`.
     n_components
         Number of principal components.
 
@@ -680,7 +588,7 @@ def token_loss_pca(
     StoreError
         If the ``token_loss`` analysis has no results.
     """
-    ds = _results(path, size, ("token_loss",))
+    check_results(ds, ("token_loss",))
     losses = ds["token_loss"].transpose("seed", "step", "held_out")
     n_seeds, n_steps, n_held_out = losses.shape
     rows = losses.values.reshape(-1, n_held_out)
@@ -826,69 +734,5 @@ def _profiles(one: xr.Dataset, scores: list[str]) -> np.ndarray:
     return stacked.reshape(stacked.shape[0], -1, len(scores))
 
 
-# --------------------------------------------------------------------------------------------
-# Formatting.
-
-
-def _ablation_cell(row: pd.Series) -> dict[str, str]:
-    """The per-seed table's ablation columns, when the store has ablation results."""
-    if "best_head_ablation_rank" not in row:
-        return {}
-    cells = {}
-    for prefix, where in (("bump_end_", "after bump"), ("", "last")):
-        rank = row.get(f"{prefix}best_head_ablation_rank", math.nan)
-        cells[f"ablation {where}: top, best (rank)"] = (
-            "-"
-            if pd.isna(rank)
-            else f"{row[f'{prefix}top_ablation_head']}, {row[f'{prefix}ablation_best_head']} "
-            f"({int(rank)}) @{int(row[f'{prefix}ablation_step'])}"
-        )
-    return cells
-
-
 def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
-
-
-def _fmt(value: float, digits: int) -> str:
-    return "-" if value is None or not np.isfinite(value) else f"{value:,.{digits}f}"
-
-
-def _window(low: float, high: float, digits: int, sep: str = "-", brackets: str = "") -> str:
-    if not (np.isfinite(low) and np.isfinite(high)):
-        return "-"
-    opening, closing = brackets or ("", "")
-    return f"{opening}{_fmt(low, digits)}{sep}{_fmt(high, digits)}{closing}"
-
-
-def _text_table(table: pd.DataFrame) -> str:
-    rows = [list(table.columns), *(list(map(str, row)) for row in table.itertuples(index=False))]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(table.columns))]
-    rows.insert(1, ["-" * width for width in widths])
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
-def _pipe_table(table: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def _json_ready(value: Any) -> Any:
-    """Plain Python values for ``json.dumps``: NaN and pandas NA become None."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if value is None or value is pd.NA:
-        return None
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return float(value) if np.isfinite(value) else None
-    return value

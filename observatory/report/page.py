@@ -1,0 +1,114 @@
+"""The report's static HTML page: the summary tables and every figure, images embedded.
+
+One self-contained file (PNG images as base64, no network access): the summary of each size,
+the heads matched across seeds, the parameters recorded by the analysis job and every figure
+with its title and caption.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from observatory.report import tables
+from observatory.report.registry import ReportFigure, Section
+
+# (a written figure's file, its declaration)
+Drawn = tuple[Path, ReportFigure]
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.8em; text-align: right; }
+th { background: #f3f3f3; }
+img { max-width: 100%; }
+figure { margin: 1.5em 0; }
+figcaption, .note { color: #555; font-size: 0.9em; }
+"""
+
+
+def html_page(rendered: list[tuple[Section, list[Drawn]]]) -> str:
+    """The page of one or more sizes: ``(section, figures drawn)`` per size."""
+    several = len(rendered) > 1
+    title = rendered[0][0].result.title if not several else "Circuit formation across sizes"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<p class='note'>Interactive version (hover for head, step and value): "
+        "<a href='report_interactive.html'>report_interactive.html</a>.</p>",
+    ]
+    if several:
+        comparison = tables.size_comparison([section.result for section, _ in rendered])
+        parts += [
+            "<h2>Sizes compared</h2>",
+            comparison.to_html(index=False, border=0),
+        ]
+    for section, figures in rendered:
+        parts += _size_html(section, figures, heading="h2" if several else None)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _size_html(section: Section, figures: list[Drawn], heading: str | None) -> list[str]:
+    result = section.result
+    per_seed, across = result.tables()
+    sub = "h3" if heading else "h2"
+    parts = [f"<{heading}>{html.escape(result.title)}</{heading}>"] if heading else []
+    parts += [
+        f"<p class='note'>{html.escape(result.note)}.</p>",
+        f"<{sub}>Per seed</{sub}>",
+        per_seed.to_html(index=False, border=0),
+        f"<{sub}>Across seeds</{sub}><p class='note'>{html.escape(result.across_note)}</p>",
+        across.to_html(index=False, border=0),
+    ]
+    if len(result.variance):
+        parts += [
+            f"<p class='note'>{html.escape(result.variance_note)}.</p>",
+            tables.variance_text(result.variance).to_html(index=False, border=0),
+        ]
+    if section.alignment is not None:
+        parts += _alignment_html(section, sub)
+    parts += [
+        "<p class='note'>",
+        "<br>".join(
+            html.escape(f"{key}: {value}")
+            for key, value in result.parameters.items()
+            if value is not None and key != "analyses"
+        ),
+        "</p><details><summary>Parameters recorded by the analysis job</summary><pre>",
+        html.escape(json.dumps(result.parameters["analyses"], indent=2, default=str)),
+        "</pre></details>",
+    ]
+    for target, drawn in figures:
+        data = base64.b64encode(target.read_bytes()).decode("ascii")
+        title = html.escape(drawn.title)
+        parts += [
+            f'<figure id="{html.escape(target.stem)}"><{sub}>{title}</{sub}>',
+            f'<img src="data:image/png;base64,{data}" alt="{title}">',
+            f"<figcaption>{html.escape(drawn.caption)}</figcaption></figure>",
+        ]
+    return parts
+
+
+def _alignment_html(section: Section, sub: str) -> list[str]:
+    """The heads of the reference seed's induction heads, matched in every other seed."""
+    alignment, result = section.alignment, section.result
+    formed = result.per_seed.loc[alignment.reference, "induction_heads"]
+    heads = [head for head in formed.split(", ") if head] or [
+        result.per_seed.loc[alignment.reference, "best_head"]
+    ]
+    table = alignment.matches[alignment.matches["reference_head"].isin(heads)].copy()
+    table["distance"] = table["distance"].map(lambda d: f"{d:.2f}")
+    return [
+        f"<{sub}>Heads matched across seeds</{sub}>",
+        f"<p class='note'>The induction heads of seed {alignment.reference} and their "
+        "matches in the other seeds (Hungarian matching of induction-score trajectories; "
+        "distance: Euclidean, over the common checkpoints). CKA: "
+        f"{html.escape(alignment.rule)}.</p>",
+        table.to_html(index=False, border=0),
+    ]

@@ -1,0 +1,169 @@
+"""Writing a report: the figures of every size, its summary tables, the HTML pages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import xarray as xr
+
+from observatory.errors import StoreError
+from observatory.report import interactive, tables
+from observatory.report.figures import FIGURES
+from observatory.report.page import Drawn, html_page
+from observatory.report.registry import ReportFigure, Section, collect, user_figures
+from observatory.report.results import load_results
+from observatory.report.summary import (
+    Summary,
+    check_results,
+    seed_alignment,
+    summarize,
+    token_loss_pca,
+)
+
+DPI = 120
+# Analyses the report draws on (all of them: figures for each). The training loss is drawn
+# where recorded (ingested checkpoints may come without it).
+REQUIRED = ("induction_score", "previous_token_score", "icl_score", "token_loss")
+NOT_DRAWN = ("not analysed", "not trained")  # seeds without results: in the tables only
+TL_SCORES = "tl_induction_score"  # what --transformer-lens draws
+
+
+def write_report(
+    path: str | Path | xr.Dataset,
+    out_dir: str | Path,
+    *,
+    sizes: list[str] | None = None,
+    seeds: list[int] | None = None,
+    include_incomplete: bool = False,
+    transformer_lens: bool = False,
+    figures: Sequence[str | Path | ReportFigure] = (),
+) -> list[Path]:
+    """Write the figures, the summary tables, one self-contained HTML page and its interactive twin.
+
+    Parameters
+    ----------
+    path
+        The family store (analysed with ``observatory analyze``), or a dataset from
+        :func:`~observatory.report.results.load_results`.
+    out_dir
+        Directory to write into (created if needed; existing report files are replaced).
+    sizes
+        Sizes to report (default: every size of the store). With several, the page has a
+        section per size and a comparison of the sizes, and each size's PNGs and tables go
+        into ``<out_dir>/<size>/``.
+    seeds
+        Seed indices to report (default: every seed).
+    include_incomplete
+        Keep incomplete runs in the cross-seed statistics (see
+        :func:`~observatory.report.summary.summarize`); they are drawn and marked either way.
+        Seeds without results (not trained or not analysed) are listed, not drawn.
+    transformer_lens
+        Also draw the induction scores in the TransformerLens convention (``tl_*``, which the
+        ``head_scores`` analysis writes unless ``transformer_lens_too = false``).
+    figures
+        More figures, after the built-in ones: ``.py`` files (every
+        :func:`~observatory.report.registry.figure` they define) or figures themselves.
+
+    Returns
+    -------
+    list of pathlib.Path
+        Every file written: the HTML page (``report.html``, images embedded as base64) first,
+        then ``report_interactive.html`` (plotly, plotly.js embedded: works offline), then per
+        size the PNG figures (see :data:`~observatory.report.figures.FIGURES`; those without
+        data are skipped), ``summary.csv`` (per seed), ``summary_across_seeds.csv``,
+        ``summary.json`` and, with several sizes, ``sizes.csv``.
+
+    Raises
+    ------
+    StoreError
+        If the store, a size or a seed does not exist, no seed of a size has results, or
+        ``transformer_lens`` is asked for and a size has no TransformerLens-convention scores.
+    SpecError
+        If a figure module does not exist, fails, defines no figure or a figure's file name
+        is taken.
+    """
+    drawing = collect([*FIGURES.values(), *user_figures(figures)])
+    sections = [
+        _section(ds, include_incomplete=include_incomplete, transformer_lens=transformer_lens)
+        for ds in _datasets(path, sizes, seeds)
+    ]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    several = len(sections) > 1
+    written: list[Path] = []
+    rendered: list[tuple[Section, list[Drawn]]] = []
+    for section in sections:
+        where = out / section.result.size if several else out
+        where.mkdir(exist_ok=True)
+        drawn = _write_figures(section, where, drawing.values())
+        written += [target for target, _ in drawn] + _write_tables(section.result, where)
+        rendered.append((section, drawn))
+    if several:
+        written.append(out / "sizes.csv")
+        comparison = tables.size_comparison([section.result for section in sections])
+        comparison.to_csv(written[-1], index=False)
+    page, interactive_page = out / "report.html", out / "report_interactive.html"
+    page.write_text(html_page(rendered), encoding="utf-8")
+    interactive_page.write_text(
+        interactive.page(
+            [(section.result, section.ds) for section in sections],
+            transformer_lens=transformer_lens,
+        ),
+        encoding="utf-8",
+    )
+    return [page, interactive_page, *written]
+
+
+def _datasets(
+    path: str | Path | xr.Dataset, sizes: list[str] | None, seeds: list[int] | None
+) -> list[xr.Dataset]:
+    if isinstance(path, xr.Dataset):
+        return [path if seeds is None else path.sel(seed=seeds)]
+    from observatory.store import FamilyStore
+
+    return [
+        load_results(path, size=size, seeds=seeds) for size in sizes or FamilyStore(path).sizes()
+    ]
+
+
+def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool) -> Section:
+    check_results(ds, REQUIRED)
+    if transformer_lens and (TL_SCORES not in ds or not bool(ds[TL_SCORES].notnull().any())):
+        where = f"{ds.attrs.get('store', 'dataset')} (size {ds.attrs.get('size', '?')})"
+        raise StoreError(
+            f"{where}: no TransformerLens-convention scores ({TL_SCORES}) to draw; run the "
+            "head_scores analysis with transformer_lens_too = true (the default)"
+        )
+    result = summarize(ds, include_incomplete=include_incomplete)
+    drawn = result.per_seed.index[~result.per_seed["left_out"].isin(NOT_DRAWN)]
+    ds = ds.sel(seed=list(drawn))
+    used = [int(seed) for seed in result.per_seed.index[result.per_seed["left_out"] == ""]]
+    return Section(
+        ds=ds,
+        result=result,
+        pca=token_loss_pca(ds),
+        alignment=seed_alignment(ds, used) if len(used) > 1 else None,
+        transformer_lens=transformer_lens,
+    )
+
+
+def _write_figures(section: Section, out: Path, drawing: Iterable[ReportFigure]) -> list[Drawn]:
+    drawn = []
+    for found in drawing:
+        image = found(section)
+        if image is None:  # nothing to draw (e.g. no copying scores)
+            continue
+        target = out / found.name
+        image.savefig(target, dpi=DPI)
+        drawn.append((target, found))
+    return drawn
+
+
+def _write_tables(result: Summary, out: Path) -> list[Path]:
+    written = [out / "summary.csv", out / "summary_across_seeds.csv", out / "summary.json"]
+    result.per_seed.to_csv(written[0])
+    result.across_seeds.to_csv(written[1], index_label="quantity")
+    written[2].write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    return written
