@@ -221,7 +221,8 @@ def every_analysis(trained_tiny, tmp_path_factory):
     import shutil
 
     from observatory.analysis.builtins import BUILTINS
-    from observatory.jobs.analyze import load_analysis_spec, run_analysis
+    from observatory.jobs.analyze import run_analysis
+    from observatory.jobs.job_spec import load_analysis_spec
     from observatory.store import FamilyStore
 
     _, trained = trained_tiny
