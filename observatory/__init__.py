@@ -8,18 +8,15 @@ The query API is imported lazily, so ``import observatory`` stays cheap::
     ds["W_Q"].sel(layer=1, head=2)  # dims (seed, step, d_model, d_head), lazily indexed
 """
 
-from importlib import import_module
+from observatory._lazy import lazy_attributes
 
 # Public names, imported from their module on first use.
 _LAZY = {
-    **dict.fromkeys(
-        ("open", "open_run", "open_family", "head_weights", "model_at", "batch_at", "describe"),
-        "observatory.query",
-    ),
-    "summary": "observatory.report.results",
-    "compute": "observatory.jobs.compute",
-    "replay": "observatory.train.replay",
-    "transformer_lens_at": "observatory.interop.lens",
+    "observatory.query": "open open_run open_family head_weights model_at batch_at describe",
+    "observatory.report.results": "summary",
+    "observatory.jobs.compute": "compute",
+    "observatory.train.replay": "replay",
+    "observatory.interop.lens": "transformer_lens_at",
 }
 # Subpackages resolve as attributes (``obs.store.FamilyStore``), imported on first use.
 # ``obs.analysis`` is callable: the decorator ``@obs.analysis(variables=...)`` (a plain function
@@ -38,16 +35,7 @@ _SUBMODULES = (
     "train",
 )
 
-__all__ = [*_LAZY, *_SUBMODULES]
+__all__ = [*(name for names in _LAZY.values() for name in names.split()), *_SUBMODULES]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    if name in _SUBMODULES:
-        return import_module(f"observatory.{name}")
-    raise AttributeError(f"module 'observatory' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, submodules=_SUBMODULES)

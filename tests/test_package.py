@@ -153,3 +153,56 @@ def test_checking_a_specs_architecture_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "('attn_only', 'gpt_neox') False"
+
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 60
+
+
+def code_lines(tree: ast.Module, lines: list[str], first: int, last: int) -> int:
+    """Lines of code in ``first..last`` (1-based): docstrings, comments and blanks not counted."""
+    docstrings: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            value = body[0].value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    return sum(
+        1
+        for number in range(first, last + 1)
+        if number not in docstrings
+        and lines[number - 1].strip()
+        and not lines[number - 1].strip().startswith("#")
+    )
+
+
+def oversized(source: str, name: str) -> list[str]:
+    """The module (over 600 lines of code) and functions (over 60) of ``source`` too long."""
+    tree, lines = ast.parse(source), source.splitlines()
+    out = []
+    if (n := code_lines(tree, lines, 1, len(lines))) > MAX_MODULE_LINES:
+        out.append(f"{name}: {n} lines of code")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            n = code_lines(tree, lines, node.lineno, node.end_lineno)
+            if n > MAX_FUNCTION_LINES:
+                out.append(f"{name}:{node.lineno} {node.name}: {n} lines of code")
+    return out
+
+
+def test_oversized_counts_code_and_not_docstrings_or_comments():
+    body = "\n".join(f"    x{i} = {i}  # one" for i in range(60))
+    long_function = f'def f():\n    """Doc.\n\n    More.\n    """\n    # why\n{body}\n'
+    assert oversized(long_function, "m") == ["m:1 f: 61 lines of code"]
+    short = long_function.replace("    x59 = 59  # one\n", "")
+    assert oversized(short, "m") == []
+
+
+def test_no_module_over_600_lines_and_no_function_over_60():
+    found = [
+        problem
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for problem in oversized(path.read_text(), str(path.relative_to(PACKAGE.parent)))
+    ]
+    assert found == []

@@ -9,49 +9,25 @@ The package itself is callable: ``@obs.analysis(variables=...)`` is :func:`analy
 
 import sys
 import types
-from importlib import import_module
+
+from observatory._lazy import lazy_attributes
 
 # Public names, imported from their module on first use: importing one analysis module (the
 # trainer needs ``phase.final_loss``) does not import scipy, ruptures and every other analysis.
 _LAZY = {
-    **dict.fromkeys(("ablated_losses", "head_ablation_effects"), "ablation"),
-    "compiled_induction_model": "compiled",
-    **dict.fromkeys(
-        ("attention_patterns", "copying_score", "head_score_attrs", "head_scores"), "heads"
-    ),
-    **dict.fromkeys(
-        ("LossPCA", "icl_positions", "icl_score", "loss_pca", "loss_positions", "token_losses"),
-        "icl",
-    ),
-    **dict.fromkeys(("Bump", "Emergence", "emergence", "loss_bump"), "phase"),
-    **dict.fromkeys(("SGLD", "local_learning_coefficient"), "llc"),
-    **dict.fromkeys(("Probe", "repeated_tokens"), "probes"),
-    **dict.fromkeys(("Analysis", "Heatmap", "SharedData", "analysis"), "protocol"),
-    **dict.fromkeys(
-        (
-            "HeadMatch",
-            "bootstrap_ci",
-            "linear_cka",
-            "match_heads",
-            "seed_summary",
-            "t_interval",
-            "variance_split",
-        ),
-        "stats",
-    ),
+    "ablation": "ablated_losses head_ablation_effects",
+    "compiled": "compiled_induction_model",
+    "heads": "attention_patterns copying_score head_score_attrs head_scores",
+    "icl": "LossPCA icl_positions icl_score loss_pca loss_positions token_losses",
+    "phase": "Bump Emergence emergence loss_bump",
+    "llc": "SGLD local_learning_coefficient",
+    "probes": "Probe repeated_tokens",
+    "protocol": "Analysis Heatmap SharedData analysis",
+    "stats": "HeadMatch bootstrap_ci linear_cka match_heads seed_summary t_interval variance_split",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
+__all__ = sorted(name for names in _LAZY.values() for name in names.split())
 
 
 class _CallableModule(types.ModuleType):

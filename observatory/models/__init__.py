@@ -11,37 +11,16 @@ Names are imported from their module on first use, so that the registry (and so 
 check of its architecture) does not import torch.
 """
 
-from importlib import import_module
+from observatory._lazy import lazy_attributes
 
 # Public names, by the module that defines them.
 _LAZY = {
-    **dict.fromkeys(("build_config", "build_model", "model_from_config"), "build"),
-    **dict.fromkeys(
-        (
-            "BOS_TOKEN",
-            "PER_HEAD_DIMS",
-            "VIEW_DIMS",
-            "layer_name",
-            "model_weights",
-            "stack_layers",
-            "stacked_name",
-            "transformer_lens_weights",
-            "unstack_layers",
-        ),
-        "naming",
-    ),
-    **dict.fromkeys(("Architecture", "architecture", "parameter_dims"), "registry"),
-    **dict.fromkeys(("AttnOnlyConfig", "AttnOnlyForCausalLM"), "attn_only"),
+    "build": "build_config build_model model_from_config",
+    "naming": "BOS_TOKEN PER_HEAD_DIMS VIEW_DIMS layer_name model_weights stack_layers "
+    "stacked_name transformer_lens_weights unstack_layers",
+    "registry": "Architecture architecture parameter_dims",
+    "attn_only": "AttnOnlyConfig AttnOnlyForCausalLM",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f"observatory.models.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'observatory.models' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
+__all__ = sorted(name for names in _LAZY.values() for name in names.split())
