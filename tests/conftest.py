@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from observatory.spec import RunSpec, load_run_spec
+from observatory.store import FamilyStore
 
 TINY_TOML = """\
 name = "tiny"
@@ -165,6 +166,31 @@ def assert_stores_identical(a, b) -> None:
         assert values.dtype == right[name].dtype, name
         assert values.shape == right[name].shape, name
         assert values.tobytes() == right[name].tobytes(), name
+
+
+def damage(path):
+    """Flip one byte in the middle of a stored file."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def tree_bytes(store) -> dict:
+    """Every file of a store and its bytes, to prove that a failed command changed nothing."""
+    return {p: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def final_params(store, seed=0):
+    run = FamilyStore(store).run("l2-d16", seed)
+    last = int(run.steps()[-1])
+    return last, run.parameters_at(last)
+
+
+def assert_bit_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == np.float32
+        assert np.array_equal(a[name].view(np.uint32), b[name].view(np.uint32)), name
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from observatory.cli import main
-from tests.conftest import TINY_TOML, write_spec
-from tests.test_store import tree_bytes
+from tests.conftest import TINY_TOML, tree_bytes, write_spec
 
 
 def one_line_error(capsys) -> str:

@@ -7,7 +7,7 @@ import observatory as obs
 from observatory.cli import main
 from observatory.models import stack_layers
 from observatory.store import FamilyStore, state_digest, weights_digest
-from tests.test_store import damage
+from tests.conftest import damage
 
 
 @pytest.fixture

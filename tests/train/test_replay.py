@@ -9,8 +9,7 @@ from observatory.spec import load_run_spec
 from observatory.store import FamilyStore
 from observatory.train import train_family
 from observatory.train.replay import RecipeError
-from tests.conftest import TINY_TOML, write_spec
-from tests.test_trainer import assert_bit_identical
+from tests.conftest import TINY_TOML, assert_bit_identical, write_spec
 
 
 def weights(model) -> dict[str, np.ndarray]:

@@ -1,6 +1,5 @@
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
 
 from observatory.models import (
     build_model,
@@ -9,34 +8,8 @@ from observatory.models import (
     stacked_name,
     unstack_layers,
 )
-from observatory.spec import ModelSpec, SizeSpec
-
-SIZE = SizeSpec(name="s", n_layers=2, d_model=32, n_heads=4, n_positions=24)
-
-
-def test_same_init_seed_gives_bit_identical_weights_and_other_seeds_differ():
-    for arch in ("gpt_neox", "attn_only"):
-        spec = ModelSpec(architecture=arch, vocab_size=20, sizes=(SIZE,))
-        a, b = build_model(spec, SIZE, init_seed=3), build_model(spec, SIZE, init_seed=3)
-        c = build_model(spec, SIZE, init_seed=4)
-        for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
-            assert torch.equal(pa, pb), name
-        pairs = zip(a.parameters(), c.parameters(), strict=True)
-        assert not all(torch.equal(pa, pc) for pa, pc in pairs)
-
-
-def test_attention_only_model_is_a_proper_pretrained_model(tmp_path):
-    spec = ModelSpec(architecture="attn_only", vocab_size=20, sizes=(SIZE,), layer_norm=False)
-    model = build_model(spec, SIZE, init_seed=0).eval()
-    assert not any("mlp" in name for name, _ in model.named_parameters())
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    tokens = torch.randint(0, 20, (2, 24))
-    out = loaded(tokens, output_attentions=True)
-    assert torch.equal(out.logits, model(tokens).logits)
-    assert out.attentions[1].shape == (2, 4, 24, 24)  # [batch, head, query_pos, key_pos]
-    assert torch.allclose(out.attentions[0].sum(-1), torch.ones(2, 4, 24))
-    assert torch.all(out.attentions[0].triu(1) == 0)  # causal
+from observatory.spec import ModelSpec
+from tests.models.test_build import SIZE
 
 
 def test_stacking_round_trips_and_names_layers():

@@ -6,7 +6,6 @@ import xarray as xr
 
 from observatory.analysis import attention_patterns, head_scores
 from observatory.cli import main
-from observatory.errors import SpecError
 from observatory.jobs.analyze import run_analysis, shared_data
 from observatory.jobs.compute import compute
 from observatory.jobs.job_spec import ProbeSpec, load_analysis_spec
@@ -43,33 +42,6 @@ def write_job(tmp_path, store, text=JOB):
     path = tmp_path / "job.toml"
     path.write_text(text.format(store=store))
     return path
-
-
-@pytest.mark.parametrize(
-    ("change", "needle"),
-    [
-        (("[probe]", "[probe]\nbogus = 1"), "bogus"),
-        (
-            ('analyses = ["head_scores", "copying", "icl", "token_loss"]', "analyses = []"),
-            "analyses",
-        ),
-        (('analyses = ["head_scores"', 'analyses = ["nope"'), "analyses[0]"),
-        (
-            (
-                "[execution]",
-                "[head_scores]\nexclude_bos = true\ntransformer_lens_too = false\n[execution]",
-            ),
-            "exclude_bos",
-        ),
-    ],
-)
-def test_malformed_job_spec_is_a_one_line_error(tmp_path, change, needle, capsys):
-    path = write_job(tmp_path, tmp_path / "x.zarr", JOB.replace(*change))
-    with pytest.raises(SpecError, match="."):
-        load_analysis_spec(path)
-    assert main(["analyze", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and needle in err
 
 
 def test_missing_store_is_a_one_line_error(tmp_path, capsys):
@@ -139,6 +111,7 @@ def fragile(model, data):
     """Fails at every checkpoint."""
     raise ValueError("no good\\nsecond line")
 '''
+
 
 CUSTOM_JOB = """\
 store = "{store}"
@@ -216,70 +189,10 @@ def test_custom_analysis_from_a_file_runs_on_a_separate_scheduler_and_worker(
     assert "fragile" not in after or np.isnan(after["fragile"].values).all()
 
 
-@pytest.mark.parametrize(
-    ("options", "needle"),
-    [
-        (
-            'analyses = ["head_ablation"]\n[head_ablation]\nablation = "half"',
-            "head_ablation.ablation",
-        ),
-        ('analyses = ["head_ablation"]\n[head_ablation]\nbogus = 1', "'bogus'"),
-        ('analyses = ["attention_patterns"]\n[attention_patterns]\nsequence = "0"', "sequence"),
-        ('analyses = ["icl"]\n[head_ablation]\nablation = "mean"', "[head_ablation]"),
-        ('analyses = ["missing.py:fn"]', "analyses[0]: no such analysis file"),
-        ('analyses = ["mine.py:undecorated"]', "not decorated with @obs.analysis"),
-        ('analyses = ["mine.py:nothing"]', "no such name"),
-        ('analyses = ["no_such_module_xyz:fn"]', "cannot import 'no_such_module_xyz'"),
-    ],
-)
-def test_analysis_references_and_options_are_checked_when_the_job_loads(
-    tmp_path, options, needle, capsys
-):
-    (tmp_path / "mine.py").write_text("def undecorated(model, data):\n    return {}\n")
-    job = tmp_path / "job.toml"
-    job.write_text(f'store = "{tmp_path / "x.zarr"}"\n{options}\n')
-    assert main(["analyze", str(job)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and needle in err, err
-
-
-def test_analyses_lists_the_builtins_with_variables_and_options(capsys):
-    assert main(["analyses"]) == 0
-    out = capsys.readouterr().out
-    for name in ("head_scores", "copying", "icl", "token_loss", "head_ablation"):
-        assert f"\n{name}: " in f"\n{out}"
-    assert "repeated_loss_increase [step, layer, head]" in out
-    assert 'ablation = "zero"' in out and "attention_pattern [step, layer, head," in out
-
-
-def test_compute_runs_builtins_and_decorated_functions_in_process(trained_tiny):
-    import observatory as obs
-
-    _, store = trained_tiny
-
-    @obs.analysis(variables={"n_params": (), "per_head": ("layer", "head", ("pair", 2))})
-    def counts(model, data, *, offset: int = 0):
-        """Parameter count, and a constant per head."""
-        n = sum(p.numel() for p in model.parameters()) + offset
-        return {"n_params": n, "per_head": np.ones((2, 2, 2))}
-
-    ds = obs.compute(counts, store, size="l2-d16", seeds=[0], steps=[0, 8], options={"offset": 1})
-    assert ds["per_head"].dims == ("seed", "step", "layer", "head", "pair")
-    assert list(ds["step"].values) == [0, 8] and (ds["n_params"] > 1).all()
-    with pytest.raises(SpecError, match="counts: unknown key 'off'"):
-        obs.compute(counts, store, size="l2-d16", options={"off": 1})
-    ablation = obs.compute("head_ablation", store, size="l2-d16", seeds=[1], steps=[8])
-    assert ablation["repeated_loss_increase"].sizes == {"seed": 1, "step": 1, "layer": 2, "head": 2}
-    assert np.isfinite(ablation["held_out_loss_increase"].values).all()
-    patterns = obs.compute("attention_patterns", store, size="l2-d16", steps=[8])
-    rows = patterns["attention_pattern"].sum("probe_key").values
-    np.testing.assert_allclose(rows, 1.0, rtol=1e-5)  # every query's attention sums to one
-
-
 def test_explicit_steps_that_are_not_checkpoints_are_an_error_that_writes_nothing(
     store_copy, tmp_path, capsys
 ):
-    from tests.test_store import tree_bytes
+    from tests.conftest import tree_bytes
 
     before = tree_bytes(store_copy)
     job = write_job(

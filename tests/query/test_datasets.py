@@ -1,90 +1,21 @@
-"""The query layer: lazy xarray views, per-head weights, models and batches at a step."""
+"""The query layer's datasets: lazy xarray views of a store, its tree, coordinates and errors."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 
 import dask.array as da
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 import zarr
 import zarr.storage
 
 import observatory as obs
-from observatory import train as trainer
-from observatory.cli import main
 from observatory.errors import StoreError
 from observatory.store import ATTRS_KEY, FamilyStore, analysis_group
 from observatory.store import common as store_common
-
-SIZE = "l2-d16"
-QKV = "gpt_neox.layers.attention.query_key_value.weight"
-D_HEAD = 8  # tiny spec: d_model 16, 2 heads
-
-
-@pytest.fixture(scope="module")
-def captured(trained_tiny, tmp_path_factory):
-    """A store trained while capturing the trainer's models and batches.
-
-    Seed 0 stops after 10 steps (a checkpoint) and is resumed to the end; seed 1 stops after
-    5 steps and stays unfinished.  Returns the store, ``{(seed, steps trained): model}`` and
-    ``{(seed, step): tokens}``.
-    """
-    spec, _ = trained_tiny
-    store = tmp_path_factory.mktemp("captured") / "tiny.zarr"
-    models, built, batches = {}, [], {}
-    from observatory.train import family, loop  # where train_family and train_run look them up
-
-    build = loop.build_model
-
-    def capture_build(spec, size, *, init_seed):
-        model = build(spec, size, init_seed=init_seed)
-        built.append(model)
-        return model
-
-    def capture_run(spec, run, *args, **kwargs):
-        def record(step, tokens):
-            batches[(run.seed, step)] = tokens.clone()
-
-        train_run(spec, run, *args, on_batch=record, **kwargs)
-
-    train_run = trainer.train_run
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "build_model", capture_build)
-        patch.setattr(family, "train_run", capture_run)
-        for seed, stop_after, resume in ((0, 10, False), (0, None, True), (1, 5, False)):
-            trainer.train_family(
-                spec,
-                store=store,
-                seeds=[seed],
-                progress=False,
-                stop_after=stop_after,
-                resume=resume,
-            )
-            steps = max(s for (k, s) in batches if k == seed) + 1
-            models[(seed, steps)] = built[-1]
-    return store, models, batches
-
-
-@pytest.fixture
-def uncommitted(trained_tiny, tmp_path):
-    """A copy of the tiny store whose seed 0 has data past its commit markers (6 of 11
-    checkpoints and 9 of 24 steps committed), as a crash in the middle of a commit leaves it."""
-    _, store = trained_tiny
-    copy = tmp_path / "tiny.zarr"
-    shutil.copytree(store, copy)
-    group = zarr.open_group(copy / SIZE / "seed0", mode="r+")
-    group.attrs[ATTRS_KEY] = dict(group.attrs[ATTRS_KEY]) | {
-        "committed_checkpoints": 6,
-        "committed_steps": 9,
-        "complete": False,
-    }
-    return copy
+from tests.query.conftest import QKV, SIZE
 
 
 def spy_reads(monkeypatch) -> list[str]:
@@ -247,58 +178,6 @@ def test_tree_has_family_size_seed_levels(trained_tiny):
     )
 
 
-def test_per_head_views_slice_the_fused_qkv_weight(trained_tiny):
-    _, store = trained_tiny
-    ds = obs.open_run(store, size=SIZE, seed=1)
-    qkv = FamilyStore(store).run(SIZE, 1).parameter_array(QKV)[:]
-    for layer in range(2):
-        for head in range(2):
-            for part, name in enumerate(("W_Q", "W_K", "W_V")):
-                # GPT-NeoX fused rows: [head, (q, k, v), d_head]; W_* is [d_model, d_head]
-                start = (3 * head + part) * D_HEAD
-                by_hand = qkv[:, layer, start : start + D_HEAD, :].transpose(0, 2, 1)
-                view = ds[name].sel(layer=layer, head=head)
-                np.testing.assert_array_equal(view.values, by_hand)
-                direct = obs.head_weights(
-                    store, size=SIZE, seed=1, layer=layer, head=head, weight=name
-                )
-                xr.testing.assert_identical(direct, view.compute())
-    for name in ("W_O", "b_Q", "b_K", "b_V"):
-        xr.testing.assert_identical(
-            obs.head_weights(store, size=SIZE, seed=1, layer=1, head=0, weight=name),
-            ds[name].sel(layer=1, head=0).compute(),
-        )
-
-
-def test_model_at_reproduces_the_trainers_logits(captured):
-    store, models, batches = captured
-    tokens = torch.cat([batches[(0, 3)], batches[(0, 17)]])
-    for steps in (10, 24):  # an intermediate checkpoint (stop_after) and the final one
-        trained = models[(0, steps)].eval()
-        loaded = obs.model_at(store, size=SIZE, seed=0, step=steps)
-        assert type(loaded) is type(trained) and not loaded.training
-        with torch.no_grad():
-            assert torch.equal(loaded(tokens).logits, trained(tokens).logits)
-
-
-def test_batch_at_returns_the_batches_the_trainer_consumed(captured):
-    store, _, batches = captured
-    assert len(batches) == 24 + 5
-    for (seed, step), tokens in batches.items():
-        assert torch.equal(obs.batch_at(store, size=SIZE, seed=seed, step=step), tokens)
-
-
-def test_batch_at_refuses_a_changed_corpus(captured, tmp_path):
-    store, _, _ = captured
-    copy = tmp_path / "copy.zarr"
-    shutil.copytree(store, copy)
-    root = zarr.open_group(copy, mode="r+")
-    attrs = dict(root.attrs[ATTRS_KEY])
-    root.attrs[ATTRS_KEY] = attrs | {"data": attrs["data"] | {"fingerprint": "0123abcd"}}
-    with pytest.raises(StoreError, match="fingerprint .* but the store was trained on 0123abcd"):
-        obs.batch_at(copy, size=SIZE, seed=0, step=0)
-
-
 def test_open_family_aligns_steps_of_unequal_runs(captured):
     store, _, _ = captured
     ds = obs.open_family(store, size=SIZE)
@@ -395,106 +274,3 @@ def test_analysis_groups_are_merged_on_the_step_axis(trained_tiny, tmp_path):
     assert family["induction_score"].dims == ("seed", "step", "layer", "head")
     assert family["induction_score"].sel(seed=1).isnull().all()  # seed 1 has no analyses
     np.testing.assert_array_equal(family["induction_score"].sel(seed=0, step=8), scores[2])
-
-
-def test_plain_xarray_opens_the_store_without_observatory(trained_tiny):
-    _, store = trained_tiny
-    script = f"""
-import json, sys
-import xarray as xr
-tree = xr.open_datatree({str(store)!r}, engine="zarr", consolidated=False)
-run = tree["{SIZE}/seed0"].to_dataset()
-ds = xr.open_zarr({str(store)!r}, group="{SIZE}/seed1", consolidated=False)
-print(json.dumps({{
-    "qkv": list(run["{QKV}"].dims),
-    "loss": list(ds["loss"].dims),
-    "coords": sorted(run.coords),
-    "steps": run["step"].values.tolist(),
-    "moments": list(tree["{SIZE}/seed0/state/exp_avg"].to_dataset()["{QKV}"].dims),
-    "imported": "observatory" in sys.modules,
-}}))
-"""
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
-    ).stdout
-    found = json.loads(out)
-    assert found["qkv"] == ["step", "layer", "d_qkv", "d_model"]
-    assert found["loss"] == ["train_step"]
-    assert found["coords"] == ["step", "tokens_seen", "train_step"]
-    assert found["steps"] == FamilyStore(store).run(SIZE, 0).steps().tolist()
-    assert found["moments"] == ["keyframe", "layer", "d_qkv", "d_model"]
-    assert not found["imported"]
-
-
-def test_inspect_prints_runs_checkpoints_tokens_and_disk(uncommitted, capsys):
-    assert main(["inspect", str(uncommitted)]) == 0
-    out = capsys.readouterr().out
-    assert "family 'tiny'" in out and "2 runs" in out and "MB on disk" in out
-    seed0, seed1 = (line.split() for line in out.splitlines() if "seed" in line)
-    assert seed0[:5] == ["seed0", "0", "5", "incomplete", "6/11"]
-    assert seed1[:5] == ["seed1", "1", "6", "complete", "11/11"]
-    assert "1,536" in seed1 and "512" in seed0 and "kB" in seed1
-
-
-def test_inspect_missing_store_exits_2_with_one_line(tmp_path, capsys):
-    assert main(["inspect", str(tmp_path / "nope.zarr")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("observatory: error: ") and "no such store" in err
-    assert err.count("\n") == 1
-
-
-def test_models_at_yields_the_same_weights_as_model_at(trained_tiny):
-    from observatory.query import models_at
-
-    _, store = trained_tiny
-    tokens = torch.arange(16)[None] % 16
-    steps = [4, 5, 8]
-    for step, model in models_at(store, size="l2-d16", seed=1, steps=steps):
-        expected = obs.model_at(store, size="l2-d16", seed=1, step=step)
-        assert torch.equal(model(tokens).logits, expected(tokens).logits), step
-
-
-def read_committed(store, group):
-    """The README's recipe for reading a run with plain xarray while it trains: chunk files
-    are replaced whole, so a read needs no retry."""
-    run = xr.open_zarr(store, group=group, consolidated=False)
-    marks = run.attrs["observatory"]
-    return run.isel(
-        step=slice(0, marks["committed_checkpoints"]),
-        train_step=slice(0, marks["committed_steps"]),
-    ).load()
-
-
-def test_plain_xarray_polling_a_training_run_sees_only_whole_checkpoints(tmp_path):
-    """The README's plain-xarray recipe works while a run trains: arrays never change length."""
-    from observatory.spec import load_run_spec
-    from tests.conftest import TINY_TOML, write_spec
-
-    text = TINY_TOML.replace("steps = 24", "steps = 150").replace("every = 5", "every = 3")
-    spec_path = write_spec(tmp_path, text.replace("init = [0, 1]\ndata = [5, 6]", "init = [0]"))
-    schedule = list(load_run_spec(spec_path).checkpoints.steps(150))
-    store = tmp_path / "s.zarr"
-    command = [sys.executable, "-m", "observatory.cli", "train", str(spec_path)]
-    proc = subprocess.Popen(
-        [*command, "--store", str(store), "--no-progress"], stdout=subprocess.DEVNULL
-    )
-    seen = []
-    try:
-        finished = False
-        while not finished:
-            finished = proc.poll() is not None  # then one last read sees the whole run
-            group = store / SIZE / "seed0" / "zarr.json"
-            if not group.exists() or ATTRS_KEY not in json.loads(group.read_text())["attributes"]:
-                continue  # the run is being created: its attributes are written last
-            run = read_committed(store, f"{SIZE}/seed0")
-            n = len(run["step"])
-            assert run["step"].values.tolist() == schedule[:n]
-            for name in (QKV, "lm_head.weight"):  # chunked per head, and one chunk per file
-                values = np.abs(run[name].values)
-                rows = values.max(axis=tuple(range(1, values.ndim)))
-                assert np.all(rows > 0), "a checkpoint read as zeros"
-            assert np.all(run["loss"].values > 0)
-            seen.append(n)
-    finally:
-        assert proc.wait() == 0
-    assert len(set(seen)) > 2 and seen[-1] == len(schedule), seen

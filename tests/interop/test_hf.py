@@ -16,9 +16,8 @@ from observatory.cli import main
 from observatory.errors import StoreError
 from observatory.spec import load_run_spec
 from observatory.train import train_family
-
-from .conftest import TINY_TOML, write_spec
-from .test_jobs import JOB  # the tiny analysis job
+from tests.conftest import TINY_TOML, write_spec
+from tests.jobs.test_analyze import JOB  # the tiny analysis job
 
 SIZE = "l2-d16"
 

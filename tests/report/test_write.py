@@ -12,7 +12,7 @@ from observatory.report import FIGURES, write_report
 from observatory.report.figures import heads, losses
 from observatory.report.summary import summarize
 from observatory.report.write import _section
-from tests.test_analysis_summary import analysed_copy, synthetic_results, with_causal_results
+from tests.report.test_summary import analysed_copy, synthetic_results, with_causal_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import pytest
 
 from observatory.report import interactive, write_report
 from observatory.report.summary import summarize
-from tests.test_analysis_summary import synthetic_results
+from tests.report.test_summary import synthetic_results
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
