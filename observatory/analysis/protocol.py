@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import inspect
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,9 @@ class Analysis:
         depend on the checkpoint (e.g. the probe tokens), stored once beside the results.
     heatmaps
         ``{variable: Heatmap}``: per-head variables the report's pages draw as heatmaps.
+    nonfinite
+        The variables whose NaN or infinite values are results (stored as such); any other
+        variable with a non-finite value is an error.
     """
 
     name: str
@@ -133,6 +136,7 @@ class Analysis:
     attrs: Callable[[Any, SharedData], dict[str, Any]] | None = None
     constants: Callable[[Any, SharedData], dict[str, tuple]] | None = None
     heatmaps: Mapping[str, Heatmap] = dataclasses.field(default_factory=dict)
+    nonfinite: bool | frozenset[str] = False
 
     def __call__(self, model, data: SharedData, **options: Any) -> Mapping[str, Any]:
         return self.function(model, data, **options)
@@ -154,14 +158,31 @@ class Analysis:
 
     def parse_options(self, table: Mapping[str, Any], where: str) -> Any:
         """Validate the job's ``[<name>]`` table into the options dataclass (one-line errors)."""
+        if not isinstance(table, Mapping) or not all(isinstance(k, str) for k in table):
+            raise SpecError(
+                f"{where}: options must be a mapping {{option: value}}, got {type(table).__name__}"
+            )
         return from_table(self.options, dict(table), where)
 
     def declared(self, options: Any = None) -> dict[str, tuple[Dim, ...]]:
-        """``{variable: dims}`` for these options (default: the default options)."""
+        """``{variable: dims}`` for these options (default: the default options).
+
+        Raises
+        ------
+        SpecError
+            On a declaration that is not ``{identifier: tuple of dims}``, or a ``nonfinite``
+            name it does not declare.
+        """
         variables = self.variables
         if callable(variables):
             variables = variables(self.options() if options is None else options)
-        return {name: tuple(dims) for name, dims in variables.items()}
+        return check_declaration(self.name, variables, self.nonfinite)
+
+    def allows_nonfinite(self, variable: str) -> bool:
+        """Whether NaN or infinite values of ``variable`` are results (see ``nonfinite``)."""
+        return self.nonfinite is True or (
+            isinstance(self.nonfinite, frozenset) and variable in self.nonfinite
+        )
 
     def parameters(self, options: Any, data: SharedData) -> dict[str, Any]:
         """The parameters to store with the results (JSON-ready)."""
@@ -179,6 +200,7 @@ def analysis(
     validate: Callable[[Any, str], None] | None = None,
     constants: Callable[[Any, SharedData], dict[str, tuple]] | None = None,
     heatmaps: Mapping[str, Heatmap] | None = None,
+    nonfinite: bool | Collection[str] = False,
 ) -> Callable[[Callable], Analysis]:
     """Declare an analysis: a pure function of (model, shared data) with declared outputs.
 
@@ -190,7 +212,9 @@ def analysis(
         ``d_vocab``, ``position``: the context, ``loss_position``: context - 1, ``held_out``:
         held-out sequences, ``probe_sequence``, ``probe_position``, ``probe_query`` and
         ``probe_key``: probe length) or a ``(name, size)`` pair. May also be a callable
-        ``options -> {variable: dims}`` when the outputs depend on the options.
+        ``options -> {variable: dims}`` when the outputs depend on the options. Variable
+        names are identifiers that no run variable, coordinate or dim has (see
+        :func:`~observatory.jobs.resolve.check_names`).
     name
         The analysis's name (default: the function's name).
     options
@@ -209,11 +233,23 @@ def analysis(
     heatmaps
         ``{variable: Heatmap}``: per-head variables (dims ``("layer", "head")``) that the
         report's interactive page draws as heatmaps of every head over training.
+    nonfinite
+        ``True``, or the names of the variables, whose NaN or infinite values are results:
+        they are stored as returned. Without it a non-finite value is an error, since NaN is
+        also what a reader sees at a checkpoint that was not analysed (the group's ``step``
+        array lists the analysed checkpoints).
 
     Returns
     -------
     callable
         A decorator turning the function into an :class:`Analysis` (still callable as before).
+
+    Raises
+    ------
+    SpecError
+        At decoration, on a function whose parameters beyond ``(model, data)`` are not all
+        keyword-only options, on a name that is not an identifier, or on a declaration that
+        is not ``{identifier: tuple of dims}``.
 
     Examples
     --------
@@ -224,17 +260,59 @@ def analysis(
     """
 
     def wrap(function: Callable) -> Analysis:
-        return Analysis(
-            name=name or function.__name__,
+        found = name or getattr(function, "__name__", "")
+        if not callable(function) or not str(found).isidentifier():
+            raise SpecError(f"@analysis: {found!r} is not a function with an identifier name")
+        check_signature(function, found, options)
+        declared = Analysis(
+            name=found,
             function=function,
             options=options or options_class(function, validate),
             variables=variables,
             attrs=attrs,
             constants=constants,
             heatmaps=dict(heatmaps or {}),
+            nonfinite=nonfinite if isinstance(nonfinite, bool) else frozenset(nonfinite),
         )
+        if not callable(variables):
+            declared.declared()  # a malformed declaration fails here, not in a job
+        return declared
 
     return wrap
+
+
+def check_signature(function: Callable, name: str, options: type | None) -> None:
+    """Refuse a function that is not ``f(model, data, *, option=default, ...)``.
+
+    Only keyword-only parameters are options; anything else beyond ``(model, data)`` would be
+    silently never set, so it is an error saying how to write it.  ``**kwargs`` is allowed
+    only with an explicit ``options`` class (its fields are passed by keyword).
+    """
+    parameters = list(inspect.signature(function).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    hint = f"write def {name}(model, data, *, base: float = 2.0) for an option 'base'"
+    if len(parameters) < 2 or any(p.kind not in positional for p in parameters[:2]):
+        raise SpecError(f"analysis {name!r}: it must take (model, data) first; {hint}")
+    for parameter in parameters[2:]:
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and options is not None:
+            continue
+        what = {
+            inspect.Parameter.VAR_POSITIONAL: f"*{parameter.name} cannot be an option",
+            inspect.Parameter.VAR_KEYWORD: f"**{parameter.name} needs an explicit options class",
+        }.get(parameter.kind, f"parameter {parameter.name!r} is not keyword-only, so not an option")
+        raise SpecError(f"analysis {name!r}: {what}; {hint}")
+    if options is not None:
+        accepted = {p.name for p in parameters[2:] if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        fields = {f.name for f in dataclasses.fields(options)}
+        takes_any = parameters[-1].kind is inspect.Parameter.VAR_KEYWORD
+        stray = sorted((accepted - fields) | (set() if takes_any else fields - accepted))
+        if stray:
+            raise SpecError(
+                f"analysis {name!r}: {stray[0]!r} is not both a keyword-only parameter and a "
+                "field of its options class"
+            )
 
 
 def options_class(function: Callable, validate: Callable[[Any, str], None] | None = None) -> type:
@@ -247,7 +325,7 @@ def options_class(function: Callable, validate: Callable[[Any, str], None] | Non
         if parameter.default is inspect.Parameter.empty or parameter.name not in hints:
             raise SpecError(
                 f"analysis {function.__name__!r}: option {parameter.name!r} needs a type "
-                "annotation and a default"
+                f"annotation and a default, like *, {parameter.name}: float = 2.0"
             )
         default = parameter.default
         if isinstance(default, list):
@@ -257,6 +335,30 @@ def options_class(function: Callable, validate: Callable[[Any, str], None] | Non
     return dataclasses.make_dataclass(
         f"{function.__name__}_options", fields, frozen=True, namespace=namespace
     )
+
+
+def check_declaration(
+    name: str, variables: Any, nonfinite: bool | frozenset[str]
+) -> dict[str, tuple[Dim, ...]]:
+    """``{variable: dims}`` of a declaration, or a one-line :class:`SpecError` saying what is
+    wrong with it (not a mapping, a name that is not an identifier, dims not a tuple)."""
+    where = f"analysis {name!r}"
+    if not isinstance(variables, Mapping) or not variables:
+        raise SpecError(f"{where}: variables must be a non-empty {{name: (dims, ...)}} mapping")
+    out = {}
+    for variable, dims in variables.items():
+        if not isinstance(variable, str) or not variable.isidentifier():
+            raise SpecError(f"{where}: variable name {variable!r} is not an identifier")
+        if not isinstance(dims, tuple | list):
+            raise SpecError(
+                f"{where}: variable {variable!r} has dims {dims!r}; give a tuple like "
+                '("layer", "head") or () for a scalar'
+            )
+        out[variable] = tuple(dims)
+    unknown = sorted(set(nonfinite) - set(out)) if isinstance(nonfinite, frozenset) else []
+    if unknown:
+        raise SpecError(f"{where}: nonfinite names {unknown[0]!r}, which it does not declare")
+    return out
 
 
 def dim_sizes(*, n_layers: int, n_heads: int, d_model: int, data: SharedData) -> dict[str, int]:
@@ -294,34 +396,92 @@ def resolve_variables(
             if isinstance(dim, str) and dim in sizes:
                 names.append(dim)
                 shape.append(sizes[dim])
-            elif isinstance(dim, tuple) and len(dim) == 2 and isinstance(dim[1], int):
-                names.append(str(dim[0]))
+            elif _custom_dim(dim, sizes):
+                names.append(dim[0])
                 shape.append(int(dim[1]))
             else:
                 raise SpecError(
                     f"{where}: variable {variable!r} has dim {dim!r}; use one of "
-                    f"{', '.join(NAMED_DIMS)} or a (name, size) pair"
+                    f"{', '.join(NAMED_DIMS)} or a (name, size) pair with a new name and a "
+                    "positive size"
                 )
         out[variable] = (tuple(names), tuple(shape))
     return out
 
 
+def _custom_dim(dim: Any, sizes: Mapping[str, int]) -> bool:
+    """Whether ``dim`` is a ``(name, size)`` pair of a new identifier and a positive int."""
+    return (
+        isinstance(dim, tuple | list)
+        and len(dim) == 2
+        and isinstance(dim[0], str)
+        and dim[0].isidentifier()
+        and dim[0] not in sizes
+        and isinstance(dim[1], int | np.integer)
+        and not isinstance(dim[1], bool)
+        and dim[1] > 0
+    )
+
+
 def check_result(
-    result: Any, variables: Mapping[str, tuple[tuple[str, ...], tuple[int, ...]]], where: str
+    result: Any,
+    variables: Mapping[str, tuple[tuple[str, ...], tuple[int, ...]]],
+    where: str,
+    nonfinite: Collection[str] = (),
 ) -> dict[str, np.ndarray]:
-    """The result of one call as float32 arrays, or a one-line error on a wrong shape or name."""
+    """The result of one call as float32 arrays, or a one-line :class:`AnalysisError`.
+
+    Checked against the declaration before anything is stored: a dict with exactly the
+    declared variables, each numeric (bool, int or float: no strings, objects or complex
+    numbers) and of the declared shape, and finite unless its name is in ``nonfinite``.
+    """
     if not isinstance(result, Mapping):
-        raise AnalysisError(f"{where}: returned {type(result).__name__}, expected a dict")
-    if set(result) != set(variables):
         raise AnalysisError(
-            f"{where}: returned variables {sorted(result)}, declared {sorted(variables)}"
+            f"{where}: returned {type(result).__name__}, expected a dict {{variable: array}}"
+        )
+    names = {str(key) for key in result}
+    missing, extra = sorted(set(variables) - names), sorted(names - set(variables))
+    if missing or extra or len(names) != len(result):
+        said = [f"lacks {', '.join(missing)}"] * bool(missing) + [
+            f"has undeclared {', '.join(extra)}"
+        ] * bool(extra)
+        raise AnalysisError(
+            f"{where}: returned a dict that {'; '.join(said) or 'has keys that are not names'} "
+            f"(declared: {', '.join(sorted(variables))})"
         )
     out = {}
     for variable, (_, shape) in variables.items():
-        value = np.asarray(result[variable], dtype=np.float32)
+        value = _numeric(result[variable], f"{where}: variable {variable!r}")
         if value.shape != shape:
             raise AnalysisError(
                 f"{where}: variable {variable!r} has shape {value.shape}, declared {shape}"
             )
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range: inf, refused below
+            value = value.astype(np.float32)
+        bad = ~np.isfinite(value)
+        if bad.any() and variable not in nonfinite:
+            kinds = " and ".join(
+                k for k, m in (("NaN", np.isnan(value)), ("inf", np.isinf(value))) if m.any()
+            )
+            raise AnalysisError(
+                f"{where}: variable {variable!r} has {int(bad.sum())} non-finite values "
+                f"({kinds}); if they are results, declare @obs.analysis(..., nonfinite=True)"
+            )
         out[variable] = value
     return out
+
+
+def _numeric(value: Any, where: str) -> np.ndarray:
+    """``value`` as a numpy array of bools, ints or floats, or a one-line error."""
+    try:
+        if hasattr(value, "detach"):  # a torch tensor, maybe on a GPU or needing grad
+            value = value.detach().cpu()
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AnalysisError(f"{where} is not an array of numbers ({message})") from None
+    if array.dtype.kind not in "biuf":
+        raise AnalysisError(
+            f"{where} holds {array.dtype} values ({type(value).__name__}), not numbers"
+        )
+    return array

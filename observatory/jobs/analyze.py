@@ -11,7 +11,7 @@ see :mod:`observatory.jobs.resolve`) to the workers, local or remote.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +26,10 @@ from observatory.analysis.protocol import (
     resolve_variables,
 )
 from observatory.data import build_corpus
-from observatory.errors import AnalysisError, SpecError
+from observatory.errors import AnalysisError, SpecError, StoreError
 from observatory.jobs.cluster import dask_client
 from observatory.jobs.job_spec import AnalysisSpec, HeldOutSpec, ProbeSpec
-from observatory.jobs.resolve import Configured, configure, resolve
+from observatory.jobs.resolve import Configured, check_names, configure, resolve
 from observatory.spec import DataSpec, RunId, RunSpec
 
 # --------------------------------------------------------------------------------------------
@@ -88,20 +88,31 @@ class Task:
     source: str | None
     options: dict[str, Any]
     variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
+    nonfinite: tuple[str, ...] = ()  # variables whose NaN/inf values are results
 
 
 def tasks_for(configured: Sequence[Configured], sizes: dict[str, int]) -> list[Task]:
     """The tasks of the job's analyses for one model size (``sizes``: see ``dim_sizes``)."""
-    return [
-        Task(
-            name=c.name,
-            ref=c.ref,
-            source=c.source,
-            options=dataclasses.asdict(c.options),
-            variables=resolve_variables(c.analysis.declared(c.options), sizes, c.name),
-        )
-        for c in configured
-    ]
+    return [task_for(c.analysis, c.options, sizes, c.ref, c.source) for c in configured]
+
+
+def task_for(
+    analysis: Analysis,
+    options: Any,
+    sizes: dict[str, int],
+    ref: str = "",
+    source: str | None = None,
+) -> Task:
+    """The task of one analysis with these options, for one model size."""
+    declared = analysis.declared(options)
+    return Task(
+        name=analysis.name,
+        ref=ref,
+        source=source,
+        options=dataclasses.asdict(options),
+        variables=resolve_variables(declared, sizes, f"analysis {analysis.name!r}"),
+        nonfinite=tuple(v for v in declared if analysis.allows_nonfinite(v)),
+    )
 
 
 def run_tasks(
@@ -128,7 +139,8 @@ def run_tasks(
             except Exception as err:  # the user's code: report it as one line
                 message = f"{type(err).__name__}: {err}".splitlines()[0]
                 raise AnalysisError(f"{where} failed: {message}") from None
-            for variable, value in check_result(result, task.variables, where).items():
+            checked = check_result(result, task.variables, where, task.nonfinite)
+            for variable, value in checked.items():
                 rows[task.name][variable].append(value)
     return {
         name: {var: np.asarray(values, dtype=np.float32) for var, values in variables.items()}
@@ -175,20 +187,19 @@ def select_runs(spec: AnalysisSpec, runs: list[RunId]) -> list[RunId]:
     ]
 
 
-def select_steps(spec: AnalysisSpec, committed: np.ndarray, run: str = "") -> list[int]:
+def select_steps(spec: AnalysisSpec, reader) -> list[int]:
     """The job's checkpoint steps among a run's committed ones.
 
     Explicit ``steps`` that are not committed checkpoints of the run are a :class:`SpecError`
-    (nothing would be analysed for them).
+    listing the committed ones (nothing would be analysed for them).
     """
-    absent = sorted(set(spec.steps) - {int(s) for s in committed})
-    if absent:
-        raise SpecError(
-            f"steps: {', '.join(map(str, absent[:5]))} {'is' if len(absent) == 1 else 'are'} "
-            f"not committed checkpoint steps of {run or 'the run'} "
-            f"({len(committed)} committed, last {int(committed[-1]) if len(committed) else '-'})"
-        )
-    steps = [int(s) for s in committed if not spec.steps or int(s) in spec.steps]
+    committed = [int(s) for s in reader.steps()]
+    for step in spec.steps:
+        try:
+            reader.checkpoint_index(step)
+        except StoreError as err:
+            raise SpecError(f"steps: {err}") from None
+    steps = [s for s in committed if not spec.steps or s in spec.steps]
     return steps[:: spec.every]
 
 
@@ -223,15 +234,15 @@ class _RunWork:
     blocks: list[list[int]]
 
 
-def _prepare(family, spec: AnalysisSpec, data: SharedData, recompute: bool):
-    """Open a writer per (run, analysis) and split each run's pending checkpoints into blocks."""
+def _prepare(family, spec: AnalysisSpec, configured, runs, data: SharedData, recompute: bool):
+    """Open a writer per (run, analysis) and split each run's pending checkpoints into blocks.
+
+    Writes nothing: a writer creates its group with its first rows (see ``AnalysisWriter``).
+    """
     from observatory.store import AnalysisWriter
 
-    configured = configure(spec.analyses, spec.options)
-    runs = select_runs(spec, family.runs())
-    wanted = {  # checked for every run before anything is written
-        run.path: select_steps(spec, family.run(run.size, run.seed).steps(), run.path)
-        for run in runs
+    wanted = {  # checked for every run before any work
+        run.path: select_steps(spec, family.run(run.size, run.seed)) for run in runs
     }
     work, skipped = [], 0
     for run in runs:
@@ -239,16 +250,16 @@ def _prepare(family, spec: AnalysisSpec, data: SharedData, recompute: bool):
         tasks = tasks_for(configured, size_dims(family.spec, run.size, data))
         writers = {}
         for c, task in zip(configured, tasks, strict=True):
+            constants = c.analysis.constants(c.options, data) if c.analysis.constants else {}
             writers[c.name] = AnalysisWriter(
                 reader,
                 c.name,
                 attrs=c.parameters(data),
                 variables=task.variables,
+                constants={k: (tuple(dims), np.asarray(v)) for k, (dims, v) in constants.items()},
+                nonfinite=task.nonfinite,
                 recompute=recompute,
             )
-            constants = c.analysis.constants(c.options, data) if c.analysis.constants else {}
-            for name, (dims, values) in constants.items():
-                writers[c.name].write_extra(name, np.asarray(values), tuple(dims))
         done = set.intersection(*(w.done_steps() for w in writers.values()))
         pending = [s for s in wanted[run.path] if s not in done]
         skipped += len(wanted[run.path]) - len(pending)
@@ -256,6 +267,28 @@ def _prepare(family, spec: AnalysisSpec, data: SharedData, recompute: bool):
         blocks = [pending[i : i + size] for i in range(0, len(pending), size)]
         work.append(_RunWork(run=run, writers=writers, tasks=tasks, blocks=blocks))
     return work, skipped
+
+
+def taken_names(family, runs: Sequence[RunId], job: Collection[str]) -> dict[str, str]:
+    """``{name: who has it}``: the variables and dims of ``runs`` and the variables of their
+    stored analyses other than the ``job``'s (see :func:`~observatory.jobs.resolve.check_names`).
+    """
+    from observatory.query.views import views
+    from observatory.store import analyses, analysis_arrays, lazy_arrays
+
+    taken: dict[str, str] = {}
+    for run in runs:
+        reader = family.run(run.size, run.seed)
+        arrays = lazy_arrays(reader)
+        arrays |= views(arrays, architecture=family.spec.model.architecture)
+        for name, array in arrays.items():
+            taken.update(dict.fromkeys(array.dims, "the run (a dim)"))
+            taken[name] = "the run"
+        for name in analyses(reader):
+            if name not in job:
+                stored = analysis_arrays(reader, name)[1]
+                taken.update(dict.fromkeys(stored, f"analysis {name!r} stored in {run.path}"))
+    return taken
 
 
 def run_analysis(
@@ -285,15 +318,22 @@ def run_analysis(
 
     Raises
     ------
+    SpecError
+        Before any work, on a bad selection or a declared name that the store's runs or their
+        other analyses have (see :func:`~observatory.jobs.resolve.check_names`).
     AnalysisError
-        If an analysis fails (one line naming it, the run and the step); results written
-        before stay in the store.
+        If an analysis fails or returns something else than it declared (one line naming it,
+        the run and the step). Nothing of its results is written before they are checked:
+        the store keeps only complete blocks of rows computed before the failure.
     """
     from observatory.store import FamilyStore
 
     family = FamilyStore(spec.store, mode="r+")
+    configured = configure(spec.analyses, spec.options)
+    runs = select_runs(spec, family.runs())
+    check_names(configured, taken_names(family, runs, {c.name for c in configured}))
     data = shared_data(family.spec, spec.probe, spec.held_out)
-    work, skipped = _prepare(family, spec, data, recompute)
+    work, skipped = _prepare(family, spec, configured, runs, data, recompute)
     computed = 0
     if any(w.blocks for w in work):
         try:

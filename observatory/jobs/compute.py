@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from observatory.analysis.builtins import BUILTINS
-from observatory.analysis.protocol import Analysis, resolve_variables
+from observatory.analysis.protocol import Analysis
 from observatory.errors import SpecError
-from observatory.jobs.analyze import Task, run_tasks, shared_data, size_dims
+from observatory.jobs.analyze import run_tasks, shared_data, size_dims, task_for
 from observatory.jobs.job_spec import HeldOutSpec, ProbeSpec, absolute_ref
-from observatory.jobs.resolve import resolve
+from observatory.jobs.resolve import Configured, check_names, resolve
 from observatory.spec import _type_name
 
 _PROBE, _HELD_OUT = ProbeSpec(), HeldOutSpec()  # frozen, so safe as shared defaults
@@ -52,9 +54,10 @@ def compute(
     seeds
         Seed indices (default: every seed of that size).
     steps
-        Checkpoint steps (default: every committed one); steps a run lacks are skipped.
+        Checkpoint steps (default: every committed one); a step that some seed lacks is NaN
+        for that seed, one that no seed has is an error listing the checkpoints.
     options
-        The analysis's options (as in the job's ``[<name>]`` table).
+        The analysis's options (a mapping, as the job's ``[<name>]`` table).
     probe, held_out
         The shared data's parameters.
 
@@ -67,7 +70,8 @@ def compute(
     Raises
     ------
     SpecError, StoreError, AnalysisError
-        On a bad reference or option, a missing store/size/seed, or a failing analysis.
+        One line, on a bad reference, option, size, seed or step (not a list of ints, not a
+        checkpoint), a missing store, or a failing analysis.
     """
     import xarray as xr
 
@@ -77,21 +81,28 @@ def compute(
 
     found = resolve(absolute_ref(analysis, Path.cwd())) if isinstance(analysis, str) else analysis
     if not isinstance(found, Analysis):
-        raise SpecError(f"{found!r} is not an analysis (decorate it with @obs.analysis)")
-    chosen = found.parse_options(options or {}, found.name)
+        raise SpecError(
+            f"analysis: {_shown(found)} is not an analysis (decorate a function with "
+            "@obs.analysis, or name a built-in, 'package.module:name' or 'file.py:name')"
+        )
+    chosen = found.parse_options({} if options is None else options, found.name)
+    check_names([Configured(ref="", analysis=found, options=chosen, source=None)])
+    for value, kind in ((probe, ProbeSpec), (held_out, HeldOutSpec)):
+        if not isinstance(value, kind):
+            raise SpecError(
+                f"{kind.__name__}: expected an obs.{kind.__name__}, got {_shown(value)}"
+            )
+        value.validate(kind.__name__)
+    if not isinstance(size, str):
+        raise SpecError(f"size: expected a size name (str), got {_shown(size)}")
     family = FamilyStore(store)
+    runs = select_readers(family, sizes=[size], seeds=_ints("seeds", seeds))
+    wanted = _ints("steps", steps)
+    for step in wanted or []:
+        if not any(step in reader.steps() for reader in runs):
+            runs[0].checkpoint_index(step)  # the error lists the committed checkpoints
     data = shared_data(family.spec, probe, held_out)
-    task = Task(
-        name=found.name,
-        ref="",  # called directly, never shipped
-        source=None,
-        options=dataclasses.asdict(chosen),
-        variables=resolve_variables(
-            found.declared(chosen), size_dims(family.spec, size, data), found.name
-        ),
-    )
-    runs = select_readers(family, sizes=[size], seeds=seeds)
-    wanted = None if steps is None else {int(s) for s in steps}
+    task = task_for(found, chosen, size_dims(family.spec, size, data))
     per_seed = []
     for reader in runs:
         chosen_steps = [int(s) for s in reader.steps() if wanted is None or int(s) in wanted]
@@ -104,6 +115,30 @@ def compute(
             ).expand_dims(seed=[reader.run.seed])
         )
     return xr.concat(per_seed, dim="seed") if per_seed else xr.Dataset()
+
+
+def _ints(what: str, values: Any) -> list[int] | None:
+    """``values`` as a non-empty list of ints >= 0 (None stays None), or a one-line error."""
+    if values is None:
+        return None
+    listed = (
+        list(values)
+        if isinstance(values, Iterable) and not isinstance(values, str | bytes | Mapping)
+        else []
+    )
+    valid = all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in listed)
+    chosen = [int(v) for v in listed] if valid else []
+    if not chosen or min(chosen) < 0:
+        raise SpecError(
+            f"{what}: expected a non-empty list of ints >= 0, got {_shown(listed or values)}"
+        )
+    return chosen
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a one-line message: its repr, cut short."""
+    text = repr(value).splitlines()[0] if repr(value) else type(value).__name__
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def describe_analyses(analyses: Iterable[Analysis] | None = None) -> str:

@@ -11,14 +11,27 @@ import importlib
 import linecache
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from observatory.analysis.builtins import BUILTINS
-from observatory.analysis.protocol import Analysis, SharedData
+from observatory.analysis.protocol import NAMED_DIMS, Analysis, SharedData
 from observatory.errors import SpecError
+
+# Names every run's dataset has, whatever the store: its coordinates and the named dims.
+RESERVED_NAMES = (
+    "step",
+    "train_step",
+    "tokens_seen",
+    "seed",
+    "init_seed",
+    "data_seed",
+    "complete",
+    "size",
+    *NAMED_DIMS,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,4 +146,49 @@ def configure(analyses: Sequence[str], options: dict[str, dict[str, Any]]) -> li
     stray = sorted(set(options) - {c.name for c in out})
     if stray:
         raise SpecError(f"[{stray[0]}]: options for an analysis the job does not run")
+    check_names(out)
     return out
+
+
+def check_names(configured: Sequence[Configured], taken: Mapping[str, str] | None = None) -> None:
+    """Refuse declared variables (and custom dims) whose names something else has.
+
+    A run's dataset holds its own variables, coordinates and dims and every stored analysis's
+    variables side by side, so a name two of them share would make every reader of the run
+    fail (or, worse, pick one).
+
+    Parameters
+    ----------
+    configured
+        The job's analyses with their options.
+    taken
+        ``{name: who has it}`` for the names of the store (e.g. ``{"loss": "the run"}``);
+        :data:`RESERVED_NAMES` are always taken.
+
+    Raises
+    ------
+    SpecError
+        One line naming the analysis, the name and who else has it.
+    """
+    owners = dict.fromkeys(RESERVED_NAMES, "every run (a coordinate or dim)") | dict(taken or {})
+    dims: dict[str, str] = {}
+    for c in configured:
+        declared = c.analysis.declared(c.options)
+        custom = {
+            dim[0] for shape in declared.values() for dim in shape if not isinstance(dim, str)
+        }
+        for variable in declared:
+            other = owners.get(variable) or dims.get(variable)
+            if other is None and variable in custom:
+                other = f"analysis {c.name!r} (a dim)"
+            if other is not None:
+                raise SpecError(
+                    f"analysis {c.name!r}: variable {variable!r} is a name {other} has; rename it"
+                )
+        for dim in sorted(custom):
+            if dim in owners:
+                raise SpecError(
+                    f"analysis {c.name!r}: dim {dim!r} is a name {owners[dim]} has; rename it"
+                )
+            dims.setdefault(dim, f"analysis {c.name!r} (a dim)")
+        owners |= dict.fromkeys(declared, f"analysis {c.name!r}")

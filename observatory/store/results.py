@@ -2,7 +2,9 @@
 
 The group ``<run>/analysis/<name>`` holds one array per result variable with a leading
 ``step`` dim, plus a ``step`` array listing which checkpoint each row belongs to (in any order,
-extended last, so readers only see finished rows).
+extended last, so readers only see finished rows).  The group is created with the first rows
+of validated results, and readers ignore a group whose ``step`` array lists no checkpoint: a
+job that fails before its first rows leaves nothing a reader sees.
 """
 
 from __future__ import annotations
@@ -35,15 +37,22 @@ def analysis_group(reader: RunReader, name: str, *, create: bool = False) -> zar
 
 
 def analyses(reader: RunReader) -> list[str]:
-    """Names of the analyses with results stored for a run."""
+    """Names of the analyses with results stored for a run (at least one committed row)."""
     group = child(reader.group, ANALYSIS_GROUP)
-    return [] if group is None else [name for name, _ in children(group, zarr.Group)]
+    members = [] if group is None else children(group, zarr.Group)
+    return [name for name, member in members if _committed(member)]
+
+
+def _committed(group: zarr.Group) -> bool:
+    """Whether an analysis group lists a checkpoint: its ``step`` array is written last."""
+    steps = child(group, "step")
+    return isinstance(steps, zarr.Array) and steps.shape[0] > 0
 
 
 def analysis_parameters(reader: RunReader, name: str) -> dict[str, Any] | None:
     """The parameters an analysis's results were computed with (None: no such analysis)."""
     group = analysis_group(reader, name)
-    return None if group is None else attrs_of(group).get("parameters")
+    return None if group is None or not _committed(group) else attrs_of(group).get("parameters")
 
 
 def analysis_arrays(reader: RunReader, name: str) -> tuple[np.ndarray, dict[str, zarr.Array]]:
@@ -51,10 +60,11 @@ def analysis_arrays(reader: RunReader, name: str) -> tuple[np.ndarray, dict[str,
 
     The group's ``step`` array (see :class:`AnalysisWriter`) lists the checkpoint of each
     row, in any order, and is extended last: the arrays with a leading ``step`` dim are
-    valid up to its length.  A group still being created covers no checkpoint yet.
+    valid up to its length.  A group still being created covers no checkpoint yet, and is
+    not listed by :func:`analyses`.
     """
     group = analysis_group(reader, name)
-    if group is None:
+    if group is None or not _committed(group):
         known = analyses(reader)
         raise StoreError(f"{reader.run.path}: no analysis {name!r} (analyses: {known})")
     arrays = dict(children(group, zarr.Array))
@@ -83,6 +93,11 @@ class AnalysisWriter:
     together (every ``ANALYSIS_FLUSH_ROWS`` rows or ``ANALYSIS_FLUSH_SECONDS``, and on
     :meth:`flush`): each write resizes and rewrites a partly filled chunk of every array.
 
+    Nothing is written before the first rows: the group (parameters, arrays, constants) is
+    created, or replaced (``recompute``, or a group that lists no checkpoint, left by a job
+    that stopped while creating it), by the first :meth:`flush` that has rows.  A job whose
+    analyses all fail therefore leaves the store as it was.
+
     Parameters
     ----------
     reader
@@ -94,8 +109,14 @@ class AnalysisWriter:
         results computed with other parameters are an error unless ``recompute``.
     variables
         ``{variable: (dims_after_step, shape_after_step)}``; stored as float32.
+    constants
+        ``{name: (dims, values)}``: arrays that do not depend on the checkpoint (e.g. the probe
+        tokens), stored with the group.
+    nonfinite
+        Variables whose NaN or infinite values are results (the attribute ``nonfinite`` is set
+        on their arrays).
     recompute
-        Drop existing results first.
+        Replace existing results (at the first flush with rows).
     """
 
     def __init__(
@@ -105,69 +126,84 @@ class AnalysisWriter:
         *,
         attrs: dict[str, Any],
         variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]],
+        constants: dict[str, tuple[tuple[str, ...], np.ndarray]] | None = None,
+        nonfinite: tuple[str, ...] = (),
         recompute: bool = False,
     ):
         self.where = f"{reader.run.path}/{ANALYSIS_GROUP}/{name}"
         self._compressors = compressors(reader.family.spec.store)
+        self._reader, self._path = reader, f"{ANALYSIS_GROUP}/{name}"
+        self._attrs, self._variables, self._nonfinite = attrs, variables, nonfinite
+        self._constants = constants or {}
         group = analysis_group(reader, name)
-        if group is not None and recompute:
-            del reader.group[f"{ANALYSIS_GROUP}/{name}"]
-            group = None
-        stored = (attrs_of(group).get("parameters") or {}) if group is not None else attrs
-        if stored != attrs:
-            keys = stored.keys() | attrs.keys()
-            changed = sorted(k for k in keys if stored.get(k) != attrs.get(k))
-            raise StoreError(
-                f"{self.where}: existing results were computed with other parameters "
-                f"({', '.join(changed)} differ); pass --recompute to replace them"
-            )
+        if group is not None and (recompute or not _committed(group)):
+            group = None  # replaced when the first rows are written
         if group is not None:
-            _require_variables(group, variables, self.where)
-        else:
-            group = analysis_group(reader, name, create=True)
-            set_attrs(group, parameters=attrs)
-            for variable, (dims, shape) in variables.items():
-                group.create_array(
-                    variable,
-                    shape=(0, *shape),
-                    chunks=(256, *shape),
-                    dtype="float32",
-                    fill_value=float("nan"),
-                    compressors=self._compressors,
-                    dimension_names=("step", *dims),
+            stored = attrs_of(group).get("parameters") or {}
+            if stored != attrs:
+                keys = stored.keys() | attrs.keys()
+                changed = sorted(k for k in keys if stored.get(k) != attrs.get(k))
+                raise StoreError(
+                    f"{self.where}: existing results were computed with other parameters "
+                    f"({', '.join(changed)} differ); pass --recompute to replace them"
                 )
-            group.create_array(
-                "step",
-                shape=(0,),
-                chunks=(4096,),
-                dtype="int64",
-                compressors=self._compressors,
-                dimension_names=("step",),
-            )
+            _require_variables(group, variables, self.where)
         self.group = group
-        self._arrays = {
-            variable: group[variable].with_config(WRITE_CONFIG) for variable in variables
-        }
-        self._steps = group["step"].with_config(WRITE_CONFIG)
-        self._done = set(checked_read(self._steps, slice(None)).tolist())
+        self._arrays: dict[str, zarr.Array] = {}
+        self._done: set[int] = set()
+        if group is not None:
+            self._open(group)
         self._buffered: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
         self._last_flush = time.monotonic()
+
+    def _open(self, group: zarr.Group) -> None:
+        self._arrays = {v: group[v].with_config(WRITE_CONFIG) for v in self._variables}
+        self._steps = group["step"].with_config(WRITE_CONFIG)
+        self._done = set(checked_read(self._steps, slice(None)).tolist())
+
+    def _create(self) -> None:
+        """Create (or replace) the group, its arrays and constants; ``step`` last and empty."""
+        if child(self._reader.group, self._path) is not None:
+            del self._reader.group[self._path]
+        group = analysis_group(self._reader, self._path.partition("/")[2], create=True)
+        set_attrs(group, parameters=self._attrs)
+        for variable, (dims, shape) in self._variables.items():
+            group.create_array(
+                variable,
+                shape=(0, *shape),
+                chunks=(256, *shape),
+                dtype="float32",
+                fill_value=float("nan"),
+                compressors=self._compressors,
+                dimension_names=("step", *dims),
+                attributes={"nonfinite": True} if variable in self._nonfinite else None,
+            )
+        for name, (dims, values) in self._constants.items():
+            values = np.asarray(values)
+            group.create_array(
+                name,
+                data=values,
+                dimension_names=tuple(dims),
+                chunks=values.shape,
+                compressors=self._compressors,
+                config=WRITE_CONFIG,
+            )
+        group.create_array(
+            "step",
+            shape=(0,),
+            chunks=(4096,),
+            dtype="int64",
+            compressors=self._compressors,
+            dimension_names=("step",),
+        )
+        self.group = group
+        done, self._done = self._done, set()
+        self._open(group)
+        self._done |= done  # the buffered rows
 
     def done_steps(self) -> set[int]:
         """Checkpoint steps whose results are stored or buffered."""
         return set(self._done)
-
-    def write_extra(self, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
-        """Store an array that does not depend on the checkpoint (e.g. the probe tokens)."""
-        self.group.create_array(
-            name,
-            data=values,
-            dimension_names=dims,
-            overwrite=True,
-            chunks=values.shape,
-            compressors=self._compressors,
-            config=WRITE_CONFIG,
-        )
 
     def append(self, steps: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """Buffer the rows of ``steps`` (one per checkpoint) for every variable."""
@@ -186,6 +222,8 @@ class AnalysisWriter:
         ``step`` emptied first, so a crash in between loses results (recomputed on the next
         run) but never pairs a step with another step's values.
         """
+        if self._buffered and self.group is None:
+            self._create()
         if self._buffered:
             steps = np.concatenate([steps for steps, _ in self._buffered])
             values = {

@@ -6,6 +6,7 @@ import xarray as xr
 
 from observatory.analysis import attention_patterns, head_scores
 from observatory.cli import main
+from observatory.errors import SpecError
 from observatory.jobs.analyze import run_analysis, shared_data
 from observatory.jobs.compute import compute
 from observatory.jobs.job_spec import ProbeSpec, load_analysis_spec
@@ -233,3 +234,195 @@ def test_the_probe_of_a_text_corpus_uses_only_tokens_that_occur_in_it(tmp_path):
     assert attrs["probe_n_candidates"] == len(occurring) - 2 * int(0.1 * len(occurring))  # 29 - 4
     synthetic = shared_data(load_run_spec(write_spec(tmp_path)), job.probe, job.held_out)
     assert "probe_tokens_from" not in synthetic.probe.attrs
+
+
+BAD = '''\
+import numpy as np
+import observatory as obs
+
+
+@obs.analysis(variables={"ws": ("layer", "head")})
+def wrong_shape(model, data):
+    return {"ws": np.zeros((7, 3))}
+
+
+@obs.analysis(variables={"mv_a": (), "mv_b": ()})
+def missing_variable(model, data):
+    return {"mv_a": 1.0}
+
+
+@obs.analysis(variables={"ev": ()})
+def extra_variable(model, data):
+    return {"ev": 1.0, "ev_more": 2.0}
+
+
+@obs.analysis(variables={"li": ()})
+def a_list(model, data):
+    return [1.0]
+
+
+@obs.analysis(variables={"st": ("layer",)})
+def strings(model, data):
+    return {"st": ["a", "b"]}
+
+
+@obs.analysis(variables={"no": ()})
+def none(model, data):
+    return None
+
+
+@obs.analysis(variables={"ra": ()})
+def raises(model, data):
+    raise RuntimeError("broken")
+
+
+@obs.analysis(variables={"nan_loss": ("layer",)})
+def nan_loss(model, data):
+    return {"nan_loss": np.array([np.nan, 1.0])}
+
+
+@obs.analysis(variables={"log_ratio": ("layer",)}, nonfinite=True)
+def log_ratio(model, data):
+    return {"log_ratio": np.array([np.nan, -np.inf])}
+
+
+@obs.analysis(variables={"loss": ("layer",)})
+def clash_run(model, data):
+    return {"loss": np.zeros(2)}
+
+
+@obs.analysis(variables={"W_Q": ()})
+def clash_view(model, data):
+    return {"W_Q": 0.0}
+
+
+@obs.analysis(variables={"layer": ()})
+def clash_dim(model, data):
+    return {"layer": 0.0}
+
+
+@obs.analysis(variables={"induction_score": ()})
+def clash_analysis(model, data):
+    return {"induction_score": 0.0}
+
+
+@obs.analysis(variables={"seed_bias": (("seed", 2),)})
+def clash_coordinate(model, data):
+    return {"seed_bias": np.zeros(2)}
+'''
+
+BAD_JOB = """\
+store = "{store}"
+analyses = [{analyses}]
+seeds = [0]
+
+[probe]
+n_sequences = 2
+
+[held_out]
+n_sequences = 2
+
+[execution]
+block_size = 64
+workers = 1
+"""
+
+
+def bad_job(tmp_path, store, *names):
+    code = tmp_path / "bad.py"
+    code.write_text(BAD)
+    refs = ", ".join(f'"bad.py:{name}"' for name in names)
+    job = tmp_path / f"{'-'.join(names)}.toml"
+    job.write_text(BAD_JOB.format(store=store, analyses=refs))
+    return job
+
+
+def test_a_failing_user_analysis_leaves_the_store_as_it_was(
+    store_copy, tmp_path, dask_cluster, capsys
+):
+    from tests.conftest import tree_bytes
+
+    kinds = {
+        "wrong_shape": "variable 'ws' has shape (7, 3), declared (2, 2)",
+        "missing_variable": "returned a dict that lacks mv_b",
+        "extra_variable": "returned a dict that has undeclared ev_more",
+        "a_list": "returned list, expected a dict",
+        "strings": "variable 'st' holds <U1 values",
+        "none": "returned NoneType, expected a dict",
+        "raises": "failed: RuntimeError: broken",
+    }
+    capsys.readouterr()
+    assert main(["inspect", str(store_copy)]) == 0
+    described = capsys.readouterr().out
+    before = tree_bytes(store_copy)
+    for name, needle in kinds.items():
+        job = bad_job(tmp_path, store_copy, name)
+        assert main(["analyze", str(job), "--scheduler", dask_cluster, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"analysis {name!r} on l2-d16/seed0 at step" in err and needle in err, err
+        assert tree_bytes(store_copy) == before, name  # no analysis/<name> group, nothing
+    ds = open_family(store_copy, size="l2-d16", seeds=[0])
+    assert not {"ws", "mv_a", "ev", "li", "st", "no", "ra"} & set(ds.data_vars)
+    assert main(["inspect", str(store_copy)]) == 0
+    assert capsys.readouterr().out == described
+
+
+def test_a_declared_name_that_the_runs_or_other_analyses_have_is_refused_before_any_work(
+    store_copy, tmp_path, capsys
+):
+    from observatory.store import AnalysisWriter
+    from tests.conftest import tree_bytes
+
+    run = FamilyStore(store_copy, mode="r+").run("l2-d16", 0)  # results of another analysis
+    stored = AnalysisWriter(run, "head_scores", attrs={}, variables={"induction_score": ((), ())})
+    stored.append(np.array([0]), {"induction_score": np.zeros((1,), np.float32)})
+    stored.flush()
+    before = tree_bytes(store_copy)
+    cases = {
+        ("clash_run",): "variable 'loss' is a name the run has",
+        ("clash_view",): "variable 'W_Q' is a name the run has",
+        ("clash_dim",): "variable 'layer' is a name every run (a coordinate or dim) has",
+        ("clash_coordinate",): "dim 'seed' is a name every run (a coordinate or dim) has",
+        ("clash_analysis",): "'induction_score' is a name analysis 'head_scores' stored in",
+        ("clash_run", "nan_loss"): "variable 'loss'",
+    }
+    for names, needle in cases.items():
+        assert main(["analyze", str(bad_job(tmp_path, store_copy, *names)), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert tree_bytes(store_copy) == before
+    # two analyses of one job that declare the same name: refused when the job loads
+    job = bad_job(tmp_path, store_copy, "nan_loss")
+    job.write_text(job.read_text().replace('"]', '", "bad2.py:nan_loss"]'))
+    (tmp_path / "bad2.py").write_text(BAD.replace("def nan_loss", "def nan_loss_again"))
+    job.write_text(job.read_text().replace("bad2.py:nan_loss", "bad2.py:nan_loss_again"))
+    with pytest.raises(SpecError, match="variable 'nan_loss' is a name analysis 'nan_loss' has"):
+        load_analysis_spec(job)
+
+
+def test_non_finite_results_are_refused_unless_declared_then_stored_as_analysed(
+    store_copy, tmp_path, capsys
+):
+    from tests.conftest import tree_bytes
+
+    before = tree_bytes(store_copy)
+    assert main(["analyze", str(bad_job(tmp_path, store_copy, "nan_loss")), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "analysis 'nan_loss' on l2-d16/seed0 at step 0: variable 'nan_loss' has 1 " in err
+    assert "non-finite values (NaN)" in err and "nonfinite=True" in err
+    assert tree_bytes(store_copy) == before
+
+    job = bad_job(tmp_path, store_copy, "log_ratio")
+    job.write_text(job.read_text().replace("seeds = [0]", "seeds = [0]\nsteps = [0, 8]"))
+    assert main(["analyze", str(job), "--no-progress"]) == 0
+    ds = open_family(store_copy, size="l2-d16", seeds=[0])
+    values = ds["log_ratio"].sel(seed=0)
+    assert values.attrs["nonfinite"] is True  # NaN may be a result here
+    covered, _ = analysis_arrays(FamilyStore(store_copy).run("l2-d16", 0), "log_ratio")
+    assert sorted(covered) == [0, 8]  # what tells a result from "not analysed"
+    for step in values["step"].values:
+        row = values.sel(step=step).values
+        expected = [np.nan, -np.inf] if step in covered else [np.nan, np.nan]
+        np.testing.assert_array_equal(row, expected)

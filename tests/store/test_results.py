@@ -7,6 +7,7 @@ from observatory.errors import StoreError
 from observatory.store import (
     AnalysisWriter,
     FamilyStore,
+    analyses,
     analysis_arrays,
 )
 from observatory.store import results as store_results
@@ -27,8 +28,8 @@ def test_analysis_rows_are_buffered_then_written_step_last(tiny_spec, tmp_path, 
     )
     results.append(np.array([8, 2]), {"score": np.array([[8, 8], [2, 2]], np.float32)})
     assert results.done_steps() == {8, 2}  # buffered rows count as done for this job ...
-    covered, _ = analysis_arrays(FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0), "scores")
-    assert len(covered) == 0  # ... but readers do not see them yet
+    assert analyses(FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0)) == []  # ... not stored
+    assert not (tmp_path / "s.zarr/l2-d16/seed0/analysis/scores").exists()  # nor created yet
     results.append(np.array([5, 1]), {"score": np.array([[5, 5], [1, 1]], np.float32)})
     covered, arrays = analysis_arrays(FamilyStore(tmp_path / "s.zarr").run("l2-d16", 0), "scores")
     assert list(covered) == [1, 2, 5, 8]  # 4 rows: written together, in step order
@@ -59,5 +60,9 @@ def test_results_without_a_variable_the_analysis_now_returns_need_recompute(tiny
         AnalysisWriter(run, "scores", attrs={}, variables=grown)
     covered, _ = analysis_arrays(run, "scores")
     assert list(covered) == [8]  # kept
-    AnalysisWriter(run, "scores", attrs={}, variables=grown, recompute=True)
-    assert set(analysis_arrays(run, "scores")[1]) == {"score", "extra"}
+    new = AnalysisWriter(run, "scores", attrs={}, variables=grown, recompute=True)
+    assert set(analysis_arrays(run, "scores")[1]) == {"score"}  # replaced at the first rows
+    new.append(np.array([2]), {"score": np.ones((1, 2)), "extra": np.ones((1, 2))})
+    new.flush()
+    covered, arrays = analysis_arrays(run, "scores")
+    assert list(covered) == [2] and set(arrays) == {"score", "extra"}
