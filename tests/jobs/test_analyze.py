@@ -201,9 +201,8 @@ def test_explicit_steps_that_are_not_checkpoints_are_an_error_that_writes_nothin
     )
     assert main(["analyze", str(job), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert (
-        err.count("\n") == 1 and "steps: 3 is not committed checkpoint steps of l2-d16/seed0" in err
-    )
+    assert err.count("\n") == 1 and "steps: l2-d16/seed0: no committed checkpoint at step 3" in err
+    assert "2, 4" in err  # the nearest checkpoints it has
     assert tree_bytes(store_copy) == before
 
 

@@ -48,12 +48,21 @@ def test_malformed_job_spec_is_a_one_line_error(tmp_path, change, needle, capsys
         ('analyses = ["mine.py:undecorated"]', "not decorated with @obs.analysis"),
         ('analyses = ["mine.py:nothing"]', "no such name"),
         ('analyses = ["no_such_module_xyz:fn"]', "cannot import 'no_such_module_xyz'"),
+        ('analyses = ["positional.py:positional"]', "parameter 'base' is not keyword-only"),
+        ('analyses = ["icl"]\nsteps = "abc"', "steps"),
+        ('analyses = ["icl"]\nsteps = [1.5]', "steps"),
+        ('analyses = ["icl"]\nicl = 3', "unknown key 'icl'"),
+        ('analyses = ["icl"]\n[icl]\nx = 1', "unknown key 'x'"),
     ],
 )
 def test_analysis_references_and_options_are_checked_when_the_job_loads(
     tmp_path, options, needle, capsys
 ):
     (tmp_path / "mine.py").write_text("def undecorated(model, data):\n    return {}\n")
+    (tmp_path / "positional.py").write_text(
+        'import observatory as obs\n\n\n@obs.analysis(variables={"x": ()})\n'
+        'def positional(model, data, base=2.0):\n    return {"x": base}\n'
+    )
     job = tmp_path / "job.toml"
     job.write_text(f'store = "{tmp_path / "x.zarr"}"\n{options}\n')
     assert main(["analyze", str(job)]) == 2
