@@ -235,7 +235,7 @@ def test_the_probe_of_a_text_corpus_uses_only_tokens_that_occur_in_it(tmp_path):
     assert "probe_tokens_from" not in synthetic.probe.attrs
 
 
-BAD = '''\
+BAD = """\
 import numpy as np
 import observatory as obs
 
@@ -308,7 +308,7 @@ def clash_analysis(model, data):
 @obs.analysis(variables={"seed_bias": (("seed", 2),)})
 def clash_coordinate(model, data):
     return {"seed_bias": np.zeros(2)}
-'''
+"""
 
 BAD_JOB = """\
 store = "{store}"

@@ -1,4 +1,3 @@
-
 import pytest
 
 from observatory.cli import main
