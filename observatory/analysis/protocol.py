@@ -290,9 +290,12 @@ def check_signature(function: Callable, name: str, options: type | None) -> None
     """
     parameters = list(inspect.signature(function).parameters.values())
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    hint = f"write def {name}(model, data, *, base: float = 2.0) for an option 'base'"
+
+    def hint(option: str = "base") -> str:
+        return f"write def {name}(model, data, *, {option}: float = 2.0) for an option {option!r}"
+
     if len(parameters) < 2 or any(p.kind not in positional for p in parameters[:2]):
-        raise SpecError(f"analysis {name!r}: it must take (model, data) first; {hint}")
+        raise SpecError(f"analysis {name!r}: it must take (model, data) first; {hint()}")
     for parameter in parameters[2:]:
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
             continue
@@ -302,7 +305,8 @@ def check_signature(function: Callable, name: str, options: type | None) -> None
             inspect.Parameter.VAR_POSITIONAL: f"*{parameter.name} cannot be an option",
             inspect.Parameter.VAR_KEYWORD: f"**{parameter.name} needs an explicit options class",
         }.get(parameter.kind, f"parameter {parameter.name!r} is not keyword-only, so not an option")
-        raise SpecError(f"analysis {name!r}: {what}; {hint}")
+        option = parameter.name if parameter.kind in positional else "base"
+        raise SpecError(f"analysis {name!r}: {what}; {hint(option)}")
     if options is not None:
         accepted = {p.name for p in parameters[2:] if p.kind is inspect.Parameter.KEYWORD_ONLY}
         fields = {f.name for f in dataclasses.fields(options)}
