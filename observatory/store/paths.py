@@ -39,6 +39,9 @@ def location(path: str | os.PathLike) -> str | Path:
 
     URLs stay strings (a ``Path`` would fold ``//``); ``file://`` URLs become paths.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        kind = type(path).__name__
+        raise StoreError(f"expected a store path or URL (str or pathlib.Path), got {kind}")
     text = os.fspath(path)
     if "://" in text and not text.startswith("file://"):
         return text.rstrip("/")
