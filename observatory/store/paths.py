@@ -44,6 +44,8 @@ def location(path: str | os.PathLike) -> str | Path:
         raise StoreError(f"expected a store path or URL (str or pathlib.Path), got {kind}")
     text = os.fspath(path)
     if "://" in text and not text.startswith("file://"):
+        if not text.partition("://")[2].strip("/"):
+            raise StoreError(f"{text}: no path after '://' (e.g. s3://bucket/family.zarr)")
         return text.rstrip("/")
     return Path(text.removeprefix("file://"))
 
@@ -89,7 +91,7 @@ def _bounded(fs):
 
 def zarr_store(where: str, *, read_only: bool) -> RemoteStore:
     """The zarr store of a URL: bounded waits, and failures as one-line :class:`StoreError`."""
-    with remote_errors(where):
+    with _opening(where), remote_errors(where):
         options = storage_options(where)
         base = FsspecStore.from_url(where, storage_options=options, read_only=read_only)
     _bounded(base.fs)
@@ -109,9 +111,23 @@ def filesystem(where: str):
     """The fsspec filesystem of a URL (configured from the environment) and the path in it."""
     import fsspec
 
-    with remote_errors(where):
+    with _opening(where), remote_errors(where):
         fs, path = fsspec.core.url_to_fs(where, **storage_options(where))
     return _bounded(fs), path
+
+
+@contextmanager
+def _opening(where: str) -> Iterator[None]:
+    """A URL whose protocol fsspec does not know, or whose library is not installed, is a
+    one-line :class:`StoreError` (fsspec's message says what to install)."""
+    try:
+        yield
+    except ImportError as err:
+        raise StoreError(f"{where}: {err}") from None
+    except ValueError as err:
+        if "protocol" not in str(err).lower():
+            raise
+        raise StoreError(f"{where}: not a store URL ({err})") from None
 
 
 def exists(where: str | Path) -> bool:

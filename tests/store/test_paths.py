@@ -182,3 +182,22 @@ def test_http_stores_refused_or_missing_are_one_line_and_no_range_support_reads_
         remote = obs.open_family(f"{base}/{store.name}", size="l2-d16")
         xr.testing.assert_equal(remote, obs.open_family(store, size="l2-d16"))
     assert tree_bytes(store) == before
+
+
+@pytest.mark.parametrize(
+    "url, cause",
+    [
+        ("foo://bucket/x.zarr", "not a store URL (Protocol not known: foo)"),
+        ("s3://", "no path after '://' (e.g. s3://bucket/family.zarr)"),
+        ("http:///", "no path after '://' (e.g. s3://bucket/family.zarr)"),
+    ],
+)
+def test_a_url_that_names_no_store_is_one_line(url, cause, capsys):
+    from observatory.cli import main
+
+    assert main(["inspect", url]) == 2
+    assert capsys.readouterr().err == f"observatory: error: {url}: {cause}\n"
+    with pytest.raises(StoreError, match=cause.split(" (")[0]):
+        import observatory as obs
+
+        obs.open_family(url)
