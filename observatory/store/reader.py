@@ -34,7 +34,7 @@ from observatory.store.layout import (
     open_root,
     read_checkpoint,
 )
-from observatory.store.paths import filesystem, location
+from observatory.store.paths import filesystem, location, remote_errors
 
 
 @lru_cache(maxsize=8)
@@ -126,7 +126,8 @@ class FamilyStore:
             base = self.path / subpath
             return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
         fs, root = filesystem(self.path)
-        return int(fs.du(f"{root}/{subpath}".rstrip("/"), total=True))
+        with remote_errors(self.path):
+            return int(fs.du(f"{root}/{subpath}".rstrip("/"), total=True))
 
 
 class RunReader:
