@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from observatory import arguments
 from observatory.errors import StoreError
 from observatory.models.naming import VIEW_DIMS
 from observatory.models.registry import architecture
@@ -110,7 +111,7 @@ def open_run(path: str | Path, *, size: str, seed: int, chunks: dict | None = No
     StoreError
         If the store, size or seed does not exist (the message lists what does).
     """
-    return _run_dataset(FamilyStore(path).run(size, seed), chunks)
+    return _run_dataset(FamilyStore(path).run(size, seed), arguments.chunks(chunks))
 
 
 def open_family(
@@ -155,12 +156,14 @@ def open_family(
     >>> ds = obs.open_family("store/induction.zarr", size="l2-d64")
     >>> ds["W_Q"].sel(layer=1, head=2).sel(step=slice(100, 600)).mean("d_model")
     """
-    family = FamilyStore(path)
+    family, chunks = FamilyStore(path), arguments.chunks(chunks)
     size = resolve_size(family, size)
     if seeds is None:
         readers = family.size_runs(size)
     else:
-        readers = [family.run(size, seed) for seed in seeds]
+        readers = [family.run(size, seed) for seed in arguments.indices(seeds, "seeds")]
+        if not readers:
+            raise arguments.ArgumentError("seeds: empty; give at least one seed, or None for all")
     runs = [_run_arrays(reader) for reader in readers]
     steps = np.unique(np.concatenate([reader.steps() for reader in readers]))
     train_steps = np.arange(max(reader.n_steps for reader in readers), dtype=np.int64)
@@ -191,7 +194,7 @@ def resolve_size(family: FamilyStore, size: str | None) -> str:
         If ``size`` is None and the store has several sizes (the message lists them).
     """
     if size is not None:
-        return size
+        return arguments.name(size, "size")
     sizes = family.sizes()
     if len(sizes) != 1:
         raise StoreError(f"{family.path}: several sizes ({', '.join(sizes)}); choose one (--size)")
@@ -424,6 +427,8 @@ def head_weights(
         If the store, size, seed, layer, head or weight does not exist.
     """
     reader = FamilyStore(path).run(size, seed)
+    layer, head = arguments.index(layer, "layer"), arguments.index(head, "head")
+    weight = arguments.name(weight, "weight")
     spec = reader.family.spec
     blocks, shape = architecture(spec.model.architecture).head_blocks, spec.size(size)
     if weight not in blocks:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from observatory import arguments
 from observatory.data import stored_corpus
 from observatory.models.naming import unstack_layers
 from observatory.models.registry import architecture
@@ -42,7 +43,8 @@ def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrained
         If the store, size, seed or step does not exist (the message lists what does).
     """
     reader = FamilyStore(path).run(size, seed)
-    if step not in reader.steps() and 0 <= step <= reader.n_steps:
+    step = arguments.index(step, "step")
+    if step not in reader.steps() and reader.origin is None and step <= reader.n_steps:
         from observatory.train.replay import model_at_step
 
         return model_at_step(path, size=size, seed=seed, step=step)
@@ -72,6 +74,7 @@ def models_at(
         The step and the model (eval mode) with that step's weights.
     """
     reader = FamilyStore(path).run(size, seed)
+    steps = arguments.indices(steps, "steps")
     stacked = reader.parameters_for(steps)
     model = _empty_model(reader).eval()
     for row, step in enumerate(steps):

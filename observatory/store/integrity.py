@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.storage import FsspecStore, LocalStore, WrapperStore
+from zarr.storage import LocalStore, WrapperStore
 
 from observatory.errors import StoreError
-from observatory.store.paths import storage_options
+from observatory.store.paths import zarr_store
 
 # Names of the metadata documents zarr may look for; every other key of a store is a chunk.
 _METADATA_KEYS = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
@@ -62,8 +62,7 @@ def checked_store(where: str | Path) -> CheckedStore:
     """The store at ``where`` opened to read, through a :class:`CheckedStore`."""
     if isinstance(where, Path):
         return CheckedStore(LocalStore(where, read_only=True))
-    base = FsspecStore.from_url(where, storage_options=storage_options(where), read_only=True)
-    return CheckedStore(base)
+    return CheckedStore(zarr_store(where, read_only=True))
 
 
 def _checked(array: zarr.Array) -> zarr.Array:

@@ -54,9 +54,10 @@ from observatory.store.integrity import checked_store
 from observatory.store.paths import (
     exists,
     location,
+    missing,
     open_group,
     require_writable,
-    storage_options,
+    zarr_target,
 )
 
 SCHEMA_VERSION = 3  # a store of another version is refused on opening
@@ -235,10 +236,7 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
     if not exists(path):
         try:  # the attributes are part of the group's one metadata document: no torn store
             return zarr.create_group(
-                str(path),
-                attributes={ATTRS_KEY: attrs},
-                zarr_format=3,
-                storage_options=storage_options(path),
+                zarr_target(path, read_only=False), attributes={ATTRS_KEY: attrs}, zarr_format=3
             )
         except zarr.errors.ContainsGroupError:
             pass  # another process created it just now: check it as any existing store
@@ -266,7 +264,7 @@ def open_root(path: str | Path, *, mode: str) -> zarr.Group:
     if mode != "r":
         require_writable(path)
     if not exists(path):
-        raise StoreError(f"{path}: no such store")
+        raise StoreError(f"{path}: {missing(path)}")
     # Readers see a missing chunk as an error; writers must see it as "not written yet".
     try:
         root = _read_root(path) if mode == "r" else open_group(path, mode=mode, zarr_format=3)

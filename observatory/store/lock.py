@@ -15,7 +15,7 @@ from zarr.storage import LocalStore, WrapperStore
 
 from observatory.errors import StoreError
 from observatory.spec import RunId
-from observatory.store.paths import filesystem
+from observatory.store.paths import filesystem, remote_errors
 
 LOCK_HEARTBEAT_SECONDS = 5.0  # a holder touches its lock this often ...
 LOCK_STALE_SECONDS = 60.0  # ... and a lock untouched for this long has no living holder
@@ -164,7 +164,8 @@ class _ObjectLockFile:
 
     def create(self, text: str) -> bool:
         try:
-            self.fs.pipe_file(self.path, text.encode(), mode="create")
+            with remote_errors(self.path):  # e.g. credentials that may read but not write
+                self.fs.pipe_file(self.path, text.encode(), mode="create")
         except FileExistsError:
             return False
         return True

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from observatory import arguments
 from observatory.errors import StoreError
 from observatory.spec import RunId, RunSpec, spec_from_dict
 from observatory.store.common import child, local_root, node
@@ -33,7 +34,7 @@ from observatory.store.layout import (
     open_root,
     read_checkpoint,
 )
-from observatory.store.paths import filesystem, location
+from observatory.store.paths import filesystem, location, remote_errors
 
 
 @lru_cache(maxsize=8)
@@ -88,6 +89,7 @@ class FamilyStore:
 
     def run(self, size: str, seed: int) -> RunReader:
         """The run of ``size`` and seed index ``seed``; a clear error lists what exists."""
+        size, seed = arguments.name(size, "size"), arguments.index(seed, "seed")
         for run in self.spec.runs():  # the common case: one existence check, not one per run
             if run.size == size and run.seed == seed:
                 group = self._group(run.path)
@@ -98,6 +100,7 @@ class FamilyStore:
 
     def size_runs(self, size: str) -> list[RunReader]:
         """Readers of every run of ``size``, in seed order; a clear error lists the sizes."""
+        size = arguments.name(size, "size")
         return [RunReader(self, run) for run in self._size_run_ids(size)]
 
     def _group(self, path: str) -> zarr.Group | None:
@@ -123,7 +126,8 @@ class FamilyStore:
             base = self.path / subpath
             return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
         fs, root = filesystem(self.path)
-        return int(fs.du(f"{root}/{subpath}".rstrip("/"), total=True))
+        with remote_errors(self.path):
+            return int(fs.du(f"{root}/{subpath}".rstrip("/"), total=True))
 
 
 class RunReader:
@@ -204,12 +208,12 @@ class RunReader:
 
     def checkpoint_index(self, step: int) -> int:
         """Position of ``step`` on the checkpoint axis; a clear error if it is not committed."""
-        steps = self.steps()
+        step, steps = arguments.index(step, "step"), self.steps()
         hits = np.flatnonzero(steps == step)
         if len(hits) == 0:
             raise StoreError(
                 f"{self.run.path}: no committed checkpoint at step {step} "
-                f"({len(steps)} committed: {_shown(steps)})"
+                f"({_nearest(steps, step)}{len(steps)} committed: {_shown(steps)})"
             )
         return int(hits[0])
 
@@ -294,7 +298,8 @@ class RunReader:
     def batch_indices(self, step: int) -> np.ndarray:
         """Corpus indices of the batch consumed at training step ``step``."""
         self.refuse_if_ingested("no recorded batches")
-        if not 0 <= step < self.n_steps:
+        step = arguments.index(step, "step")
+        if not step < self.n_steps:
             raise StoreError(
                 f"{self.run.path}: no recorded batch for step {step} "
                 f"(recorded steps: 0..{self.n_steps - 1})"
@@ -327,6 +332,14 @@ class RunReader:
         checkpoint_dim = array.metadata.dimension_names[0] == "step"
         steps = self.steps if checkpoint_dim and ANALYSIS_GROUP not in array.path else None
         return checked_read(array, selection, steps)
+
+
+def _nearest(steps: np.ndarray, step: int) -> str:
+    """The committed steps on either side of ``step``, for an error message: ``"nearest: 2, 4;
+    "``."""
+    at = int(np.searchsorted(steps, step))
+    near = [int(s) for s in steps[max(at - 1, 0) : at + 1]]
+    return f"nearest: {', '.join(map(str, near))}; " if near else ""
 
 
 def _shown(steps: np.ndarray) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from observatory import arguments
 from observatory.data import Corpus, stored_corpus
 from observatory.errors import StoreError
 from observatory.models import build_model
@@ -28,6 +29,10 @@ from observatory.train.step import recipe, recipe_record, restore, train_step
 
 # on_step(step, model, batch, loss, grads): see :func:`replay`.
 OnStep = Callable[[int, PreTrainedModel, torch.Tensor, float, dict[str, torch.Tensor]], None]
+
+
+# Why an ingested run (weights only) is refused, after the note that says it was ingested.
+REPLAY_NEEDS = "it cannot be replayed, which needs both"
 
 
 class RecipeError(StoreError):
@@ -78,18 +83,22 @@ def replay(
 
     Raises
     ------
+    ArgumentError
+        If an argument has the wrong type or an impossible value (``every < 1``).
     StoreError
-        If the run or the steps do not exist, the corpus changed, or (``strict``) the recipe
-        cannot be honoured (:class:`RecipeError`).
+        If the run or the steps do not exist, the run was ingested (it has no optimizer state
+        or data order), the corpus changed, or (``strict``) the recipe cannot be honoured
+        (:class:`RecipeError`).
 
     Examples
     --------
     >>> for step, model in obs.replay(path, size="l2-d64", seed=0, start=280, stop=320):
     ...     print(step, model(tokens).loss)
     """
-    source = ReplaySource.open(store, size=size, seed=seed, strict=strict)
-    if every < 1:
-        raise StoreError(f"every: must be at least 1, got {every}")
+    start, stop = arguments.index(start, "start"), arguments.index(stop, "stop")
+    every = arguments.index(every, "every", minimum=1)
+    on_step = arguments.function(on_step, "on_step")
+    source = ReplaySource.open(store, size=size, seed=seed, strict=arguments.flag(strict, "strict"))
     source.check_range(start, stop)
     keyframe = source.keyframe_before(start)
     wanted = range(start, stop + 1, every)
@@ -125,6 +134,7 @@ class ReplaySource:
     def open(cls, store: str | Path, *, size: str, seed: int, strict: bool) -> ReplaySource:
         family = FamilyStore(store)
         reader = family.run(size, seed)
+        reader.refuse_if_ingested(REPLAY_NEEDS)
         check_recipe(reader, strict=strict)
         return cls(reader=reader, spec=family.spec, corpus=stored_corpus(family))
 

@@ -212,7 +212,9 @@ def test_only_committed_checkpoints_are_visible(uncommitted):
     assert obs.head_weights(uncommitted, size=SIZE, seed=0, layer=0, head=0).sizes["step"] == 6
     family = obs.open_family(uncommitted, size=SIZE)
     assert family["W_Q"].sel(seed=0, step=10).isnull().all()
-    with pytest.raises(StoreError, match=r"no committed checkpoint at step 10 \(6 committed"):
+    with pytest.raises(
+        StoreError, match=r"no committed checkpoint at step 10 \(nearest: 8; 6 committed"
+    ):
         obs.model_at(uncommitted, size=SIZE, seed=0, step=10)
     with pytest.raises(StoreError, match=r"recorded steps: 0\.\.8"):
         obs.batch_at(uncommitted, size=SIZE, seed=0, step=9)

@@ -112,3 +112,31 @@ def test_replay_of_a_run_still_training_stops_at_what_is_committed(tiny_spec, tm
     assert_bit_identical(weights(model), run.parameters_at(10))
     with pytest.raises(StoreError, match=r"cannot replay steps 6..11: steps 0..10 are recorded"):
         obs.replay(store, size="l2-d16", seed=0, start=6, stop=11)
+
+
+def test_an_ingested_run_cannot_be_replayed_and_says_why(trained_tiny, tmp_path, capsys):
+    from observatory.cli import main
+    from tests.conftest import tree_bytes
+
+    _, store = trained_tiny
+    assert main(["export", str(store), "--seed", "0", "--out", str(tmp_path / "hf")]) == 0
+    ingested = tmp_path / "in.zarr"
+    assert main(["ingest", str(tmp_path / "hf"), "--out", str(ingested), "--no-progress"]) == 0
+    capsys.readouterr()
+    before = tree_bytes(ingested)
+    why = "without optimizer state or data order: it cannot be replayed, which needs both"
+    for call in (
+        lambda: list(obs.replay(ingested, size="l2-d16", seed=0, start=0, stop=2)),
+        lambda: list(obs.replay(ingested, size="l2-d16", seed=0, start=0, stop=2, strict=False)),
+        lambda: obs.model_at(ingested, size="l2-d16", seed=0, step=3),  # between checkpoints
+    ):
+        with pytest.raises(StoreError) as raised:
+            call()
+        message = str(raised.value)
+        assert "\n" not in message and "recipe" not in message and "strict" not in message
+        assert why in message or "no committed checkpoint at step 3 (nearest: 2, 4;" in message
+    assert main(["verify", str(ingested), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and why in err and "verify --quick" in err
+    assert main(["verify", str(ingested), "--quick", "--no-progress"]) == 0  # checksums, ledger
+    assert tree_bytes(ingested) == before
