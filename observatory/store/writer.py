@@ -69,6 +69,42 @@ def writer_memory(n_checkpoints: int, per_chunk: int, checkpoint_bytes: int) -> 
     return (slots + 1) * checkpoint_bytes + ENCODING_COPIES * layout.WRITE_PIECE
 
 
+# A file takes whole blocks of this size on the usual local file systems (ext4, xfs, APFS).
+FILE_BLOCK = 4096
+# Most bytes a chunk's codecs add to data that does not compress: Blosc's header and
+# per-block flags (at most 32 bytes in Blosc 1 and 2), then the 4-byte CRC32C.
+CODEC_OVERHEAD = 64
+# Room for what training adds to a run's metadata document: commit markers, completion, the
+# devices it trained on.
+METADATA_GROWTH = FILE_BLOCK
+
+
+def disk_bound(spec: RunSpec, run: RunId, **layout_args: Any) -> int:
+    """Most bytes a run takes on a local disk once finished: an upper bound from its layout.
+
+    The run's arrays are created in memory as :class:`RunWriter` creates them (``layout_args``
+    are its keyword arguments), then counted: every chunk at its full size (zarr stores the
+    last chunk of an array whole), uncompressed plus ``CODEC_OVERHEAD`` (what compressed
+    data turns out smaller only loosens the bound), each metadata document at its size plus
+    ``METADATA_GROWTH``, each file in whole ``FILE_BLOCK`` blocks, and one largest chunk more
+    for the file a commit is replacing.
+    """
+    documents: dict[str, Any] = {}
+    root = zarr.open_group(zarr.storage.MemoryStore(documents), mode="w", zarr_format=3)
+    RunWriter(root, run, spec, **layout_args)
+    chunk_files = [
+        (array.nchunks, _blocks(math.prod(array.chunks) * array.dtype.itemsize + CODEC_OVERHEAD))
+        for _, array in root[run.path].members(max_depth=None)
+        if isinstance(array, zarr.Array)
+    ]
+    metadata = sum(_blocks(len(doc) + METADATA_GROWTH) for doc in documents.values())
+    return sum(n * size for n, size in chunk_files) + metadata + max(s for _, s in chunk_files)
+
+
+def _blocks(n_bytes: int) -> int:
+    return -(-n_bytes // FILE_BLOCK) * FILE_BLOCK
+
+
 class RunWriter:
     """Appends checkpoints and per-step records of one run, on a background thread.
 
@@ -296,7 +332,8 @@ class RunWriter:
 
     def _check(self) -> None:
         if self._error is not None:
-            raise StoreError(f"{self.run.path}: writing the store failed: {self._error}")
+            error = self._error
+            raise StoreError(f"{self.run.path}: writing the store failed: {error}") from error
 
     def _loop(self) -> None:
         rows = self._rows()
