@@ -393,12 +393,13 @@ def _check_options(sources: Sequence[str | Path], out: str | Path, options: dict
 
     if not sources:
         raise InteropError("no checkpoint directories given")
-    for key in ("context", "batch_size"):
+    for key, least in (("context", 2), ("batch_size", 1)):  # a spec's own minimums
         value = options[key]
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
+            isinstance(value, bool) or not isinstance(value, int) or value < least
         ):
-            raise InteropError(f"{EXPORT_KEEPS[key]}: expected a positive number, got {value!r}")
+            expected = "a positive number" if least == 1 else f"at least {least}"
+            raise InteropError(f"{EXPORT_KEEPS[key]}: expected {expected}, got {value!r}")
     for key in ("name", "size"):
         value = options[key]
         if value is not None and not (isinstance(value, str) and NAME.fullmatch(value)):
@@ -529,6 +530,11 @@ def _derived_spec(config, name, size, context, batch_size, n_runs, series) -> Ru
         "n_positions": n_positions,
     } | size_keys
     steps = sorted({step for one in series for step in one.steps})
+    if steps[-1] * batch_size * context >= 2**63:  # tokens seen are stored as int64
+        raise InteropError(
+            f"the tokens seen by step {steps[-1]} ({batch_size} x {context} per step) overflow "
+            "the store's 64-bit counts; check --batch-size and the step numbers"
+        )
     table = {
         "name": name,
         "model": model | {"sizes": [shape]},

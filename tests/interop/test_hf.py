@@ -261,8 +261,9 @@ def sources(trained_tiny, tmp_path_factory):
 BAD_FLAGS = [
     (["--batch-size", "-1"], "--batch-size: expected a positive number, got -1"),
     (["--batch-size", "0"], "--batch-size: expected a positive number, got 0"),
-    (["--context", "0"], "--context: expected a positive number, got 0"),
-    (["--context", "-3"], "--context: expected a positive number, got -3"),
+    (["--context", "0"], "--context: expected at least 2, got 0"),
+    (["--context", "-3"], "--context: expected at least 2, got -3"),
+    (["--context", "1"], "--context: expected at least 2, got 1"),
     (["--size", "a/b"], "--size: expected a name of letters, digits"),
     (["--size", ""], "--size: expected a name of letters, digits"),
     (["--size", ".."], "--size: expected a name of letters, digits"),
@@ -316,6 +317,10 @@ def test_a_bad_ingest_target_is_a_one_line_error(sources, tmp_path, capsys):
     )
     assert "--context: 99 tokens do not fit the model's 32 positions" in one_line_error(
         capsys, ["ingest", plain, "--out", str(tmp_path / "y.zarr"), "--context", "99"]
+    )
+    huge = ["--batch-size", str(2**62)]
+    assert "the tokens seen by step 4 (4611686018427387904 x 32 per step) overflow" in (
+        one_line_error(capsys, ["ingest", plain, "--out", str(tmp_path / "y.zarr"), *huge])
     )
     assert tree_bytes(sources) == before and not (tmp_path / "y.zarr").exists()
 
