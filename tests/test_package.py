@@ -82,8 +82,8 @@ def test_import_graph_sees_function_level_and_relative_imports():
         "def f():\n    from observatory.store import FamilyStore\n"
         "from . import errors\nfrom .models import parameter_dims\n"
     )
-    known = {"observatory.store", "observatory.errors", "observatory.models", "observatory.data"}
-    assert imported("observatory.data", tree, known) == {
+    known = {"observatory.store", "observatory.errors", "observatory.models", "observatory.spec"}
+    assert imported("observatory.spec", tree, known) == {
         "observatory.store",
         "observatory.errors",
         "observatory.models",
