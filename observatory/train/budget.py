@@ -98,13 +98,11 @@ def disk_estimate(spec: RunSpec, runs: list[RunId]) -> int:
     metadata documents (the spec, the corpus record, the model config) are bounded by twice
     their compact JSON (for the indentation) plus a block.
     """
-    schedule = spec.checkpoints.steps(spec.train.steps)
     layout = {
-        "schedule": schedule,
+        "schedule": spec.checkpoints.steps(spec.train.steps),
         "keyframes": spec.checkpoints.keyframes(spec.train.steps),
         "rng_bytes": torch.get_rng_state().numel(),
         "recipe": recipe_record(spec),
-        "data_order_fingerprint": "0" * 64,
     }
     sizes = {run.size: spec.size(run.size) for run in runs}
     shapes = {name: _parameter_shapes(spec, size) for name, size in sizes.items()}
