@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -22,6 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from observatory.errors import ObservatoryError
+
+_DIGITS = re.compile(r"[0-9]+")
+MAX_LIST = 10**6  # entries of a --seeds/--steps list: a longer range is a typo
 
 # At exit, the interpreter's last collections would traverse every object that torch,
 # transformers and zarr created, most of the teardown's time; frozen, they are skipped.
@@ -174,7 +178,9 @@ def _options() -> _Options:
 def _add_seeds(parser) -> None:
     """``--seeds``, in a parent parser or in a group of its own (``export``)."""
     parser.add_argument(
-        "--seeds", type=_int_list, help="seed indices, e.g. 0-2 or 0,3 (default: all)"
+        "--seeds",
+        type=_int_list("seeds", "0-2 or 0,3"),
+        help="seed indices, e.g. 0-2 or 0,3 (default: all)",
     )
 
 
@@ -402,7 +408,9 @@ def _export_parser(commands, options: _Options) -> None:
     which.add_argument("--seed", type=int, help="one seed index, written straight into --out")
     _add_seeds(which)
     export.add_argument(
-        "--steps", type=_int_list, help="checkpoint steps, e.g. 0,512,1000 (default: all)"
+        "--steps",
+        type=_int_list("steps", "0,512,1000 or 0-1000"),
+        help="checkpoint steps, e.g. 0,512,1000 (default: all)",
     )
 
 
@@ -433,18 +441,23 @@ def _ingest_parser(commands, options: _Options) -> None:
     ingest = _command(commands, "ingest", _cmd_ingest, options.progress)
     ingest.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint directory per run")
     ingest.add_argument("--out", required=True, metavar="STORE", help="the new store (*.zarr)")
-    ingest.add_argument("--name", help="family name (default: the store's file name)")
-    ingest.add_argument("--size", help="size name (default: l<layers>-d<d_model>)")
+    ingest.add_argument(
+        "--name", help="family name (default: the store's file name; not for an export)"
+    )
+    ingest.add_argument(
+        "--size", help="size name (default: l<layers>-d<d_model>; not for an export)"
+    )
     ingest.add_argument(
         "--context",
         type=int,
-        help="tokens per probe/held-out sequence of the analyses (default: n_positions)",
+        help="tokens per probe/held-out sequence of the analyses (default: n_positions; "
+        "not for an export, which keeps its own)",
     )
     ingest.add_argument(
         "--batch-size",
         type=int,
-        default=1,
-        help="sequences per training step of the original run, for tokens seen (default: 1)",
+        help="sequences per training step of the original run, for tokens seen (default: 1; "
+        "not for an export, which keeps its own)",
     )
 
 
@@ -470,22 +483,33 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
 # Argument types and output.
 
 
-def _int_list(text: str) -> list[int]:
-    """Parse ``"0-2"``, ``"0,3"`` or ``"1"`` into a list of ints (each range ascending)."""
-    out: list[int] = []
-    for part in text.split(","):
-        lo, dash, hi = part.partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise argparse.ArgumentTypeError(f"expected seeds like 0-2 or 0,3, got {text!r}")
-        if dash and int(hi) < int(lo):
-            raise argparse.ArgumentTypeError(f"the range {part!r} is empty (write {hi}-{lo})")
-        out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
-    return out
+def _int_list(noun: str, example: str) -> Callable[[str], list[int]]:
+    """A parser of ``"0-2"``, ``"0,3"`` or ``"1"`` into a list of ints (each range ascending);
+    its errors say what the option takes (argparse names the option)."""
+
+    def parse(text: str) -> list[int]:
+        out: list[int] = []
+        for part in text.split(","):
+            lo, dash, hi = part.partition("-")
+            if not _DIGITS.fullmatch(lo) or (dash and not _DIGITS.fullmatch(hi)):
+                raise argparse.ArgumentTypeError(f"expected {noun} like {example}, got {text!r}")
+            if dash and int(hi) < int(lo):
+                raise argparse.ArgumentTypeError(f"the range {part!r} is empty (write {hi}-{lo})")
+            part_values = range(int(lo), int(hi) + 1) if dash else [int(lo)]
+            if len(out) + len(part_values) > MAX_LIST:
+                raise argparse.ArgumentTypeError(f"more than {MAX_LIST} {noun} in {text!r}")
+            out.extend(part_values)
+        return out
+
+    return parse
 
 
 def _names(text: str) -> list[str]:
     """Parse ``"l2-d64,l4-d128"`` into a list of names."""
-    return [name for name in text.split(",") if name]
+    names = text.split(",")
+    if not all(name.strip() for name in names):
+        raise argparse.ArgumentTypeError(f"expected size names like l2-d64,l4-d128, got {text!r}")
+    return names
 
 
 def _positive_int(text: str) -> int:

@@ -39,6 +39,19 @@ STEP_FOLDER = re.compile(r"(?:step|checkpoint-)(\d+)")
 # Config entries that differ between saves of the same model (left out of the config hash).
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
 EXPORT_BLOCK = 16  # checkpoints read together while exporting
+# Names that a store path can hold as one folder, on every file system and object store.
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+# Tensor dtypes that float32 holds exactly: an ingested checkpoint keeps its values bit for bit.
+EXACT_DTYPES = ("F16", "BF16", "F32")
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# Options taken from an export's own provenance: giving them is refused rather than ignored.
+EXPORT_KEEPS = {
+    "name": "--name",
+    "size": "--size",
+    "context": "--context",
+    "batch_size": "--batch-size",
+}
 
 
 class InteropError(ObservatoryError):
@@ -261,9 +274,21 @@ def find_checkpoints(source: str | Path) -> CheckpointSeries:
     for folder in folders.values():
         if not (folder / "config.json").is_file():
             raise InteropError(f"{folder}: not a Hugging Face checkpoint (no config.json)")
-    provenance_file = base / PROVENANCE
-    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else None
+    provenance = _provenance(base / PROVENANCE) if (base / PROVENANCE).is_file() else None
     return CheckpointSeries(source, dict(sorted(folders.items())), provenance)
+
+
+def _provenance(path: Path) -> dict[str, Any]:
+    """An export's ``observatory.json``, with the entries ingest reads."""
+    try:
+        provenance = json.loads(path.read_text())
+        keys = ("format", "spec", "size", "seed", "init_seed", "data_seed", "data")
+        missing = [key for key in keys if key not in provenance]
+    except (ValueError, TypeError) as err:
+        raise InteropError(f"{path}: not an export's provenance ({_first_line(err)})") from None
+    if missing or provenance["format"] != EXPORT_FORMAT["format"]:
+        raise InteropError(f"{path}: not an observatory export (missing {', '.join(missing)})")
+    return provenance
 
 
 def _mapping_pairs(path: Path) -> list[tuple[int, str]]:
@@ -291,7 +316,7 @@ def ingest(
     name: str | None = None,
     size: str | None = None,
     context: int | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Ingest series of Hugging Face checkpoints as the seeds of one family in a new store.
@@ -302,18 +327,22 @@ def ingest(
         One directory (or mapping file, see :func:`find_checkpoints`) per run; the runs become
         seeds 0, 1, ... of the family (an export keeps its recorded seeds and spec).
     out
-        The new store; it must not exist.
+        The new store, on a local disk; it must not exist, nor be inside a source.
     name, size
-        Family and size names (default: the store's file name and ``l<layers>-d<d_model>``);
-        ignored for exports, which carry theirs.
+        Family and size names (default: the store's file name and ``l<layers>-d<d_model>``):
+        letters, digits, ``.``, ``_`` and ``-``.
     context
         Sequence length of the analyses' probe and held-out data (default: the model's
-        position table); ignored for exports.
+        position table).
     batch_size
         Sequences per training step of the original run, for the ``tokens_seen`` coordinate
-        (``step * batch_size * context``); ignored for exports.
+        (``step * batch_size * context``; default 1).
     progress
         Show a progress bar per run.
+
+    An export carries its own family and size names, context and batch size: giving ``name``,
+    ``size``, ``context`` or ``batch_size`` for one is refused (they would contradict its
+    recorded spec and metrics).
 
     Returns
     -------
@@ -323,19 +352,29 @@ def ingest(
     Raises
     ------
     ObservatoryError
-        On a missing or empty source, a step that appears twice, checkpoints of different
-        architectures or configs, an unsupported model type, or an existing ``out``.
+        On an invalid option, a missing or empty source, a step that appears twice, checkpoints
+        of different architectures or configs, an unsupported model type, a checkpoint that
+        does not load, or an existing ``out``; nothing is left at ``out``.
     """
     from observatory.store import create_family, write_size_attrs
 
-    out = Path(out)
-    if out.exists():
-        raise InteropError(f"{out}: already exists; ingest into a new store")
+    options = {"name": name, "size": size, "context": context, "batch_size": batch_size}
+    out = _check_options(sources, out, options)
     series = [find_checkpoints(source) for source in sources]
-    if not series:
-        raise InteropError("no checkpoint directories given")
+    for folder in (f for one in series for f in one.folders.values()):
+        _check_outside(out, folder, folder)
+    exported = [one.source for one in series if one.provenance is not None]
+    given = [flag for key, flag in EXPORT_KEEPS.items() if options[key] is not None]
+    if exported and given:
+        raise InteropError(
+            f"{exported[0]}: an observatory export keeps its recorded family, size, context and "
+            f"batch size; leave out {', '.join(given)}"
+        )
     config = _common_config(series)
-    spec, runs, data = _family(series, config, name or out.stem, size, context, batch_size)
+    for folder in (f for one in series for f in one.folders.values()):
+        _check_weight_files(folder)  # headers only: a bad file is refused before the store exists
+    spec, runs, data = _family(series, config, name or out.stem, size, context, batch_size or 1)
+    created = _first_missing(out)  # what to remove on failure: out and the folders made for it
     try:
         root = create_family(out, spec, data=data)
         write_size_attrs(root, spec.model.sizes[0], hf_config=config.to_dict())
@@ -343,9 +382,58 @@ def ingest(
             for one, run in zip(series, runs, strict=True):
                 _ingest_run(root, spec, run, one, config_hash(config), progress=progress)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # a new store: nothing but our partial copy
+        shutil.rmtree(created, ignore_errors=True)  # all new: nothing but our partial copy
         raise
     return out
+
+
+def _check_options(sources: Sequence[str | Path], out: str | Path, options: dict) -> Path:
+    """The store path, after checking every option the same way whatever the sources are."""
+    from observatory.store import location
+
+    if not sources:
+        raise InteropError("no checkpoint directories given")
+    for key, least in (("context", 2), ("batch_size", 1)):  # a spec's own minimums
+        value = options[key]
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            expected = "a positive number" if least == 1 else f"at least {least}"
+            raise InteropError(f"{EXPORT_KEEPS[key]}: expected {expected}, got {value!r}")
+    for key in ("name", "size"):
+        value = options[key]
+        if value is not None and not (isinstance(value, str) and NAME.fullmatch(value)):
+            raise InteropError(
+                f"{EXPORT_KEEPS[key]}: expected a name of letters, digits, '.', '_' and '-' "
+                f"(not starting with '.', at most 100), got {value!r}"
+            )
+    if not isinstance(location(out), Path):
+        raise InteropError(f"--out {out}: ingest writes a local store (copy it afterwards)")
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        kind = "a file" if out.is_file() else "already exists"
+        raise InteropError(f"--out {out}: {kind}; ingest into a new store")
+    resolved = [Path(source).resolve() for source in sources]
+    for source, path in zip(sources, resolved, strict=True):
+        if resolved.count(path) > 1:
+            raise InteropError(f"{source}: given twice; each directory is one run")
+        _check_outside(out, path, source)
+    return out
+
+
+def _check_outside(out: Path, folder: Path, source: str | Path) -> None:
+    """The new store is not inside a checkpoint directory (a mapping file's folders are checked
+    once they are read): removing it on failure must never touch a source."""
+    if folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+        raise InteropError(f"--out {out}: inside the checkpoint source {source}")
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost folder of ``path`` that does not exist yet (``path`` itself, or a parent)."""
+    path = path.absolute()
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def _common_config(series: list[CheckpointSeries]) -> Any:
@@ -359,9 +447,8 @@ def _common_config(series: list[CheckpointSeries]) -> Any:
     for folder in (f for one in series for f in one.folders.values()):
         try:
             config = AutoConfig.from_pretrained(folder)
-        except (OSError, ValueError, KeyError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise InteropError(f"{folder}: cannot read config.json ({reason})") from None
+        except Exception as err:  # not JSON, no model_type, values of the wrong type, ...
+            raise InteropError(f"{folder}: cannot read config.json ({_first_line(err)})") from None
         if config.model_type not in supported:
             raise InteropError(
                 f"{folder}: model type {config.model_type!r} is not supported "
@@ -401,8 +488,6 @@ def _family(series, config, name, size, context, batch_size) -> tuple[RunSpec, l
 def _exported_family(series: list[CheckpointSeries]) -> tuple[RunSpec, list[RunId], dict]:
     first = series[0].provenance
     for one in series:
-        if one.provenance.get("format") != EXPORT_FORMAT["format"]:
-            raise InteropError(f"{one.source / PROVENANCE}: not an observatory export")
         if (one.provenance["spec"], one.provenance["size"]) != (first["spec"], first["size"]):
             raise InteropError(
                 f"{one.source}: exported from another family or size than {series[0].source}"
@@ -414,7 +499,13 @@ def _exported_family(series: list[CheckpointSeries]) -> tuple[RunSpec, list[RunI
     seeds = [run.seed for run in runs]
     if len(set(seeds)) != len(seeds):
         raise InteropError(f"the same seed is exported twice among the directories (seeds {seeds})")
-    return spec_from_dict(first["spec"]), runs, first["data"]
+    try:
+        spec = spec_from_dict(first["spec"])
+    except ObservatoryError as err:
+        raise InteropError(
+            f"{series[0].source / PROVENANCE}: its spec is invalid ({err})"
+        ) from None
+    return spec, runs, first["data"]
 
 
 def _derived_spec(config, name, size, context, batch_size, n_runs, series) -> RunSpec:
@@ -423,7 +514,11 @@ def _derived_spec(config, name, size, context, batch_size, n_runs, series) -> Ru
 
     declared = of_config(config)
     n_positions = config.max_position_embeddings
-    context = context or n_positions
+    context = n_positions if context is None else context
+    if context > n_positions:
+        raise InteropError(
+            f"--context: {context} tokens do not fit the model's {n_positions} positions"
+        )
     period_max = max(1, min(32, context - 1))
     model_keys, size_keys = declared.spec_keys(config)
     model = {"architecture": declared.name, "vocab_size": config.vocab_size} | model_keys
@@ -435,6 +530,11 @@ def _derived_spec(config, name, size, context, batch_size, n_runs, series) -> Ru
         "n_positions": n_positions,
     } | size_keys
     steps = sorted({step for one in series for step in one.steps})
+    if steps[-1] * batch_size * context >= 2**63:  # tokens seen are stored as int64
+        raise InteropError(
+            f"the tokens seen by step {steps[-1]} ({batch_size} x {context} per step) overflow "
+            "the store's 64-bit counts; check --batch-size and the step numbers"
+        )
     table = {
         "name": name,
         "model": model | {"sizes": [shape]},
@@ -465,7 +565,6 @@ def _ingest_run(
     """Write the checkpoints (and an export's metrics) of one run."""
     from tqdm.auto import tqdm
 
-    from observatory.models import stack_layers
     from observatory.store import Checkpoint, RunWriter
 
     size = spec.size(run.size)
@@ -482,7 +581,7 @@ def _ingest_run(
         for step in tqdm(
             series.steps, desc=f"ingest {run.path}", unit="ckpt", disable=not progress
         ):
-            params = stack_layers(dict(_load(series.folders[step]).named_parameters()))
+            params = _load(series.folders[step])
             if writer is None:
                 _check_parameters(series.folders[step], params, spec)
                 writer = RunWriter(
@@ -507,18 +606,78 @@ def _ingest_run(
             writer.close(complete=finished)
 
 
-def _load(folder: Path) -> Any:
-    """The model of one checkpoint folder, in float32 with eager attention."""
+def _load(folder: Path) -> dict[str, np.ndarray]:
+    """The stacked float32 parameters of one checkpoint folder (whose files
+    :func:`_check_weight_files` passed), checked to be all there and finite."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from observatory.models import stack_layers
+
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="eager"
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=torch.float32,
+            attn_implementation="eager",
+            use_safetensors=True,
+            output_loading_info=True,
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InteropError(f"{folder}: cannot load the checkpoint ({reason})") from None
+    except Exception as err:  # transformers and safetensors raise many kinds for a bad file
+        raise InteropError(f"{folder}: cannot load the checkpoint ({_first_line(err)})") from None
+    # A tensor missing from the file would silently keep its random initialisation.
+    for kind in ("missing_keys", "mismatched_keys"):
+        if info.get(kind):
+            names = ", ".join(str(key) for key in sorted(info[kind], key=str)[:3])
+            raise InteropError(
+                f"{folder}: the weights do not match config.json "
+                f"({kind.replace('_', ' ')}: {names})"
+            )
+    params = stack_layers(dict(model.named_parameters()))
+    for name, array in params.items():
+        # Refused: a diverged checkpoint has nothing to analyse, and every analysis of it
+        # would store NaN, which readers take for "not analysed".
+        if not np.isfinite(array).all():
+            raise InteropError(f"{folder}: tensor {name!r} has NaN or infinite values")
+    return params
+
+
+def _check_weight_files(folder: Path) -> None:
+    """``model.safetensors`` (or its shards) is there, readable, and holds float tensors that
+    float32 represents exactly; a pickled ``pytorch_model.bin`` is not read."""
+    from safetensors import safe_open
+
+    if (folder / WEIGHTS_INDEX).is_file():
+        try:
+            index = json.loads((folder / WEIGHTS_INDEX).read_text())
+            files = sorted({folder / shard for shard in index["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise InteropError(f"{folder}: {WEIGHTS_INDEX} is not a shard index ({err})") from None
+    elif (folder / WEIGHTS).is_file():
+        files = [folder / WEIGHTS]
+    elif any(folder.glob("pytorch_model*.bin")):
+        raise InteropError(
+            f"{folder}: holds pytorch_model.bin (a pickle, which is not read) and no {WEIGHTS}; "
+            "save the model with save_pretrained(..., safe_serialization=True)"
+        )
+    else:
+        raise InteropError(f"{folder}: no {WEIGHTS}")
+    for file in files:
+        try:
+            with safe_open(file, framework="numpy") as tensors:
+                dtypes = {key: tensors.get_slice(key).get_dtype() for key in tensors.keys()}  # noqa: SIM118
+        except Exception as err:  # SafetensorError, OSError: a truncated or corrupt file
+            raise InteropError(f"{folder}: cannot read {file.name} ({_first_line(err)})") from None
+        for key, dtype in dtypes.items():
+            if dtype not in EXACT_DTYPES:
+                raise InteropError(
+                    f"{folder}: tensor {key!r} is {dtype}; weights must be float32, float16 "
+                    "or bfloat16"
+                )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _check_parameters(folder: Path, params: dict[str, np.ndarray], spec: RunSpec) -> None:
@@ -544,15 +703,22 @@ def _metrics(series: CheckpointSeries) -> Iterator[Any]:
 
     if series.provenance is None or not (series.source / METRICS).is_file():
         return
-    with (series.source / METRICS).open(newline="") as file:
+    path = series.source / METRICS
+    with path.open(newline="") as file:
         for expected, row in enumerate(csv.DictReader(file)):
-            if int(row["train_step"]) != expected:
-                raise InteropError(f"{series.source / METRICS}: steps must be 0, 1, 2, ...")
-            yield StepRecord(
-                step=expected,
-                loss=float(row["loss"]),
-                lr=float(row["lr"]),
-                grad_norm=float(row["grad_norm"]),
-                tokens_seen=int(row["train_tokens"]),
-                batch_indices=None,
-            )
+            try:
+                record = StepRecord(
+                    step=int(row["train_step"]),
+                    loss=float(row["loss"]),
+                    lr=float(row["lr"]),
+                    grad_norm=float(row["grad_norm"]),
+                    tokens_seen=int(row["train_tokens"]),
+                    batch_indices=None,
+                )
+            except (ValueError, KeyError, TypeError) as err:
+                raise InteropError(
+                    f"{path}: row {expected + 1} is not a metrics row ({err})"
+                ) from None
+            if record.step != expected:
+                raise InteropError(f"{path}: steps must be 0, 1, 2, ...")
+            yield record

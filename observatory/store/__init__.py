@@ -50,15 +50,18 @@ from observatory.store.results import (
 )
 from observatory.store.writer import (
     ENCODING_COPIES,
+    FILE_BLOCK,
     MAX_BUFFER_BYTES,
     RunWriter,
     buffer_slots,
+    disk_bound,
     writer_memory,
 )
 
 __all__ = [
     "ATTRS_KEY",
     "ENCODING_COPIES",
+    "FILE_BLOCK",
     "MAX_BUFFER_BYTES",
     "MOMENTS",
     "SCHEMA_VERSION",
@@ -93,5 +96,6 @@ __all__ = [
     "verify_checkpoints",
     "weights_digest",
     "write_size_attrs",
+    "disk_bound",
     "writer_memory",
 ]

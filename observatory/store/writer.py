@@ -69,6 +69,64 @@ def writer_memory(n_checkpoints: int, per_chunk: int, checkpoint_bytes: int) -> 
     return (slots + 1) * checkpoint_bytes + ENCODING_COPIES * layout.WRITE_PIECE
 
 
+# A file takes whole blocks of this size on the usual local file systems (ext4, xfs, APFS).
+FILE_BLOCK = 4096
+# Most bytes a chunk's codecs add to data that does not compress: Blosc's header and
+# per-block flags (at most 32 bytes in Blosc 1 and 2), then the 4-byte CRC32C.
+CODEC_OVERHEAD = 64
+# Room for what training adds to a run's metadata document: commit markers, completion, the
+# devices it trained on.
+METADATA_GROWTH = FILE_BLOCK
+
+
+def disk_bound(
+    spec: RunSpec,
+    run: RunId,
+    *,
+    param_shapes: dict[str, tuple[int, ...]],
+    d_head: int,
+    schedule: tuple[int, ...],
+    keyframes: tuple[int, ...],
+    rng_bytes: int,
+    recipe: dict[str, Any],
+) -> int:
+    """Most bytes a run takes on a local disk once finished: an upper bound from its layout.
+
+    The run's arrays and attributes are created in memory as :class:`RunWriter` creates them
+    (the arguments are its own), then counted: every chunk at its full size (zarr stores the
+    last chunk of an array whole), uncompressed plus ``CODEC_OVERHEAD`` (what compressed
+    data turns out smaller only loosens the bound), each metadata document at its size plus
+    ``METADATA_GROWTH``, each file in whole ``FILE_BLOCK`` blocks, and one largest chunk more
+    for the file a commit is replacing.
+    """
+    documents: dict[str, Any] = {}
+    group = zarr.open_group(zarr.storage.MemoryStore(documents), mode="w", zarr_format=3)
+    _create_arrays(group, spec, param_shapes, d_head, schedule, keyframes, rng_bytes, True)
+    first = _first_attrs(
+        group,
+        run,
+        spec,
+        param_shapes,
+        schedule,
+        keyframes,
+        origin=None,
+        recipe=recipe,
+        data_order_fingerprint="0" * 64,  # no shorter than a real fingerprint
+    )
+    set_attrs(group, **first)
+    chunk_files = [
+        (array.nchunks, _blocks(math.prod(array.chunks) * array.dtype.itemsize + CODEC_OVERHEAD))
+        for _, array in group.members(max_depth=None)
+        if isinstance(array, zarr.Array)
+    ]
+    metadata = sum(_blocks(len(doc) + METADATA_GROWTH) for doc in documents.values())
+    return sum(n * size for n, size in chunk_files) + metadata + max(s for _, s in chunk_files)
+
+
+def _blocks(n_bytes: int) -> int:
+    return -(-n_bytes // FILE_BLOCK) * FILE_BLOCK
+
+
 class RunWriter:
     """Appends checkpoints and per-step records of one run, on a background thread.
 
@@ -133,19 +191,17 @@ class RunWriter:
             # The attributes go last: until they exist, readers do not see the run.
             set_attrs(
                 self._group,
-                init_seed=self.run.init_seed,
-                data_seed=self.run.data_seed,
-                schedule=list(schedule),
-                total_steps=spec.train.steps,
-                parameters=sorted(param_shapes),
-                committed_checkpoints=0,
-                committed_steps=0,
-                complete=False,
-                data_order_fingerprint=data_order_fingerprint,
-                keyframes=list(keyframes),
-                recipe=recipe or {},
-                origin=origin,
-                layout={name: array_layout(array) for name, array in self._group.arrays()},
+                **_first_attrs(
+                    self._group,
+                    run,
+                    spec,
+                    param_shapes,
+                    schedule,
+                    keyframes,
+                    data_order_fingerprint=data_order_fingerprint,
+                    recipe=recipe,
+                    origin=origin,
+                ),
             )
         elif attrs_of(self._group).get("origin") is not None:
             note = ingested_note(attrs_of(self._group))
@@ -170,36 +226,9 @@ class RunWriter:
     # -- layout ------------------------------------------------------------------------------
 
     def _create_arrays(self, spec, param_shapes, d_head, schedule, keyframes, rng_bytes) -> None:
-        # Every array is created at its final length (the schedule's checkpoints, its
-        # keyframes, the run's steps), so that any reader sees consistent lengths at any time;
-        # only what the commit markers cover is written.
-        group = self._group
-        per_chunk = spec.store.checkpoints_per_chunk
-        steps = _ArrayMaker(spec, len(schedule), "step", per_chunk, d_head)
-        for name, shape in param_shapes.items():
-            steps.checkpoints(group, name, shape, parameter_dims(name), weights=True)
-        if self._state:
-            state = group.require_group(STATE_GROUP)
-            # The training state is stored at keyframes only: its own axis, with their steps.
-            frames = _ArrayMaker(spec, len(keyframes), KEYFRAME, per_chunk, d_head)
-            for moment in MOMENTS:
-                moments = state.require_group(moment)
-                for name, shape in param_shapes.items():
-                    frames.checkpoints(moments, name, shape, parameter_dims(name))
-            frames.checkpoints(state, "rng_state", (rng_bytes,), ("rng_byte",), dtype="uint8")
-            frames.vector(state, KEYFRAME, (), "int64")
-            frames.vector(state, SHA256, ("sha256_byte",), "uint8", trailing=(32,))
-        steps.vector(group, "step", (), "int64")
-        steps.vector(group, "tokens_seen", (), "int64")
-        steps.vector(group, WEIGHTS_SHA256, ("sha256_byte",), "uint8", trailing=(32,))
-        records = _ArrayMaker(spec, spec.train.steps, "train_step", per_chunk, d_head)
-        records.vector(group, "train_step", (), "int64")
-        records.vector(group, "train_tokens", (), "int64")
-        for metric in STEP_METRICS:
-            records.vector(group, metric, (), "float32")
-        if self._state:
-            batch = (spec.train.batch_size,)
-            records.vector(group, "batch_indices", ("batch",), "int64", trailing=batch)
+        _create_arrays(
+            self._group, spec, param_shapes, d_head, schedule, keyframes, rng_bytes, self._state
+        )
 
     def _checkpoint_arrays(self) -> dict[str, dict[tuple[str, ...], zarr.Array]]:
         """Arrays with a leading ``step`` (``"step"``) or ``keyframe`` dim (``"keyframe"``),
@@ -296,7 +325,8 @@ class RunWriter:
 
     def _check(self) -> None:
         if self._error is not None:
-            raise StoreError(f"{self.run.path}: writing the store failed: {self._error}")
+            error = self._error
+            raise StoreError(f"{self.run.path}: writing the store failed: {error}") from error
 
     def _loop(self) -> None:
         rows = self._rows()
@@ -457,6 +487,60 @@ def _checkpoint_rows(checkpoint: Checkpoint) -> dict[str, dict[tuple[str, ...], 
             ("sha256",): state_digest(checkpoint.moments, checkpoint.rng_state),
         }
     return rows
+
+
+def _create_arrays(group, spec, param_shapes, d_head, schedule, keyframes, rng_bytes, with_state):
+    """A new run's arrays in ``group``; ``with_state``, also its optimizer and RNG state and
+    data order (an ingested run has none)."""
+    # Every array is created at its final length (the schedule's checkpoints, its keyframes,
+    # the run's steps), so that any reader sees consistent lengths at any time; only what the
+    # commit markers cover is written.
+    per_chunk = spec.store.checkpoints_per_chunk
+    steps = _ArrayMaker(spec, len(schedule), "step", per_chunk, d_head)
+    for name, shape in param_shapes.items():
+        steps.checkpoints(group, name, shape, parameter_dims(name), weights=True)
+    if with_state:
+        state = group.require_group(STATE_GROUP)
+        # The training state is stored at keyframes only: its own axis, with their steps.
+        frames = _ArrayMaker(spec, len(keyframes), KEYFRAME, per_chunk, d_head)
+        for moment in MOMENTS:
+            moments = state.require_group(moment)
+            for name, shape in param_shapes.items():
+                frames.checkpoints(moments, name, shape, parameter_dims(name))
+        frames.checkpoints(state, "rng_state", (rng_bytes,), ("rng_byte",), dtype="uint8")
+        frames.vector(state, KEYFRAME, (), "int64")
+        frames.vector(state, SHA256, ("sha256_byte",), "uint8", trailing=(32,))
+    steps.vector(group, "step", (), "int64")
+    steps.vector(group, "tokens_seen", (), "int64")
+    steps.vector(group, WEIGHTS_SHA256, ("sha256_byte",), "uint8", trailing=(32,))
+    records = _ArrayMaker(spec, spec.train.steps, "train_step", per_chunk, d_head)
+    records.vector(group, "train_step", (), "int64")
+    records.vector(group, "train_tokens", (), "int64")
+    for metric in STEP_METRICS:
+        records.vector(group, metric, (), "float32")
+    if with_state:
+        batch = (spec.train.batch_size,)
+        records.vector(group, "batch_indices", ("batch",), "int64", trailing=batch)
+
+
+def _first_attrs(group, run, spec, param_shapes, schedule, keyframes, **given) -> dict[str, Any]:
+    """The attributes of a new run (``given``: its data order fingerprint, recipe, origin),
+    once its arrays are in ``group``."""
+    return {
+        "init_seed": run.init_seed,
+        "data_seed": run.data_seed,
+        "schedule": list(schedule),
+        "total_steps": spec.train.steps,
+        "parameters": sorted(param_shapes),
+        "committed_checkpoints": 0,
+        "committed_steps": 0,
+        "complete": False,
+        "data_order_fingerprint": given["data_order_fingerprint"],
+        "keyframes": list(keyframes),
+        "recipe": given["recipe"] or {},
+        "origin": given["origin"],
+        "layout": {name: array_layout(array) for name, array in group.arrays()},
+    }
 
 
 @dataclass(frozen=True)

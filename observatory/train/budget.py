@@ -8,6 +8,8 @@ training fails in one line instead, naming what needs the most.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -15,9 +17,10 @@ from pathlib import Path
 import torch
 
 from observatory.errors import SpecError
-from observatory.models import build_config, model_from_config
+from observatory.models import build_config, model_from_config, stacked_name
 from observatory.spec import RunId, RunSpec, SizeSpec
-from observatory.store import writer_memory
+from observatory.store import FILE_BLOCK, disk_bound, writer_memory
+from observatory.train.step import recipe_record
 
 
 def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
@@ -25,7 +28,7 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
 
     Estimates the memory a run needs (parameters, gradients and AdamW state; the checkpoints
     the writer buffers; the corpus; a batch's activations) against the memory available, and
-    the disk its checkpoints and step records take (uncompressed) against the free space.
+    the disk the runs take (:func:`disk_estimate`) against the free space.
 
     Raises
     ------
@@ -39,9 +42,9 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
         corpus = spec.data.n_sequences * train.context * 8
     else:
         corpus = spec.data.max_bytes * 8 * train.context // (train.context - 1)
-    memory, disk = {}, 0
+    memory = {}
     for size in {run.size: spec.size(run.size) for run in runs}.values():
-        params = _parameter_count(spec, size) * 4
+        params = sum(map(math.prod, _parameter_shapes(spec, size).values())) * 4
         state = 3 * params  # weights and the two AdamW moments, as one checkpoint holds them
         activations = (
             train.batch_size
@@ -58,8 +61,6 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
             n_ckpt, spec.store.checkpoints_per_chunk, state
         )
         memory[f"the activations of a batch of size {size.name!r}"] = activations
-        runs_of_size = sum(run.size == size.name for run in runs)
-        disk += runs_of_size * (n_ckpt * state + train.steps * (train.batch_size * 8 + 40))
     memory["the corpus"] = corpus
     memory["the checkpoint schedule"] = n_ckpt * 100
     largest = max(memory, key=memory.get)
@@ -72,6 +73,7 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
     if not isinstance(path, Path):  # an object store: no free space to ask for
         return
     free = shutil.disk_usage(_existing_parent(path)).free
+    disk = disk_estimate(spec, runs)
     if disk > free:
         raise SpecError(
             f"needs up to ~{_human(disk)} on disk for {len(runs)} run(s) of {n_ckpt} "
@@ -88,16 +90,47 @@ def _schedule_length(spec: RunSpec) -> int:
     return count + (steps // checkpoints.every + 1 if checkpoints.every else 0)
 
 
-def _parameter_count(spec: RunSpec, size: SizeSpec) -> int:
-    """Exact parameter count of a size, from models of 1 and 2 layers on torch's meta device."""
-    counts = []
-    for n_layers in (1, 2):
-        with torch.device("meta"):  # shapes only: nothing is allocated
-            model = model_from_config(
-                build_config(spec.model, dataclasses.replace(size, n_layers=n_layers))
-            )
-        counts.append(sum(p.numel() for p in model.parameters()))
-    return counts[0] + (size.n_layers - 1) * (counts[1] - counts[0])
+def disk_estimate(spec: RunSpec, runs: list[RunId]) -> int:
+    """An upper bound on the bytes the finished ``runs`` take on a local disk.
+
+    Each run is bounded from its layout by :func:`~observatory.store.disk_bound` (every chunk
+    whole and uncompressed, metadata, file system blocks); the family's and each size's
+    metadata documents (the spec, the corpus record, the model config) are bounded by twice
+    their compact JSON (for the indentation) plus a block.
+    """
+    layout = {
+        "schedule": spec.checkpoints.steps(spec.train.steps),
+        "keyframes": spec.checkpoints.keyframes(spec.train.steps),
+        "rng_bytes": torch.get_rng_state().numel(),
+        "recipe": recipe_record(spec),
+    }
+    sizes = {run.size: spec.size(run.size) for run in runs}
+    shapes = {name: _parameter_shapes(spec, size) for name, size in sizes.items()}
+    total = _document_bound(spec.to_dict())
+    for size in sizes.values():
+        total += _document_bound(build_config(spec.model, size).to_dict() | size.__dict__)
+    for run in runs:
+        total += disk_bound(
+            spec, run, param_shapes=shapes[run.size], d_head=sizes[run.size].d_head, **layout
+        )
+    return total
+
+
+def _document_bound(attrs: dict) -> int:
+    return 2 * len(json.dumps(attrs, default=str)) + 2 * FILE_BLOCK
+
+
+def _parameter_shapes(spec: RunSpec, size: SizeSpec) -> dict[str, tuple[int, ...]]:
+    """The stored (per-layer ones stacked) parameter shapes of a size, from a 1-layer model on
+    torch's meta device: nothing is allocated, however large the size."""
+    with torch.device("meta"):
+        model = model_from_config(build_config(spec.model, dataclasses.replace(size, n_layers=1)))
+    shapes = {}
+    for name, parameter in model.named_parameters():
+        stacked, layer = stacked_name(name)
+        shape = tuple(parameter.shape)
+        shapes[stacked] = shape if layer is None else (size.n_layers, *shape)
+    return shapes
 
 
 def _available_memory() -> int:

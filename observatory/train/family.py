@@ -8,8 +8,10 @@ trains it (see :func:`~observatory.train.loop.train_run`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+import errno
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -23,6 +25,9 @@ from observatory.store import FamilyStore, create_family, location, write_size_a
 from observatory.train.budget import check_budget
 from observatory.train.interrupts import interrupts_between_steps, raise_if_interrupted
 from observatory.train.loop import RunSummary, train_run
+
+# Errors of a disk (or quota) that is full: the run stops, what it committed is kept.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def train_family(
@@ -88,7 +93,7 @@ def train_family(
     on_run_end = on_run_end or (lambda summary: None)
     options = {"resume": resume, "stop_after": stop_after}
     # In this process, Ctrl-C stops at a step boundary (see interrupts_between_steps).
-    with interrupts_between_steps() if sequential else nullcontext():
+    with resumable_when_full(path), interrupts_between_steps() if sequential else nullcontext():
         corpus = build_corpus(
             spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size
         )
@@ -164,5 +169,44 @@ def _train_on_cluster(client, spec, store, runs, corpus, progress, on_run_end, o
 
 def _train_task(spec, store, run, corpus, *, resume, stop_after) -> RunSummary:
     """Train one run on a dask worker, into the store the client created."""
-    root = FamilyStore(store, mode="r+").root
-    return train_run(spec, run, root, corpus, resume=resume, progress=False, stop_after=stop_after)
+    with resumable_when_full(store):
+        root = FamilyStore(store, mode="r+").root
+        return train_run(
+            spec, run, root, corpus, resume=resume, progress=False, stop_after=stop_after
+        )
+
+
+@contextmanager
+def resumable_when_full(store: str | Path) -> Iterator[None]:
+    """Turn a full disk, wherever training meets it (the writer's thread, a run's metadata, a
+    lock file), into one line naming the store and how to continue.
+
+    Commits write their rows first and the markers last, so a write that fails leaves every
+    committed checkpoint intact: ``--resume`` continues from the last committed keyframe.
+
+    Raises
+    ------
+    StoreError
+        If an ``OSError`` with ``ENOSPC`` or ``EDQUOT`` is raised or caused the error.
+    """
+    try:
+        yield
+    except Exception as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        raise StoreError(
+            f"{store}: the disk is full ({os.strerror(full.errno)}); the checkpoints committed "
+            "so far are kept: free space, then continue with --resume"
+        ) from err
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The full-disk error that ``err`` is or was caused by, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

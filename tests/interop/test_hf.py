@@ -15,8 +15,9 @@ import observatory as obs
 from observatory.cli import main
 from observatory.errors import StoreError
 from observatory.spec import load_run_spec
+from observatory.store import FamilyStore
 from observatory.train import train_family
-from tests.conftest import TINY_TOML, write_spec
+from tests.conftest import TINY_TOML, tree_bytes, write_spec
 from tests.jobs.test_analyze import JOB  # the tiny analysis job
 
 SIZE = "l2-d16"
@@ -231,3 +232,255 @@ def test_bad_export_input_is_a_one_line_error(trained_tiny, tmp_path, capsys):
     assert "not empty" in one_line_error(
         capsys, ["export", str(store), "--seed", "0", "--out", str(out)]
     )
+
+
+@pytest.fixture(scope="module")
+def sources(trained_tiny, tmp_path_factory):
+    """An export of seed 0 and plain step<N> folders of a foreign model, to ingest from."""
+    _, store = trained_tiny
+    directory = tmp_path_factory.mktemp("sources")
+    assert (
+        main(
+            [
+                "export",
+                str(store),
+                "--seed",
+                "0",
+                "--steps",
+                "0,24",
+                "--out",
+                str(directory / "export"),
+            ]
+        )
+        == 0
+    )
+    neox_series(directory / "plain", seed=0, steps=(0, 4), step_name="step{}")
+    return directory
+
+
+BAD_FLAGS = [
+    (["--batch-size", "-1"], "--batch-size: expected a positive number, got -1"),
+    (["--batch-size", "0"], "--batch-size: expected a positive number, got 0"),
+    (["--context", "0"], "--context: expected at least 2, got 0"),
+    (["--context", "-3"], "--context: expected at least 2, got -3"),
+    (["--context", "1"], "--context: expected at least 2, got 1"),
+    (["--size", "a/b"], "--size: expected a name of letters, digits"),
+    (["--size", ""], "--size: expected a name of letters, digits"),
+    (["--size", ".."], "--size: expected a name of letters, digits"),
+    (["--name", "x y"], "--name: expected a name of letters, digits"),
+    (["--name", "a\\b"], "--name: expected a name of letters, digits"),
+]
+
+
+@pytest.mark.parametrize("source", ["export", "plain"])
+@pytest.mark.parametrize(("flags", "message"), BAD_FLAGS)
+def test_every_ingest_flag_is_checked_the_same_way_for_any_source(
+    sources, source, flags, message, tmp_path, capsys
+):
+    before = tree_bytes(sources)
+    out = tmp_path / "new" / "x.zarr"
+    err = one_line_error(capsys, ["ingest", str(sources / source), "--out", str(out), *flags])
+    assert message in err
+    assert not (tmp_path / "new").exists()
+    assert tree_bytes(sources) == before
+
+
+def test_an_export_refuses_the_flags_it_does_not_use(sources, tmp_path, capsys):
+    out = tmp_path / "x.zarr"
+    for flags in (["--context", "8"], ["--batch-size", "2"], ["--size", "s"], ["--name", "n"]):
+        err = one_line_error(capsys, ["ingest", str(sources / "export"), "--out", str(out), *flags])
+        assert "an observatory export keeps its recorded family, size, context" in err
+        assert f"leave out {flags[0]}" in err
+        assert not out.exists()
+    # ... which plain folders use.
+    command = ["ingest", str(sources / "plain"), "--out", str(out), "--no-progress"]
+    assert main([*command, "--context", "8", "--batch-size", "2", "--size", "s"]) == 0
+    spec = FamilyStore(out).spec
+    assert (spec.train.context, spec.train.batch_size, spec.model.sizes[0].name) == (8, 2, "s")
+
+
+def test_a_bad_ingest_target_is_a_one_line_error(sources, tmp_path, capsys):
+    plain = str(sources / "plain")
+    (tmp_path / "file.zarr").write_text("x")
+    (tmp_path / "dir.zarr").mkdir()
+    cases = {
+        str(tmp_path / "file.zarr"): "a file; ingest into a new store",
+        str(tmp_path / "dir.zarr"): "already exists; ingest into a new store",
+        str(sources / "plain" / "in.zarr"): "inside the checkpoint source",
+        "s3://bucket/x.zarr": "ingest writes a local store",
+    }
+    before = tree_bytes(sources)
+    for out, message in cases.items():
+        assert message in one_line_error(capsys, ["ingest", plain, "--out", out])
+    assert "given twice" in one_line_error(
+        capsys, ["ingest", plain, plain, "--out", str(tmp_path / "y.zarr")]
+    )
+    assert "--context: 99 tokens do not fit the model's 32 positions" in one_line_error(
+        capsys, ["ingest", plain, "--out", str(tmp_path / "y.zarr"), "--context", "99"]
+    )
+    huge = ["--batch-size", str(2**62)]
+    assert "the tokens seen by step 4 (4611686018427387904 x 32 per step) overflow" in (
+        one_line_error(capsys, ["ingest", plain, "--out", str(tmp_path / "y.zarr"), *huge])
+    )
+    assert tree_bytes(sources) == before and not (tmp_path / "y.zarr").exists()
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _random_bytes(path):
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+def _header_only(path):
+    path.write_bytes(path.read_bytes()[:5])
+
+
+def _retype(dtype):
+    def retype(path):
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(path)
+        save_file({k: v.astype(dtype) for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+    return retype
+
+
+def _as_pickle(path):
+    from safetensors.numpy import load_file
+
+    tensors = {k: torch.from_numpy(v) for k, v in load_file(path).items()}
+    torch.save(tensors, path.parent / "pytorch_model.bin")
+    path.unlink()
+
+
+def _nan(path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name][...] = np.nan
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _drop_tensor(path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(path)
+    del tensors[sorted(tensors)[-1]]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _config(text):
+    def write(path):
+        (path.parent / "config.json").write_text(text)
+
+    return write
+
+
+def _other_shapes(path):
+    config = json.loads((path.parent / "config.json").read_text())
+    (path.parent / "config.json").write_text(json.dumps(config | {"intermediate_size": 40}))
+
+
+BROKEN_CHECKPOINTS = {
+    "truncated": (_truncate, "cannot read model.safetensors"),
+    "random bytes": (_random_bytes, "cannot read model.safetensors"),
+    "header only": (_header_only, "cannot read model.safetensors"),
+    "int tensors": (_retype(np.int32), "is I32; weights must be float32, float16 or bfloat16"),
+    "float64 tensors": (_retype(np.float64), "is F64; weights must be float32"),
+    "missing weights": (lambda path: path.unlink(), "no model.safetensors"),
+    "pickle only": (_as_pickle, "holds pytorch_model.bin (a pickle, which is not read)"),
+    "NaN weights": (_nan, "has NaN or infinite values"),
+    "missing tensor": (_drop_tensor, "the weights do not match config.json (missing keys"),
+    "other shapes": (_other_shapes, "mixed architectures: its config differs from"),
+    "config not JSON": (_config("{not json"), "cannot read config.json"),
+    "config without keys": (_config("{}"), "cannot read config.json"),
+    "config of wrong types": (
+        _config('{"model_type": "gpt_neox", "hidden_size": "x"}'),
+        "cannot read config.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("source", ["export", "plain"])
+@pytest.mark.parametrize("kind", BROKEN_CHECKPOINTS)
+def test_a_checkpoint_that_does_not_load_is_a_one_line_error_and_leaves_no_store(
+    sources, source, kind, tmp_path, capsys
+):
+    import shutil
+
+    copy = tmp_path / "src"
+    shutil.copytree(sources / source, copy)
+    folder = copy / max(copy.glob("step*"), key=lambda p: int(p.name[4:])).name
+    breaker, message = BROKEN_CHECKPOINTS[kind]
+    breaker(folder / "model.safetensors")
+    before = tree_bytes(copy)
+    out = str(tmp_path / "x.zarr")
+    err = one_line_error(capsys, ["ingest", str(copy), "--out", out, "--no-progress"])
+    assert str(folder) in err and message in err
+    assert not (tmp_path / "x.zarr").exists() and tree_bytes(copy) == before
+
+
+def test_float16_checkpoints_are_ingested_exactly(sources, tmp_path):
+    import shutil
+
+    shutil.copytree(sources / "plain", tmp_path / "src")
+    for folder in (tmp_path / "src").glob("step*"):
+        _retype(np.float16)(folder / "model.safetensors")
+    out = tmp_path / "x.zarr"
+    assert main(["ingest", str(tmp_path / "src"), "--out", str(out), "--no-progress"]) == 0
+    stored = obs.open_run(out, size="l2-d24", seed=0)["W_E"].sel(step=4).values
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "src" / "step4").gpt_neox.embed_in
+    assert np.array_equal(stored, expected.weight.detach().half().float().numpy())
+
+
+def test_an_internal_error_during_ingest_leaves_no_store(sources, tmp_path, monkeypatch, capsys):
+    import observatory.interop.hf as hf
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(hf, "_metrics", broken)
+    out = tmp_path / "new" / "deeper" / "x.zarr"
+    assert main(["ingest", str(sources / "export"), "--out", str(out)]) == 1
+    assert "internal error: RuntimeError: boom" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["export", "S", "--out", "o", "--steps", "abc"],
+            "argument --steps: expected steps like 0,512,1000 or 0-1000, got 'abc'",
+        ),
+        (
+            ["export", "S", "--out", "o", "--seeds", "x"],
+            "argument --seeds: expected seeds like 0-2 or 0,3, got 'x'",
+        ),
+        (
+            ["export", "S", "--out", "o", "--steps", "5-1"],
+            "argument --steps: the range '5-1' is empty",
+        ),
+        (["export", "S", "--out", "o", "--steps", "0,,3"], "argument --steps: expected steps"),
+        (["export", "S", "--out", "o", "--steps", "²"], "argument --steps: expected steps"),
+        (["export", "S", "--out", "o", "--steps", "0-99999999999"], "argument --steps: more than"),
+        (
+            ["report", "S", "--out", "o", "--sizes", ","],
+            "argument --sizes/--size: expected size names",
+        ),
+        (
+            ["train", "s.toml", "--stop-after", "x"],
+            "argument --stop-after: expected a positive number",
+        ),
+        (["verify", "S", "--workers", "0"], "argument --workers: expected a positive number"),
+        (["ingest", "d", "--out", "o", "--context", "x"], "argument --context: invalid int value"),
+    ],
+)
+def test_list_and_number_options_name_themselves_in_their_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and err.count("\n") == 1, err

@@ -131,3 +131,51 @@ def test_local_workers_start_warm_and_train_for_a_client_given(trained_tiny, tmp
         assert arena == "1" and frozen > 10_000 and torch_imported
         store = train_family(spec, store=tmp_path / "given.zarr", client=client, progress=False)
     assert_stores_identical(sequential, store)
+
+
+def _fill_disk_at(monkeypatch, which):
+    """Every zarr file write counts; the one ``which`` picks (from the count) fails as a full
+    disk would, with ``ENOSPC``."""
+    import errno
+
+    import zarr.storage._local as local
+
+    original, writes = local._put, []
+
+    def put(path, value, exclusive=False):
+        writes.append(path)
+        if which(len(writes)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return original(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", put)
+    return writes
+
+
+@pytest.mark.parametrize("at", ["creation", "mid-run", "last write"])
+def test_a_full_disk_is_one_line_and_resume_finishes_bit_identical(
+    tiny_spec_path, tmp_path, monkeypatch, capsys, at
+):
+    from observatory.cli import main
+
+    clean, store = tmp_path / "clean.zarr", tmp_path / "full.zarr"
+    args = ["train", str(tiny_spec_path), "--seeds", "0", "--no-progress", "--store"]
+    with monkeypatch.context() as patch:
+        writes = _fill_disk_at(patch, lambda n: False)
+        assert main([*args, str(clean)]) == 0
+    total = len(writes)
+    fail_at = {"creation": 3, "mid-run": total // 2, "last write": total}[at]
+    with monkeypatch.context() as patch:
+        _fill_disk_at(patch, lambda n: n == fail_at)
+        capsys.readouterr()
+        assert main([*args, str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(
+        f"observatory: error: {store}: the disk is full (No space left on device)"
+    )
+    assert "free space, then continue with --resume" in err
+    assert not (tmp_path / "full.zarr.locks").exists()
+    assert main([*args, str(store), "--resume"]) == 0
+    assert_stores_identical(store, clean)
+    assert FamilyStore(store).run("l2-d16", 0).complete
