@@ -36,7 +36,8 @@ Token files (``token_files``) are memory-mapped, never read whole:
   trailing per-sequence mode byte (Megatron's multimodal datasets) is allowed and ignored.
 
 Every problem is a one-line ``DataError`` naming the file, and the line or row where there is
-one. pyarrow is imported only when a Parquet or Arrow file is read.
+one. pyarrow (the optional extra ``text``) is imported only when a Parquet or Arrow file is
+read.
 """
 
 from __future__ import annotations
@@ -335,11 +336,9 @@ def _json_type(value: object) -> str:
 
 
 def _parquet(path: Path, field: str, errors: Errors, stats: ReadStats) -> Iterator[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    pa = _pyarrow(path)
     try:
-        file = pq.ParquetFile(path)
+        file = pa.parquet.ParquetFile(path)
         _check_text_column(file.schema_arrow, field, str(path), "column")
         yield from _arrow_rows(
             file.iter_batches(batch_size=_BATCH_ROWS, columns=[field]),
@@ -356,8 +355,7 @@ def _parquet(path: Path, field: str, errors: Errors, stats: ReadStats) -> Iterat
 def _saved_dataset(
     folder: Path, field: str, errors: Errors, stats: ReadStats
 ) -> Iterator[Document]:
-    import pyarrow as pa
-
+    pa = _pyarrow(folder)
     state = folder / "state.json"
     try:
         names = [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
@@ -375,6 +373,20 @@ def _saved_dataset(
                 row = yield from _arrow_rows(reader, str(folder), field, errors, stats, row)
         except pa.ArrowException as err:
             raise DataError(f"{path}: cannot read as an Arrow stream ({_one_line(err)})") from None
+
+
+def _pyarrow(path: Path):
+    """The pyarrow module, with its Parquet and IPC readers, or a ``DataError`` naming ``path``."""
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet  # noqa: F401  (binds pyarrow.parquet)
+    except ImportError:
+        raise DataError(
+            f"{path}: reading Parquet and datasets folders needs pyarrow "
+            "(pip install 'observatory[text]')"
+        ) from None
+    return pyarrow
 
 
 def _check_text_column(schema, field: str, where: str, what: str) -> None:
@@ -398,16 +410,27 @@ def _check_text_column(schema, field: str, where: str, what: str) -> None:
 def _arrow_rows(
     batches: Iterable, name: str, field: str, errors: Errors, stats: ReadStats, first_row: int
 ) -> Iterator[Document]:
-    """The documents of the text column ``field`` of record batches; returns the next row."""
+    """The documents of the text column ``field`` of record batches; returns the next row.
+
+    Arrow does not validate the UTF-8 of string columns it reads, so every value is taken as
+    bytes and decoded like a file's.
+    """
+    import pyarrow as pa
+
     row = first_row
     for batch in batches:
-        for value in batch.column(field).to_pylist():
+        column = batch.column(field)
+        if not pa.types.is_binary(column.type) and not pa.types.is_large_binary(column.type):
+            column = column.view(
+                pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+            )
+        for value in column.to_pylist():
             where = f"{name}[{row}]"
             if value is None:
                 raise DataError(f"{where}: field {field!r} is null, not a string")
-            if isinstance(value, bytes):
-                value = _decode(value, errors, stats, partial(_value_place, where, field))
-            yield Document(value, where)
+            yield Document(
+                _decode(value, errors, stats, partial(_value_place, where, field)), where
+            )
             row += 1
     return row
 
@@ -520,11 +543,13 @@ def _megatron_header(idx_path: Path) -> tuple[np.dtype, int, int]:
             f"{idx_path}: the older non-memory-mapped indexed dataset (TNTIDX); "
             "re-preprocess it with --dataset-impl mmap"
         )
-    if len(head) < _HEADER.size or not head.startswith(MEGATRON_MAGIC):
+    if not head.startswith(MEGATRON_MAGIC):
         raise DataError(
             f"{idx_path}: not a Megatron index (expected it to start with {MEGATRON_MAGIC!r}, "
             f"found {head[:9]!r})"
         )
+    if len(head) < _HEADER.size:
+        raise DataError(f"{idx_path}: {len(head)} bytes, too short for a Megatron index header")
     _, version, code, n_sequences, n_index = _HEADER.unpack(head)
     if version != 1:
         raise DataError(f"{idx_path}: index version {version}; only version 1 is supported")

@@ -13,6 +13,7 @@ import pytest
 
 from observatory.data.formats import (
     DataError,
+    Document,
     ReadStats,
     max_token,
     text_documents,
@@ -92,6 +93,25 @@ def write_saved_dataset(root: Path) -> Path:
     return path
 
 
+def write_saved_dataset_by_hand(root: Path) -> Path:
+    """The layout of ``save_to_disk`` without the datasets package: Arrow stream files listed
+    in ``state.json``."""
+    pa = pytest.importorskip("pyarrow")
+    path = root / "by_hand"
+    path.mkdir()
+    names = ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    for name, rows in zip(names, [REFERENCE[:3], REFERENCE[3:]], strict=True):
+        table = pa.table({"text": rows})
+        with pa.OSFile(str(path / name), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                for row in rows:  # one batch per row: several batches per file
+                    writer.write_table(pa.table({"text": [row]}))
+    state = {"_data_files": [{"filename": name} for name in names], "_split": None}
+    (path / "state.json").write_text(json.dumps(state))
+    (path / "dataset_info.json").write_text("{}")
+    return path
+
+
 TEXT_WRITERS = {
     "folder": write_folder,
     "jsonl": write_jsonl,
@@ -99,6 +119,7 @@ TEXT_WRITERS = {
     "json-strings": write_json_strings,
     "parquet": write_parquet,
     "save_to_disk": write_saved_dataset,
+    "save_to_disk-by-hand": write_saved_dataset_by_hand,
 }
 
 
@@ -114,9 +135,7 @@ def test_every_text_format_gives_the_reference_documents_in_order(tmp_path, kind
 def test_a_text_file_is_one_document_read_byte_exactly(tmp_path):
     path = tmp_path / "module.py"
     path.write_bytes("\n\n".join(REFERENCE).encode())
-    assert list(text_documents([path])) == [
-        type(next(text_documents([path])))("\n\n".join(REFERENCE), str(path))
-    ]
+    assert list(text_documents([path])) == [Document("\n\n".join(REFERENCE), str(path))]
 
 
 def test_documents_name_their_origin(tmp_path):
@@ -150,6 +169,14 @@ def test_empty_documents_are_skipped_and_counted(tmp_path):
     stats = ReadStats()
     assert texts([path], stats=stats) == ["x"]
     assert (stats.documents, stats.empty) == (1, 2)
+
+
+def test_without_pyarrow_a_parquet_file_asks_for_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "c.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+    with pytest.raises(DataError, match=rf"^{path}: reading Parquet .*observatory\[text\]"):
+        list(text_documents([path]))
 
 
 def test_importing_the_readers_leaves_pyarrow_unimported():
@@ -190,6 +217,11 @@ def test_binary_arrow_columns_are_decoded_like_files(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "bytes.parquet"
     pq.write_table(pa.table({"text": pa.array([b"fine", BAD_UTF8], pa.binary())}), path)
+    string_path = tmp_path / "unchecked.parquet"  # Arrow writes invalid UTF-8 strings unchecked
+    bad_strings = pa.array([b"fine", BAD_UTF8], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": bad_strings}), string_path)
+    with pytest.raises(DataError, match=rf"^{string_path}\[1\]: at byte 6 of field 'text'"):
+        list(text_documents([string_path]))
     with pytest.raises(DataError, match=rf"^{path}\[1\]: at byte 6 of field 'text'"):
         list(text_documents([path]))
     stats = ReadStats()
