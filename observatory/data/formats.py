@@ -190,6 +190,27 @@ def text_documents(
         raise DataError(f"empty corpus: {why} in {names}")
 
 
+def text_source_files(paths: Sequence[Path], *, glob: str = "*") -> list[Path]:
+    """Every file that ``text_documents(paths, glob=glob)`` reads, in reading order.
+
+    A token cache can record their sizes and modification times to notice a changed corpus
+    without reading it. A ``save_to_disk`` folder stands for its ``state.json`` and Arrow files.
+
+    Raises
+    ------
+    DataError
+        A missing path, or a folder the glob matches nothing in.
+    """
+    files = []
+    for path in paths:
+        for source in _text_sources(Path(path).expanduser(), glob):
+            is_dataset = source.is_dir()
+            files += (
+                [source / "state.json", *_saved_dataset_files(source)] if is_dataset else [source]
+            )
+    return files
+
+
 def _text_sources(path: Path, glob: str) -> list[Path]:
     """The files (and saved-dataset folders) that ``path`` stands for, in reading order."""
     if not path.exists():
@@ -356,16 +377,8 @@ def _saved_dataset(
     folder: Path, field: str, errors: Errors, stats: ReadStats
 ) -> Iterator[Document]:
     pa = _pyarrow(folder)
-    state = folder / "state.json"
-    try:
-        names = [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
-    except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{state}: not a datasets state file ({_one_line(err)})") from None
     row = 0
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path}: listed in {state} but missing")
+    for path in _saved_dataset_files(folder):
         try:
             with pa.memory_map(str(path)) as source:
                 reader = pa.ipc.open_stream(source)
@@ -373,6 +386,19 @@ def _saved_dataset(
                 row = yield from _arrow_rows(reader, str(folder), field, errors, stats, row)
         except pa.ArrowException as err:
             raise DataError(f"{path}: cannot read as an Arrow stream ({_one_line(err)})") from None
+
+
+def _saved_dataset_files(folder: Path) -> list[Path]:
+    """The Arrow files of a ``save_to_disk`` folder, in the order its ``state.json`` lists."""
+    state = folder / "state.json"
+    try:
+        names = [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{state}: not a datasets state file ({_one_line(err)})") from None
+    for name in names:
+        if not (folder / name).is_file():
+            raise DataError(f"{folder / name}: listed in {state} but missing")
+    return [folder / name for name in names]
 
 
 def _pyarrow(path: Path):
@@ -469,6 +495,19 @@ def token_files(paths: Sequence[Path], *, dtype: str | None = None) -> list[Toke
     if not paths:
         raise DataError("no token files given")
     return [_token_file(Path(path).expanduser(), wanted) for path in paths]
+
+
+def token_source_files(paths: Sequence[Path]) -> list[Path]:
+    """Every file that ``token_files(paths)`` reads (a Megatron dataset: ``.idx``, ``.bin``)."""
+    files = []
+    for path in map(Path, paths):
+        prefix = _megatron_prefix(path.expanduser())
+        files += (
+            [path.expanduser()]
+            if prefix is None
+            else [Path(f"{prefix}.idx"), Path(f"{prefix}.bin")]
+        )
+    return files
 
 
 def token_dtype(name: str) -> np.dtype:

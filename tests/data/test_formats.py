@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 
 from observatory.data.formats import (
-    DataError,
     Document,
     ReadStats,
     max_token,
     text_documents,
+    text_source_files,
     token_files,
+    token_source_files,
     write_megatron,
 )
+from observatory.errors import DataError
 
 REFERENCE = [
     "Once upon a time there was a fox.",
@@ -148,6 +150,24 @@ def test_documents_name_their_origin(tmp_path):
         assert origins([parquet])[-1] == f"{parquet}[4]"
     saved = write_saved_dataset(tmp_path)
     assert origins([saved]) == [f"{saved}[{row}]" for row in range(5)]
+
+
+def test_the_source_files_are_the_files_read(tmp_path):
+    folder, saved = write_folder(tmp_path), write_saved_dataset_by_hand(tmp_path)
+    names = ["a1.txt", "a2.txt", "b/c.txt", "b/d.txt", "z.txt"]
+    arrows = [saved / f"data-0000{i}-of-00002.arrow" for i in range(2)]
+    assert text_source_files([folder, saved], glob="*.txt") == [
+        *(folder / name for name in names),
+        saved / "state.json",
+        *arrows,
+    ]
+    write_megatron(tmp_path / "m", DOCS, dtype="uint16")
+    flat = tmp_path / "flat.bin"
+    assert token_source_files([tmp_path / "m.bin", flat]) == [
+        tmp_path / "m.idx",
+        tmp_path / "m.bin",
+        flat,
+    ]
 
 
 def test_paths_are_read_in_the_order_given(tmp_path):
