@@ -15,3 +15,7 @@ class StoreError(ObservatoryError):
 
 class AnalysisError(ObservatoryError):
     """An analysis cannot be loaded, or it failed or returned something other than it declared."""
+
+
+class DataError(ObservatoryError):
+    """A corpus or token file cannot be read: wrong format, encoding, field, dtype or ids."""
