@@ -53,6 +53,7 @@ class Stream:
     entry: Entry
     record: dict
     origin: str  # the corpus, for messages
+    fresh: bool  # tokenized (or hashed) just now, not found in the cache
 
 
 def text_stream(
@@ -81,7 +82,8 @@ def text_stream(
     } | {key: source[key] for key in ("field", "glob", "errors")}
     path = cache_root(spec.cache) / "tokens" / key_of(definition, source["files"])
     stats = source["files"]
-    entry = open_entry(path) or _tokenize(spec, tokenizer, definition, path, stats, progress)
+    cached = open_entry(path)
+    entry = cached or _tokenize(spec, tokenizer, definition, path, stats, progress)
     record = {
         "source": "text",
         "tokenizer_kind": tokenizer.kind,
@@ -90,7 +92,7 @@ def text_stream(
         **_stream_facts(entry),
         "replaced_characters": entry.meta["replaced_characters"],
     }
-    return Stream(entry.tokens(), entry, record, origin)
+    return Stream(entry.tokens(), entry, record, origin, fresh=cached is None)
 
 
 def _text_tokenizer(spec: DataSpec, vocab_size: int, source: dict, progress: bool):
@@ -194,7 +196,8 @@ def token_stream(
         "max_tokens": spec.max_tokens,
     }
     path = cache_root(spec.cache) / "tokens" / key_of(definition, stats, dtype.name)
-    entry = open_entry(path) or _hash_token_files(files, path, definition, dtype, spec, progress)
+    cached = open_entry(path)
+    entry = cached or _hash_token_files(files, path, definition, dtype, spec, progress)
     _check_ids(entry, files, vocab_size)
     copied = len(files) > 1
     tokens = entry.tokens() if copied else files[0].tokens[: entry.meta["n_tokens"]]
@@ -205,7 +208,8 @@ def token_stream(
         **CONVENTIONS,
         **_stream_facts(entry),
     }
-    return Stream(tokens, entry, record, files[0].origin if not copied else ", ".join(spec.paths))
+    origin = files[0].origin if not copied else ", ".join(spec.paths)
+    return Stream(tokens, entry, record, origin, fresh=cached is None)
 
 
 def _check_tokenizer_fits(tokenizer, files: list[TokenFile], vocab_size: int, name: str) -> None:
