@@ -164,8 +164,9 @@ class EntryWriter:
         try:
             os.rename(self.tmp, self.path)
         except OSError:  # another process completed the same entry first: theirs is as good
-            if open_entry(self.path) is None:
-                raise
+            if open_entry(self.path) is None:  # or a folder that is no entry is in the way
+                shutil.rmtree(self.path)
+                os.rename(self.tmp, self.path)
         return Entry(self.path, json.loads((self.path / META).read_text()))
 
 
