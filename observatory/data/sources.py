@@ -42,7 +42,7 @@ from observatory.spec import DataSpec, RunSpec, _expand
 
 EOS = BOS_TOKEN
 ENCODE_BATCH_CHARS = 1 << 22  # documents encoded together (the tokenizer uses every core)
-TOKEN_CHUNK = 1 << 24  # tokens of a token file hashed at a time
+TOKEN_CHUNK = 1 << 22  # tokens of a token file hashed at a time
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,7 @@ def _hash_token_files(files, path, definition, dtype, spec: DataSpec, progress) 
     ):
         for tf in files:
             base = out.n_tokens
-            for start in range(0, len(tf.tokens), TOKEN_CHUNK):
-                chunk = np.asarray(tf.tokens[start : start + TOKEN_CHUNK])
+            for start, chunk in _chunks(tf):
                 if len(chunk) and chunk.min() < 0:
                     where = start + int(np.argmax(chunk < 0))
                     raise DataError(f"{tf.origin}: negative token id at position {where}")
@@ -252,13 +251,27 @@ def _hash_token_files(files, path, definition, dtype, spec: DataSpec, progress) 
         return out.finish(sources=file_stats([Path(tf.origin) for tf in files]))
 
 
+def _chunks(tf: TokenFile) -> Iterator[tuple[int, np.ndarray]]:
+    """``(position, tokens)`` of a token file in chunks, read from the file when it is one:
+    pages read through a memory map would count in this process's memory until unmapped."""
+    tokens = tf.tokens
+    if not isinstance(tokens, np.memmap) or tokens.filename is None:
+        for start in range(0, len(tokens), TOKEN_CHUNK):
+            yield start, np.asarray(tokens[start : start + TOKEN_CHUNK])
+        return
+    with open(tokens.filename, "rb") as file:
+        file.seek(tokens.offset)
+        for start in range(0, len(tokens), TOKEN_CHUNK):
+            count = min(TOKEN_CHUNK, len(tokens) - start)
+            yield start, np.fromfile(file, dtype=tokens.dtype, count=count)
+
+
 def _check_ids(entry: Entry, files: list[TokenFile], vocab_size: int) -> None:
     """Refuse token ids >= the vocabulary, naming the file, position and document."""
     if len(entry.counts()) <= vocab_size:
         return
     for tf in files:  # only on the error path: find where the first such id is
-        for start in range(0, len(tf.tokens), TOKEN_CHUNK):
-            chunk = np.asarray(tf.tokens[start : start + TOKEN_CHUNK])
+        for start, chunk in _chunks(tf):
             if (chunk >= vocab_size).any():
                 where = start + int(np.argmax(chunk >= vocab_size))
                 document = int(np.searchsorted(tf.doc_offsets, where, side="right")) - 1
