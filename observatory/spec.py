@@ -261,7 +261,10 @@ class DataSpec:
             return
         _require(len(self.paths) > 0, f"{where}.paths: source = {self.source!r} needs paths")
         for p in self.corpus_paths():
-            _require(p.exists(), f"{where}.paths: corpus path {str(p)!r} does not exist")
+            megatron = self.source == "tokens" and p.with_name(p.name + ".bin").is_file()
+            _require(
+                p.exists() or megatron, f"{where}.paths: corpus path {str(p)!r} does not exist"
+            )
         if self.source == "text":
             _require(self.dtype is None, f"{where}.dtype: only for source = 'tokens'")
         else:

@@ -188,7 +188,7 @@ def token_stream(
         tokenizer = TextTokenizer("bytes") if named == "bytes" else load_tokenizer(_expand(named))
     if tokenizer is not None:
         _check_tokenizer_fits(tokenizer, files, vocab_size, spec.tokenizer or "stored tokenizer")
-    stats = file_stats([Path(tf.origin) for tf in files])
+    stats = file_stats(_token_sources(files))
     dtype = np.result_type(*(tf.tokens.dtype for tf in files))
     definition = {
         "source": "tokens",
@@ -248,7 +248,18 @@ def _hash_token_files(files, path, definition, dtype, spec: DataSpec, progress) 
             out.end_documents(base + np.asarray(tf.doc_offsets[1:], dtype=np.int64))
             if out.full:
                 break
-        return out.finish(sources=file_stats([Path(tf.origin) for tf in files]))
+        return out.finish(sources=file_stats(_token_sources(files)))
+
+
+def _token_sources(files: list[TokenFile]) -> list[Path]:
+    """The files behind token files: a Megatron dataset is its ``.bin`` and ``.idx``."""
+    paths = []
+    for tf in files:
+        origin = Path(tf.origin)
+        stem = origin.with_suffix("") if origin.suffix in (".bin", ".idx") else origin
+        megatron = [stem.with_name(stem.name + ext) for ext in (".bin", ".idx")]
+        paths.extend(megatron if all(p.is_file() for p in megatron) else [origin])
+    return paths
 
 
 def _chunks(tf: TokenFile) -> Iterator[tuple[int, np.ndarray]]:
