@@ -12,7 +12,8 @@ from observatory._lazy import lazy_attributes
 
 # Public names, imported from their module on first use.
 _LAZY = {
-    "observatory.query": "open open_run open_family head_weights model_at batch_at describe",
+    "observatory.query": "open open_run open_family head_weights model_at batch_at describe "
+    "tokenizer",
     "observatory.report.results": "summary",
     "observatory.jobs.compute": "compute",
     "observatory.train.replay": "replay",

@@ -37,6 +37,7 @@ into one zarr store, query them lazily with xarray, and track circuit formation 
 checkpoints and seeds.
 
 typical session:
+  observatory tokenize runs/text.toml                # optional: text into the token cache
   observatory train runs/induction.toml              # every size x seed of the family
   observatory inspect store/induction.zarr           # runs, checkpoints, tokens, disk use
   observatory analyses                               # the built-in analyses and options
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     options = _options()
     # In the order of a typical session, as `observatory --help` lists them.
+    _tokenize_parser(commands, options)
     _train_parser(commands, options)
     _command(commands, "inspect", _cmd_inspect, options.store)
     _command(commands, "analyses", _cmd_analyses)
@@ -186,6 +188,35 @@ def _add_seeds(parser) -> None:
 
 # --------------------------------------------------------------------------------------------
 # The commands: each one's parser, then its handler.
+
+
+def _tokenize_parser(commands, options: _Options) -> None:
+    tokenize = _command(commands, "tokenize", _cmd_tokenize, options.progress)
+    tokenize.add_argument("spec", help="run spec (runs/*.toml) with a text or token-file corpus")
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> None:
+    """Tokenize a run spec's corpus into the on-disk token cache.
+
+    Tokenize the spec's text corpus into the token cache (training its byte-level BPE first if
+    tokenizer = "bpe"), or hash its token files once, so that training, replay, verify and the
+    analyses memory-map it. `observatory train` does this itself when the cache lacks the
+    corpus. The cache is data.cache, else $OBSERVATORY_CACHE, else ~/.cache/observatory.
+    """
+    from observatory.data.sources import tokenize
+    from observatory.spec import load_run_spec
+
+    stream = tokenize(load_run_spec(args.spec), progress=args.progress)
+    meta = stream.entry.meta
+    speed = ", already in the cache"
+    if stream.fresh:
+        speed = ", hashed" if "seconds" not in meta else f", {meta['seconds']:.1f} s"
+        if meta.get("seconds"):
+            speed += f" ({meta['text_bytes'] / meta['seconds'] / 1e6:.1f} MB/s of text)"
+    print(
+        f"{meta['n_tokens']} tokens in {meta['n_documents']} documents{speed}\n"
+        f"token cache: {stream.entry.path}"
+    )
 
 
 def _train_parser(commands, options: _Options) -> None:

@@ -18,4 +18,4 @@ class AnalysisError(ObservatoryError):
 
 
 class DataError(ObservatoryError):
-    """A corpus or token file cannot be read: missing, malformed, not UTF-8, or empty."""
+    """A corpus or token file cannot be read: wrong format, encoding, field, dtype or ids."""

@@ -218,19 +218,37 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Training corpus: a seeded synthetic induction corpus, or byte-level text from files."""
+    """Training corpus: a seeded synthetic induction corpus, text files, or token files.
 
-    source: Literal["induction", "text"]
+    ``text``: documents from ``paths`` (see :mod:`observatory.data.formats`), tokenized by
+    ``tokenizer`` into the on-disk token cache; ``tokens``: already tokenized files, windowed
+    as they are.  Either way the token stream is cut into ``context``-token windows (see
+    :mod:`observatory.data.corpus` for the packing rule).
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"max_bytes": "max_tokens"}
+
+    source: Literal["induction", "text", "tokens"]
     seed: int = 0  # corpus seed (synthetic data only); data *order* has its own seeds
     n_sequences: int = 16384  # synthetic corpus size
     period_min: int = 8  # synthetic: each sequence repeats a random block of this many ...
     period_max: int = 32  # ... to this many tokens, drawn per sequence
     bigram_fraction: float = 0.0  # synthetic: fraction of sequences from a Markov-bigram chain
-    paths: tuple[str, ...] = ()  # text: files or directories; "{stdlib}" is Python's stdlib
-    glob: str = "*.py"  # text: which files of a directory to read
-    max_bytes: int = 8_000_000  # text: read at most this many bytes
+    paths: tuple[str, ...] = ()  # files or folders; "{stdlib}" is Python's stdlib, "~" home
+    glob: str = "*"  # text: which files of a folder to read (searched recursively)
+    field: str = "text"  # text: the text field of JSON Lines / JSON / Parquet / datasets rows
+    # text: "bpe" (a byte-level BPE of model.vocab_size tokens trained on the corpus), "bytes"
+    # (each UTF-8 byte is a token) or a tokenizer.json / tokenizer folder; tokens: optional,
+    # a tokenizer.json / folder to decode with
+    tokenizer: str | None = None
+    errors: Literal["strict", "replace"] = "strict"  # text: non-UTF-8 bytes fail or become U+FFFD
+    bos: bool = True  # each window starts with BOS (token 0), then context - 1 corpus tokens
+    max_tokens: int | None = None  # use at most this many tokens of the stream
+    dtype: str | None = None  # tokens: the token dtype of flat .bin files (uint16, uint32, ...)
+    cache: str | None = None  # token cache folder (default: $OBSERVATORY_CACHE, ~/.cache/...)
 
     def validate(self, where: str) -> None:
+        _require(self.max_tokens is None or self.max_tokens > 0, f"{where}.max_tokens: positive")
         if self.source == "induction":
             _require(self.n_sequences > 0, f"{where}.n_sequences: must be positive")
             _require(
@@ -238,19 +256,46 @@ class DataSpec:
                 f"{where}.period_min: need 1 <= period_min <= period_max",
             )
             _require(0.0 <= self.bigram_fraction <= 1.0, f"{where}.bigram_fraction: not in [0, 1]")
-            _require(not self.paths, f"{where}.paths: only for source = 'text'")
+            for key in ("paths", "tokenizer", "dtype"):
+                _require(not getattr(self, key), f"{where}.{key}: not for source = 'induction'")
+            return
+        _require(len(self.paths) > 0, f"{where}.paths: source = {self.source!r} needs paths")
+        for p in self.corpus_paths():
+            megatron = self.source == "tokens" and p.with_name(p.name + ".bin").is_file()
+            _require(
+                p.exists() or megatron, f"{where}.paths: corpus path {str(p)!r} does not exist"
+            )
+        if self.source == "text":
+            _require(self.dtype is None, f"{where}.dtype: only for source = 'tokens'")
         else:
-            _require(len(self.paths) > 0, f"{where}.paths: source = 'text' needs corpus paths")
-            for p in self.corpus_paths():
-                _require(p.exists(), f"{where}.paths: corpus path {str(p)!r} does not exist")
-            _require(self.max_bytes > 0, f"{where}.max_bytes: must be positive")
+            _require(self.tokenizer != "bpe", f"{where}.tokenizer: 'bpe' trains on text only")
+        if self.dtype is not None:
+            _require(
+                self.dtype in TOKEN_DTYPES,
+                f"{where}.dtype: expected one of {', '.join(TOKEN_DTYPES)}, got {self.dtype!r}",
+            )
+        if self.tokenizer not in (None, "bpe", "bytes"):
+            path = _expand(self.tokenizer)
+            _require(path.exists(), f"{where}.tokenizer: no such file or folder {str(path)!r}")
+
+    @property
+    def tokenizer_name(self) -> str | None:
+        """The tokenizer: text defaults to ``"bytes"``; token files have none unless given."""
+        return self.tokenizer or ("bytes" if self.source == "text" else None)
 
     def corpus_paths(self) -> list[Path]:
         """``paths`` with ``{stdlib}`` replaced by this interpreter's standard library."""
-        import sysconfig
+        return [_expand(p) for p in self.paths]
 
-        stdlib = sysconfig.get_paths()["stdlib"]
-        return [Path(p.replace("{stdlib}", stdlib)) for p in self.paths]
+
+TOKEN_DTYPES = ("uint8", "uint16", "int32", "uint32", "int64")
+
+
+def _expand(path: str) -> Path:
+    """``path`` with ``{stdlib}`` (this interpreter's standard library) and ``~`` expanded."""
+    import sysconfig
+
+    return Path(path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])).expanduser()
 
 
 @dataclass(frozen=True)
@@ -453,12 +498,12 @@ class RunSpec:
                 f"{where}.train.context: {self.train.context} is longer than the position table "
                 f"of size {size.name!r} (n_positions = {size.n_positions})",
             )
-        if self.data.source == "text":
+        if self.data.tokenizer_name == "bytes":
             _require(
                 self.model.vocab_size >= 256,
                 f"{where}.model.vocab_size: byte-level text needs vocab_size >= 256",
             )
-        else:
+        if self.data.source == "induction":
             _require(
                 self.data.period_max < self.train.context,
                 f"{where}.data.period_max: {self.data.period_max} must be shorter than the "

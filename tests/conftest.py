@@ -73,6 +73,12 @@ def write_spec(directory: Path, text: str = TINY_TOML, name: str = "tiny.toml") 
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory) -> None:
+    """Tests (and the processes they start) write token caches into a temporary folder."""
+    os.environ["OBSERVATORY_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
+
+
 @pytest.fixture
 def tiny_spec_path(tmp_path: Path) -> Path:
     return write_spec(tmp_path)

@@ -147,3 +147,29 @@ def test_checkpoints_per_shard_is_a_deprecated_alias_of_checkpoints_per_chunk(tm
     message = str(err.value)
     assert "\n" not in message
     assert "checkpoints_per_shard" in message and "checkpoints_per_chunk" in message
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ('source = "tokens"\npaths = ["{here}"]\ntokenizer = "bpe"', "data.tokenizer: 'bpe'"),
+        ('source = "text"\npaths = ["{here}"]\ndtype = "uint16"', "data.dtype: only for"),
+        ('source = "tokens"\npaths = ["{here}"]\ndtype = "float32"', "data.dtype: expected"),
+        ('source = "text"\npaths = ["{here}"]\ntokenizer = "/no/tok"', "data.tokenizer: no such"),
+        ('source = "text"\npaths = ["{here}"]\nerrors = "ignore"', "data.errors: expected"),
+        ('source = "text"\npaths = ["{here}"]\nmax_tokens = 0', "data.max_tokens"),
+        ('source = "induction"\ntokenizer = "bpe"', "data.tokenizer: not for source"),
+    ],
+)
+def test_data_options_are_checked_strictly(tmp_path, data, needle):
+    old = 'source = "induction"\nseed = 3\nn_sequences = 64\nperiod_min = 2\nperiod_max = 6'
+    text = TINY_TOML.replace(old, data.replace("{here}", str(tmp_path)))
+    with pytest.raises(SpecError, match=needle):
+        load_run_spec(write_spec(tmp_path, text.replace("vocab_size = 16", "vocab_size = 512")))
+
+
+def test_max_bytes_is_read_as_max_tokens(tmp_path):
+    old = "n_sequences = 64"
+    text = TINY_TOML.replace(old, f"{old}\nmax_bytes = 1000")
+    with pytest.warns(FutureWarning, match="use 'max_tokens'"):
+        assert load_run_spec(write_spec(tmp_path, text)).data.max_tokens == 1000

@@ -76,7 +76,7 @@ _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence and i
 # with a hundred million documents does not allocate gigabytes.
 _CHUNK = 1 << 20
 _BATCH_ROWS = 1024  # Parquet/Arrow rows converted to Python strings at a time
-_REPLACE_HINT = "(invalid bytes can be replaced by U+FFFD instead: errors = 'replace')"
+_REPLACE_HINT = "(invalid bytes can be replaced by U+FFFD instead: data.errors = 'replace')"
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,11 @@ def held_out_tokens(run_spec: RunSpec, spec: HeldOutSpec) -> tuple[np.ndarray, s
     if data.source == "induction":
         fresh = dataclasses.replace(data, seed=spec.seed, n_sequences=spec.n_sequences)
         corpus = build_corpus(fresh, context=context, vocab_size=vocab)
-        return corpus.tokens, f"fresh synthetic corpus, seed {spec.seed}"
+        return corpus.windows(np.arange(len(corpus))), f"fresh synthetic corpus, seed {spec.seed}"
     corpus = build_corpus(data, context=context, vocab_size=vocab)
     rng = np.random.default_rng(spec.seed)
     picks = rng.choice(len(corpus), size=min(spec.n_sequences, len(corpus)), replace=False)
-    return corpus.tokens[np.sort(picks)], f"sampled from the training text, seed {spec.seed}"
+    return corpus.windows(np.sort(picks)), f"sampled from the training text, seed {spec.seed}"
 
 
 def shared_data(run_spec: RunSpec, probe: ProbeSpec, held_out: HeldOutSpec) -> SharedData:
@@ -55,9 +55,9 @@ def shared_data(run_spec: RunSpec, probe: ProbeSpec, held_out: HeldOutSpec) -> S
     tokens, source = held_out_tokens(run_spec, held_out)
     context, vocab = run_spec.train.context, run_spec.model.vocab_size
     counts = None  # synthetic corpora: uniform vocabularies, draw from all of it
-    if run_spec.data.source == "text":  # only tokens that occur (Olsson et al.)
+    if run_spec.data.source != "induction":  # only tokens that occur (Olsson et al.)
         corpus = build_corpus(run_spec.data, context=context, vocab_size=vocab)
-        counts = np.bincount(corpus.tokens.ravel(), minlength=vocab)
+        counts = corpus.token_counts(vocab)
     return SharedData(
         probe=repeated_tokens(
             vocab_size=vocab,

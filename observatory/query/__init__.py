@@ -4,7 +4,8 @@
   runs) and :func:`head_weights` (one head's weights, read straight from its chunks);
 - ``views.py``: the TransformerLens-style per-head views of the stored parameters;
 - ``models.py``: :func:`model_at`, :func:`models_at`, :func:`batch_at`;
-- ``describe.py``: :func:`describe`, what ``observatory inspect`` prints.
+- ``describe.py``: :func:`describe`, what ``observatory inspect`` prints;
+- ``tokenizer.py``: :func:`tokenizer`, the tokenizer a text family was trained with.
 
 Dims: ``seed`` (runs of a family), ``step`` (checkpoint steps, with ``tokens_seen``),
 ``train_step`` (per-step metrics and batches), the parameter dims that each architecture
@@ -18,6 +19,7 @@ from observatory.models.naming import VIEW_DIMS
 from observatory.query.datasets import head_weights, open, open_family, open_run, resolve_size
 from observatory.query.describe import describe
 from observatory.query.models import batch_at, model_at, models_at
+from observatory.query.tokenizer import tokenizer
 from observatory.query.views import views
 
 __all__ = [
@@ -31,5 +33,6 @@ __all__ = [
     "open_family",
     "open_run",
     "resolve_size",
+    "tokenizer",
     "views",
 ]

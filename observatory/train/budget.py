@@ -38,10 +38,8 @@ def check_budget(spec: RunSpec, runs: list[RunId], path: str | Path) -> None:
     """
     train = spec.train
     n_ckpt = _schedule_length(spec)
-    if spec.data.source == "induction":
-        corpus = spec.data.n_sequences * train.context * 8
-    else:
-        corpus = spec.data.max_bytes * 8 * train.context // (train.context - 1)
+    # Text and token files stay on disk, memory-mapped; only the synthetic corpus is in memory.
+    corpus = spec.data.n_sequences * train.context * 8 if spec.data.source == "induction" else 0
     memory = {}
     for size in {run.size: spec.size(run.size) for run in runs}.values():
         params = sum(map(math.prod, _parameter_shapes(spec, size).values())) * 4

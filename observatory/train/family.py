@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from observatory.data import DATA_ORDER_RULE, Corpus, build_corpus
-from observatory.errors import ObservatoryError, StoreError
+from observatory.data import Corpus, build_corpus, data_record
+from observatory.errors import DataError, ObservatoryError, StoreError
 from observatory.memory import one_malloc_arena
 from observatory.models import build_config
 from observatory.spec import RunId, RunSpec
@@ -95,8 +95,16 @@ def train_family(
     # In this process, Ctrl-C stops at a step boundary (see interrupts_between_steps).
     with resumable_when_full(path), interrupts_between_steps() if sequential else nullcontext():
         corpus = build_corpus(
-            spec.data, context=spec.train.context, vocab_size=spec.model.vocab_size
+            spec.data,
+            context=spec.train.context,
+            vocab_size=spec.model.vocab_size,
+            progress=progress,
         )
+        if spec.data.source != "induction" and len(corpus) < spec.train.batch_size:
+            raise DataError(
+                f"{', '.join(spec.data.paths) or 'data'}: the corpus has {len(corpus)} windows "
+                f"of {spec.train.context} tokens, fewer than a batch ({spec.train.batch_size})"
+            )
         root = _create_store(spec, path, runs, corpus)
         if sequential:
             for run in runs:
@@ -116,16 +124,7 @@ def train_family(
 
 def _create_store(spec: RunSpec, path, runs: list[RunId], corpus: Corpus):
     """Create the family's store (or open it) with its data record and each size's attributes."""
-    root = create_family(
-        path,
-        spec,
-        data={
-            "fingerprint": corpus.fingerprint,
-            "n_sequences": len(corpus),
-            "context": spec.train.context,
-            "order_rule": DATA_ORDER_RULE,
-        },
-    )
+    root = create_family(path, spec, data=data_record(corpus, spec.train.context))
     for name in dict.fromkeys(run.size for run in runs):
         size = spec.size(name)
         write_size_attrs(root, size, hf_config=build_config(spec.model, size).to_dict())

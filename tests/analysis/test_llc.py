@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from observatory.analysis.llc import SGLD, local_learning_coefficient
-from observatory.data import build_corpus
+from observatory.data.synthetic import induction_corpus
 from observatory.errors import SpecError
 from observatory.models import build_model
 from observatory.spec import DataSpec, ModelSpec, SizeSpec
@@ -28,7 +28,7 @@ OPTIONS = {
 
 def tokens() -> np.ndarray:
     data = DataSpec("induction", seed=1, n_sequences=16, period_min=2, period_max=6)
-    return build_corpus(data, context=16, vocab_size=12).tokens
+    return induction_corpus(data, context=16, vocab_size=12)
 
 
 def test_llc_is_finite_and_reproducible_for_a_fixed_seed():
