@@ -213,8 +213,10 @@ def _cmd_tokenize(args: argparse.Namespace) -> None:
         speed = ", hashed" if "seconds" not in meta else f", {meta['seconds']:.1f} s"
         if meta.get("seconds"):
             speed += f" ({meta['text_bytes'] / meta['seconds'] / 1e6:.1f} MB/s of text)"
+    replaced = meta.get("replaced_bytes", 0)
+    note = f"\n{replaced} bytes that are not UTF-8 became U+FFFD (data.errors)" if replaced else ""
     print(
-        f"{meta['n_tokens']} tokens in {meta['n_documents']} documents{speed}\n"
+        f"{meta['n_tokens']} tokens in {meta['n_documents']} documents{speed}{note}\n"
         f"token cache: {stream.entry.path}"
     )
 

@@ -236,6 +236,7 @@ class DataSpec:
     bigram_fraction: float = 0.0  # synthetic: fraction of sequences from a Markov-bigram chain
     paths: tuple[str, ...] = ()  # files or folders; "{stdlib}" is Python's stdlib, "~" home
     glob: str = "*"  # text: which files of a folder to read (searched recursively)
+    exclude: tuple[str, ...] = ()  # text: paths in a folder to skip, e.g. "site-packages/*"
     field: str = "text"  # text: the text field of JSON Lines / JSON / Parquet / datasets rows
     # text: "bpe" (a byte-level BPE of model.vocab_size tokens trained on the corpus), "bytes"
     # (each UTF-8 byte is a token) or a tokenizer.json / tokenizer folder; tokens: optional,
@@ -256,7 +257,7 @@ class DataSpec:
                 f"{where}.period_min: need 1 <= period_min <= period_max",
             )
             _require(0.0 <= self.bigram_fraction <= 1.0, f"{where}.bigram_fraction: not in [0, 1]")
-            for key in ("paths", "tokenizer", "dtype"):
+            for key in ("paths", "tokenizer", "dtype", "exclude"):
                 _require(not getattr(self, key), f"{where}.{key}: not for source = 'induction'")
             return
         _require(len(self.paths) > 0, f"{where}.paths: source = {self.source!r} needs paths")

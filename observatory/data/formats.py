@@ -47,6 +47,7 @@ import json
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -141,6 +142,7 @@ def text_documents(
     *,
     field: str = "text",
     glob: str = "*",
+    exclude: Sequence[str] = (),
     errors: Errors = "strict",
     stats: ReadStats | None = None,
 ) -> Iterator[Document]:
@@ -155,6 +157,9 @@ def text_documents(
         The JSON field or Parquet/Arrow column holding the text.
     glob : str
         The pattern a folder's files must match (searched recursively).
+    exclude : sequence of str
+        Patterns (``fnmatch``, ``*`` crossing ``/``) of paths relative to a folder to skip,
+        e.g. ``"site-packages/*"``.
     errors : {"strict", "replace"}
         Invalid UTF-8: a ``DataError``, or replacement by U+FFFD counted in ``stats``.
     stats : ReadStats, optional
@@ -175,7 +180,7 @@ def text_documents(
     stats = ReadStats() if stats is None else stats
     found = empty = 0
     for path in paths:
-        for source in _text_sources(Path(path).expanduser(), glob):
+        for source in _text_sources(Path(path).expanduser(), glob, exclude):
             for document in _read_source(source, field, errors, stats):
                 if document.text:
                     found += 1
@@ -190,8 +195,10 @@ def text_documents(
         raise DataError(f"empty corpus: {why} in {names}")
 
 
-def text_source_files(paths: Sequence[Path], *, glob: str = "*") -> list[Path]:
-    """Every file that ``text_documents(paths, glob=glob)`` reads, in reading order.
+def text_source_files(
+    paths: Sequence[Path], *, glob: str = "*", exclude: Sequence[str] = ()
+) -> list[Path]:
+    """Every file that ``text_documents(paths, glob=glob, exclude=exclude)`` reads, in order.
 
     A token cache can record their sizes and modification times to notice a changed corpus
     without reading it. A ``save_to_disk`` folder stands for its ``state.json`` and Arrow files.
@@ -203,7 +210,7 @@ def text_source_files(paths: Sequence[Path], *, glob: str = "*") -> list[Path]:
     """
     files = []
     for path in paths:
-        for source in _text_sources(Path(path).expanduser(), glob):
+        for source in _text_sources(Path(path).expanduser(), glob, exclude):
             is_dataset = source.is_dir()
             files += (
                 [source / "state.json", *_saved_dataset_files(source)] if is_dataset else [source]
@@ -211,7 +218,7 @@ def text_source_files(paths: Sequence[Path], *, glob: str = "*") -> list[Path]:
     return files
 
 
-def _text_sources(path: Path, glob: str) -> list[Path]:
+def _text_sources(path: Path, glob: str, exclude: Sequence[str] = ()) -> list[Path]:
     """The files (and saved-dataset folders) that ``path`` stands for, in reading order."""
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -226,10 +233,13 @@ def _text_sources(path: Path, glob: str) -> list[Path]:
     files = [
         file
         for file in path.rglob(glob)
-        if file.is_file() and not any(p.startswith(".") for p in file.relative_to(path).parts)
+        if file.is_file()
+        and not any(p.startswith(".") for p in file.relative_to(path).parts)
+        and not any(fnmatch(file.relative_to(path).as_posix(), rule) for rule in exclude)
     ]
     if not files:
-        raise DataError(f"{path}: no file in this folder matches {glob!r}")
+        but = f" (excluding {', '.join(exclude)})" if exclude else ""
+        raise DataError(f"{path}: no file in this folder matches {glob!r}{but}")
     return sorted(files, key=lambda file: file.relative_to(path).as_posix())
 
 

@@ -66,13 +66,12 @@ def text_stream(
     spec: DataSpec, *, vocab_size: int, tokenizer: TextTokenizer | None, progress: bool
 ) -> Stream:
     """The token stream of a text corpus, tokenized into the cache unless it is there."""
-    files = text_source_files(spec.corpus_paths(), glob=spec.glob)
+    files = text_source_files(spec.corpus_paths(), glob=spec.glob, exclude=spec.exclude)
     origin = ", ".join(spec.paths)
-    if not files:
-        raise DataError(f"{origin}: no files match data.glob = {spec.glob!r}")
     source = {
         "field": spec.field,
         "glob": spec.glob,
+        "exclude": list(spec.exclude),
         "errors": spec.errors,
         "files": file_stats(files),
     }
@@ -85,7 +84,7 @@ def text_stream(
     definition = {
         "tokenizer": hashlib.sha256((tokenizer.json or "bytes").encode()).hexdigest(),
         "max_tokens": spec.max_tokens,
-    } | {key: source[key] for key in ("field", "glob", "errors")}
+    } | {key: source[key] for key in ("field", "glob", "exclude", "errors")}
     path = cache_root(spec.cache) / "tokens" / key_of(definition, source["files"])
     stats = source["files"]
     cached = open_entry(path)
@@ -124,11 +123,16 @@ def _documents(
     spec: DataSpec, progress: bool, desc: str, stats: ReadStats | None = None
 ) -> Iterator[Document]:
     """The corpus documents, with a progress bar over their UTF-8 bytes."""
-    files = text_source_files(spec.corpus_paths(), glob=spec.glob)
+    files = text_source_files(spec.corpus_paths(), glob=spec.glob, exclude=spec.exclude)
     total = sum(f.stat().st_size for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
         for document in text_documents(
-            spec.corpus_paths(), field=spec.field, glob=spec.glob, errors=spec.errors, stats=stats
+            spec.corpus_paths(),
+            field=spec.field,
+            glob=spec.glob,
+            exclude=spec.exclude,
+            errors=spec.errors,
+            stats=stats,
         ):
             yield document
             bar.update(len(document.text.encode("utf-8")))

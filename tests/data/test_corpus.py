@@ -78,7 +78,7 @@ def test_the_stream_is_memory_mapped_and_pickles_as_its_file(corpus_dir):
     ("files", "message"),
     [
         ({"a.py": "x"}, "fewer than one window"),
-        ({"a.txt": "x"}, "no files match"),
+        ({"a.txt": "x"}, "no file in this folder matches"),
     ],
 )
 def test_a_corpus_without_a_window_is_one_line(tmp_path, files, message):
