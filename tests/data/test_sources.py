@@ -91,7 +91,7 @@ def test_replaced_bytes_are_counted(tmp_path):
 
 BAD = {
     "non-UTF-8 text": ("a.txt", b"ok \xff\xfe", "", "not UTF-8"),
-    "empty corpus": ("a.txt", b"", "", "fewer than one window"),
+    "empty corpus": ("a.txt", b"", "", "empty corpus"),
     "fewer windows than a batch": ("a.txt", b"x" * 40, "", "fewer than a batch (4)"),
     "token id >= vocab": ("t.npy", None, "", "token id 999 at position 3 (document 0)"),
     "tokenizer that does not load": ("a.txt", b"x" * 400, "junk", "not a tokenizer"),

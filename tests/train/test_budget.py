@@ -43,7 +43,7 @@ SPECS = {
 def test_the_disk_estimate_bounds_a_finished_run_from_above(name, tmp_path):
     spec = SPECS[name]()
     if spec.data.source == "text":  # a smaller corpus: the store holds none of it
-        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, max_bytes=200_000))
+        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, max_tokens=200_000))
     runs = spec.runs(seeds=[0])
     store = train_family(spec, store=tmp_path / "s.zarr", seeds=[0], progress=False)
     used, estimate = _disk_use(store), disk_estimate(spec, runs)
