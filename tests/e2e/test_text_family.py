@@ -67,5 +67,5 @@ def test_tokenize_train_analyze_report_on_natural_text(tmp_path):
     # the batch of a step is windows of the packed corpus, ids below the vocabulary
     batch = obs.batch_at(store, size="l2-d64", seed=0, step=0)
     assert batch.shape == (8, 128) and int(batch.max()) < 512
-    html = (tmp_path / "report" / "index.html").read_text()
+    html = (tmp_path / "report" / "report.html").read_text()
     assert "l1-d64" in html and "l2-d64" in html
