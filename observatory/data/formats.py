@@ -312,24 +312,22 @@ def _jsonl(path: Path, field: str, errors: Errors, stats: ReadStats) -> Iterator
             offset += len(line)
             if not text.strip():
                 continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{where}: not valid JSON ({err.msg}, column {err.colno})"
-                ) from None
+            value = _parse_json(text, lambda err, where=where: where)
             yield Document(_text_of(value, field, where), where)
+
+
+def _parse_json(text: str, where: Callable[[json.JSONDecodeError], str]) -> object:
+    """``json.loads``, or a ``DataError`` placed by ``where`` (the file and line)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where(err)}: not valid JSON ({err.msg}, column {err.colno})") from None
 
 
 def _json_array(path: Path, field: str, errors: Errors, stats: ReadStats) -> Iterator[Document]:
     data = path.read_bytes()
     text = _decode(data, errors, stats, partial(_byte_place, path, data))
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
-        ) from None
+    values = _parse_json(text, lambda err: f"{path}:{err.lineno}")
     if not isinstance(values, list):
         raise DataError(
             f"{path}: expected a JSON array of objects or strings, found {_json_type(values)}"
