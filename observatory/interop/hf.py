@@ -5,8 +5,8 @@ checkpoint, ``step{N}/config.json`` + ``model.safetensors``, and beside them the
 the run: ``observatory.json`` (spec, seeds, corpus fingerprint, library versions),
 ``data_order.csv`` (the corpus index of every sequence of every training step up to the last
 exported checkpoint) and ``metrics.csv`` (loss, learning rate, gradient norm per step).  A text
-family's step folders also hold its tokenizer (``tokenizer.json``, ``tokenizer_config.json``, as
-``PreTrainedTokenizerFast.save_pretrained`` writes them), so ``AutoTokenizer.from_pretrained(step_folder)`` loads it.
+family's step folders also hold its tokenizer (``tokenizer.json`` and ``tokenizer_config.json``,
+as ``save_pretrained`` writes them), so ``AutoTokenizer.from_pretrained(step_folder)`` loads it.
 
 Ingest reads directories of checkpoint folders (``step{N}``, ``checkpoint-{N}``, or a mapping
 file) of GPT-NeoX or attention-only models into a new store with the usual layout, so every

@@ -15,8 +15,8 @@ from transformers import AutoConfig, PreTrainedModel
 from observatory import arguments
 from observatory.data import stored_corpus
 from observatory.models.naming import unstack_layers
-from observatory.query.tokenizer import window_decoder
 from observatory.models.registry import architecture
+from observatory.query.tokenizer import window_decoder
 from observatory.store import FamilyStore, RunReader
 
 

@@ -98,9 +98,7 @@ def test_export_writes_hugging_face_folders_and_provenance(trained_tiny, tmp_pat
         )
 
 
-def test_export_of_a_text_family_writes_its_tokenizer_and_ingest_keeps_it(
-    trained_text, tmp_path
-):
+def test_export_of_a_text_family_writes_its_tokenizer_and_ingest_keeps_it(trained_text, tmp_path):
     from transformers import AutoTokenizer
 
     _, store, _ = trained_text

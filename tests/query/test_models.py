@@ -95,13 +95,16 @@ def test_batch_at_decode_of_byte_level_text_replaces_cut_characters(tmp_path):
 
     (tmp_path / "a.txt").write_text("é" * 100 + "ab" * 50, encoding="utf-8")
     toml = text_family_toml(tmp_path / "a.txt", tokenizer="bytes", vocab_size=256)
-    spec = load_run_spec(write_spec(tmp_path, toml.replace("init = [0, 1]", "init = [0]").replace("data = [5, 6]", "data = [5]")))
+    spec = load_run_spec(
+        write_spec(
+            tmp_path,
+            toml.replace("init = [0, 1]", "init = [0]").replace("data = [5, 6]", "data = [5]"),
+        )
+    )
     store = train_family(spec, store=tmp_path / "bytes.zarr", progress=False)
     indices = obs.open_run(store, size=SIZE, seed=0)["batch_indices"].values[2]
     stream = ("é" * 100 + "ab" * 50).encode() + b"\0"
-    expected = [
-        (b"\0" + stream[i * 15 : (i + 1) * 15]).decode(errors="replace") for i in indices
-    ]
+    expected = [(b"\0" + stream[i * 15 : (i + 1) * 15]).decode(errors="replace") for i in indices]
     assert obs.batch_at(store, size=SIZE, seed=0, step=2, decode=True) == expected
 
 
