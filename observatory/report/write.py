@@ -9,6 +9,7 @@ from pathlib import Path
 import xarray as xr
 
 from observatory.errors import StoreError
+from observatory.jobs.job_spec import HeldOutSpec
 from observatory.report import interactive, tables
 from observatory.report.figures import FIGURES
 from observatory.report.page import Drawn, html_page
@@ -21,6 +22,7 @@ from observatory.report.summary import (
     summarize,
     token_loss_pca,
 )
+from observatory.report.text import TextExamples, compared_steps, text_examples
 
 DPI = 120
 # Analyses the report draws on (all of them: figures for each). The training loss is drawn
@@ -146,7 +148,28 @@ def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool
         pca=token_loss_pca(ds),
         alignment=seed_alignment(ds, used) if len(used) > 1 else None,
         transformer_lens=transformer_lens,
+        text=_text(ds, result, used),
     )
+
+
+def _text(ds: xr.Dataset, result: Summary, used: list[int]) -> TextExamples | None:
+    """A text family's examples, on the first seed used (or drawn), across its loss bump."""
+    store = ds.attrs.get("store")
+    if store is None or not ds.sizes["seed"]:  # results given as a dataset: no models
+        return None
+    seed = used[0] if used else int(ds["seed"].values[0])
+    losses = ds["icl_score"].sel(seed=seed)
+    steps = losses["step"].values[losses.notnull().values]
+    if not len(steps):
+        return None
+    before, after = compared_steps(steps, result.per_seed.loc[seed].to_dict())
+    recorded, default = ds["token_loss"].attrs, HeldOutSpec()
+    held_out = HeldOutSpec(
+        seed=int(recorded.get("loss_positions_seed", default.seed)),
+        n_sequences=int(recorded.get("held_out_n_sequences", default.n_sequences)),
+    )
+    size = str(ds.attrs["size"])
+    return text_examples(store, size=size, seed=seed, before=before, after=after, held_out=held_out)
 
 
 def _write_figures(section: Section, out: Path, drawing: Iterable[ReportFigure]) -> list[Drawn]:
