@@ -21,6 +21,7 @@ import pandas as pd
 
 from observatory.errors import StoreError
 from observatory.jobs.job_spec import HeldOutSpec
+from observatory.report.summary import head_label
 
 N_WINDOWS = 16  # held-out windows scored (two forward passes each)
 N_SHOWN = 4  # held-out windows shown as text
@@ -43,6 +44,11 @@ class TextExamples:
         what an induction head can copy).
     seed, before, after
         The seed and the two checkpoint steps compared.
+    tokens
+        Each token of the first held-out window, decoded on its own.
+    head, pattern
+        A head (``L<layer>H<head>``) and its attention on the first held-out window at step
+        ``after``: ``pattern[query_pos, key_pos]``.
     """
 
     held_out: list[str]
@@ -50,15 +56,26 @@ class TextExamples:
     seed: int
     before: int
     after: int
+    tokens: list[str]
+    head: str
+    pattern: np.ndarray
 
 
 def text_examples(
-    store: str, *, size: str, seed: int, before: int, after: int, held_out: HeldOutSpec
+    store: str,
+    *,
+    size: str,
+    seed: int,
+    before: int,
+    after: int,
+    held_out: HeldOutSpec,
+    head: tuple[int, int] = (0, 0),
 ) -> TextExamples | None:
     """The held-out text and the tokens that gain most from step ``before`` to ``after``.
 
     ``before`` and ``after`` are committed checkpoints of the run (``store``, ``size``,
-    ``seed``); ``held_out`` says which windows the analyses held out.
+    ``seed``); ``held_out`` says which windows the analyses held out; ``head`` (layer, head)
+    is the head whose attention on the first window is kept.
 
     Returns
     -------
@@ -66,6 +83,7 @@ def text_examples(
         None if the family's corpus is not text (synthetic tokens, token files without a
         tokenizer, ingested checkpoints).
     """
+    from observatory.analysis.heads import attention_patterns
     from observatory.analysis.icl import icl_positions, token_losses
     from observatory.jobs.analyze import held_out_tokens
     from observatory.query import models_at
@@ -79,10 +97,11 @@ def text_examples(
         return None
     windows, _ = held_out_tokens(family.spec, held_out)
     windows = windows[:N_WINDOWS]
-    losses = {
-        step: token_losses(model, windows)
-        for step, model in models_at(store, size=size, seed=seed, steps=sorted({before, after}))
-    }
+    losses, pattern = {}, None
+    for step, model in models_at(store, size=size, seed=seed, steps=sorted({before, after})):
+        losses[step] = token_losses(model, windows)
+        if step == after:
+            pattern = attention_patterns(model, windows[:1])[head[0], 0, head[1]]
     early, _ = icl_positions(windows.shape[1])
     gain = losses[before] - losses[after]  # gain[:, t]: predicting windows[:, t + 1]
     gain[:, :early] = -np.inf
@@ -102,7 +121,9 @@ def text_examples(
             }
         )
     shown = [decode(ids) for ids in windows[:N_SHOWN]]
-    return TextExamples(shown, pd.DataFrame(rows), seed, before, after)
+    tokens = [decode([token]) for token in windows[0]]
+    label = head_label(*head)
+    return TextExamples(shown, pd.DataFrame(rows), seed, before, after, tokens, label, pattern)
 
 
 def compared_steps(steps: np.ndarray, row: dict) -> tuple[int, int]:

@@ -110,7 +110,7 @@ def write_report(
     page.write_text(html_page(rendered), encoding="utf-8")
     interactive_page.write_text(
         interactive.page(
-            [(section.result, section.ds) for section in sections],
+            [(section.result, section.ds, section.text) for section in sections],
             transformer_lens=transformer_lens,
         ),
         encoding="utf-8",
@@ -168,8 +168,17 @@ def _text(ds: xr.Dataset, result: Summary, used: list[int]) -> TextExamples | No
         seed=int(recorded.get("loss_positions_seed", default.seed)),
         n_sequences=int(recorded.get("held_out_n_sequences", default.n_sequences)),
     )
-    size = str(ds.attrs["size"])
-    return text_examples(store, size=size, seed=seed, before=before, after=after, held_out=held_out)
+    row = result.per_seed.loc[seed]
+    best = (int(row["best_layer"]), int(row["best_head_in_layer"]))
+    return text_examples(
+        store,
+        size=str(ds.attrs["size"]),
+        seed=seed,
+        before=before,
+        after=after,
+        held_out=held_out,
+        head=best if min(best) >= 0 else (0, 0),
+    )
 
 
 def _write_figures(section: Section, out: Path, drawing: Iterable[ReportFigure]) -> list[Drawn]:

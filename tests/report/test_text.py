@@ -7,6 +7,7 @@ import html
 import numpy as np
 import pandas as pd
 
+from observatory.jobs.job_spec import HeldOutSpec
 from observatory.report.text import TextExamples, compared_steps, text_examples, text_html
 
 SIZE = "l2-d16"
@@ -14,7 +15,6 @@ SIZE = "l2-d16"
 
 def test_text_examples_decode_held_out_windows_and_rank_the_gains(trained_text):
     from observatory.jobs.analyze import held_out_tokens
-    from observatory.jobs.job_spec import HeldOutSpec
     from observatory.query.tokenizer import window_decoder
 
     spec, store, _ = trained_text
@@ -43,6 +43,9 @@ def test_the_text_is_escaped_on_the_page():
         0,
         2,
         8,
+        ["<b", "&"],
+        "L0H1",
+        np.eye(2),
     )
     page = "\n".join(text_html(examples, "h3"))
     assert "print(&#x27;&lt;b&gt;café &amp; x&lt;/b&gt;&#x27;)" in page
@@ -51,8 +54,6 @@ def test_the_text_is_escaped_on_the_page():
 
 def test_a_token_id_family_has_no_text(trained_tiny):
     _, store = trained_tiny
-    from observatory.jobs.job_spec import HeldOutSpec
-
     examples = text_examples(
         str(store), size=SIZE, seed=0, before=0, after=8, held_out=HeldOutSpec()
     )
@@ -83,3 +84,10 @@ def test_the_report_of_a_text_family_shows_its_text(trained_text, tmp_path):
     page = (tmp_path / "report" / "report.html").read_text()
     assert "Held-out text" in page and "gain most from in-context learning" in page
     assert "&lt;|endoftext|&gt;" in page and "<|endoftext|>" not in page
+    interactive = (tmp_path / "report" / "report_interactive.html").read_text()
+    assert "on held-out text" in interactive
+    examples = text_examples(
+        str(store), size=SIZE, seed=0, before=0, after=8, held_out=HeldOutSpec(n_sequences=6)
+    )
+    words = [t for t in examples.tokens if t.strip().isalpha()]
+    assert words and all(html.escape(repr(t)) in interactive for t in words)
