@@ -88,7 +88,12 @@ def write_report(
     """
     drawing = collect([*FIGURES.values(), *user_figures(figures)])
     sections = [
-        _section(ds, include_incomplete=include_incomplete, transformer_lens=transformer_lens)
+        _section(
+            ds,
+            include_incomplete=include_incomplete,
+            transformer_lens=transformer_lens,
+            models=not isinstance(path, xr.Dataset),
+        )
         for ds in _datasets(path, sizes, seeds)
     ]
     out = Path(out_dir)
@@ -130,7 +135,10 @@ def _datasets(
     ]
 
 
-def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool) -> Section:
+def _section(
+    ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool, models: bool = False
+) -> Section:
+    """What the figures of one size draw on (``models``: the store's models can be read)."""
     check_results(ds, REQUIRED)
     if transformer_lens and (TL_SCORES not in ds or not bool(ds[TL_SCORES].notnull().any())):
         where = f"{ds.attrs.get('store', 'dataset')} (size {ds.attrs.get('size', '?')})"
@@ -148,14 +156,14 @@ def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool
         pca=token_loss_pca(ds),
         alignment=seed_alignment(ds, used) if len(used) > 1 else None,
         transformer_lens=transformer_lens,
-        text=_text(ds, result, used),
+        text=_text(ds, result, used) if models else None,
     )
 
 
 def _text(ds: xr.Dataset, result: Summary, used: list[int]) -> TextExamples | None:
     """A text family's examples, on the first seed used (or drawn), across its loss bump."""
-    store = ds.attrs.get("store")
-    if store is None or not ds.sizes["seed"]:  # results given as a dataset: no models
+    store = ds.attrs["store"]
+    if not ds.sizes["seed"]:
         return None
     seed = used[0] if used else int(ds["seed"].values[0])
     losses = ds["icl_score"].sel(seed=seed)
