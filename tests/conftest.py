@@ -293,3 +293,36 @@ def trained_tiny_attn_only(tmp_path_factory) -> tuple[RunSpec, Path]:
     spec = load_run_spec(write_spec(directory, text))
     store = train_family(spec, store=directory / "tiny.zarr", progress=False)
     return spec, store
+
+
+# A tiny text family: Python-like files, a BPE of 300 tokens, windows of 16 tokens.
+TEXT_CORPUS = {
+    "a.py": "def add(a, b):\n    return a + b\n\n" * 30,
+    "b.py": "class Point:\n    x: int = 0\n    y: int = 0\n" * 30,
+    "sub/c.py": "for i in range(10):\n    print(i, 'café <b>&')\n" * 30,
+}
+
+
+def text_family_toml(corpus: Path, tokenizer: str = "bpe", vocab_size: int = 300) -> str:
+    """The tiny spec on a text corpus (8 steps)."""
+    data = f'source = "text"\npaths = ["{corpus}"]\ntokenizer = "{tokenizer}"'
+    induction = TINY_TOML[TINY_TOML.index('source = "induction"') : TINY_TOML.index("\n\n[seeds]")]
+    text = TINY_TOML.replace(induction, data).replace('name = "tiny"', 'name = "text"')
+    return text.replace("vocab_size = 16", f"vocab_size = {vocab_size}").replace(
+        "steps = 24", "steps = 8"
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_text(tmp_path_factory) -> tuple[RunSpec, Path, Path]:
+    """A trained tiny text family (2 seeds, BPE): ``(spec, store, corpus folder)``."""
+    from observatory.train import train_family
+
+    directory = tmp_path_factory.mktemp("text")
+    corpus = directory / "corpus"
+    for name, text in TEXT_CORPUS.items():
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / name).write_text(text, encoding="utf-8")
+    spec = load_run_spec(write_spec(directory, text_family_toml(corpus), name="text.toml"))
+    store = train_family(spec, store=directory / "text.zarr", progress=False)
+    return spec, store, corpus

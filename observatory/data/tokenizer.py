@@ -123,13 +123,18 @@ def load_tokenizer(path: Path) -> TextTokenizer:
     return TextTokenizer("file", tokenizer.to_str())
 
 
-def transformers_tokenizer(json: str) -> PreTrainedTokenizerFast:
-    """A ``transformers`` tokenizer of a stored ``tokenizer.json``, with BOS/EOS/pad = id 0."""
+def transformers_tokenizer(json: str, **options: object) -> PreTrainedTokenizerFast:
+    """A ``transformers`` tokenizer of a stored ``tokenizer.json``, with BOS/EOS/pad = id 0
+    (``options``: further keyword arguments of ``PreTrainedTokenizerFast``)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer.from_str(json)
     special = tokenizer.id_to_token(BOS_TOKEN)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=special, eos_token=special, pad_token=special
+        tokenizer_object=tokenizer,
+        bos_token=special,
+        eos_token=special,
+        pad_token=special,
+        **options,
     )

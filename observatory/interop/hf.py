@@ -4,7 +4,9 @@ Export writes the layout of published suites (Pythia, PolyPythias): one Hugging 
 checkpoint, ``step{N}/config.json`` + ``model.safetensors``, and beside them the provenance of
 the run: ``observatory.json`` (spec, seeds, corpus fingerprint, library versions),
 ``data_order.csv`` (the corpus index of every sequence of every training step up to the last
-exported checkpoint) and ``metrics.csv`` (loss, learning rate, gradient norm per step).
+exported checkpoint) and ``metrics.csv`` (loss, learning rate, gradient norm per step).  A text
+family's step folders also hold its tokenizer (``tokenizer.json`` and ``tokenizer_config.json``,
+as ``save_pretrained`` writes them), so ``AutoTokenizer.from_pretrained(step_folder)`` loads it.
 
 Ingest reads directories of checkpoint folders (``step{N}``, ``checkpoint-{N}``, or a mapping
 file) of GPT-NeoX or attention-only models into a new store with the usual layout, so every
@@ -100,8 +102,8 @@ def export(
     -------
     list of pathlib.Path
         The run directories written, each with ``step{N}/`` (``config.json``,
-        ``model.safetensors``), ``observatory.json``, ``metrics.csv`` and, for a trained run,
-        ``data_order.csv``.
+        ``model.safetensors`` and, for a family with a tokenizer, the tokenizer files),
+        ``observatory.json``, ``metrics.csv`` and, for a trained run, ``data_order.csv``.
 
     Raises
     ------
@@ -134,11 +136,14 @@ def _export_run(reader, target: Path, steps: list[int]) -> None:
     from observatory.query import models_at
 
     family, run = reader.family, reader.run
+    text = _text_tokenizer(family)
     with _no_hf_progress_bars():
         for start in range(0, len(steps), EXPORT_BLOCK):
             block = steps[start : start + EXPORT_BLOCK]
             for step, model in models_at(family.path, size=run.size, seed=run.seed, steps=block):
                 model.save_pretrained(target / f"step{step}")
+                if text is not None:  # AutoTokenizer.from_pretrained(step folder) finds it
+                    text.save_pretrained(target / f"step{step}")
                 hashed = config_hash(model.config)
     n_steps = min(max(steps), reader.n_steps)  # the training steps behind the last checkpoint
     metrics = reader.metrics()
@@ -177,6 +182,15 @@ def _export_run(reader, target: Path, steps: list[int]) -> None:
         "library_versions": family.attrs.get("versions"),
     }
     (target / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _text_tokenizer(family) -> Any:
+    """The family's ``transformers`` tokenizer, or None for token ids (and bytes)."""
+    from observatory.query import tokenizer
+
+    if not family.attrs.get("data", {}).get("tokenizer"):
+        return None
+    return tokenizer(family.path)
 
 
 @contextmanager

@@ -45,8 +45,11 @@ def transformer_lens_at(path: str | Path, *, size: str, seed: int, step: int) ->
         In eval mode, raw weights (no LayerNorm folding), so its logits equal those of
         :func:`observatory.query.model_at` at the same step; ``run_with_cache``, hooks,
         ``W_Q``/``W_O`` (``[layer, head, ...]``) and ``detect_head`` work as on any
-        TransformerLens model.  Its tokenizer names token ``i`` ``"<i>"`` (token 0, ``"<0>"``,
-        is the BOS), so ``model.to_tokens("<5> <9>")`` gives ``[[0, 5, 9]]``.
+        TransformerLens model.  A family with a text tokenizer (a BPE or a loaded one) has it:
+        ``model.to_tokens("def main(")`` is BOS (token 0) and the tokenizer's ids.  A family of
+        token ids (synthetic, byte-level text, token files without a tokenizer) gets a
+        tokenizer that names token ``i`` ``"<i>"`` (token 0, ``"<0>"``, is the BOS), so
+        ``model.to_tokens("<5> <9>")`` gives ``[[0, 5, 9]]``.
 
     Raises
     ------
@@ -62,11 +65,17 @@ def transformer_lens_at(path: str | Path, *, size: str, seed: int, step: int) ->
     >>> cache["blocks.1.attn.hook_pattern"]  # [batch, head, query_pos, key_pos]
     """
     from observatory.query import model_at
+    from observatory.store import FamilyStore
 
-    return bridge(model_at(path, size=size, seed=seed, step=step), name=f"{path}:{size}/seed{seed}")
+    text = FamilyStore(path).attrs.get("data", {}).get("tokenizer")
+    return bridge(
+        model_at(path, size=size, seed=seed, step=step),
+        name=f"{path}:{size}/seed{seed}",
+        tokenizer=text_tokenizer(text) if text else None,
+    )
 
 
-def bridge(model: Any, *, name: str = "observatory") -> Any:
+def bridge(model: Any, *, name: str = "observatory", tokenizer: Any = None) -> Any:
     """Wrap an in-memory observatory model (of any architecture) in a TransformerBridge.
 
     The bridge takes ``model`` over (its submodules are replaced by bridge components): pass a
@@ -78,6 +87,9 @@ def bridge(model: Any, *, name: str = "observatory") -> Any:
         A model from :func:`observatory.query.model_at` (or ``ModelSpec.build``).
     name
         Recorded as the bridge's ``cfg.model_name``.
+    tokenizer
+        The family's text tokenizer (:func:`observatory.query.tokenizer`); by default the token
+        ids' names (:func:`token_names_tokenizer`).
 
     Returns
     -------
@@ -92,7 +104,7 @@ def bridge(model: Any, *, name: str = "observatory") -> Any:
         model.eval(),
         declared.lens_name(model.config),
         hf_config=model.config,
-        tokenizer=token_names_tokenizer(model.config.vocab_size),
+        tokenizer=tokenizer or token_names_tokenizer(model.config.vocab_size),
         model_name=name,
     )
     # Every sequence of the families starts with the BOS token (TransformerLens's GPT-NeoX
@@ -122,6 +134,18 @@ def token_names_tokenizer(vocab_size: int) -> Any:
         add_bos_token=True,
         name_or_path="observatory-token-ids",
     )
+
+
+def text_tokenizer(json: str) -> Any:
+    """A family's text tokenizer (its ``tokenizer.json`` text) as TransformerLens takes it.
+
+    As :func:`token_names_tokenizer`, it does not add BOS itself but declares
+    ``add_bos_token`` (TransformerLens otherwise reloads the tokenizer by name), so
+    TransformerLens prepends token 0 where its ``prepend_bos`` setting says so.
+    """
+    from observatory.data.tokenizer import transformers_tokenizer
+
+    return transformers_tokenizer(json, add_bos_token=True, name_or_path="observatory-text")
 
 
 def _transformer_lens() -> Any:

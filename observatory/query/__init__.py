@@ -5,7 +5,8 @@
 - ``views.py``: the TransformerLens-style per-head views of the stored parameters;
 - ``models.py``: :func:`model_at`, :func:`models_at`, :func:`batch_at`;
 - ``describe.py``: :func:`describe`, what ``observatory inspect`` prints;
-- ``tokenizer.py``: :func:`tokenizer`, the tokenizer a text family was trained with.
+- ``tokenizer.py``: :func:`tokenizer`, the tokenizer a text family was trained with, and
+  ``window_decoder``, the ids-to-text function of ``batch_at(decode=True)`` and the report.
 
 Dims: ``seed`` (runs of a family), ``step`` (checkpoint steps, with ``tokens_seen``),
 ``train_step`` (per-step metrics and batches), the parameter dims that each architecture

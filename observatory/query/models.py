@@ -16,6 +16,7 @@ from observatory import arguments
 from observatory.data import stored_corpus
 from observatory.models.naming import unstack_layers
 from observatory.models.registry import architecture
+from observatory.query.tokenizer import window_decoder
 from observatory.store import FamilyStore, RunReader
 
 
@@ -91,8 +92,10 @@ def _empty_model(reader: RunReader) -> PreTrainedModel:
         return declared.model(config)
 
 
-def batch_at(path: str | Path, *, size: str, seed: int, step: int) -> torch.Tensor:
-    """The token batch that a run consumed at training step ``step``.
+def batch_at(
+    path: str | Path, *, size: str, seed: int, step: int, decode: bool = False
+) -> torch.Tensor | list[str]:
+    """The token batch that a run consumed at training step ``step``, as ids or as text.
 
     The corpus is rebuilt from the stored spec (and cached) and must have the fingerprint
     recorded in the store; the batch's corpus indices are the ones the trainer recorded.
@@ -104,18 +107,27 @@ def batch_at(path: str | Path, *, size: str, seed: int, step: int) -> torch.Tens
     step
         Training step (0-based): the batch of the update from checkpoint ``step`` to
         ``step + 1``.
+    decode
+        Return the text of each window instead of its ids: exactly the window's tokens decoded
+        with the family's tokenizer (BOS/EOS kept, as ``<|endoftext|>`` for a trained BPE), or
+        for byte-level text its bytes decoded as UTF-8 with ``errors="replace"`` (a window may
+        cut a character).
 
     Returns
     -------
-    torch.Tensor
-        ``tokens[batch, context]`` (int64).
+    torch.Tensor or list of str
+        ``tokens[batch, context]`` (int64), or with ``decode`` one string per window.
 
     Raises
     ------
     StoreError
-        If the store, size, seed or step does not exist, or the rebuilt corpus differs from
-        the one the store was trained on.
+        If the store, size, seed or step does not exist, the rebuilt corpus differs from
+        the one the store was trained on, or ``decode`` is asked of a family without a
+        tokenizer (synthetic tokens, token files given without one).
     """
     family = FamilyStore(path)
+    if decode:
+        text_of = window_decoder(family)  # refuses a family without text before any work
     indices = family.run(size, seed).batch_indices(step)
-    return stored_corpus(family).batch(indices)
+    tokens = stored_corpus(family).batch(indices)
+    return [text_of(window) for window in tokens.tolist()] if decode else tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,3 +40,23 @@ def tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             + (" (bytes: bytes(ids).decode())" if kind == "bytes" else "")
         )
     return transformers_tokenizer(record["tokenizer"])
+
+
+def window_decoder(family: str | Path | FamilyStore) -> Callable[[Sequence[int]], str]:
+    """The function that turns a family's token ids into their text.
+
+    Raises
+    ------
+    StoreError
+        If the family's tokens are not text (synthetic, or token files without a tokenizer).
+    """
+    from observatory.data.tokenizer import TextTokenizer
+
+    family = family if isinstance(family, FamilyStore) else FamilyStore(family)
+    record = family.attrs.get("data", {})
+    if record.get("tokenizer_kind") == "bytes":
+        return TextTokenizer("bytes").decode
+    if not record.get("tokenizer"):
+        what = record.get("source") or "ingested"
+        raise StoreError(f"{family.path}: the family's corpus ({what}) has no tokenizer to decode")
+    return TextTokenizer(record["tokenizer_kind"] or "file", record["tokenizer"]).decode

@@ -1,7 +1,9 @@
 """The interactive report page: plotly figures in one self-contained HTML file.
 
 plotly.js is embedded in the page (``include_plotlyjs=True``), so it opens offline; hovering
-over a heatmap cell shows the seed, head, step and value. The static PNG report
+over a heatmap cell shows the seed, head, step and value.  For a text family, one head's attention
+on held-out text is drawn too, with the query and key tokens' text under the cursor. The static
+PNG report
 (:mod:`observatory.report`) stays the reference; this page shows the same results.
 """
 
@@ -16,18 +18,25 @@ from plotly.subplots import make_subplots
 
 from observatory.report.declared import heatmaps as declared_heatmaps
 from observatory.report.summary import Summary, head_label
+from observatory.report.text import TextExamples
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 
 
-def page(sections: list[tuple[Summary, xr.Dataset]], *, transformer_lens: bool = False) -> str:
+def page(
+    sections: list[tuple[Summary, xr.Dataset] | tuple[Summary, xr.Dataset, TextExamples | None]],
+    *,
+    transformer_lens: bool = False,
+) -> str:
     """The interactive page of one or more sizes of a family.
 
     Parameters
     ----------
     sections
-        ``(summary, results)`` per size; ``results`` as from
-        :func:`~observatory.report.results.load_results`, restricted to the seeds to draw.
+        ``(summary, results)`` or ``(summary, results, text)`` per size; ``results`` as from
+        :func:`~observatory.report.results.load_results`, restricted to the seeds to draw;
+        ``text``: a text family's examples, whose attention pattern is drawn with each
+        token's text under the cursor.
     transformer_lens
         Also show the TransformerLens-convention induction scores (``tl_induction_score``).
 
@@ -38,10 +47,13 @@ def page(sections: list[tuple[Summary, xr.Dataset]], *, transformer_lens: bool =
     """
     parts = []
     first = True
-    for result, ds in sections:
+    for result, ds, *text in sections:
         if len(sections) > 1:
             parts.append(f"<h2>{html.escape(result.title)}</h2>")
-        for figure in figures(ds, result, transformer_lens=transformer_lens):
+        drawn = figures(ds, result, transformer_lens=transformer_lens)
+        if text and text[0] is not None:
+            drawn.append(token_attention(text[0]))
+        for figure in drawn:
             parts.append(
                 figure.to_html(full_html=False, include_plotlyjs=first, config={"responsive": True})
             )
@@ -78,6 +90,38 @@ def figures(ds: xr.Dataset, result: Summary, *, transformer_lens: bool = False) 
     if "icl_score" in ds:
         out.append(_lines(ds["icl_score"], "ICL score (late minus early token loss, nats)"))
     return out
+
+
+def token_attention(text: TextExamples) -> go.Figure:
+    """One head's attention on a held-out window; hover: query and key tokens, as text."""
+    tokens = [html.escape(repr(token)) for token in text.tokens]  # plotly renders some HTML
+    hover = [
+        [f"query {q}: {tokens[q]}<br>key {k}: {tokens[k]}" for k in range(len(tokens))]
+        for q in range(len(tokens))
+    ]
+    positions = list(range(len(tokens)))
+    figure = go.Figure(
+        go.Heatmap(
+            z=text.pattern,
+            x=positions,
+            y=positions,
+            text=hover,
+            colorscale="Viridis",
+            zmin=0,
+            zmax=1,
+            colorbar={"title": "attention"},
+            hovertemplate="%{text}<br>attention %{z:.3f}<extra></extra>",
+        )
+    )
+    axis = {"tickvals": positions, "ticktext": tokens, "tickfont": {"size": 9}}
+    figure.update_xaxes(title="key token", **axis)
+    figure.update_yaxes(title="query token", autorange="reversed", **axis)
+    figure.update_layout(
+        title=f"Attention of {text.head} (seed {text.seed}, step {text.after}) on held-out text",
+        height=300 + 14 * len(tokens),
+        width=300 + 14 * len(tokens),
+    )
+    return figure
 
 
 def _later(values: xr.DataArray, dim: str = "step") -> xr.DataArray:

@@ -2,7 +2,8 @@
 
 One self-contained file (PNG images as base64, no network access): the summary of each size,
 the heads matched across seeds, the parameters recorded by the analysis job and every figure
-with its title and caption.
+with its title and caption; for a text family, its held-out text and the tokens that gain most
+across the loss bump (:mod:`observatory.report.text`), under the attention patterns.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 
 from observatory.report import tables
 from observatory.report.registry import ReportFigure, Section
+from observatory.report.text import text_html
 
+ATTENTION_FIGURE = "attention_patterns"  # a text family's text goes under it
 # (a written figure's file, its declaration)
 Drawn = tuple[Path, ReportFigure]
 
@@ -26,6 +29,7 @@ th { background: #f3f3f3; }
 img { max-width: 100%; }
 figure { margin: 1.5em 0; }
 figcaption, .note { color: #555; font-size: 0.9em; }
+pre.text { background: #f6f6f6; padding: 0.5em; white-space: pre-wrap; }
 """
 
 
@@ -84,6 +88,7 @@ def _size_html(section: Section, figures: list[Drawn], heading: str | None) -> l
         html.escape(json.dumps(result.parameters["analyses"], indent=2, default=str)),
         "</pre></details>",
     ]
+    text = text_html(section.text, sub) if section.text is not None else []
     for target, drawn in figures:
         data = base64.b64encode(target.read_bytes()).decode("ascii")
         title = html.escape(drawn.title)
@@ -92,7 +97,9 @@ def _size_html(section: Section, figures: list[Drawn], heading: str | None) -> l
             f'<img src="data:image/png;base64,{data}" alt="{title}">',
             f"<figcaption>{html.escape(drawn.caption)}</figcaption></figure>",
         ]
-    return parts
+        if target.stem == ATTENTION_FIGURE:  # the text under the attention patterns
+            parts, text = parts + text, []
+    return parts + text
 
 
 def _alignment_html(section: Section, sub: str) -> list[str]:

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from observatory.errors import SpecError
 from observatory.report.summary import SeedAlignment, Summary
+from observatory.report.text import TextExamples
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +44,9 @@ class Section:
         Heads matched across seeds and their CKA (None with fewer than two seeds used).
     transformer_lens
         Also draw the TransformerLens-convention scores.
+    text
+        A text family's held-out text and the tokens that gain most across the loss bump
+        (None for token ids).
     """
 
     ds: xr.Dataset
@@ -50,6 +54,7 @@ class Section:
     pca: xr.Dataset
     alignment: SeedAlignment | None
     transformer_lens: bool
+    text: TextExamples | None = None
 
 
 @dataclass(frozen=True, eq=False)

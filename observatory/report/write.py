@@ -9,6 +9,7 @@ from pathlib import Path
 import xarray as xr
 
 from observatory.errors import StoreError
+from observatory.jobs.job_spec import HeldOutSpec
 from observatory.report import interactive, tables
 from observatory.report.figures import FIGURES
 from observatory.report.page import Drawn, html_page
@@ -21,6 +22,7 @@ from observatory.report.summary import (
     summarize,
     token_loss_pca,
 )
+from observatory.report.text import TextExamples, compared_steps, text_examples
 
 DPI = 120
 # Analyses the report draws on (all of them: figures for each). The training loss is drawn
@@ -86,7 +88,12 @@ def write_report(
     """
     drawing = collect([*FIGURES.values(), *user_figures(figures)])
     sections = [
-        _section(ds, include_incomplete=include_incomplete, transformer_lens=transformer_lens)
+        _section(
+            ds,
+            include_incomplete=include_incomplete,
+            transformer_lens=transformer_lens,
+            models=not isinstance(path, xr.Dataset),
+        )
         for ds in _datasets(path, sizes, seeds)
     ]
     out = Path(out_dir)
@@ -108,7 +115,7 @@ def write_report(
     page.write_text(html_page(rendered), encoding="utf-8")
     interactive_page.write_text(
         interactive.page(
-            [(section.result, section.ds) for section in sections],
+            [(section.result, section.ds, section.text) for section in sections],
             transformer_lens=transformer_lens,
         ),
         encoding="utf-8",
@@ -128,7 +135,10 @@ def _datasets(
     ]
 
 
-def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool) -> Section:
+def _section(
+    ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool, models: bool = False
+) -> Section:
+    """What the figures of one size draw on (``models``: the store's models can be read)."""
     check_results(ds, REQUIRED)
     if transformer_lens and (TL_SCORES not in ds or not bool(ds[TL_SCORES].notnull().any())):
         where = f"{ds.attrs.get('store', 'dataset')} (size {ds.attrs.get('size', '?')})"
@@ -146,6 +156,36 @@ def _section(ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool
         pca=token_loss_pca(ds),
         alignment=seed_alignment(ds, used) if len(used) > 1 else None,
         transformer_lens=transformer_lens,
+        text=_text(ds, result, used) if models else None,
+    )
+
+
+def _text(ds: xr.Dataset, result: Summary, used: list[int]) -> TextExamples | None:
+    """A text family's examples, on the first seed used (or drawn), across its loss bump."""
+    store = ds.attrs["store"]
+    if not ds.sizes["seed"]:
+        return None
+    seed = used[0] if used else int(ds["seed"].values[0])
+    losses = ds["icl_score"].sel(seed=seed)
+    steps = losses["step"].values[losses.notnull().values]
+    if not len(steps):
+        return None
+    before, after = compared_steps(steps, result.per_seed.loc[seed].to_dict())
+    recorded, default = ds["token_loss"].attrs, HeldOutSpec()
+    held_out = HeldOutSpec(
+        seed=int(recorded.get("loss_positions_seed", default.seed)),
+        n_sequences=int(recorded.get("held_out_n_sequences", default.n_sequences)),
+    )
+    row = result.per_seed.loc[seed]
+    best = (int(row["best_layer"]), int(row["best_head_in_layer"]))
+    return text_examples(
+        store,
+        size=str(ds.attrs["size"]),
+        seed=seed,
+        before=before,
+        after=after,
+        held_out=held_out,
+        head=best if min(best) >= 0 else (0, 0),
     )
 
 

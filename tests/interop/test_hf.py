@@ -98,6 +98,36 @@ def test_export_writes_hugging_face_folders_and_provenance(trained_tiny, tmp_pat
         )
 
 
+def test_export_of_a_text_family_writes_its_tokenizer_and_ingest_keeps_it(trained_text, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, store, _ = trained_text
+    out = tmp_path / "hf"
+    assert main(["export", str(store), "--seed", "0", "--steps", "0,8", "--out", str(out)]) == 0
+    stored = obs.tokenizer(store)
+    text = "def main(a, b):\n    return 'café'"
+    for step in (0, 8):
+        folder = out / f"step{step}"
+        # transformers 5 keeps the special tokens in tokenizer_config.json (4.x also wrote
+        # special_tokens_map.json)
+        assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+        loaded = AutoTokenizer.from_pretrained(folder)
+        assert loaded(text)["input_ids"] == stored(text)["input_ids"]
+        assert loaded.decode(loaded(text)["input_ids"]) == text
+        assert loaded.bos_token_id == loaded.eos_token_id == loaded.pad_token_id == 0
+    ingested = tmp_path / "ingested.zarr"
+    assert main(["ingest", str(out), "--out", str(ingested), "--no-progress"]) == 0
+    again = obs.tokenizer(ingested)
+    assert again(text)["input_ids"] == stored(text)["input_ids"]
+
+
+def test_export_of_a_token_id_family_writes_no_tokenizer(trained_tiny, tmp_path):
+    _, store = trained_tiny
+    out = tmp_path / "hf"
+    assert main(["export", str(store), "--seed", "0", "--steps", "0", "--out", str(out)]) == 0
+    assert not any("token" in p.name for p in (out / "step0").iterdir())
+
+
 def test_ingested_run_refuses_batches_resume_and_says_where_it_came_from(
     trained_tiny, tmp_path, capsys
 ):

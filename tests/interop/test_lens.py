@@ -104,3 +104,16 @@ def test_missing_transformer_lens_is_a_one_line_error(trained_tiny, monkeypatch,
     monkeypatch.setitem(__import__("sys").modules, "transformer_lens", None)
     with pytest.raises(ObservatoryError, match=r'pip install -e "\.\[tl\]"'):
         obs.transformer_lens_at(store, size=SIZE, seed=0, step=0)
+
+
+def test_a_text_family_has_its_tokenizer(trained_text):
+    _, store, _ = trained_text
+    tl = obs.transformer_lens_at(store, size=SIZE, seed=0, step=8)
+    ids = obs.tokenizer(store)("def main(")["input_ids"]
+    assert len(ids) > 1 and 0 not in ids
+    assert tl.to_tokens("def main(").tolist() == [[0, *ids]]
+    assert tl.to_str_tokens("def main(")[1:] == [obs.tokenizer(store).decode([i]) for i in ids]
+    tokens = tl.to_tokens("class Point:\n    x")
+    with torch.no_grad():
+        expected = obs.model_at(store, size=SIZE, seed=0, step=8)(tokens).logits
+        assert float((tl(tokens) - expected).abs().max()) <= 1e-4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -11,7 +12,8 @@ import zarr.storage
 
 import observatory as obs
 from observatory.errors import StoreError
-from observatory.store import ATTRS_KEY
+from observatory.spec import load_run_spec
+from observatory.store import ATTRS_KEY, FamilyStore
 from tests.query.conftest import SIZE
 
 
@@ -53,3 +55,60 @@ def test_models_at_yields_the_same_weights_as_model_at(trained_tiny):
     for step, model in models_at(store, size="l2-d16", seed=1, steps=steps):
         expected = obs.model_at(store, size="l2-d16", seed=1, step=step)
         assert torch.equal(model(tokens).logits, expected(tokens).logits), step
+
+
+def _reference_windows(store, corpus) -> list[str]:
+    """Each window's text: the corpus documents encoded by the stored tokenizer and joined by
+    EOS, cut into windows of BOS and 15 tokens, each window decoded on its own."""
+    from observatory.data.tokenizer import TextTokenizer
+    from tests.conftest import TEXT_CORPUS
+
+    tokenizer = TextTokenizer("bpe", FamilyStore(store).attrs["data"]["tokenizer"])
+    stream = np.concatenate(
+        [np.append(tokenizer.encode([TEXT_CORPUS[name]])[0], 0) for name in sorted(TEXT_CORPUS)]
+    )
+    n = len(stream) // 15
+    return [tokenizer.decode([0, *stream[i * 15 : (i + 1) * 15]]) for i in range(n)]
+
+
+def test_batch_at_decode_gives_the_source_text_of_each_window(trained_text):
+    from tests.conftest import TEXT_CORPUS
+
+    _, store, corpus = trained_text
+    reference = _reference_windows(store, corpus)
+    eot = "<|endoftext|>"
+    # the windows in corpus order spell the corpus: documents separated by EOS
+    spelled = "".join(text.removeprefix(eot) for text in reference)
+    source = eot.join(TEXT_CORPUS[name] for name in sorted(TEXT_CORPUS)) + eot
+    assert source.startswith(spelled) and len(source) - len(spelled) < 200
+    indices = obs.open_run(store, size=SIZE, seed=1)["batch_indices"].values
+    for step in (0, 7):
+        texts = obs.batch_at(store, size=SIZE, seed=1, step=step, decode=True)
+        assert texts == [reference[i] for i in indices[step]]
+        tokens = obs.batch_at(store, size=SIZE, seed=1, step=step)
+        assert tokens.shape == (4, 16) and tokens.dtype == torch.int64
+
+
+def test_batch_at_decode_of_byte_level_text_replaces_cut_characters(tmp_path):
+    from observatory.train import train_family
+    from tests.conftest import text_family_toml, write_spec
+
+    (tmp_path / "a.txt").write_text("é" * 100 + "ab" * 50, encoding="utf-8")
+    toml = text_family_toml(tmp_path / "a.txt", tokenizer="bytes", vocab_size=256)
+    spec = load_run_spec(
+        write_spec(
+            tmp_path,
+            toml.replace("init = [0, 1]", "init = [0]").replace("data = [5, 6]", "data = [5]"),
+        )
+    )
+    store = train_family(spec, store=tmp_path / "bytes.zarr", progress=False)
+    indices = obs.open_run(store, size=SIZE, seed=0)["batch_indices"].values[2]
+    stream = ("é" * 100 + "ab" * 50).encode() + b"\0"
+    expected = [(b"\0" + stream[i * 15 : (i + 1) * 15]).decode(errors="replace") for i in indices]
+    assert obs.batch_at(store, size=SIZE, seed=0, step=2, decode=True) == expected
+
+
+def test_batch_at_decode_refuses_token_ids_in_one_line(trained_tiny):
+    _, store = trained_tiny
+    with pytest.raises(StoreError, match=r"corpus \(induction\) has no tokenizer to decode$"):
+        obs.batch_at(store, size=SIZE, seed=0, step=0, decode=True)
