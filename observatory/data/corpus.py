@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -57,8 +58,12 @@ class Corpus:
     def windows(self, indices: np.ndarray) -> np.ndarray:
         """The windows at ``indices``: ``tokens[len(indices), context]`` (int64)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        positions = indices[:, None] * self._stride + np.arange(self._stride)
-        tokens = np.asarray(self.stream[positions], dtype=np.int64)  # one gather, no loop
+        stream = self.stream
+        if isinstance(stream, np.memmap) and stream.filename is not None:
+            tokens = _read_windows(stream, indices, self._stride).astype(np.int64)
+        else:
+            positions = indices[:, None] * self._stride + np.arange(self._stride)
+            tokens = np.asarray(stream[positions], dtype=np.int64)  # one gather, no loop
         if not self.bos:
             return tokens
         bos = np.full((len(indices), 1), BOS_TOKEN, dtype=np.int64)
@@ -87,6 +92,23 @@ class Corpus:
             Corpus,
             (stream, self.context, self.bos, self.fingerprint, self.counts, self.record),
         )
+
+
+def _read_windows(stream: np.memmap, indices: np.ndarray, stride: int) -> np.ndarray:
+    """``stream[i * stride : (i + 1) * stride]`` for each ``i`` in ``indices``, read from the
+    file: a page fault on a memory map maps a whole (large) folio of the page cache into the
+    process, so windows gathered through the map would make training's memory grow with the
+    part of the corpus visited; read, the pages stay in the page cache alone."""
+    out = np.empty((len(indices), stride), dtype=stream.dtype)
+    row_bytes = stride * stream.dtype.itemsize
+    fd = os.open(stream.filename, os.O_RDONLY)
+    try:
+        for row, index in zip(out, indices.tolist(), strict=True):
+            if os.preadv(fd, [row], stream.offset + index * row_bytes) != row_bytes:
+                raise DataError(f"{stream.filename}: window {index} is past the end of the file")
+    finally:
+        os.close(fd)
+    return out
 
 
 def _reopened(where, *fields) -> Corpus:

@@ -53,5 +53,5 @@ def batch_indices(*, data_seed: int, step: int, batch_size: int, dataset_size: i
 def data_order_fingerprint(*, data_seed: int, dataset_size: int) -> str:
     """Hash of the rule and of the first epoch's order, to detect a changed data order."""
     digest = hashlib.sha256(f"{DATA_ORDER_RULE}|{data_seed}|{dataset_size}".encode())
-    digest.update(_epoch_order(data_seed, 0, dataset_size).tobytes())
+    digest.update(_epoch_order(data_seed, 0, dataset_size))  # its buffer: no copy
     return digest.hexdigest()[:16]
