@@ -172,11 +172,13 @@ def speed_ratio(spec_path: Path, rounds: int, tmp: Path) -> list[str]:
 def tokenize_throughput(vocab: int, tmp: Path) -> list[str]:
     """MB/s of text of ``observatory tokenize`` on the stdlib's ``.py`` files, fresh cache."""
     spec = tmp / "tokenize.toml"
-    # "{stdlib}" of some interpreters holds site-packages too: the standard library alone
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    paths = '", "'.join(str(p) for p in sorted(stdlib.iterdir()) if p.name != "site-packages")
-    text = SPEC.format(path=paths, cache=tmp / "tokenize-cache", steps=1, vocab=vocab)
-    text = text.replace('source = "tokens"', 'source = "text"\nglob = "*.py"\ntokenizer = "bpe"')
+    # the corpus of runs/text.toml: the standard library without the installed packages
+    text = SPEC.format(path="{stdlib}", cache=tmp / "tokenize-cache", steps=1, vocab=vocab)
+    text = text.replace(
+        'source = "tokens"',
+        'source = "text"\nglob = "*.py"\nexclude = ["site-packages/*"]\nerrors = "replace"\n'
+        'tokenizer = "bpe"',
+    )
     spec.write_text(text.replace('dtype = "uint16"\n', ""))
     command = [sys.executable, "-m", "observatory.cli", "tokenize", str(spec), "--no-progress"]
     start = time.perf_counter()
