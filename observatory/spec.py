@@ -175,6 +175,10 @@ class SizeSpec:
     n_heads: int
     n_positions: int  # size of the position table: the longest context the model accepts
     d_mlp: int | None = None  # GPT-NeoX only; defaults to 4 * d_model
+    # Another size trained on the same batches: the loss bump is found in this size's loss
+    # minus the control's, where the per-batch noise both share cancels (Olsson et al. compare
+    # their multi-layer models with 1-layer models, which have no induction bump).
+    control: str | None = None
 
     def validate(self, where: str) -> None:
         _require(bool(self.name) and "/" not in self.name, f"{where}.name: non-empty, no '/'")
@@ -213,6 +217,12 @@ class ModelSpec:
         _require(len(self.sizes) > 0, f"{where}.sizes: the list of sizes is empty")
         names = [s.name for s in self.sizes]
         _require(len(set(names)) == len(names), f"{where}.sizes: duplicate size names {names}")
+        for i, size in enumerate(self.sizes):
+            _require(
+                size.control is None or (size.control in names and size.control != size.name),
+                f"{where}.sizes[{i}].control: {size.control!r} is not another size of the "
+                f"family (sizes: {', '.join(names)})",
+            )
         _require(0.0 <= self.rotary_pct <= 1.0, f"{where}.rotary_pct: must be in [0, 1]")
 
 

@@ -111,6 +111,12 @@ def test_console_command_reports_bad_spec_without_traceback(tmp_path):
         ("context = 16", "context = 1", "train.context: must be at least 2"),
         ("every = 5", "every = 5\nextra = [25]", "checkpoints.extra: step 25 is after the last"),
         ("init = [0, 1]\ndata = [5, 6]", "init = [0, 0]\ndata = [5, 5]", "(0, 5) appears twice"),
+        (
+            "n_heads = 2",
+            'n_heads = 2\ncontrol = "l1-d16"',
+            "model.sizes[0].control: 'l1-d16' is not another size of the family (sizes: l2-d16)",
+        ),
+        ("n_heads = 2", 'n_heads = 2\ncontrol = "l2-d16"', "'l2-d16' is not another size"),
     ],
 )
 def test_meaningless_values_are_one_line_errors_before_any_store(

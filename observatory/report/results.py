@@ -41,8 +41,10 @@ def load_results(
         ``loss[seed, train_step]`` and the analyses' variables (``induction_score[seed, step,
         layer, head]``, ...; each with the attribute ``analysis``: the analysis that wrote it),
         loaded, with coordinates ``seed``, ``init_seed``, ``data_seed``, ``complete`` (per
-        seed), ``step``, ``tokens_seen``, ``train_step``; ``attrs``: ``store``, ``size`` and
-        ``analysis_parameters`` (``{analysis: parameters}`` as recorded by the analysis job).
+        seed), ``step``, ``tokens_seen``, ``train_step``; ``control_loss[seed, train_step]``
+        where the size names a ``control`` size; ``attrs``: ``store``, ``size``,
+        ``warmup_steps`` (of the learning rate) and ``analysis_parameters``
+        (``{analysis: parameters}`` as recorded by the analysis job).
 
     Raises
     ------
@@ -65,9 +67,31 @@ def load_results(
         if name == "loss" or "analysis" in values.attrs
     ]
     ds = family_ds[names].load()
-    ds.attrs = {"store": str(family.path), "size": size, "analysis_parameters": parameters}
+    control = family.spec.size(size).control
+    if control is not None:
+        ds["control_loss"] = _control_loss(path, family, control, ds)
+    ds.attrs = {
+        "store": str(family.path),
+        "size": size,
+        "analysis_parameters": parameters,
+        "warmup_steps": family.spec.optimizer.warmup_steps,
+    }
     check_results(ds, require)
     return ds
+
+
+def _control_loss(path, family: FamilyStore, control: str, ds: xr.Dataset) -> xr.DataArray:
+    """``control_loss[seed, train_step]``: the control size's per-step loss on the same batches
+    (NaN where the control run of a seed is not trained)."""
+    trained = {reader.run.seed for reader in family.size_runs(control)}
+    seeds = [int(seed) for seed in ds["seed"].values if int(seed) in trained]
+    loss = xr.full_like(ds["loss"], float("nan"))
+    if seeds:
+        found = open_family(path, size=control, seeds=seeds)["loss"].load()
+        found = found.reindex(train_step=ds["train_step"])
+        loss.loc[{"seed": seeds}] = found.transpose(*loss.dims).values
+    loss.attrs = {"control": control, "description": f"per-step training loss of {control}"}
+    return loss
 
 
 def summary(

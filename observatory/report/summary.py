@@ -229,8 +229,9 @@ def summarize(
       head's first threshold crossing and interpolated transition midpoint
       (:func:`~observatory.analysis.emergence`), NaN if it never crosses;
     * ``bump_start_step``, ``bump_end_step``, ``bump_start_tokens``, ``bump_end_tokens``,
-      ``bump_loss_drop``: the loss bump of the per-step training loss
-      (:func:`~observatory.analysis.loss_bump`), NaN if there is none;
+      ``bump_loss_drop``: the loss bump of the per-step training loss, or of the loss minus a
+      control size's (:func:`bump_signal`; :func:`~observatory.analysis.loss_bump`), NaN if
+      there is none;
     * ``jump_in_bump``: whether the bump window contains the emergence midpoint;
     * ``icl_before``, ``icl_after``, ``icl_change``: ICL score at the last analysed checkpoint
       at or before the bump start and the first at or after its end, and their difference
@@ -312,6 +313,7 @@ def summarize(
             "induction_score_convention": recorded.get("score_convention"),
             "emergence_rule": EMERGENCE_RULE,
             "bump_method": SEGMENTATION + " (loss_bump defaults)",
+            "bump_signal": bump_signal_name(ds),
             "icl_early_position": icl.get("icl_early_position"),
             "icl_late_position": icl.get("icl_late_position"),
             "final_loss": FINAL_LOSS,
@@ -447,9 +449,12 @@ def _seed_row(
     }
     if bool(one["induction_score"].notnull().any()):
         row |= _heads_columns(one["induction_score"], threshold, tokens_per_step)
-    if loss.sizes["train_step"] < 2:
+    signal = bump_signal(one)
+    if signal.sizes["train_step"] < 2:
         return row
-    bump = loss_bump(loss["train_step"].values, loss.values, tokens_per_step=round(tokens_per_step))
+    bump = loss_bump(
+        signal["train_step"].values, signal.values, tokens_per_step=round(tokens_per_step)
+    )
     if bump is None:
         return row
     row |= {
@@ -470,6 +475,33 @@ def _seed_row(
         row["icl_after"] = float(after[0])
         row["icl_change"] = row["icl_after"] - row["icl_before"]
     return row
+
+
+def bump_signal(one: xr.Dataset) -> xr.DataArray:
+    """The per-step series the loss bump is searched in, for one seed.
+
+    The training loss, or, where the size names a ``control`` size trained on the same batches
+    (``control_loss``), the loss minus the control's: both models see the same batch at each
+    step, so the batch-to-batch noise and the smooth learning both share cancel, and what is
+    left is what the extra layers learn (Olsson et al. set their models against 1-layer ones).
+    Steps of the learning-rate warm-up (``attrs["warmup_steps"]``) are left out: there the
+    step size itself changes, so the curve's shape is the schedule's.
+    """
+    loss = one["loss"].dropna("train_step")
+    loss = loss.sel(train_step=loss["train_step"] >= one.attrs.get("warmup_steps", 0))
+    if "control_loss" not in one or not bool(one["control_loss"].notnull().any()):
+        return loss
+    control = one["control_loss"].sel(train_step=loss["train_step"])
+    return (loss - control).dropna("train_step")
+
+
+def bump_signal_name(ds: xr.Dataset) -> str:
+    """What :func:`bump_signal` uses, in words (recorded with the summary's parameters)."""
+    after = f" after the {ds.attrs.get('warmup_steps', 0)} warm-up steps"
+    if "control_loss" in ds:
+        control = ds["control_loss"].attrs["control"]
+        return f"training loss minus that of the control size {control}{after}"
+    return "training loss" + after
 
 
 def _heads_columns(

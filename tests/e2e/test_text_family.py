@@ -33,7 +33,7 @@ def shortened_recipe(tmp_path: Path) -> Path:
     text = text.replace('paths = ["{stdlib}"]', 'paths = ["{stdlib}/json", "{stdlib}/email"]')
     text = text.replace("vocab_size = 1024", "vocab_size = 512")
     text = text.replace("init = [0, 1, 2]", "init = [0]").replace("data = [0, 1, 2]", "data = [0]")
-    text = text.replace("steps = 30000", "steps = 300").replace("every = 250", "every = 100")
+    text = text.replace("steps = 60000", "steps = 300").replace("every = 500", "every = 100")
     text = text.replace('store_path = "store/text.zarr"', f'store_path = "{tmp_path / "t.zarr"}"')
     path = tmp_path / "text.toml"
     path.write_text(text)

@@ -154,6 +154,37 @@ def test_a_seed_without_a_bump_is_counted_as_missing(planted):
     assert "-" in str(result)
 
 
+def test_a_bump_hidden_by_batch_noise_shows_against_a_control(planted):
+    """Text-like curves: a convex power-law decay, large batch-to-batch noise shared by both
+    sizes (the same batches), and a modest extra drop of the 2-layer loss over the window."""
+    rng = np.random.default_rng(5)
+    steps = TRAIN_STEPS.astype(float)
+    shared = 3.0 + 2.0 / (1 + steps / 50) + rng.normal(0, 0.3, (3, steps.size))
+    extra = []
+    for seed in (0, 1, 2):
+        start, end, _ = PLANTED[seed]
+        u = np.clip((steps - start) / (end - start), 0, 1)
+        extra.append(-0.3 * u * u * (3 - 2 * u) + rng.normal(0, 0.01, steps.size))
+    text = planted.copy()
+    text["loss"] = (("seed", "train_step"), shared + np.array(extra))
+    alone = summarize(text)
+    assert alone.per_seed["bump_start_step"].isna().all()  # lost in the noise
+    text["control_loss"] = (("seed", "train_step"), shared)
+    text["control_loss"].attrs["control"] = "l1-d64"
+    against = summarize(text)
+    assert "minus that of the control size l1-d64" in against.parameters["bump_signal"]
+    for seed in (0, 1, 2):
+        start, end, _ = PLANTED[seed]
+        row = against.per_seed.loc[seed]
+        assert start - 60 <= row["bump_start_step"] <= start + 40
+        assert end - 40 <= row["bump_end_step"] <= end + 60
+        assert row["jump_in_bump"]
+        assert row["bump_loss_drop"] == pytest.approx(0.3, abs=0.1)
+    unmatched = text.copy()
+    unmatched["control_loss"] = text["control_loss"].where(text["seed"] != 1)
+    assert np.isnan(summarize(unmatched).per_seed.loc[1, "bump_start_step"])  # loss alone
+
+
 def test_missing_analyses_raise_one_clear_line(planted):
     with pytest.raises(StoreError, match=r"'head_scores'.*run `observatory analyze` first"):
         summarize(planted.drop_vars("induction_score"))

@@ -27,7 +27,8 @@ def loss_curves(section: Section) -> Figure:
     """Per-step training loss of each seed on a log step axis (faint: every step; solid: mean over
     log-spaced bins) and the held-out loss at each analysed checkpoint (diamonds: mean over the icl
     analysis' held-out sequences and positions). Shaded: the loss bump found by change-point
-    detection; dashed: the emergence midpoint of the seed's best induction head.
+    detection (in the loss minus the control's where the size names a control); dashed: the
+    emergence midpoint of the seed's best induction head.
     """
     ds, result = section.ds, section.result
     per_step = tokens_per_step(ds)
@@ -78,6 +79,56 @@ def loss_curves(section: Section) -> Figure:
     common.legend_below(figure, axes)
     title = "Training loss per step and held-out loss per checkpoint"
     figure.suptitle(title + ("; shaded: detected loss bump" if any_bump else ""))
+    return figure
+
+
+@figure(
+    "loss_against_control.png",
+    title="Loss against the control size",
+)
+def loss_against_control(section: Section) -> Figure | None:
+    """Per seed, the training loss minus that of the control size trained on the same batches
+    (the run spec's ``control``, e.g. a 1-layer model, which cannot form induction heads), on a
+    log step axis (faint: every step; solid: mean over log-spaced bins). Both models see the
+    same batch at every step, so the batch-to-batch noise cancels and what is left is what the
+    extra layers learn. Shaded: the loss bump found in this difference; dashed: the emergence
+    midpoint of the seed's best induction head. Drawn only for sizes that name a control.
+    """
+    ds, result = section.ds, section.result
+    if "control_loss" not in ds or not bool(ds["control_loss"].notnull().any()):
+        return None
+    control = ds["control_loss"].attrs["control"]
+    figure, axes = common.panels(ds.sizes["seed"])
+    for i, (ax, seed) in enumerate(zip(axes, ds["seed"].values, strict=True)):
+        row = common.seed_row(result, seed)
+        gap = (ds["loss"] - ds["control_loss"]).sel(seed=seed).dropna("train_step")
+        gap = gap.sel(train_step=gap["train_step"] > 0)
+        if not gap.size:
+            ax.text(0.5, 0.5, f"{control} not trained", ha="center", transform=ax.transAxes)
+            ax.set_title(f"seed {seed}")
+            continue
+        steps, values = gap["train_step"].values, gap.values
+        colour = common.tab_colour(i)
+        ax.plot(steps, values, color=colour, alpha=0.2, lw=0.6, label="per step")
+        ax.plot(*_log_binned(steps, values), color=colour, lw=1.6, label="binned")
+        ax.axhline(0.0, color="k", lw=0.6)
+        if np.isfinite(row["bump_start_step"]):
+            ax.axvspan(
+                row["bump_start_step"],
+                row["bump_end_step"],
+                color="0.5",
+                alpha=0.2,
+                label="loss bump",
+            )
+        common.mark_emergence(ax, row)
+        ax.set_xscale("log")
+        ax.set_title(common.seed_title(row, seed))
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+        common.tokens_axis(ax, tokens_per_step(ds))
+    axes[0].set_ylabel(f"loss minus {control}'s (nats)")
+    common.legend_below(figure, axes)
+    figure.suptitle(f"Training loss minus the control {control}'s, on the same batches")
     return figure
 
 
