@@ -25,7 +25,7 @@ from observatory.analysis.protocol import (
     dim_sizes,
     resolve_variables,
 )
-from observatory.data import build_corpus
+from observatory.data import Corpus, build_corpus, stored_corpus
 from observatory.errors import AnalysisError, SpecError, StoreError
 from observatory.jobs.cluster import dask_client
 from observatory.jobs.job_spec import AnalysisSpec, HeldOutSpec, ProbeSpec
@@ -36,27 +36,40 @@ from observatory.spec import DataSpec, RunId, RunSpec
 # Shared data: the probe and held-out data (same for every checkpoint and seed).
 
 
-def held_out_tokens(run_spec: RunSpec, spec: HeldOutSpec) -> tuple[np.ndarray, str]:
-    """Held-out sequences and a note of where they come from (stored as an attribute)."""
+def held_out_tokens(
+    run_spec: RunSpec, spec: HeldOutSpec, *, corpus: Corpus | None = None
+) -> tuple[np.ndarray, str]:
+    """Held-out sequences and a note of where they come from (stored as an attribute).
+
+    ``corpus`` is the training corpus (a store's :func:`~observatory.data.stored_corpus`,
+    tokenized as it was trained); by default it is built from the spec.
+    """
     context, vocab = run_spec.train.context, run_spec.model.vocab_size
     data: DataSpec = run_spec.data
     if data.source == "induction":
         fresh = dataclasses.replace(data, seed=spec.seed, n_sequences=spec.n_sequences)
         corpus = build_corpus(fresh, context=context, vocab_size=vocab)
         return corpus.windows(np.arange(len(corpus))), f"fresh synthetic corpus, seed {spec.seed}"
-    corpus = build_corpus(data, context=context, vocab_size=vocab)
+    if corpus is None:
+        corpus = build_corpus(data, context=context, vocab_size=vocab)
     rng = np.random.default_rng(spec.seed)
     picks = rng.choice(len(corpus), size=min(spec.n_sequences, len(corpus)), replace=False)
     return corpus.windows(np.sort(picks)), f"sampled from the training text, seed {spec.seed}"
 
 
-def shared_data(run_spec: RunSpec, probe: ProbeSpec, held_out: HeldOutSpec) -> SharedData:
-    """Generate the probe and held-out data from their recorded seeds."""
-    tokens, source = held_out_tokens(run_spec, held_out)
+def shared_data(
+    run_spec: RunSpec, probe: ProbeSpec, held_out: HeldOutSpec, *, corpus: Corpus | None = None
+) -> SharedData:
+    """Generate the probe and held-out data from their recorded seeds.
+
+    ``corpus``: the training corpus, as in :func:`held_out_tokens`.
+    """
+    tokens, source = held_out_tokens(run_spec, held_out, corpus=corpus)
     context, vocab = run_spec.train.context, run_spec.model.vocab_size
     counts = None  # synthetic corpora: uniform vocabularies, draw from all of it
     if run_spec.data.source != "induction":  # only tokens that occur (Olsson et al.)
-        corpus = build_corpus(run_spec.data, context=context, vocab_size=vocab)
+        if corpus is None:
+            corpus = build_corpus(run_spec.data, context=context, vocab_size=vocab)
         counts = corpus.token_counts(vocab)
     return SharedData(
         probe=repeated_tokens(
@@ -332,7 +345,7 @@ def run_analysis(
     configured = configure(spec.analyses, spec.options)
     runs = select_runs(spec, family.runs())
     check_names(configured, taken_names(family, runs, {c.name for c in configured}))
-    data = shared_data(family.spec, spec.probe, spec.held_out)
+    data = shared_data(family.spec, spec.probe, spec.held_out, corpus=stored_corpus(family))
     work, skipped = _prepare(family, spec, configured, runs, data, recompute)
     computed = 0
     if any(w.blocks for w in work):
