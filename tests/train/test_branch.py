@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from observatory.errors import ObservatoryError
+from observatory.models import stack_layers
 from observatory.spec import load_run_spec
 from observatory.store import FamilyStore
 from observatory.train import Intervention, train_branch, train_family
@@ -86,11 +87,11 @@ def test_ablating_a_head_changes_the_trajectory_and_replay_reproduces_it(family)
     parent, ablated = reader.run("l2-d16", 0), reader.run("l2-d16", 0, "ablated")
     assert not np.array_equal(parent.metrics()["loss"][FORK:], ablated.metrics()["loss"][FORK:])
     assert ablated.metrics()["loss"][:FORK].tobytes() == parent.metrics()["loss"][:FORK].tobytes()
-    replayed = dict(replay(store, size="l2-d16", seed=0, branch="ablated", start=8, stop=20, every=4))
-    for step, model in [(20, replayed[20])]:
-        from observatory.models import stack_layers
-
-        assert_bit_identical(stack_layers(dict(model.named_parameters())), ablated.parameters_at(step))
+    # from the keyframe at 16, replaying steps 16..19 with the ablation hooks
+    for step, model in replay(store, size="l2-d16", seed=0, branch="ablated", start=18, stop=20):
+        if step == 20:
+            replayed = stack_layers(dict(model.named_parameters()))
+    assert_bit_identical(replayed, ablated.parameters_at(20))
 
 
 def test_a_frozen_head_keeps_its_weights(family):
@@ -148,3 +149,37 @@ def test_bad_inputs_are_one_line_and_leave_the_store_unchanged(family, tmp_path)
             branch(family, name, **options)
         assert "\n" not in str(err.value)
     assert tree_bytes(store) == before
+
+
+@pytest.mark.slow  # verify replays every branch of the module's store on a dask worker
+def test_the_branch_command_trains_verifies_and_inspects(family, tmp_path, capsys):
+    from observatory.cli import main
+
+    spec, store = family
+    spec_path = write_spec(tmp_path)
+    common = ["--store", str(store), "--run", "l2-d16/seed0", "--no-progress"]
+    windows = tmp_path / "windows.txt"
+    windows.write_text("5, 6\n7")
+    before = tree_bytes(store)
+    bad = {
+        "unknown": ["--at", "5", "--name", "x", "--run", "l9-d16/seed0"],
+        "beyond": ["--at", "99", "--name", "x"],
+        "head": ["--at", "5", "--name", "x", "--ablate-head", "0.7"],
+        "list": ["--at", "5", "--name", "x", "--drop-windows", str(tmp_path / "none.txt")],
+    }
+    for args in bad.values():
+        try:
+            code = main(["branch", str(spec_path), *common, *args])
+        except SystemExit as err:  # argparse's own errors
+            code = err.code
+        assert code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert tree_bytes(store) == before
+    args = ["--at", "10", "--name", "cli", "--ablate-head", "1.1", "--drop-windows", str(windows)]
+    assert main(["branch", str(spec_path), *common, *args]) == 0
+    assert "l2-d16/seed0/branches/cli: 14 steps" in capsys.readouterr().out
+    assert main(["inspect", str(store)]) == 0
+    assert "seed0/cli" in capsys.readouterr().out
+    assert main(["verify", str(store), "--no-progress", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "l2-d16/seed0/branches/cli" in out and "verification failed" not in out
