@@ -88,9 +88,7 @@ class BranchOrder:
         Corpus indices the branch never reads (sorted, unique, fewer than ``dataset_size``).
     """
 
-    def __init__(
-        self, *, data_seed: int, fork: int, batch_size: int, dataset_size: int, dropped
-    ):
+    def __init__(self, *, data_seed: int, fork: int, batch_size: int, dataset_size: int, dropped):
         self.data_seed, self.fork, self.batch_size = data_seed, fork, batch_size
         self.dataset_size = dataset_size
         self.keep = np.ones(dataset_size, dtype=bool)

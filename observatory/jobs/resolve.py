@@ -27,6 +27,9 @@ RESERVED_NAMES = (
     "data_seed",
     "complete",
     "size",
+    "branch",
+    "fork",
+    "run",
     *NAMED_DIMS,
 )
 

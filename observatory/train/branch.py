@@ -117,8 +117,7 @@ def _fork_source(parent: RunReader, at: int) -> ReplaySource:
     total = parent.family.spec.train.steps
     if at > parent.n_steps:
         raise StoreError(
-            f"{parent.run.path}: cannot fork at step {at}: steps 0..{parent.n_steps} are "
-            "committed"
+            f"{parent.run.path}: cannot fork at step {at}: steps 0..{parent.n_steps} are committed"
         )
     if at >= total:
         raise StoreError(

@@ -101,9 +101,9 @@ class Intervention:
             raise SpecError("warmup_steps: must be >= 0")
         if self.data_seed is not None and self.data_seed < 0:
             raise SpecError("data_seed: must be >= 0")
-        if self.drop_predicate is not None and not self.drop_predicate.partition(":")[
-            0
-        ].endswith(".py"):
+        if self.drop_predicate is not None and not self.drop_predicate.partition(":")[0].endswith(
+            ".py"
+        ):
             raise SpecError(f"drop: expected 'file.py:name', got {self.drop_predicate!r}")
 
     @property
@@ -144,7 +144,9 @@ class Intervention:
         predicate = getattr(source_module(filename, source), name, None)
         if not callable(predicate):
             raise SpecError(f"drop: {self.drop_predicate}: no function {name!r} in {filename}")
-        matched = [i for i in range(len(corpus)) if _matches(predicate, self.drop_predicate, corpus, i)]
+        matched = [
+            i for i in range(len(corpus)) if _matches(predicate, self.drop_predicate, corpus, i)
+        ]
         return dataclasses.replace(
             self,
             drop_windows=(*self.drop_windows, *matched),
@@ -180,7 +182,9 @@ def _matches(predicate, ref: str, corpus: Corpus, index: int) -> bool:
         message = f"drop: {ref} raised {type(err).__name__} on window {index}: {err}"
         raise SpecError(message.splitlines()[0]) from None
     if not isinstance(answer, bool | np.bool_):
-        raise SpecError(f"drop: {ref} returned {type(answer).__name__}, not a bool, on window {index}")
+        raise SpecError(
+            f"drop: {ref} returned {type(answer).__name__}, not a bool, on window {index}"
+        )
     return bool(answer)
 
 
@@ -199,10 +203,13 @@ class Hooks:
         """Ablate the heads in the forward passes of the block."""
         heads = self._intervention.ablate_heads
         projections = of_config(self._model.config).output_projections(self._model)
-        n_heads, mean = self._model.config.num_attention_heads, self._intervention.ablation == "mean"
+        n_heads, mean = (
+            self._model.config.num_attention_heads,
+            self._intervention.ablation == "mean",
+        )
         handles = [
             projections[layer].register_forward_pre_hook(
-                _ablate([h for l, h in heads if l == layer], n_heads, mean)
+                _ablate([h for at, h in heads if at == layer], n_heads, mean)
             )
             for layer in sorted({layer for layer, _ in heads})
         ]

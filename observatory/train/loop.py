@@ -25,8 +25,8 @@ from observatory.memory import one_malloc_arena
 from observatory.models import build_model, stack_layers
 from observatory.spec import RunId, RunSpec
 from observatory.store import Checkpoint, RunLock, RunWriter, StepRecord
-from observatory.train.interventions import Course, Hooks
 from observatory.train.interrupts import raise_if_interrupted
+from observatory.train.interventions import Course, Hooks
 from observatory.train.step import (
     recipe,
     recipe_record,
@@ -103,7 +103,9 @@ def train_run(
     schedule = spec.checkpoints.steps(total_steps)
     keyframes = spec.checkpoints.keyframes(total_steps)
     if fork is not None:  # the fork's state is the branch's first keyframe
-        schedule, keyframes = (tuple(sorted({*steps, fork.step})) for steps in (schedule, keyframes))
+        schedule, keyframes = (
+            tuple(sorted({*steps, fork.step})) for steps in (schedule, keyframes)
+        )
     course = course or Course(spec, run.data_seed, len(corpus))
     # One writer per run: a second one gets a one-line error.
     with recipe(spec.train.threads), RunLock(root, run):
@@ -191,8 +193,8 @@ def _resume(
 
     None when the run is already complete.  Weights, AdamW moments and RNG state are restored
     bit for bit, so the continuation equals an uninterrupted run.  What a crash left past the
-    keyframe is dropped from the commit markers and trained again.  A branch without a checkpoint of its own starts from its
-    fork's state.
+    keyframe is dropped from the commit markers and trained again.  A branch without a
+    checkpoint of its own starts from its fork's state.
     """
     n_checkpoints, _ = writer.committed
     inherited = 0 if fork is None else schedule.index(fork.step)  # its parent's checkpoints

@@ -36,7 +36,9 @@ def state_at(reader, step):
     checkpoint = reader.checkpoint(step)
     index = reader.checkpoint_index(step)
     arrays = dict(checkpoint.params)
-    arrays |= {f"{m}/{n}": a for m, moments in checkpoint.moments.items() for n, a in moments.items()}
+    arrays |= {
+        f"{m}/{n}": a for m, moments in checkpoint.moments.items() for n, a in moments.items()
+    }
     arrays["rng_state"] = checkpoint.rng_state
     arrays["weights_sha256"] = reader.read(reader.array("weights_sha256"), index)
     return arrays
@@ -119,7 +121,12 @@ def test_dropped_windows_are_never_read(family, tmp_path):
     assert np.array_equal(after.ravel()[: kept.size], kept)
     filters = tmp_path / "filters.py"
     filters.write_text("def starts_low(tokens):\n    return bool(tokens[1] < 4)\n")
-    branch(family, "pred", Intervention(drop_predicate=f"{filters}:starts_low"), on_batch=lambda s, t: seen.append(t))
+    branch(
+        family,
+        "pred",
+        Intervention(drop_predicate=f"{filters}:starts_low"),
+        on_batch=lambda s, t: seen.append(t),
+    )
     assert all(int(tokens[1]) >= 4 for batch in seen for tokens in batch)
     stored = FamilyStore(family[1]).run("l2-d16", 0, "pred").branch["intervention"]
     assert stored["drop_predicate_sha256"] and stored["drop_windows"]
@@ -138,7 +145,9 @@ def test_bad_inputs_are_one_line_and_leave_the_store_unchanged(family, tmp_path)
         "branch name '../x'": {"name": "../x"},
         "no seed 1": {"seed": 1},
         "exists": {"name": "same"},
-        "raised ValueError on window 0: no": {"intervention": Intervention(drop_predicate=f"{raises}:bad")},
+        "raised ValueError on window 0: no": {
+            "intervention": Intervention(drop_predicate=f"{raises}:bad")
+        },
         "no head 2.0": {"intervention": Intervention(ablate_heads=((2, 0),))},
         "window 64 is not in the corpus": {"intervention": Intervention(drop_windows=(64,))},
     }
