@@ -39,6 +39,8 @@ checkpoints and seeds.
 typical session:
   observatory tokenize runs/text.toml                # optional: text into the token cache
   observatory train runs/induction.toml              # every size x seed of the family
+  observatory branch runs/induction.toml --run l2-d64/seed0 --at 250 --name no-prev \
+      --ablate-head 0.3                              # continue a run with an intervention
   observatory inspect store/induction.zarr           # runs, checkpoints, tokens, disk use
   observatory analyses                               # the built-in analyses and options
   observatory analyze analyses/induction.toml        # circuit-formation scores, on dask
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     # In the order of a typical session, as `observatory --help` lists them.
     _tokenize_parser(commands, options)
     _train_parser(commands, options)
+    _branch_parser(commands, options)
     _command(commands, "inspect", _cmd_inspect, options.store)
     _command(commands, "analyses", _cmd_analyses)
     _analyze_parser(commands, options)
@@ -135,6 +138,7 @@ class _Options:
     selection: argparse.ArgumentParser  # --sizes, --seeds
     dask: argparse.ArgumentParser  # --scheduler | --workers
     progress: argparse.ArgumentParser  # --no-progress
+    resume: argparse.ArgumentParser  # --resume, --stop-after
 
 
 def _options() -> _Options:
@@ -174,7 +178,19 @@ def _options() -> _Options:
     progress.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars"
     )
-    return _Options(store, spec_store, out_dir, selection, dask, progress)
+    resume = parent()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue unfinished runs from their last committed checkpoint; skip finished ones",
+    )
+    resume.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        metavar="N",
+        help="stop each run after N steps in this call (continue later with --resume)",
+    )
+    return _Options(store, spec_store, out_dir, selection, dask, progress, resume)
 
 
 def _add_seeds(parser) -> None:
@@ -223,19 +239,8 @@ def _cmd_tokenize(args: argparse.Namespace) -> None:
 
 def _train_parser(commands, options: _Options) -> None:
     parents = (options.spec_store, options.selection, options.dask, options.progress)
-    train = _command(commands, "train", _cmd_train, *parents)
+    train = _command(commands, "train", _cmd_train, *parents, options.resume)
     train.add_argument("spec", help="run spec (runs/*.toml)")
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue unfinished runs from their last committed checkpoint; skip finished ones",
-    )
-    train.add_argument(
-        "--stop-after",
-        type=_positive_int,
-        metavar="N",
-        help="stop each run after N steps in this call (continue later with --resume)",
-    )
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -270,6 +275,68 @@ def _cmd_train(args: argparse.Namespace) -> None:
         options = _same_names(args, "store", "seeds", "sizes", "resume", "progress", "stop_after")
         path = train_family(spec, **options, on_run_end=_print_run_summary, client=client)
     print(f"trained into {path}")
+
+
+def _branch_parser(commands, options: _Options) -> None:
+    parents = (options.spec_store, options.progress, options.resume)
+    branch = _command(commands, "branch", _cmd_branch, *parents)
+    branch.add_argument("spec", help="the family's run spec (runs/*.toml)")
+    branch.add_argument(
+        "--run", required=True, type=_run_path, metavar="SIZE/seedK", help="e.g. l2-d64/seed0"
+    )
+    branch.add_argument("--at", required=True, type=int, metavar="STEP", help="the fork step")
+    branch.add_argument("--name", required=True, help="the new branch's name")
+    heads = {"type": _head, "nargs": "+", "action": "extend", "default": [], "metavar": "L.H"}
+    branch.add_argument("--ablate-head", **heads, help="ablate these heads while training")
+    branch.add_argument("--ablation", choices=("zero", "mean"), default="zero")
+    branch.add_argument("--freeze-head", **heads, help="keep these heads' weights as at the fork")
+    drop = branch.add_mutually_exclusive_group()
+    drop.add_argument(
+        "--drop", metavar="FILE.py:NAME", help="drop the windows NAME(tokens) returns True for"
+    )
+    drop.add_argument(
+        "--drop-windows",
+        type=_index_file,
+        metavar="FILE.txt",
+        help="drop the corpus windows listed in FILE.txt (indices, by whitespace or commas)",
+    )
+    branch.add_argument("--data-seed", type=int, metavar="N", help="re-draw the data order")
+    branch.add_argument("--lr", type=float, help="the learning rate from the fork on")
+    branch.add_argument("--schedule", choices=("constant", "linear", "cosine"))
+    branch.add_argument("--warmup-steps", type=int, metavar="N")
+
+
+def _cmd_branch(args: argparse.Namespace) -> None:
+    """Continue a run from a step with an intervention, as a branch in the same store.
+
+    Take the run's exact training state at --at (its keyframe, or a replay from the keyframe
+    before) and train on to the spec's last step with the intervention, deterministically, into
+    a new run of the store: SIZE/seedK/branches/NAME. Its checkpoints before the fork are the
+    parent's (read through it, not copied); it stores its provenance (parent, fork step, the
+    intervention as JSON and its SHA-256). Interventions: ablate (zero or mean) or freeze heads
+    L.H while training; drop corpus windows (a predicate over a window's tokens, or a list);
+    re-draw the data order (--data-seed); another learning-rate schedule. Dropped windows are
+    skipped in the parent's data order from the fork on.
+    """
+    from observatory.spec import load_run_spec
+    from observatory.train import Intervention, train_branch
+
+    spec = load_run_spec(args.spec)
+    intervention = Intervention(
+        drop_windows=args.drop_windows or (),
+        drop_predicate=args.drop,
+        data_seed=args.data_seed,
+        lr=args.lr,
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        ablate_heads=args.ablate_head,
+        ablation=args.ablation,
+        freeze_heads=args.freeze_head,
+    )
+    size, seed = args.run
+    options = _same_names(args, "store", "resume", "progress", "stop_after", "at", "name")
+    summary = train_branch(spec, size=size, seed=seed, intervention=intervention, **options)
+    _print_run_summary(summary)
 
 
 def _quietly(function, *args) -> None:
@@ -535,6 +602,35 @@ def _int_list(noun: str, example: str) -> Callable[[str], list[int]]:
         return out
 
     return parse
+
+
+def _run_path(text: str) -> tuple[str, int]:
+    """Parse ``"l2-d64/seed0"`` into ``("l2-d64", 0)``."""
+    size, _, seed = text.partition("/seed")
+    if not size or not _DIGITS.fullmatch(seed):
+        raise argparse.ArgumentTypeError(f"expected a run like l2-d64/seed0, got {text!r}")
+    return size, int(seed)
+
+
+def _head(text: str) -> tuple[int, int]:
+    """Parse ``"0.3"`` (layer 0, head 3) into ``(0, 3)``."""
+    layer, dot, head = text.partition(".")
+    if not (dot and _DIGITS.fullmatch(layer) and _DIGITS.fullmatch(head)):
+        raise argparse.ArgumentTypeError(f"expected a head like 0.3 (layer.head), got {text!r}")
+    return int(layer), int(head)
+
+
+def _index_file(path: str) -> list[int]:
+    """The corpus indices listed in a text file (separated by whitespace or commas)."""
+    try:
+        with open(path) as file:
+            words = file.read().replace(",", " ").split()
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {err.strerror}") from None
+    bad = next((word for word in words if not _DIGITS.fullmatch(word)), None)
+    if bad is not None:
+        raise argparse.ArgumentTypeError(f"{path}: {bad!r} is not a corpus index")
+    return [int(word) for word in words]
 
 
 def _names(text: str) -> list[str]:

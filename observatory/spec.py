@@ -564,18 +564,26 @@ class RunSpec:
         return _strip_none(dataclasses.asdict(self))
 
 
+BRANCHES = "branches"  # the group of a run's branches, inside the run's group
+
+
 @dataclass(frozen=True)
 class RunId:
-    """One run of a family: a size and a seed pair; ``seed`` is its index in the seed list."""
+    """One run of a family: a size and a seed pair; ``seed`` is its index in the seed list.
+
+    ``branch`` names a counterfactual branch of that run (``""``: the run itself).
+    """
 
     size: str
     seed: int
     init_seed: int
     data_seed: int
+    branch: str = ""
 
     @property
     def path(self) -> str:
-        return f"{self.size}/seed{self.seed}"
+        run = f"{self.size}/seed{self.seed}"
+        return f"{run}/{BRANCHES}/{self.branch}" if self.branch else run
 
 
 def _strip_none(value: Any) -> Any:

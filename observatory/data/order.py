@@ -62,3 +62,72 @@ def data_order_fingerprint(*, data_seed: int, dataset_size: int) -> str:
     for start in range(0, dataset_size, 1 << 20):  # the int64 bytes, a slice at a time
         digest.update(order[start : start + (1 << 20)].astype(np.int64))
     return digest.hexdigest()[:16]
+
+
+BRANCH_ORDER_RULE = (
+    "from the fork f on, step k reads entries [(k - f) * batch, (k - f + 1) * batch) of the "
+    "data order's stream of windows (its epochs one after another) from entry f * batch on, "
+    "with the dropped windows removed"
+)
+
+
+class BranchOrder:
+    """The data order of a branch forked at step ``fork``: :data:`BRANCH_ORDER_RULE`.
+
+    The stream is that of ``data_seed`` (the parent's, or the one a branch re-draws with);
+    with no window dropped it is the plain order, so step ``k`` reads what
+    :func:`batch_indices` gives.  A pure function of the step, like the plain order.
+
+    Parameters
+    ----------
+    data_seed, batch_size, dataset_size
+        As in :func:`batch_indices`.
+    fork
+        The step the branch continues from.
+    dropped
+        Corpus indices the branch never reads (sorted, unique, fewer than ``dataset_size``).
+    """
+
+    def __init__(self, *, data_seed: int, fork: int, batch_size: int, dataset_size: int, dropped):
+        self.data_seed, self.fork, self.batch_size = data_seed, fork, batch_size
+        self.dataset_size = dataset_size
+        self.keep = np.ones(dataset_size, dtype=bool)
+        self.keep[np.asarray(dropped, dtype=np.int64)] = False
+        self.per_epoch = int(self.keep.sum())  # windows an epoch keeps
+        self.first_epoch, self.offset = divmod(fork * batch_size, dataset_size)
+        self._kept: dict[int, np.ndarray] = {}
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        """The kept windows of ``epoch`` in order (the first epoch from the fork's entry on)."""
+        if epoch not in self._kept:
+            order = _epoch_order(self.data_seed, epoch, self.dataset_size)
+            if epoch == self.first_epoch:
+                order = order[self.offset :]
+            if len(self._kept) > 2:  # steps go forward: two epochs at a time are enough
+                self._kept.pop(min(self._kept))
+            self._kept[epoch] = order[self.keep[order]]
+        return self._kept[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        """Corpus indices (int64) of the batch of ``step`` (``>= fork``)."""
+        if not self.per_epoch:
+            raise ValueError("every window is dropped")
+        if self.per_epoch == self.dataset_size:
+            return batch_indices(
+                data_seed=self.data_seed,
+                step=step,
+                batch_size=self.batch_size,
+                dataset_size=self.dataset_size,
+            )
+        position, epoch = (step - self.fork) * self.batch_size, self.first_epoch
+        first = len(self._epoch(epoch))
+        if position >= first:
+            skipped, position = divmod(position - first, self.per_epoch)
+            epoch += 1 + skipped
+        parts, remaining = [], self.batch_size
+        while remaining:
+            part = self._epoch(epoch)[position : position + remaining]
+            parts.append(part)
+            remaining -= len(part)
+            epoch, position = epoch + 1, 0
+        return np.concatenate(parts, dtype=np.int64)

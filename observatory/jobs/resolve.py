@@ -8,17 +8,14 @@ analysis is computed again.
 from __future__ import annotations
 
 import importlib
-import linecache
-import sys
-import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from observatory.analysis.builtins import BUILTINS
 from observatory.analysis.protocol import NAMED_DIMS, Analysis, SharedData
 from observatory.errors import SpecError
+from observatory.usercode import file_source, source_module
 
 # Names every run's dataset has, whatever the store: its coordinates and the named dims.
 RESERVED_NAMES = (
@@ -30,6 +27,9 @@ RESERVED_NAMES = (
     "data_seed",
     "complete",
     "size",
+    "branch",
+    "fork",
+    "run",
     *NAMED_DIMS,
 )
 
@@ -60,10 +60,7 @@ def read_source(ref: str) -> str | None:
     module, _, _ = ref.rpartition(":")
     if not module.endswith(".py"):
         return None
-    path = Path(module)
-    if not path.is_file():
-        raise SpecError(f"no such analysis file {module}")
-    return path.read_text()
+    return file_source(module, "analysis")
 
 
 def resolve(ref: str, source: str | None = None) -> Analysis:
@@ -90,7 +87,7 @@ def resolve(ref: str, source: str | None = None) -> Analysis:
             )
         return BUILTINS[ref]
     if module_name.endswith(".py"):
-        module = _source_module(module_name, source if source is not None else read_source(ref))
+        module = source_module(module_name, source if source is not None else read_source(ref))
     else:
         try:
             module = importlib.import_module(module_name)
@@ -101,27 +98,6 @@ def resolve(ref: str, source: str | None = None) -> Analysis:
         what = "no such name" if found is None else "not decorated with @obs.analysis"
         raise SpecError(f"analysis {ref!r}: {what}")
     return found
-
-
-def _source_module(filename: str, source: str) -> types.ModuleType:
-    """Execute a file's source as a fresh module (named after the file and its source)."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{filename}\0{source}".encode()).hexdigest()[:16]
-    name = f"observatory_user_{Path(filename).stem}_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    # inspect.getsource reads through linecache: give it this source, not the file on disk
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    module = types.ModuleType(name)
-    module.__file__ = filename
-    sys.modules[name] = module  # dataclasses and pickle look modules up by name
-    try:
-        exec(compile(source, filename, "exec"), module.__dict__)
-    except Exception as err:
-        del sys.modules[name]
-        raise SpecError(f"{filename}: {type(err).__name__}: {err}".splitlines()[0]) from None
-    return module
 
 
 def configure(analyses: Sequence[str], options: dict[str, dict[str, Any]]) -> list[Configured]:

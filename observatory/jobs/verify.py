@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from observatory.data import batch_indices
 from observatory.errors import StoreError
 from observatory.jobs.cluster import dask_client
 from observatory.jobs.selection import select_readers
@@ -92,7 +91,11 @@ def verify_store(
         If the store, a size or a seed does not exist.
     """
     family = FamilyStore(path)
-    readers = select_readers(family, sizes=sizes, seeds=seeds)
+    readers = [
+        branch
+        for reader in select_readers(family, sizes=sizes, seeds=seeds)
+        for branch in [reader, *_branches(reader)]
+    ]
     if not quick:
         from observatory.train.replay import REPLAY_NEEDS
 
@@ -115,6 +118,12 @@ def verify_store(
                 failure=old.failure or failure,
             )
     return list(verdicts.values())
+
+
+def _branches(reader: RunReader) -> list[RunReader]:
+    """Readers of a run's branches (verified like runs, their own steps replayed)."""
+    family, run = reader.family, reader.run
+    return [family.run(run.size, run.seed, name) for name in family.branches(run.size, run.seed)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,14 +159,20 @@ def _blocks(reader: RunReader) -> list[list[int]]:
 
 
 def _check_metadata(reader: RunReader) -> None:
-    """The stored step coordinates and per-step records are the ones the spec prescribes."""
-    spec, run, where = reader.family.spec, reader.run, reader.run.path
+    """The stored step coordinates and per-step records are the ones the spec (and a branch's
+    intervention) prescribe."""
+    from observatory.train.interventions import course_of
+
+    spec, where = reader.family.spec, reader.run.path
     total = spec.train.steps
     tokens = spec.train.tokens_per_step
     stored = step_coordinates(reader)
     metrics = reader.metrics()
     steps = np.arange(reader.n_steps)
     schedule, keyframes = spec.checkpoints.steps(total), spec.checkpoints.keyframes(total)
+    course = course_of(reader, reader.family.attrs["data"]["n_sequences"])
+    if reader.branch is not None:  # the fork is a keyframe of the branch
+        schedule, keyframes = (sorted({*points, course.fork}) for points in (schedule, keyframes))
     expected = {
         "the checkpoint schedule": (reader.attrs["schedule"], list(schedule)),
         "the keyframe schedule": (reader.attrs["keyframes"], list(keyframes)),
@@ -168,22 +183,15 @@ def _check_metadata(reader: RunReader) -> None:
         "train_tokens": (metrics["train_tokens"], (steps + 1) * tokens),
         "the learning rates": (
             metrics["lr"],
-            np.array([spec.optimizer.lr_at(int(k), total) for k in steps], dtype=np.float32),
+            np.array([course.lr(int(k)) for k in steps], dtype=np.float32),
         ),
     }
     for what, (found, wanted) in expected.items():
         if not np.array_equal(np.asarray(found), np.asarray(wanted)):
             raise StoreError(f"{where}: {what} differ from those the spec prescribes")
     recorded = reader.batch_indices_between(0, reader.n_steps)
-    size = reader.family.attrs["data"]["n_sequences"]
     for step in steps:
-        order = batch_indices(
-            data_seed=run.data_seed,
-            step=int(step),
-            batch_size=spec.train.batch_size,
-            dataset_size=size,
-        )
-        if not np.array_equal(recorded[step], order):
+        if not np.array_equal(recorded[step], course.batch_indices(int(step))):
             raise StoreError(f"{where}: the recorded batch of step {step} is not the data order's")
 
 
@@ -196,6 +204,9 @@ def _tasks(reader: RunReader) -> list[tuple[int, int]]:
     shorter), each ending at a keyframe or the last checkpoint: a task replays one straight
     through."""
     steps, keyframes = reader.steps(), list(map(int, reader.keyframe_steps()))
+    if reader.branch is not None:  # the steps before the fork are its parent's, verified there
+        fork = reader.branch["fork"]
+        steps, keyframes = steps[steps >= fork], [k for k in keyframes if k >= fork]
     if len(steps) < 2:
         return []
     last = int(steps[-1])
@@ -207,7 +218,9 @@ def _tasks(reader: RunReader) -> list[tuple[int, int]]:
     return [*spans, (start, last)] if last > start else spans
 
 
-def replay_span(store: str, size: str, seed: int, start: int, end: int) -> tuple[int, str | None]:
+def replay_span(
+    store: str, size: str, seed: int, start: int, end: int, branch: str = ""
+) -> tuple[int, str | None]:
     """Replay steps ``start..end`` straight through from the keyframe at ``start`` (a task).
 
     Every checkpoint on the way must match the ledger's hash of its weights and every keyframe
@@ -223,7 +236,7 @@ def replay_span(store: str, size: str, seed: int, start: int, end: int) -> tuple
     from observatory.train.replay import ReplaySource
     from observatory.train.step import snapshot
 
-    source = ReplaySource.open(store, size=size, seed=seed, strict=True)
+    source = ReplaySource.open(store, size=size, seed=seed, strict=True, branch=branch)
     reader, tokens = source.reader, source.spec.train.tokens_per_step
     targets = {int(s) for s in reader.steps() if start < s <= end}
     compared, keyframe = 0, start
@@ -260,7 +273,9 @@ def _replay_all(
     threads = FamilyStore(path).spec.train.threads  # replay runs under the run's recipe
     with dask_client(scheduler=scheduler, workers=workers or 0, threads=threads) as client:
         futures = {
-            client.submit(replay_span, str(path), run.size, run.seed, *span, pure=False): (
+            client.submit(
+                replay_span, str(path), run.size, run.seed, *span, run.branch, pure=False
+            ): (
                 run,
                 span,
             )

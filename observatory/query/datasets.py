@@ -77,7 +77,9 @@ def open(path: str | Path) -> xr.DataTree:
     return root
 
 
-def open_run(path: str | Path, *, size: str, seed: int, chunks: dict | None = None) -> xr.Dataset:
+def open_run(
+    path: str | Path, *, size: str, seed: int, chunks: dict | None = None, branch: str = ""
+) -> xr.Dataset:
     """Open one run as a lazy dataset of its committed checkpoints and step records.
 
     Parameters
@@ -92,6 +94,9 @@ def open_run(path: str | Path, *, size: str, seed: int, chunks: dict | None = No
         ``None`` (default): lazily indexed arrays, as ``xarray.open_dataset`` gives without
         ``chunks``.  ``{}``: dask arrays in the store's chunks; any other value is then passed
         to :meth:`xarray.Dataset.chunk`.
+    branch
+        Open this branch of the run instead (its steps before the fork are its parent's); its
+        dataset has the scalar coordinates ``branch`` and ``fork``.
 
     Returns
     -------
@@ -111,7 +116,8 @@ def open_run(path: str | Path, *, size: str, seed: int, chunks: dict | None = No
     StoreError
         If the store, size or seed does not exist (the message lists what does).
     """
-    return _run_dataset(FamilyStore(path).run(size, seed), arguments.chunks(chunks))
+    reader = FamilyStore(path).run(size, seed, branch)
+    return _run_dataset(reader, arguments.chunks(chunks))
 
 
 def open_family(
@@ -120,6 +126,7 @@ def open_family(
     size: str | None = None,
     seeds: Sequence[int] | None = None,
     chunks: dict | None = None,
+    branches: bool = False,
 ) -> xr.Dataset:
     """Open every run of one size as a single lazy dataset with a leading ``seed`` dim.
 
@@ -134,6 +141,10 @@ def open_family(
         ``None`` (default): lazily indexed arrays; ``{}``: dask arrays in the store's chunks
         (one run per chunk along ``seed``), for computations larger than memory; any other
         value is then passed to :meth:`xarray.Dataset.chunk`.
+    branches
+        Also every branch of the selected runs: the leading dim is then ``run``, indexed by
+        ``seed`` and ``branch`` (``""`` for the runs themselves; ``ds.sel(branch="")`` is the
+        dataset without branches along ``seed``), with ``fork`` (-1 for a run) on it.
 
     Returns
     -------
@@ -164,6 +175,13 @@ def open_family(
         readers = [family.run(size, seed) for seed in arguments.indices(seeds, "seeds")]
         if not readers:
             raise arguments.ArgumentError("seeds: empty; give at least one seed, or None for all")
+    if branches:
+        readers = [
+            reader
+            for run in readers
+            for reader in [run]
+            + [family.run(size, run.run.seed, name) for name in family.branches(size, run.run.seed)]
+        ]
     runs = [_run_arrays(reader) for reader in readers]
     steps = np.unique(np.concatenate([reader.steps() for reader in readers]))
     train_steps = np.arange(max(reader.n_steps for reader in readers), dtype=np.int64)
@@ -172,17 +190,22 @@ def open_family(
         "train_step": [_rows(train_steps, train_steps[: reader.n_steps]) for reader in readers],
     }
     names = list(dict.fromkeys(name for arrays in runs for name in arrays))
-    arrays = {name: _Stacked([arrays.get(name) for arrays in runs], rows) for name in names}
+    lead = "run" if branches else "seed"
+    arrays = {name: _Stacked([arrays.get(name) for arrays in runs], rows, lead) for name in names}
     coords = {
-        "seed": [reader.run.seed for reader in readers],
-        "init_seed": ("seed", [reader.run.init_seed for reader in readers]),
-        "data_seed": ("seed", [reader.run.data_seed for reader in readers]),
-        "complete": ("seed", [reader.complete for reader in readers]),
+        "seed": (lead, [reader.run.seed for reader in readers]),
+        "init_seed": (lead, [reader.run.init_seed for reader in readers]),
+        "data_seed": (lead, [reader.run.data_seed for reader in readers]),
+        "complete": (lead, [reader.complete for reader in readers]),
         "step": steps,
         "tokens_seen": ("step", steps * family.spec.train.tokens_per_step),
         "train_step": train_steps,
     }
-    return _dataset(arrays, coords, readers[0], chunks)
+    if branches:
+        coords["branch"] = (lead, [reader.run.branch for reader in readers])
+        coords["fork"] = (lead, [(reader.branch or {"fork": -1})["fork"] for reader in readers])
+    ds = _dataset(arrays, coords, readers[0], chunks)
+    return ds.set_xindex(["seed", "branch"]) if branches else ds
 
 
 def resolve_size(family: FamilyStore, size: str | None) -> str:
@@ -319,7 +342,7 @@ def _run_coords(reader: RunReader) -> dict[str, object]:
         "init_seed": run.init_seed,
         "data_seed": run.data_seed,
         "complete": reader.complete,  # every scheduled step trained
-    }
+    } | ({"branch": run.branch, "fork": reader.branch["fork"]} if run.branch else {})
 
 
 def _rows(entries: np.ndarray, present: np.ndarray) -> np.ndarray | None:
@@ -340,13 +363,13 @@ class _Stacked(LazyArray):
     the variable (``None``) reads as NaN, and so does a missing entry.
     """
 
-    def __init__(self, sources: list[LazyArray | None], rows: dict[str, list]):
+    def __init__(self, sources: list[LazyArray | None], rows: dict[str, list], lead: str = "seed"):
         first = next(source for source in sources if source is not None)
         dim, self.sources = first.dims[0], sources
         self.rows = rows.get(dim, [None] * len(sources))
         # the family's entries along the first dim: a run's rows, or all of any run's
         length = next((len(r) for r in self.rows if r is not None), first.shape[0])
-        self.dims = ("seed", *first.dims)
+        self.dims = (lead, *first.dims)
         self.shape = (len(sources), length, *first.shape[1:])
         kept = 1 if dim in rows else 0  # the dims every run must share, from the first
         for source in sources:

@@ -57,21 +57,10 @@ def describe(path: str | Path) -> str:
         )
         rows = [header]
         for reader in (RunReader(family, run) for run in runs if run.size == size_name):
-            steps, tokens = reader.steps(), reader.tokens_seen()
-            stored = analyses(reader)
-            rows.append(
-                (
-                    reader.run.path.rpartition("/")[2],
-                    str(reader.run.init_seed),
-                    str(reader.run.data_seed),
-                    _status(reader),
-                    f"{reader.n_checkpoints}/{len(reader.attrs['schedule'])}",
-                    _summarize(steps),
-                    f"{int(tokens[-1]):,}" if len(tokens) else "0",
-                    _human_bytes(family.disk_bytes(reader.run.path)),
-                    f"analyses: {', '.join(stored)}" if stored else "",
-                )
-            )
+            rows.append(_row(family, reader, reader.run.path.rpartition("/")[2]))
+            for name in family.branches(reader.run.size, reader.run.seed):
+                branch = family.run(reader.run.size, reader.run.seed, name)
+                rows.append(_row(family, branch, f"{rows[-1][0].partition('/')[0]}/{name}"))
             if reader.origin is not None:
                 origins.append(f"{reader.run.path}: {ingested_note(reader.attrs)}")
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -80,6 +69,35 @@ def describe(path: str | Path) -> str:
             for row in rows
         )
     return "\n".join(lines + origins)
+
+
+def _row(family: FamilyStore, reader: RunReader, label: str) -> tuple[str, ...]:
+    """The line of a run (or branch: its fork and intervention last) in the table."""
+    steps, tokens = reader.steps(), reader.tokens_seen()
+    stored = analyses(reader)
+    notes = [f"analyses: {', '.join(stored)}"] if stored else []
+    if reader.branch is not None:
+        changed = {
+            key: value
+            for key, value in reader.branch["intervention"].items()
+            if value not in (None, [], "zero") and not key.endswith("sha256")
+        }
+        changes = "; ".join(
+            f"{key} {len(value)} windows" if key == "drop_windows" else f"{key} {value}"
+            for key, value in changed.items()
+        )
+        notes.insert(0, f"branch at step {reader.branch['fork']}: {changes or 'no intervention'}")
+    return (
+        label,
+        str(reader.run.init_seed),
+        str(reader.run.data_seed),
+        _status(reader),
+        f"{reader.n_checkpoints}/{len(reader.attrs['schedule'])}",
+        _summarize(steps),
+        f"{int(tokens[-1]):,}" if len(tokens) else "0",
+        _human_bytes(family.disk_bytes(reader.run.path)),
+        "; ".join(notes),
+    )
 
 
 def _status(reader: RunReader) -> str:

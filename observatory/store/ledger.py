@@ -115,9 +115,9 @@ def step_coordinates(reader: RunReader) -> dict[str, np.ndarray]:
     """
     n_checkpoints, n_keyframes = reader.n_checkpoints, len(reader.keyframe_steps())
     return {
-        "step": checked_read(reader.array("step"), slice(0, n_checkpoints)),
-        "tokens_seen": checked_read(reader.array("tokens_seen"), slice(0, n_checkpoints)),
-        KEYFRAME: checked_read(reader.array(f"{STATE_GROUP}/{KEYFRAME}"), slice(0, n_keyframes)),
+        "step": reader.read(reader.array("step"), slice(0, n_checkpoints)),
+        "tokens_seen": reader.read(reader.array("tokens_seen"), slice(0, n_checkpoints)),
+        KEYFRAME: reader.read(reader.array(f"{STATE_GROUP}/{KEYFRAME}"), slice(0, n_keyframes)),
     }
 
 

@@ -9,6 +9,7 @@ arrays for xarray.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -21,8 +22,8 @@ import zarr
 
 from observatory import arguments
 from observatory.errors import StoreError
-from observatory.spec import RunId, RunSpec, spec_from_dict
-from observatory.store.common import child, local_root, node
+from observatory.spec import BRANCHES, RunId, RunSpec, spec_from_dict
+from observatory.store.common import child, children, local_root, node
 from observatory.store.integrity import checked_read
 from observatory.store.layout import (
     ANALYSIS_GROUP,
@@ -87,16 +88,39 @@ class FamilyStore:
         found = ((run, self._group(run.path)) for run in self.spec.runs())
         return [RunReader(self, run, group) for run, group in found if group is not None]
 
-    def run(self, size: str, seed: int) -> RunReader:
-        """The run of ``size`` and seed index ``seed``; a clear error lists what exists."""
+    def run(self, size: str, seed: int, branch: str = "") -> RunReader:
+        """The run of ``size`` and seed index ``seed`` (or its branch ``branch``); a clear
+        error lists what exists."""
         size, seed = arguments.name(size, "size"), arguments.index(seed, "seed")
         for run in self.spec.runs():  # the common case: one existence check, not one per run
             if run.size == size and run.seed == seed:
                 group = self._group(run.path)
+                if group is not None and branch:
+                    return self._branch(run, arguments.name(branch, "branch"))
                 if group is not None:
                     return RunReader(self, run, group)
         seeds = [run.seed for run in self._size_run_ids(size)]
         raise StoreError(f"{self.path}: no seed {seed} for size {size!r} (seeds: {seeds})")
+
+    def branches(self, size: str, seed: int) -> list[str]:
+        """Names of the branches of a run (created, possibly unfinished), sorted."""
+        run = self.run(size, seed).run
+        group = node(self.root, f"{run.path}/{BRANCHES}", self.path)
+        if group is None:
+            return []
+        return [
+            name
+            for name, member in children(group, zarr.Group)
+            if "schedule" in attrs_of(member)  # attrs are written last
+        ]
+
+    def _branch(self, run: RunId, name: str) -> RunReader:
+        branch = dataclasses.replace(run, branch=name)
+        group = self._group(branch.path)
+        if group is None:
+            there = ", ".join(self.branches(run.size, run.seed)) or "none"
+            raise StoreError(f"{self.path}: {run.path} has no branch {name!r} (branches: {there})")
+        return RunReader(self, branch, group)
 
     def size_runs(self, size: str) -> list[RunReader]:
         """Readers of every run of ``size``, in seed order; a clear error lists the sizes."""
@@ -154,6 +178,23 @@ class RunReader:
             )
         self._committed = {"step": n_ckpt, "train_step": n_steps}
         self._arrays: dict[str, zarr.Array] = {}
+        # A branch's rows before its fork are its parent's: read through the parent's reader.
+        self.parent: RunReader | None = None
+        self._own_from: dict[str, int] = {}
+        if self.branch is not None:
+            parent = self.branch["parent"]
+            self.parent = family.run(parent["size"], parent["seed"])
+            self._own_from = {
+                "step": self.branch["fork_checkpoint"],
+                "keyframe": self.branch["fork_keyframe"],
+                "train_step": self.branch["fork"],
+            }
+
+    @property
+    def branch(self) -> dict[str, Any] | None:
+        """A branch's provenance (parent, fork step, intervention and its SHA-256, the
+        definitions of ablation and freezing); None for a run."""
+        return self.attrs.get("branch")
 
     def array(self, path: str) -> zarr.Array:
         """The run's array at ``path``, its metadata read once per reader (on a local store:
@@ -293,7 +334,7 @@ class RunReader:
                 f"{self.run.path}: no recorded batches for steps {start}..{stop - 1} "
                 f"(recorded steps: 0..{self.n_steps - 1})"
             )
-        return checked_read(self.array("batch_indices"), slice(start, stop))
+        return self.read(self.array("batch_indices"), slice(start, stop))
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Corpus indices of the batch consumed at training step ``step``."""
@@ -329,9 +370,33 @@ class RunReader:
         so a chunk is read consistently in one request while a writer commits.
         """
         self._check_length(array)
-        checkpoint_dim = array.metadata.dimension_names[0] == "step"
-        steps = self.steps if checkpoint_dim and ANALYSIS_GROUP not in array.path else None
+        dim = array.metadata.dimension_names[0]
+        own = f"/{ANALYSIS_GROUP}/" not in f"/{array.path}"
+        if own and self._own_from.get(dim):
+            return self._stitched(array, selection, self._own_from[dim])
+        steps = self.steps if dim == "step" and own else None
         return checked_read(array, selection, steps)
+
+    def _stitched(self, array: zarr.Array, selection: Any, split: int) -> np.ndarray:
+        """``array[selection]`` of a branch: rows before ``split`` from its parent's array."""
+        key = selection if isinstance(selection, tuple) else (selection,)
+        first, rest = key[0], key[1:]
+        parent = self.parent.array(array.path.removeprefix(self.group.path).lstrip("/"))
+        if isinstance(first, int | np.integer):
+            source = parent if first < split else array
+            return (self.parent.read if first < split else checked_read)(source, key)
+        rows = np.arange(array.shape[0])[first]
+        before, after = rows[rows < split], rows[rows >= split]
+        parts = []
+        if len(before):
+            block = self.parent.read(parent, (slice(before[0], before[-1] + 1), *rest))
+            parts.append(block[before - before[0]])
+        if len(after):
+            block = checked_read(array, (slice(after[0], after[-1] + 1), *rest))
+            parts.append(block[after - after[0]])
+        if not parts:
+            return checked_read(array, key)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _nearest(steps: np.ndarray, step: int) -> str:

@@ -163,6 +163,10 @@ class RunWriter:
         Where an ingested run comes from (stored as its ``origin`` attribute): such a run has
         weights and, optionally, per-step metrics, but no keyframes (optimizer and RNG state)
         or data order, and can be neither resumed nor replayed.
+    branch
+        A branch's provenance (parent, ``fork`` step, intervention): its checkpoints and step
+        records before the fork are its parent's (read through the parent, not stored here);
+        its first commit is the fork's keyframe.
     """
 
     def __init__(
@@ -179,6 +183,7 @@ class RunWriter:
         keyframes: tuple[int, ...] | None = None,
         recipe: dict[str, Any] | None = None,
         origin: dict[str, Any] | None = None,
+        branch: dict[str, Any] | None = None,
     ):
         self.run = run
         self._chunk = block_length(len(schedule), spec.store.checkpoints_per_chunk)
@@ -188,21 +193,21 @@ class RunWriter:
         keyframes = tuple(schedule if keyframes is None else keyframes) if self._state else ()
         if "schedule" not in attrs_of(self._group):  # new, or its creation was interrupted
             self._create_arrays(spec, param_shapes, d_head, schedule, keyframes, rng_bytes)
-            # The attributes go last: until they exist, readers do not see the run.
-            set_attrs(
+            first = _first_attrs(
                 self._group,
-                **_first_attrs(
-                    self._group,
-                    run,
-                    spec,
-                    param_shapes,
-                    schedule,
-                    keyframes,
-                    data_order_fingerprint=data_order_fingerprint,
-                    recipe=recipe,
-                    origin=origin,
-                ),
+                run,
+                spec,
+                param_shapes,
+                schedule,
+                keyframes,
+                data_order_fingerprint=data_order_fingerprint,
+                recipe=recipe,
+                origin=origin,
             )
+            if branch is not None:
+                first |= _branch_attrs(branch, schedule, keyframes)
+            # The attributes go last: until they exist, readers do not see the run.
+            set_attrs(self._group, **first)
         elif attrs_of(self._group).get("origin") is not None:
             note = ingested_note(attrs_of(self._group))
             raise StoreError(f"{run.path}: {note}: it cannot be resumed")
@@ -362,7 +367,16 @@ class RunWriter:
         """The blocks the writer copies checkpoints into, per axis, from the committed rows."""
         attrs = attrs_of(self._group)
         n_ckpt = attrs["committed_checkpoints"]
-        rows = {"step": _Rows(self._ckpt_arrays["step"], self._buffer_slots, n_ckpt, self._chunk)}
+        branch = attrs.get("branch") or {}  # a branch stores its rows from the fork on only
+        rows = {
+            "step": _Rows(
+                self._ckpt_arrays["step"],
+                self._buffer_slots,
+                n_ckpt,
+                self._chunk,
+                own_from=branch.get("fork_checkpoint", 0),
+            )
+        }
         if KEYFRAME in self._ckpt_arrays:  # an ingested run has no training state
             arrays = self._ckpt_arrays[KEYFRAME]
             rows[KEYFRAME] = _Rows(
@@ -372,6 +386,7 @@ class RunWriter:
                 arrays[("rng_state",)].chunks[0],
                 # Whole chunks only where keyframe chunks fill as checkpoint chunks do.
                 keep=attrs["keyframes"] == attrs["schedule"],
+                own_from=branch.get("fork_keyframe", 0),
             )
         return rows
 
@@ -414,19 +429,30 @@ class _Rows:
     their chunk is full, and each commit writes whole chunks (rows past ``filled`` hold older
     values, which the markers do not cover): zarr then never reads back, decodes and merges a
     chunk that an earlier commit left partly filled (which happens after every commit
-    ``commit_seconds`` triggers, and holds several copies of the chunk in memory).
+    ``commit_seconds`` triggers, and holds several copies of the chunk in memory).  A branch's
+    rows before ``own_from`` are its parent's: they are written as zeros, never read.
     """
 
-    def __init__(self, arrays: dict, slots: int, committed: int, chunk: int, keep: bool = True):
+    def __init__(
+        self,
+        arrays: dict,
+        slots: int,
+        committed: int,
+        chunk: int,
+        keep: bool = True,
+        own_from: int = 0,
+    ):
         self.arrays = arrays
         self.chunk = chunk
         self.keep = keep and chunk <= slots
         self.base = committed - committed % chunk if self.keep else committed
         self.done = self.filled = committed - self.base
         self.blocks = {k: np.zeros((slots, *a.shape[1:]), a.dtype) for k, a in arrays.items()}
+        own = max(self.base, min(own_from, committed))
         for key, array in arrays.items():  # a resumed run: its chunk's committed rows
-            if self.done:
-                self.blocks[key][: self.done] = checked_read(array, slice(self.base, committed))
+            if committed > own:
+                rows = checked_read(array, slice(own, committed))
+                self.blocks[key][own - self.base : self.done] = rows
 
     @property
     def new(self) -> int:
@@ -540,6 +566,21 @@ def _first_attrs(group, run, spec, param_shapes, schedule, keyframes, **given) -
         "recipe": given["recipe"] or {},
         "origin": given["origin"],
         "layout": {name: array_layout(array) for name, array in group.arrays()},
+    }
+
+
+def _branch_attrs(branch: dict[str, Any], schedule, keyframes) -> dict[str, Any]:
+    """A new branch's attributes: its provenance, where its own rows start (the fork's
+    checkpoint and keyframe) and its commit markers, which cover its parent's rows before."""
+    fork = branch["fork"]
+    record = branch | {
+        "fork_checkpoint": list(schedule).index(fork),
+        "fork_keyframe": list(keyframes).index(fork),
+    }
+    return {
+        "branch": record,
+        "committed_checkpoints": record["fork_checkpoint"],
+        "committed_steps": fork,
     }
 
 

@@ -7,16 +7,23 @@
   replay share, and the training state and numerics around it;
 - :mod:`~observatory.train.budget`: the memory and disk checks before training;
 - :mod:`~observatory.train.interrupts`: Ctrl-C stops at a step boundary;
-- :mod:`~observatory.train.replay`: exact replay of a run between its checkpoints.
+- :mod:`~observatory.train.replay`: exact replay of a run between its checkpoints;
+- :mod:`~observatory.train.interventions`: what a counterfactual branch changes, and the
+  course (batches, learning rates, hooks) every step of a run or branch takes;
+- :mod:`~observatory.train.branch`: :func:`train_branch`, a run continued from a step with an
+  intervention.
 """
 
+from observatory.train.branch import train_branch
 from observatory.train.budget import check_budget
 from observatory.train.family import train_family
 from observatory.train.interrupts import interrupts_between_steps, raise_if_interrupted
+from observatory.train.interventions import Intervention
 from observatory.train.loop import RunSummary, train_run
 from observatory.train.step import recipe, recipe_record, restore, snapshot, train_step
 
 __all__ = [
+    "Intervention",
     "RunSummary",
     "check_budget",
     "interrupts_between_steps",
@@ -25,6 +32,7 @@ __all__ = [
     "recipe_record",
     "restore",
     "snapshot",
+    "train_branch",
     "train_family",
     "train_run",
     "train_step",

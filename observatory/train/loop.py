@@ -19,13 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from observatory.analysis.phase import FINAL_LOSS_STEPS, final_loss
-from observatory.data import Corpus, batch_indices, data_order_fingerprint
+from observatory.data import Corpus
 from observatory.errors import StoreError
 from observatory.memory import one_malloc_arena
 from observatory.models import build_model, stack_layers
 from observatory.spec import RunId, RunSpec
-from observatory.store import RunLock, RunWriter, StepRecord
+from observatory.store import Checkpoint, RunLock, RunWriter, StepRecord
 from observatory.train.interrupts import raise_if_interrupted
+from observatory.train.interventions import Course, Hooks
 from observatory.train.step import (
     recipe,
     recipe_record,
@@ -59,6 +60,8 @@ def train_run(
     progress: bool = True,
     stop_after: int | None = None,
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
+    course: Course | None = None,
+    fork: Fork | None = None,
 ) -> RunSummary:
     """Train one run, writing checkpoints and per-step records through a :class:`RunWriter`.
 
@@ -82,6 +85,11 @@ def train_run(
     on_batch
         Called as ``on_batch(step, tokens)`` with every batch the model consumes, before the
         model sees it (tests use it to compare against the recorded data order).
+    course
+        What decides each step besides the weights (default: the run's spec and data seed).
+    fork
+        Train the branch ``run`` from its parent's state at ``fork.step`` (``course`` holds its
+        intervention): its checkpoints before the fork are its parent's.
 
     Returns
     -------
@@ -94,15 +102,20 @@ def train_run(
     total_steps = spec.train.steps
     schedule = spec.checkpoints.steps(total_steps)
     keyframes = spec.checkpoints.keyframes(total_steps)
+    if fork is not None:  # the fork's state is the branch's first keyframe
+        schedule, keyframes = (
+            tuple(sorted({*steps, fork.step})) for steps in (schedule, keyframes)
+        )
+    course = course or Course(spec, run.data_seed, len(corpus))
     # One writer per run: a second one gets a one-line error.
     with recipe(spec.train.threads), RunLock(root, run):
         # Initialised on the CPU, so the initial weights are the same on every device.
         model = build_model(spec.model, spec.size(run.size), init_seed=run.init_seed)
         model = model.to(spec.train.device).train()
         optimizer = spec.optimizer.build(model)
-        writer = _open_writer(spec, run, root, corpus, model, schedule, keyframes)
+        writer = _open_writer(spec, run, root, model, schedule, keyframes, course, fork)
         writer.record_device(device)
-        start = _resume(writer, model, optimizer, run, schedule, resume=resume)
+        start = _resume(writer, model, optimizer, run, schedule, resume=resume, fork=fork)
         if start is None:  # already complete: nothing to do
             return RunSummary(
                 run=run.path,
@@ -119,7 +132,28 @@ def train_run(
             checkpoints=frozenset(schedule[writer.committed[0] :]),  # those not committed yet
             keyframes=frozenset(keyframes),
         )
-        return _train(spec, run, corpus, model, optimizer, writer, segment, progress, on_batch)
+        steps = _Steps(corpus, course, course.hooks(model), on_batch)
+        return _train(spec, run, model, optimizer, writer, segment, progress, steps)
+
+
+@dataclass(frozen=True)
+class Fork:
+    """Where a branch leaves its parent: the step, the parent's exact training state there
+    (computed when the branch starts, not when it resumes) and the branch's provenance."""
+
+    step: int
+    state: Callable[[], Checkpoint]
+    record: dict
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """What each step reads and runs with: the corpus, the course, its hooks, ``on_batch``."""
+
+    corpus: Corpus
+    course: Course
+    hooks: Hooks | None
+    on_batch: Callable[[int, torch.Tensor], None] | None
 
 
 @dataclass(frozen=True)
@@ -133,7 +167,7 @@ class _Segment:
 
 
 def _open_writer(
-    spec: RunSpec, run: RunId, root, corpus: Corpus, model, schedule, keyframes
+    spec: RunSpec, run: RunId, root, model, schedule, keyframes, course: Course, fork: Fork | None
 ) -> RunWriter:
     """The run's writer, with arrays for every scheduled checkpoint and what the run records."""
     params = stack_layers(dict(model.named_parameters()))
@@ -147,43 +181,47 @@ def _open_writer(
         keyframes=keyframes,
         rng_bytes=torch.get_rng_state().numel(),
         recipe=recipe_record(spec),
-        data_order_fingerprint=data_order_fingerprint(
-            data_seed=run.data_seed, dataset_size=len(corpus)
-        ),
+        data_order_fingerprint=course.fingerprint(),
+        branch=None if fork is None else fork.record,
     )
 
 
 def _resume(
-    writer: RunWriter, model, optimizer, run: RunId, schedule: list[int], *, resume: bool
+    writer: RunWriter, model, optimizer, run: RunId, schedule, *, resume: bool, fork: Fork | None
 ) -> int | None:
     """Restore the run's last committed keyframe, if any; the step to continue from.
 
     None when the run is already complete.  Weights, AdamW moments and RNG state are restored
     bit for bit, so the continuation equals an uninterrupted run.  What a crash left past the
-    keyframe is dropped from the commit markers and trained again.
+    keyframe is dropped from the commit markers and trained again.  A branch without a
+    checkpoint of its own starts from its fork's state.
     """
     n_checkpoints, _ = writer.committed
+    inherited = 0 if fork is None else schedule.index(fork.step)  # its parent's checkpoints
     if writer.complete:
         if not resume:
             raise StoreError(f"{run.path} is already trained; use another --store to retrain")
         return None
-    if n_checkpoints and not resume:
+    if n_checkpoints > inherited and not resume:
         raise StoreError(
             f"{run.path} already has {n_checkpoints} checkpoints in the store; "
             "pass --resume to continue it"
         )
     start = 0
-    if n_checkpoints:
+    if n_checkpoints > inherited:
         last = writer.last_keyframe()
         start = last.step
         restore(model, optimizer, last)
         n_checkpoints = schedule.index(start) + 1
+    elif fork is not None:
+        start, n_checkpoints = fork.step, inherited
+        restore(model, optimizer, fork.state())
     writer.truncate(n_checkpoints, start)
     return start
 
 
 def _train(
-    spec: RunSpec, run: RunId, corpus: Corpus, model, optimizer, writer, segment, progress, on_batch
+    spec: RunSpec, run: RunId, model, optimizer, writer, segment, progress, steps: _Steps
 ) -> RunSummary:
     """Train the segment's steps; the writer commits in the background as training goes."""
     total_steps, tokens_per_step = spec.train.steps, spec.train.tokens_per_step
@@ -205,16 +243,18 @@ def _train(
             if step == segment.end:
                 finished = step == total_steps
                 break
-            indices, tokens = _batch(spec, run, corpus, step)
-            if on_batch is not None:
-                on_batch(step, tokens)
-            lr = spec.optimizer.lr_at(step, total_steps)
+            indices = steps.course.batch_indices(step)
+            tokens = steps.corpus.batch(indices)
+            if steps.on_batch is not None:
+                steps.on_batch(step, tokens)
+            lr = steps.course.lr(step)
             loss, grad_norm = train_step(
                 model,
                 optimizer,
                 tokens.to(spec.train.device),
                 lr=lr,
                 grad_clip=spec.optimizer.grad_clip,
+                hooks=steps.hooks if step >= steps.course.fork else None,
             )
             loss_value = loss.item()
             recent.append(loss_value)
@@ -242,20 +282,6 @@ def _train(
         final_loss=final_loss(np.array(recent)) if recent else None,
         complete=finished,
     )
-
-
-def _batch(spec: RunSpec, run: RunId, corpus: Corpus, step: int) -> tuple[np.ndarray, torch.Tensor]:
-    """The corpus indices and the ``[batch, context]`` tokens of a step's batch.
-
-    A pure function of the data seed and the step: there is no loader state to resume.
-    """
-    indices = batch_indices(
-        data_seed=run.data_seed,
-        step=step,
-        batch_size=spec.train.batch_size,
-        dataset_size=len(corpus),
-    )
-    return indices, corpus.batch(indices)
 
 
 def _close(writer: RunWriter, bar, loss_value: float | None, finished: bool) -> None:

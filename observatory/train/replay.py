@@ -25,6 +25,7 @@ from observatory.errors import StoreError
 from observatory.models import build_model
 from observatory.spec import RunSpec
 from observatory.store import FamilyStore, RunReader
+from observatory.train.interventions import Course, course_of
 from observatory.train.step import recipe, recipe_record, restore, train_step
 
 # on_step(step, model, batch, loss, grads): see :func:`replay`.
@@ -49,6 +50,7 @@ def replay(
     every: int = 1,
     on_step: OnStep | None = None,
     strict: bool = True,
+    branch: str = "",
 ) -> Iterator[tuple[int, PreTrainedModel]]:
     """The exact model after every optimizer step from ``start`` to ``stop``.
 
@@ -74,6 +76,8 @@ def replay(
     strict
         Refuse when this machine differs from the recorded recipe (torch or transformers
         version, thread count, CPU kernels); with ``False``, warn and replay anyway.
+    branch
+        Replay this branch of the run (its steps from the fork on take its intervention).
 
     Yields
     ------
@@ -98,19 +102,22 @@ def replay(
     start, stop = arguments.index(start, "start"), arguments.index(stop, "stop")
     every = arguments.index(every, "every", minimum=1)
     on_step = arguments.function(on_step, "on_step")
-    source = ReplaySource.open(store, size=size, seed=seed, strict=arguments.flag(strict, "strict"))
+    strict = arguments.flag(strict, "strict")
+    source = ReplaySource.open(store, size=size, seed=seed, strict=strict, branch=branch)
     source.check_range(start, stop)
     keyframe = source.keyframe_before(start)
     wanted = range(start, stop + 1, every)
     return source.run(keyframe, stop, yield_at=set(wanted), on_step=on_step)
 
 
-def model_at_step(store: str | Path, *, size: str, seed: int, step: int) -> PreTrainedModel:
+def model_at_step(
+    store: str | Path, *, size: str, seed: int, step: int, branch: str = ""
+) -> PreTrainedModel:
     """The model after ``step`` updates when ``step`` is no checkpoint: replayed, with a warning.
 
     See :func:`observatory.query.model_at`, which calls this for steps between checkpoints.
     """
-    source = ReplaySource.open(store, size=size, seed=seed, strict=True)
+    source = ReplaySource.open(store, size=size, seed=seed, strict=True, branch=branch)
     source.check_range(step, step)
     keyframe = source.keyframe_before(step)
     warnings.warn(
@@ -124,19 +131,30 @@ def model_at_step(store: str | Path, *, size: str, seed: int, step: int) -> PreT
 
 @dataclass
 class ReplaySource:
-    """What replaying one run needs from its store: the reader, the spec and the corpus."""
+    """What replaying one run (or branch) needs from its store: the reader, the spec, the
+    corpus and the course its steps took."""
 
     reader: RunReader
     spec: RunSpec
     corpus: Corpus
+    course: Course
 
     @classmethod
-    def open(cls, store: str | Path, *, size: str, seed: int, strict: bool) -> ReplaySource:
+    def open(
+        cls, store: str | Path, *, size: str, seed: int, strict: bool, branch: str = ""
+    ) -> ReplaySource:
         family = FamilyStore(store)
-        reader = family.run(size, seed)
+        reader = family.run(size, seed, branch)
         reader.refuse_if_ingested(REPLAY_NEEDS)
         check_recipe(reader, strict=strict)
-        return cls(reader=reader, spec=family.spec, corpus=stored_corpus(family))
+        return cls.of(reader)
+
+    @classmethod
+    def of(cls, reader: RunReader) -> ReplaySource:
+        """The replay source of an open run or branch."""
+        corpus = stored_corpus(reader.family)
+        course = course_of(reader, len(corpus))
+        return cls(reader=reader, spec=reader.family.spec, corpus=corpus, course=course)
 
     def check_range(self, start: int, stop: int) -> None:
         """A clear error unless ``0 <= start <= stop <= `` the last recorded step."""
@@ -189,7 +207,8 @@ class ReplaySource:
         return self._steps(model, optimizer, rng, keyframe, indices, yield_at, on_step)
 
     def _steps(self, model, optimizer, rng, keyframe, indices, yield_at, on_step):
-        spec = self.spec
+        spec, course = self.spec, self.course
+        hooks = course.hooks(model)
         stop = keyframe + len(indices)
         if keyframe in yield_at:
             yield keyframe, model, optimizer, rng
@@ -204,9 +223,10 @@ class ReplaySource:
                     model,
                     optimizer,
                     tokens,
-                    lr=spec.optimizer.lr_at(step, spec.train.steps),
+                    lr=course.lr(step),
                     grad_clip=spec.optimizer.grad_clip,
                     before_update=inspect,
+                    hooks=hooks if step >= course.fork else None,
                 )
                 rng = torch.get_rng_state()
             if step + 1 in yield_at:

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import platform
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.metadata import version
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 from observatory.models import stack_layers, unstack_layers
 from observatory.spec import RunSpec
 from observatory.store import Checkpoint
+from observatory.train.interventions import Hooks
 
 
 def train_step(
@@ -32,6 +33,7 @@ def train_step(
     lr: float,
     grad_clip: float,
     before_update: Callable[[torch.Tensor], None] | None = None,
+    hooks: Hooks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch: the step of training, and of replay (one function).
 
@@ -48,6 +50,10 @@ def train_step(
     before_update
         Called with the loss after the backward pass, while the parameters hold this batch's
         unclipped gradients and the weights that produced them (replay's ``on_step``).
+    hooks
+        A branch's intervention (:class:`~observatory.train.interventions.Hooks`): heads
+        ablated in the forward pass, frozen heads' gradients zeroed before ``before_update``
+        and their weights restored after the update.
 
     Returns
     -------
@@ -56,13 +62,17 @@ def train_step(
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = model(input_ids=tokens, labels=tokens).loss
+    with nullcontext() if hooks is None else hooks.forward():
+        loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
+    if hooks is not None:
+        hooks.mask_gradients()
     if before_update is not None:
         before_update(loss)
     # clip_grad_norm_ returns the norm before clipping; max_norm=inf only measures it
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    optimizer.step()
+    with nullcontext() if hooks is None else hooks.update():
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # Detached: a loss kept by the caller would otherwise keep the step's autograd graph alive
     # into the next step, raising peak memory.

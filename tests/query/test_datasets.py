@@ -276,3 +276,35 @@ def test_analysis_groups_are_merged_on_the_step_axis(trained_tiny, tmp_path):
     assert family["induction_score"].dims == ("seed", "step", "layer", "head")
     assert family["induction_score"].sel(seed=1).isnull().all()  # seed 1 has no analyses
     np.testing.assert_array_equal(family["induction_score"].sel(seed=0, step=8), scores[2])
+
+
+def test_branches_are_read_like_runs_and_stack_beside_their_parents(trained_tiny, tmp_path):
+    from observatory.train import Intervention, train_branch
+
+    spec, original = trained_tiny
+    store = tmp_path / "tiny.zarr"
+    shutil.copytree(original, store)
+    ablate = Intervention(ablate_heads=((1, 0),))
+    train_branch(
+        spec, store=store, size=SIZE, seed=1, at=10, name="abl", intervention=ablate, progress=False
+    )
+    run, branch = (
+        obs.open_run(store, size=SIZE, seed=1),
+        obs.open_run(store, size=SIZE, seed=1, branch="abl"),
+    )
+    assert branch["branch"].item() == "abl" and branch["fork"].item() == 10
+    assert list(branch.step.values) == list(run.step.values)
+    before, after = branch.sel(step=slice(0, 10)), branch.sel(step=slice(15, None))
+    losses = branch["loss"].values, run["loss"].values
+    assert losses[0][:10].tobytes() == losses[1][:10].tobytes()
+    assert not np.array_equal(losses[0][10:], losses[1][10:])
+    assert (before[QKV].values == run.sel(step=slice(0, 10))[QKV].values).all()
+    assert not (after[QKV].values == run.sel(step=slice(15, None))[QKV].values).all()
+    ds = obs.open_family(store, size=SIZE, branches=True)
+    assert ds.sizes["run"] == 3 and list(ds["fork"].values) == [-1, -1, 10]
+    mains = ds.sel(branch="")
+    assert list(mains.seed.values) == [0, 1]
+    stacked = ds.sel(seed=1, branch="abl")[QKV].values
+    assert stacked.tobytes() == branch[QKV].values.tobytes()
+    with pytest.raises(StoreError, match="has no branch 'nope' \\(branches: abl\\)"):
+        obs.open_run(store, size=SIZE, seed=1, branch="nope")

@@ -1,0 +1,194 @@
+"""Counterfactual branches: a run continued from a step with an intervention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from observatory.errors import ObservatoryError
+from observatory.models import stack_layers
+from observatory.spec import load_run_spec
+from observatory.store import FamilyStore
+from observatory.train import Intervention, train_branch, train_family
+from observatory.train.replay import replay
+from tests.conftest import assert_bit_identical, tree_bytes, write_spec
+
+FORK = 7  # no checkpoint of the tiny schedule: the fork's state comes from a replay
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """The tiny family's seed 0, trained once for the module's branches."""
+    directory = tmp_path_factory.mktemp("branch")
+    spec = load_run_spec(write_spec(directory))
+    store = train_family(spec, store=directory / "tiny.zarr", seeds=[0], progress=False)
+    return spec, store
+
+
+def branch(family, name, intervention=None, **options):
+    spec, store = family
+    options = {"size": "l2-d16", "seed": 0, "at": FORK, "progress": False} | options
+    return train_branch(spec, store=store, name=name, intervention=intervention, **options)
+
+
+def state_at(reader, step):
+    """Every array of the whole training state at a keyframe, and its ledger entries."""
+    checkpoint = reader.checkpoint(step)
+    index = reader.checkpoint_index(step)
+    arrays = dict(checkpoint.params)
+    arrays |= {
+        f"{m}/{n}": a for m, moments in checkpoint.moments.items() for n, a in moments.items()
+    }
+    arrays["rng_state"] = checkpoint.rng_state
+    arrays["weights_sha256"] = reader.read(reader.array("weights_sha256"), index)
+    return arrays
+
+
+def assert_same_arrays(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+def test_an_empty_intervention_branch_is_bit_identical_to_its_parent(family):
+    summary = branch(family, "same")
+    assert summary.complete and summary.steps == 24 - FORK
+    store = FamilyStore(family[1])
+    parent, same = store.run("l2-d16", 0), store.run("l2-d16", 0, "same")
+    assert same.branch["fork"] == FORK and same.branch["parent"] == {"size": "l2-d16", "seed": 0}
+    assert list(same.steps()) == sorted({*parent.steps().tolist(), FORK})
+    for step in parent.steps():
+        assert_same_arrays(state_at(parent, int(step)), state_at(same, int(step)))
+    for name, values in parent.metrics().items():
+        assert values.tobytes() == same.metrics()[name].tobytes(), name
+    assert np.array_equal(parent.batch_indices_between(0, 24), same.batch_indices_between(0, 24))
+    # the checkpoints before the fork are the parent's, not copied into the branch
+    own = store.root["l2-d16/seed0/branches/same"]
+    assert own["step"][: same.branch["fork_checkpoint"]].tolist() == [0] * 5
+
+
+def test_a_killed_branch_resumes_bit_identically(family):
+    intervention = Intervention(ablate_heads=((0, 1),))
+    branch(family, "whole", intervention)
+    branch(family, "killed", intervention, stop_after=4)
+    with pytest.raises(ObservatoryError, match="exists"):
+        branch(family, "killed", intervention)
+    assert branch(family, "killed", intervention, resume=True).complete
+    store = FamilyStore(family[1])
+    whole, killed = store.run("l2-d16", 0, "whole"), store.run("l2-d16", 0, "killed")
+    assert list(whole.steps()) == list(killed.steps())
+    for step in whole.steps():
+        assert_same_arrays(state_at(whole, int(step)), state_at(killed, int(step)))
+
+
+def test_ablating_a_head_changes_the_trajectory_and_replay_reproduces_it(family):
+    spec, store = family
+    branch(family, "ablated", Intervention(ablate_heads=((1, 0),), ablation="mean"))
+    reader = FamilyStore(store)
+    parent, ablated = reader.run("l2-d16", 0), reader.run("l2-d16", 0, "ablated")
+    assert not np.array_equal(parent.metrics()["loss"][FORK:], ablated.metrics()["loss"][FORK:])
+    assert ablated.metrics()["loss"][:FORK].tobytes() == parent.metrics()["loss"][:FORK].tobytes()
+    # from the keyframe at 16, replaying steps 16..19 with the ablation hooks
+    for step, model in replay(store, size="l2-d16", seed=0, branch="ablated", start=18, stop=20):
+        if step == 20:
+            replayed = stack_layers(dict(model.named_parameters()))
+    assert_bit_identical(replayed, ablated.parameters_at(20))
+
+
+def test_a_frozen_head_keeps_its_weights(family):
+    branch(family, "frozen", Intervention(freeze_heads=((0, 1),)))
+    reader = FamilyStore(family[1]).run("l2-d16", 0, "frozen")
+    qkv = "gpt_neox.layers.attention.query_key_value.weight"
+    dense = "gpt_neox.layers.attention.dense.weight"
+    first, last = reader.parameters_at(FORK), reader.parameters_at(24)
+    rows = slice(3 * 8, 6 * 8)  # head 1 of d_head 8: its q, k and v rows
+    assert np.array_equal(first[qkv][0, rows], last[qkv][0, rows])
+    assert np.array_equal(first[dense][0][:, 8:16], last[dense][0][:, 8:16])
+    assert not np.array_equal(first[qkv][0, :24], last[qkv][0, :24])
+
+
+def test_dropped_windows_are_never_read(family, tmp_path):
+    seen = []
+    dropped = (1, 2, 3, 40)
+    branch(family, "drop", Intervention(drop_windows=dropped))
+    reader = FamilyStore(family[1]).run("l2-d16", 0, "drop")
+    after = reader.batch_indices_between(FORK, 24)
+    assert not np.isin(after, dropped).any()
+    parent = FamilyStore(family[1]).run("l2-d16", 0).batch_indices_between(0, 24)
+    stream = parent.ravel()[FORK * 4 :]
+    kept = stream[~np.isin(stream, dropped)]  # the parent's stream from the fork, filtered
+    assert np.array_equal(after.ravel()[: kept.size], kept)
+    filters = tmp_path / "filters.py"
+    filters.write_text("def starts_low(tokens):\n    return bool(tokens[1] < 4)\n")
+    branch(
+        family,
+        "pred",
+        Intervention(drop_predicate=f"{filters}:starts_low"),
+        on_batch=lambda s, t: seen.append(t),
+    )
+    assert all(int(tokens[1]) >= 4 for batch in seen for tokens in batch)
+    stored = FamilyStore(family[1]).run("l2-d16", 0, "pred").branch["intervention"]
+    assert stored["drop_predicate_sha256"] and stored["drop_windows"]
+
+
+def test_bad_inputs_are_one_line_and_leave_the_store_unchanged(family, tmp_path):
+    spec, store = family
+    raises = tmp_path / "raises.py"
+    raises.write_text("def bad(tokens):\n    raise ValueError('no')\n")
+    if "same" not in FamilyStore(store).branches("l2-d16", 0):
+        branch(family, "same")
+    before = tree_bytes(store)
+    cases = {
+        "cannot fork at step 30": {"at": 30},
+        "leaves nothing to train": {"at": 24},
+        "branch name '../x'": {"name": "../x"},
+        "no seed 1": {"seed": 1},
+        "exists": {"name": "same"},
+        "raised ValueError on window 0: no": {
+            "intervention": Intervention(drop_predicate=f"{raises}:bad")
+        },
+        "no head 2.0": {"intervention": Intervention(ablate_heads=((2, 0),))},
+        "window 64 is not in the corpus": {"intervention": Intervention(drop_windows=(64,))},
+    }
+    for message, options in cases.items():
+        options = {"name": "new"} | options
+        name = options.pop("name")
+        with pytest.raises(ObservatoryError, match=message) as err:
+            branch(family, name, **options)
+        assert "\n" not in str(err.value)
+    assert tree_bytes(store) == before
+
+
+@pytest.mark.slow  # verify replays every branch of the module's store on a dask worker
+def test_the_branch_command_trains_verifies_and_inspects(family, tmp_path, capsys):
+    from observatory.cli import main
+
+    spec, store = family
+    spec_path = write_spec(tmp_path)
+    common = ["--store", str(store), "--run", "l2-d16/seed0", "--no-progress"]
+    windows = tmp_path / "windows.txt"
+    windows.write_text("5, 6\n7")
+    before = tree_bytes(store)
+    bad = {
+        "unknown": ["--at", "5", "--name", "x", "--run", "l9-d16/seed0"],
+        "beyond": ["--at", "99", "--name", "x"],
+        "head": ["--at", "5", "--name", "x", "--ablate-head", "0.7"],
+        "list": ["--at", "5", "--name", "x", "--drop-windows", str(tmp_path / "none.txt")],
+    }
+    for args in bad.values():
+        try:
+            code = main(["branch", str(spec_path), *common, *args])
+        except SystemExit as err:  # argparse's own errors
+            code = err.code
+        assert code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert tree_bytes(store) == before
+    args = ["--at", "10", "--name", "cli", "--ablate-head", "1.1", "--drop-windows", str(windows)]
+    assert main(["branch", str(spec_path), *common, *args]) == 0
+    assert "l2-d16/seed0/branches/cli: 14 steps" in capsys.readouterr().out
+    assert main(["inspect", str(store)]) == 0
+    assert "seed0/cli" in capsys.readouterr().out
+    assert main(["verify", str(store), "--no-progress", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "l2-d16/seed0/branches/cli" in out and "verification failed" not in out
