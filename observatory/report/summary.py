@@ -467,14 +467,18 @@ def _seed_row(
     midpoint = row["emergence_midpoint_step"]
     if np.isfinite(midpoint):
         row["jump_in_bump"] = bump.start_step <= midpoint <= bump.end_step
-    icl = one["icl_score"].dropna("step")
+    return row | _icl_columns(one["icl_score"], bump)
+
+
+def _icl_columns(icl: xr.DataArray, bump) -> dict[str, float]:
+    """The ICL score at the last checkpoint before the bump and the first after it."""
+    icl = icl.dropna("step")
     before = icl.where(icl["step"] <= bump.start_step, drop=True)
     after = icl.where(icl["step"] >= bump.end_step, drop=True)
-    if before.size and after.size:
-        row["icl_before"] = float(before[-1])
-        row["icl_after"] = float(after[0])
-        row["icl_change"] = row["icl_after"] - row["icl_before"]
-    return row
+    if not (before.size and after.size):
+        return {}
+    first, last = float(before[-1]), float(after[0])
+    return {"icl_before": first, "icl_after": last, "icl_change": last - first}
 
 
 def bump_signal(one: xr.Dataset) -> xr.DataArray:
