@@ -221,7 +221,7 @@ def prefix_matching_score(
     torch.Tensor
         A 0-d float64 tensor; NaN if no query has a target.
     """
-    mask = torch.as_tensor(_target_masks(tokens)[score], dtype=torch.float64)
+    mask = torch.tensor(_target_masks(tokens)[score], dtype=torch.float64)  # a copy
     has_target = mask.amax(dim=-1)  # [batch, query_pos]: 1 where the query has a target
     on_target = (attention.double() * mask).sum(dim=-1)  # [batch, query_pos]
     return (on_target * has_target).sum() / has_target.sum()
