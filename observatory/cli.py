@@ -457,7 +457,7 @@ def _attribute_parser(commands, options: _Options) -> None:
         type=_option,
         default=[],
         metavar="KEY=VALUE",
-        help="a target option, e.g. layer=1 (repeatable; values are TOML: 2, 0.5, \"text\")",
+        help='a target option, e.g. layer=1 (repeatable; values are TOML: 2, 0.5, "text")',
     )
     attribute.add_argument(
         "--per-example", action="store_true", help="also split each step over its batch's windows"

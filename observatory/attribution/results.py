@@ -18,9 +18,9 @@ import pandas as pd
 import xarray as xr
 
 from observatory import arguments
+from observatory.arguments import ArgumentError
 from observatory.attribution.steps import SpanResult, attribute_span, combine, spans
 from observatory.attribution.targets import Target, choose
-from observatory.arguments import ArgumentError
 from observatory.jobs.analyze import shared_data
 from observatory.jobs.cluster import dask_client
 from observatory.jobs.job_spec import HeldOutSpec, ProbeSpec

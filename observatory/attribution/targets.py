@@ -90,9 +90,7 @@ def induction_score(model, data: SharedData, *, layer: int = 0, head: int = 0) -
 
 
 @target
-def previous_token_score(
-    model, data: SharedData, *, layer: int = 0, head: int = 0
-) -> torch.Tensor:
+def previous_token_score(model, data: SharedData, *, layer: int = 0, head: int = 0) -> torch.Tensor:
     """The head's previous-token score on the probe (prefix matching)."""
     pattern = _head_pattern(model, data.probe_tokens, layer, head)
     return prefix_matching_score(pattern, data.probe_tokens, score="previous_token")

@@ -13,7 +13,12 @@ from observatory.store import FamilyStore
 
 def test_example_terms_and_carried_add_up_to_the_step_term(tiny_store):
     att = obs.attribute(
-        tiny_store, size="l2-d16", seed=0, start=4, stop=9, target="held_out_loss",
+        tiny_store,
+        size="l2-d16",
+        seed=0,
+        start=4,
+        stop=9,
+        target="held_out_loss",
         per_example=True,
     )
     total = att["example_contribution"].sum("batch") + att["carried"]

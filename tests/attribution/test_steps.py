@@ -33,8 +33,10 @@ def test_step_terms_sum_to_the_measured_change(tiny_store):
     )
     change = float(att["target_stop"] - att["target_start"])
     residual = float(att["residual"])
-    print(f"change {change:.4g}, sum {float(att['step_contribution'].sum()):.4g}, "
-          f"residual {residual:.3g} ({100 * abs(residual / change):.3g}% of the change)")
+    print(
+        f"change {change:.4g}, sum {float(att['step_contribution'].sum()):.4g}, "
+        f"residual {residual:.3g} ({100 * abs(residual / change):.3g}% of the change)"
+    )
     assert abs(residual) <= 0.01 * abs(change)
     assert att.sizes == {"train_step": 18}
     assert att.attrs["rule"] == "trapezoid" and att.attrs["target_options"] == head
@@ -61,7 +63,10 @@ def test_a_target_that_changes_the_model_is_caught(tiny_store):
 
     with pytest.raises(StoreError, match="differ from the stored checkpoint"):
         obs.attribute(tiny_store, size="l2-d16", seed=0, start=2, stop=4, target=meddling)
-    assert obs.store.analyses(FamilyStore(tiny_store).run("l2-d16", 0), kind=obs.store.ATTRIBUTION) == []
+    assert (
+        obs.store.analyses(FamilyStore(tiny_store).run("l2-d16", 0), kind=obs.store.ATTRIBUTION)
+        == []
+    )
 
 
 @pytest.mark.slow

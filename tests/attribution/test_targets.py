@@ -76,6 +76,7 @@ def test_bad_targets_are_one_line_errors(model_and_data):
         choose("nope", None)
     with pytest.raises(SpecError, match="unknown key 'lay'"):
         choose("induction_score", {"lay": 1})
+
     def one_argument(model):
         return model
 
