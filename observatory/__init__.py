@@ -18,12 +18,16 @@ _LAZY = {
     "observatory.jobs.compute": "compute",
     "observatory.train.replay": "replay",
     "observatory.interop.lens": "transformer_lens_at",
+    "observatory.attribution.results": "attribute top_examples",
+    "observatory.attribution.targets": "target",
 }
 # Subpackages resolve as attributes (``obs.store.FamilyStore``), imported on first use.
 # ``obs.analysis`` is callable: the decorator ``@obs.analysis(variables=...)`` (a plain function
-# would be shadowed by the subpackage).
+# would be shadowed by the subpackage); so is ``obs.attribution``, the reader
+# ``obs.attribution(store, size=..., seed=..., name=...)``.
 _SUBMODULES = (
     "analysis",
+    "attribution",
     "data",
     "errors",
     "interop",

@@ -46,6 +46,8 @@ typical session:
   observatory analyze analyses/induction.toml        # circuit-formation scores, on dask
   observatory report store/induction.zarr --out report/   # figures, HTML page, summary table
   observatory verify store/induction.zarr            # checksums, ledger, replay of every step
+  observatory attribute store/induction.zarr --size l2-d64 --seed 0 --start 250 --stop 350 \
+      --target induction_score --option layer=1 --option head=2   # which updates built it
   observatory export store/induction.zarr --seed 0 --out hf/   # step<N>/ Hugging Face folders
   observatory ingest hf/ --out store/ingested.zarr   # any series of HF checkpoint folders
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _analyze_parser(commands, options)
     _report_parser(commands, options)
     _verify_parser(commands, options)
+    _attribute_parser(commands, options)
     _export_parser(commands, options)
     _ingest_parser(commands, options)
     return parser
@@ -501,6 +504,60 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attribute_parser(commands, options: _Options) -> None:
+    attribute = _command(commands, "attribute", _cmd_attribute, options.store, options.dask)
+    attribute.add_argument("--size", required=True, help="size name")
+    attribute.add_argument("--seed", required=True, type=int, help="seed index")
+    attribute.add_argument("--start", required=True, type=int, help="first training step")
+    attribute.add_argument("--stop", required=True, type=int, help="step after the last one")
+    attribute.add_argument(
+        "--target",
+        required=True,
+        metavar="NAME",
+        help="induction_score, previous_token_score, probe_repeated_loss, held_out_loss, "
+        "'file.py:name' or 'package.module:name'",
+    )
+    attribute.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help='a target option, e.g. layer=1 (repeatable; values are TOML: 2, 0.5, "text")',
+    )
+    attribute.add_argument(
+        "--per-example", action="store_true", help="also split each step over its batch's windows"
+    )
+    attribute.add_argument("--name", help="stored under attribution/NAME (default: the target)")
+
+
+def _cmd_attribute(args: argparse.Namespace) -> None:
+    """Attribute a target's change over training steps to each update (exact replay).
+
+    Replay the run's steps [--start, --stop) exactly and split the change of a differentiable
+    target (a head's induction or previous-token score, the loss on the probe's repeated part,
+    the held-out loss, or your own @obs.target in 'file.py:name') into one term per update:
+    the target's gradient averaged at both ends of the step (trapezoid rule) dotted with the
+    step's weight change. Prints the largest step contributions, their sum, the measured change
+    and the residual; with --per-example each step's term is also split over its batch's
+    training windows (per-example gradients through the step's AdamW preconditioner). The result
+    is stored in the run as attribution/NAME (read it with obs.attribution). Keyframe segments
+    of the span run as dask tasks with --workers or --scheduler.
+    """
+    from observatory.attribution import attribute, format_attribution
+
+    att = attribute(
+        args.store,
+        options=dict(args.options),
+        **_same_names(args, "size", "seed", "start", "stop", "target", "per_example", "name"),
+        workers=args.workers or 0,
+        scheduler=args.scheduler,
+    )
+    print(format_attribution(att))
+    print(f"stored as {att.attrs['size']}/seed{att.attrs['seed']}/attribution/{att.attrs['name']}")
+
+
 def _export_parser(commands, options: _Options) -> None:
     export = _command(commands, "export", _cmd_export, options.store, options.out_dir)
     export.add_argument("--size", help="size name (default: the store's only size)")
@@ -631,6 +688,20 @@ def _index_file(path: str) -> list[int]:
     if bad is not None:
         raise argparse.ArgumentTypeError(f"{path}: {bad!r} is not a corpus index")
     return [int(word) for word in words]
+
+
+def _option(text: str) -> tuple[str, object]:
+    """Parse ``key=value`` (the value as TOML, else as a string) into a pair."""
+    import tomllib
+
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like layer=1, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"value = {value}")["value"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
 
 
 def _names(text: str) -> list[str]:

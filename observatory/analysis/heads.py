@@ -197,3 +197,31 @@ def copying_score(weights: Mapping[str, np.ndarray]) -> np.ndarray:
     total = np.abs(eig).sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, eig.real.sum(axis=-1) / total, np.nan)
+
+
+def prefix_matching_score(
+    attention: torch.Tensor, tokens: np.ndarray, *, score: str = "induction"
+) -> torch.Tensor:
+    """One head's prefix-matching score as a differentiable torch scalar (float64).
+
+    The same number as :func:`head_scores` with ``convention="prefix_matching"`` gives for
+    that head, computed in torch so that gradients flow through the attention pattern.
+
+    Parameters
+    ----------
+    attention
+        ``pattern[batch, query_pos, key_pos]`` of one head on ``tokens`` (with grad).
+    tokens
+        ``tokens[batch, pos]`` the pattern was computed on.
+    score
+        ``"induction"``, ``"previous_token"`` or ``"duplicate_token"``.
+
+    Returns
+    -------
+    torch.Tensor
+        A 0-d float64 tensor; NaN if no query has a target.
+    """
+    mask = torch.tensor(_target_masks(tokens)[score], dtype=torch.float64)  # a copy
+    has_target = mask.amax(dim=-1)  # [batch, query_pos]: 1 where the query has a target
+    on_target = (attention.double() * mask).sum(dim=-1)  # [batch, query_pos]
+    return (on_target * has_target).sum() / has_target.sum()

@@ -16,7 +16,7 @@ import inspect
 import typing
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -102,7 +102,55 @@ class Heatmap:
 
 
 @dataclass(frozen=True, eq=False)
-class Analysis:
+class Plugin:
+    """A named function of ``(model, data, *, options...)``: what analyses and attribution
+    targets (:mod:`observatory.attribution.targets`) share; calling it calls the function.
+
+    Attributes
+    ----------
+    name
+        The name results are stored under and a job's option table is called.
+    function
+        ``function(model, data, **options)``.
+    options
+        Frozen dataclass of the keyword-only options (defaults from the signature).
+    """
+
+    NOUN: ClassVar[str] = "plugin"  # what error messages call it
+
+    name: str
+    function: Callable[..., Any]
+    options: type
+
+    def __call__(self, model, data: SharedData, **options: Any) -> Any:
+        return self.function(model, data, **options)
+
+    @property
+    def doc(self) -> str:
+        """The first line of the function's docstring."""
+        return (inspect.getdoc(self.function) or "").partition("\n")[0]
+
+    def source_hash(self) -> str:
+        """SHA-256 of the function's source text (changes when the function is edited)."""
+        try:
+            source = inspect.getsource(self.function)
+        except (OSError, TypeError):
+            raise AnalysisError(
+                f"{self.NOUN} {self.name!r}: its source code is not available"
+            ) from None
+        return hashlib.sha256(source.encode()).hexdigest()
+
+    def parse_options(self, table: Mapping[str, Any], where: str) -> Any:
+        """Validate an ``{option: value}`` table into the options dataclass (one-line errors)."""
+        if not isinstance(table, Mapping) or not all(isinstance(k, str) for k in table):
+            raise SpecError(
+                f"{where}: options must be a mapping {{option: value}}, got {type(table).__name__}"
+            )
+        return from_table(self.options, dict(table), where)
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis(Plugin):
     """A registered analysis; calling it calls the function.
 
     Attributes
@@ -129,40 +177,13 @@ class Analysis:
         variable with a non-finite value is an error.
     """
 
-    name: str
-    function: Callable[..., Mapping[str, Any]]
-    options: type
+    NOUN: ClassVar[str] = "analysis"
+
     variables: Variables | Callable[[Any], Variables]
     attrs: Callable[[Any, SharedData], dict[str, Any]] | None = None
     constants: Callable[[Any, SharedData], dict[str, tuple]] | None = None
     heatmaps: Mapping[str, Heatmap] = dataclasses.field(default_factory=dict)
     nonfinite: bool | frozenset[str] = False
-
-    def __call__(self, model, data: SharedData, **options: Any) -> Mapping[str, Any]:
-        return self.function(model, data, **options)
-
-    @property
-    def doc(self) -> str:
-        """The first line of the function's docstring."""
-        return (inspect.getdoc(self.function) or "").partition("\n")[0]
-
-    def source_hash(self) -> str:
-        """SHA-256 of the function's source text (changes when the function is edited)."""
-        try:
-            source = inspect.getsource(self.function)
-        except (OSError, TypeError):
-            raise AnalysisError(
-                f"analysis {self.name!r}: its source code is not available"
-            ) from None
-        return hashlib.sha256(source.encode()).hexdigest()
-
-    def parse_options(self, table: Mapping[str, Any], where: str) -> Any:
-        """Validate the job's ``[<name>]`` table into the options dataclass (one-line errors)."""
-        if not isinstance(table, Mapping) or not all(isinstance(k, str) for k in table):
-            raise SpecError(
-                f"{where}: options must be a mapping {{option: value}}, got {type(table).__name__}"
-            )
-        return from_table(self.options, dict(table), where)
 
     def declared(self, options: Any = None) -> dict[str, tuple[Dim, ...]]:
         """``{variable: dims}`` for these options (default: the default options).
@@ -281,7 +302,9 @@ def analysis(
     return wrap
 
 
-def check_signature(function: Callable, name: str, options: type | None) -> None:
+def check_signature(
+    function: Callable, name: str, options: type | None, noun: str = "analysis"
+) -> None:
     """Refuse a function that is not ``f(model, data, *, option=default, ...)``.
 
     Only keyword-only parameters are options; anything else beyond ``(model, data)`` would be
@@ -295,7 +318,7 @@ def check_signature(function: Callable, name: str, options: type | None) -> None
         return f"write def {name}(model, data, *, {option}: float = 2.0) for an option {option!r}"
 
     if len(parameters) < 2 or any(p.kind not in positional for p in parameters[:2]):
-        raise SpecError(f"analysis {name!r}: it must take (model, data) first; {hint()}")
+        raise SpecError(f"{noun} {name!r}: it must take (model, data) first; {hint()}")
     for parameter in parameters[2:]:
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
             continue
@@ -306,7 +329,7 @@ def check_signature(function: Callable, name: str, options: type | None) -> None
             inspect.Parameter.VAR_KEYWORD: f"**{parameter.name} needs an explicit options class",
         }.get(parameter.kind, f"parameter {parameter.name!r} is not keyword-only, so not an option")
         option = parameter.name if parameter.kind in positional else "base"
-        raise SpecError(f"analysis {name!r}: {what}; {hint(option)}")
+        raise SpecError(f"{noun} {name!r}: {what}; {hint(option)}")
     if options is not None:
         accepted = {p.name for p in parameters[2:] if p.kind is inspect.Parameter.KEYWORD_ONLY}
         fields = {f.name for f in dataclasses.fields(options)}
@@ -314,12 +337,16 @@ def check_signature(function: Callable, name: str, options: type | None) -> None
         stray = sorted((accepted - fields) | (set() if takes_any else fields - accepted))
         if stray:
             raise SpecError(
-                f"analysis {name!r}: {stray[0]!r} is not both a keyword-only parameter and a "
+                f"{noun} {name!r}: {stray[0]!r} is not both a keyword-only parameter and a "
                 "field of its options class"
             )
 
 
-def options_class(function: Callable, validate: Callable[[Any, str], None] | None = None) -> type:
+def options_class(
+    function: Callable,
+    validate: Callable[[Any, str], None] | None = None,
+    noun: str = "analysis",
+) -> type:
     """A frozen dataclass of ``function``'s keyword-only parameters (annotations, defaults)."""
     hints = typing.get_type_hints(function)
     fields = []
@@ -328,7 +355,7 @@ def options_class(function: Callable, validate: Callable[[Any, str], None] | Non
             continue
         if parameter.default is inspect.Parameter.empty or parameter.name not in hints:
             raise SpecError(
-                f"analysis {function.__name__!r}: option {parameter.name!r} needs a type "
+                f"{noun} {function.__name__!r}: option {parameter.name!r} needs a type "
                 f"annotation and a default, like *, {parameter.name}: float = 2.0"
             )
         default = parameter.default

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from observatory.analysis.builtins import BUILTINS
-from observatory.analysis.protocol import NAMED_DIMS, Analysis, SharedData
+from observatory.analysis.protocol import NAMED_DIMS, Analysis, Plugin, SharedData
 from observatory.errors import SpecError
 from observatory.usercode import file_source, source_module
 
@@ -55,16 +55,22 @@ class Configured:
         return parameters | {"source_sha256": self.analysis.source_hash()}
 
 
-def read_source(ref: str) -> str | None:
-    """The source text of a ``"file.py:name"`` analysis (None for other references)."""
+def read_source(ref: str, noun: str = "analysis") -> str | None:
+    """The source text of a ``"file.py:name"`` analysis or target (None for other references)."""
     module, _, _ = ref.rpartition(":")
     if not module.endswith(".py"):
         return None
-    return file_source(module, "analysis")
+    return file_source(module, noun)
 
 
-def resolve(ref: str, source: str | None = None) -> Analysis:
-    """The analysis a reference names.
+def resolve(
+    ref: str,
+    source: str | None = None,
+    *,
+    builtins: Mapping[str, Plugin] = BUILTINS,
+    kind: type[Plugin] = Analysis,
+) -> Any:
+    """The analysis (or other plug-in of ``kind``, e.g. a target) a reference names.
 
     Parameters
     ----------
@@ -72,31 +78,34 @@ def resolve(ref: str, source: str | None = None) -> Analysis:
         A built-in name, ``"package.module:name"`` or ``"path/file.py:name"``.
     source
         For a file: its source text (shipped to workers, which may not have the file).
+    builtins, kind
+        The built-ins by name and the class a found object must be (default: analyses).
 
     Raises
     ------
     SpecError
-        If nothing of that name exists or it is not an analysis.
+        If nothing of that name exists or it is not of ``kind``.
     """
+    noun = kind.NOUN
     module_name, sep, name = ref.rpartition(":")
     if not sep:
-        if ref not in BUILTINS:
+        if ref not in builtins:
             raise SpecError(
-                f"unknown analysis {ref!r} (built-in: {', '.join(BUILTINS)}; or "
+                f"unknown {noun} {ref!r} (built-in: {', '.join(builtins)}; or "
                 "'package.module:name' or 'file.py:name')"
             )
-        return BUILTINS[ref]
+        return builtins[ref]
     if module_name.endswith(".py"):
         module = source_module(module_name, source if source is not None else read_source(ref))
     else:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise SpecError(f"cannot import {module_name!r} for analysis {ref!r}: {err}") from None
+            raise SpecError(f"cannot import {module_name!r} for {noun} {ref!r}: {err}") from None
     found = getattr(module, name, None)
-    if not isinstance(found, Analysis):
-        what = "no such name" if found is None else "not decorated with @obs.analysis"
-        raise SpecError(f"analysis {ref!r}: {what}")
+    if not isinstance(found, kind):
+        what = "no such name" if found is None else f"not decorated with @obs.{noun}"
+        raise SpecError(f"{noun} {ref!r}: {what}")
     return found
 
 

@@ -42,11 +42,15 @@ from observatory.store.lock import RunLock
 from observatory.store.paths import location
 from observatory.store.reader import FamilyStore, RunReader
 from observatory.store.results import (
+    ANALYSIS,
+    ATTRIBUTION,
     AnalysisWriter,
+    ResultKind,
     analyses,
     analysis_arrays,
     analysis_group,
     analysis_parameters,
+    read_results,
 )
 from observatory.store.writer import (
     ENCODING_COPIES,
@@ -67,12 +71,15 @@ __all__ = [
     "SCHEMA_VERSION",
     "STEP_RECORDS",
     "WRITE_PIECE",
+    "ANALYSIS",
+    "ATTRIBUTION",
     "AnalysisWriter",
     "Checkpoint",
     "FamilyStore",
     "LazyArray",
     "RunLock",
     "RunReader",
+    "ResultKind",
     "RunWriter",
     "StepRecord",
     "StoredArray",
@@ -81,6 +88,7 @@ __all__ = [
     "analysis_group",
     "analysis_lazy_arrays",
     "analysis_parameters",
+    "read_results",
     "buffer_slots",
     "create_family",
     "ingested_note",

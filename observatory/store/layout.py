@@ -15,6 +15,7 @@ Layout (zarr v3, one store per model family)::
             rng_state     [keyframe, rng_byte]     torch RNG state at each keyframe
             exp_avg/<param>, exp_avg_sq/<param>    AdamW moments, same layout as the params
           analysis/<name>/                         analysis results (written by analysis jobs)
+          attribution/<name>/                      attributions [train_step, ...] (obs.attribute)
 
 A run ingested from Hugging Face checkpoint folders (``observatory ingest``) has the same layout
 without ``state/`` and ``batch_indices``: its ``origin`` attribute says where it came from.
@@ -64,6 +65,7 @@ SCHEMA_VERSION = 3  # a store of another version is refused on opening
 ATTRS_KEY = "observatory"
 STATE_GROUP = "state"
 ANALYSIS_GROUP = "analysis"
+ATTRIBUTION_GROUP = "attribution"  # attributions along the trajectory, by training step
 MOMENTS = ("exp_avg", "exp_avg_sq")
 KEYFRAME = "keyframe"  # the axis of the training state, and the array of its steps
 WEIGHTS_SHA256 = "weights_sha256"  # the ledger: a hash of each checkpoint's weights

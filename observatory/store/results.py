@@ -1,15 +1,20 @@
-"""Analysis results of a run: written by :class:`AnalysisWriter`, read back by step.
+"""Results of a run: analysis results by checkpoint, attributions by training step.
 
-The group ``<run>/analysis/<name>`` holds one array per result variable with a leading
-``step`` dim, plus a ``step`` array listing which checkpoint each row belongs to (in any order,
-extended last, so readers only see finished rows).  The group is created with the first rows
-of validated results, and readers ignore a group whose ``step`` array lists no checkpoint: a
-job that fails before its first rows leaves nothing a reader sees.
+Written by :class:`AnalysisWriter`, read back by row.  The group ``<run>/analysis/<name>``
+holds one array per result variable with a leading ``step`` dim, plus a ``step`` array listing
+which checkpoint each row belongs to (in any order, extended last, so readers only see finished
+rows).  Attributions (:mod:`observatory.attribution`) use the same machinery with rows of
+training steps: ``<run>/attribution/<name>`` with a leading ``train_step`` dim and a
+``train_step`` array (see :class:`ResultKind`).  The group is created with the first rows
+of validated results, and readers ignore a group whose row array lists nothing: a job that
+fails before its first rows leaves nothing a reader sees.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +23,14 @@ import zarr
 from observatory.errors import StoreError
 from observatory.store.common import child, children, read_whole
 from observatory.store.integrity import checked_read
-from observatory.store.layout import ANALYSIS_GROUP, WRITE_CONFIG, attrs_of, compressors, set_attrs
+from observatory.store.layout import (
+    ANALYSIS_GROUP,
+    ATTRIBUTION_GROUP,
+    WRITE_CONFIG,
+    attrs_of,
+    compressors,
+    set_attrs,
+)
 
 if TYPE_CHECKING:
     from observatory.store.reader import RunReader
@@ -27,54 +39,107 @@ ANALYSIS_FLUSH_ROWS = 256  # analysis rows buffered before they are written (one
 ANALYSIS_FLUSH_SECONDS = 10.0  # ... or after this long
 
 
-def analysis_group(reader: RunReader, name: str, *, create: bool = False) -> zarr.Group | None:
-    """The group of an analysis's results (None if absent, unless ``create``)."""
-    path = f"{ANALYSIS_GROUP}/{name}"
+@dataclass(frozen=True)
+class ResultKind:
+    """A kind of stored results: the run's group that holds them and the dim of their rows.
+
+    Attributes
+    ----------
+    group
+        The group under the run (``analysis``): one subgroup per name.
+    row_dim
+        The leading dim of every result array, and the name of the array listing the rows.
+    noun
+        What error messages call one of them.
+    """
+
+    group: str
+    row_dim: str
+    noun: str
+
+
+ANALYSIS = ResultKind(ANALYSIS_GROUP, "step", "analysis")
+ATTRIBUTION = ResultKind(ATTRIBUTION_GROUP, "train_step", "attribution")
+
+
+def analysis_group(
+    reader: RunReader, name: str, *, create: bool = False, kind: ResultKind = ANALYSIS
+) -> zarr.Group | None:
+    """The group of an analysis's (or other ``kind``'s) results (None if absent, unless
+    ``create``)."""
+    path = f"{kind.group}/{name}"
     group = child(reader.group, path)
     if group is None and create:
         return reader.group.require_group(path)
     return group
 
 
-def analyses(reader: RunReader) -> list[str]:
-    """Names of the analyses with results stored for a run (at least one committed row)."""
-    group = child(reader.group, ANALYSIS_GROUP)
+def analyses(reader: RunReader, *, kind: ResultKind = ANALYSIS) -> list[str]:
+    """Names of the analyses (or other ``kind``) stored for a run (at least one committed row)."""
+    group = child(reader.group, kind.group)
     members = [] if group is None else children(group, zarr.Group)
-    return [name for name, member in members if _committed(member)]
+    return [name for name, member in members if _committed(member, kind)]
 
 
-def _committed(group: zarr.Group) -> bool:
-    """Whether an analysis group lists a checkpoint: its ``step`` array is written last."""
-    steps = child(group, "step")
-    return isinstance(steps, zarr.Array) and steps.shape[0] > 0
+def _committed(group: zarr.Group, kind: ResultKind = ANALYSIS) -> bool:
+    """Whether a results group lists a row: its row array is written last."""
+    rows = child(group, kind.row_dim)
+    return isinstance(rows, zarr.Array) and rows.shape[0] > 0
 
 
-def analysis_parameters(reader: RunReader, name: str) -> dict[str, Any] | None:
+def analysis_parameters(
+    reader: RunReader, name: str, *, kind: ResultKind = ANALYSIS
+) -> dict[str, Any] | None:
     """The parameters an analysis's results were computed with (None: no such analysis)."""
-    group = analysis_group(reader, name)
-    return None if group is None or not _committed(group) else attrs_of(group).get("parameters")
+    group = analysis_group(reader, name, kind=kind)
+    committed = group is not None and _committed(group, kind)
+    return attrs_of(group).get("parameters") if committed else None
 
 
-def analysis_arrays(reader: RunReader, name: str) -> tuple[np.ndarray, dict[str, zarr.Array]]:
-    """The checkpoint steps an analysis covers, and its other arrays.
+def analysis_arrays(
+    reader: RunReader, name: str, *, kind: ResultKind = ANALYSIS
+) -> tuple[np.ndarray, dict[str, zarr.Array]]:
+    """The checkpoint steps an analysis covers (the rows of another ``kind``), and its other
+    arrays.
 
     The group's ``step`` array (see :class:`AnalysisWriter`) lists the checkpoint of each
     row, in any order, and is extended last: the arrays with a leading ``step`` dim are
     valid up to its length.  A group still being created covers no checkpoint yet, and is
     not listed by :func:`analyses`.
     """
-    group = analysis_group(reader, name)
-    if group is None or not _committed(group):
-        known = analyses(reader)
-        raise StoreError(f"{reader.run.path}: no analysis {name!r} (analyses: {known})")
+    group = analysis_group(reader, name, kind=kind)
+    if group is None or not _committed(group, kind):
+        known = analyses(reader, kind=kind)
+        raise StoreError(f"{reader.run.path}: no {kind.noun} {name!r} ({kind.group}: {known})")
     arrays = dict(children(group, zarr.Array))
-    steps = arrays.pop("step", None)
-    return (np.zeros(0, np.int64) if steps is None else read_whole(steps)), arrays
+    rows = arrays.pop(kind.row_dim, None)
+    return (np.zeros(0, np.int64) if rows is None else read_whole(rows)), arrays
 
 
-def _require_variables(group, variables: dict[str, Any], where: str) -> None:
+def read_results(
+    reader: RunReader, name: str, *, kind: ResultKind = ANALYSIS
+) -> tuple[np.ndarray, dict[str, tuple[tuple[str, ...], np.ndarray]], dict[str, Any]]:
+    """Stored results read whole: the rows, ``{array: (dims, values)}`` and the parameters.
+
+    Arrays with a leading row dim are cut to the listed rows (a writer extends them first).
+
+    Raises
+    ------
+    StoreError
+        If there are no such results, or a chunk is missing or damaged.
+    """
+    rows, arrays = analysis_arrays(reader, name, kind=kind)
+    out = {}
+    for key, array in arrays.items():
+        dims = tuple(array.metadata.dimension_names or ())  # () for a 0-d array
+        values = checked_read(array, ...)
+        out[key] = (dims, values[: len(rows)] if dims[:1] == (kind.row_dim,) else values)
+    return np.array(rows), out, analysis_parameters(reader, name, kind=kind) or {}
+
+
+def _require_variables(group, variables: dict[str, Any], where: str, row_dim: str) -> None:
     """Stored results must have the variables the analysis declares now (a one-line error)."""
-    stored = set(group.array_keys()) - {"step"}
+    stored = set(group.array_keys()) - {row_dim}
     declared = set(variables)
     if not declared <= stored:
         raise StoreError(
@@ -117,6 +182,12 @@ class AnalysisWriter:
         on their arrays).
     recompute
         Replace existing results (at the first flush with rows).
+    kind
+        What the rows are: checkpoints (:data:`ANALYSIS`, the default) or training steps
+        (:data:`ATTRIBUTION`).
+    dtypes
+        ``{variable: dtype}`` for variables not stored as float32 (e.g. ``"float64"``,
+        ``"int64"``).
     """
 
     def __init__(
@@ -129,14 +200,16 @@ class AnalysisWriter:
         constants: dict[str, tuple[tuple[str, ...], np.ndarray]] | None = None,
         nonfinite: tuple[str, ...] = (),
         recompute: bool = False,
+        kind: ResultKind = ANALYSIS,
+        dtypes: Mapping[str, str] | None = None,
     ):
-        self.where = f"{reader.run.path}/{ANALYSIS_GROUP}/{name}"
+        self.where = f"{reader.run.path}/{kind.group}/{name}"
         self._compressors = compressors(reader.family.spec.store)
-        self._reader, self._path = reader, f"{ANALYSIS_GROUP}/{name}"
+        self._reader, self._name, self._kind = reader, name, kind
         self._attrs, self._variables, self._nonfinite = attrs, variables, nonfinite
-        self._constants = constants or {}
-        group = analysis_group(reader, name)
-        if group is not None and (recompute or not _committed(group)):
+        self._constants, self._dtypes = constants or {}, dict(dtypes or {})
+        group = analysis_group(reader, name, kind=kind)
+        if group is not None and (recompute or not _committed(group, kind)):
             group = None  # replaced when the first rows are written
         if group is not None:
             stored = attrs_of(group).get("parameters") or {}
@@ -147,7 +220,7 @@ class AnalysisWriter:
                     f"{self.where}: existing results were computed with other parameters "
                     f"({', '.join(changed)} differ); pass --recompute to replace them"
                 )
-            _require_variables(group, variables, self.where)
+            _require_variables(group, variables, self.where, kind.row_dim)
         self.group = group
         self._arrays: dict[str, zarr.Array] = {}
         self._done: set[int] = set()
@@ -158,24 +231,26 @@ class AnalysisWriter:
 
     def _open(self, group: zarr.Group) -> None:
         self._arrays = {v: group[v].with_config(WRITE_CONFIG) for v in self._variables}
-        self._steps = group["step"].with_config(WRITE_CONFIG)
+        self._steps = group[self._kind.row_dim].with_config(WRITE_CONFIG)
         self._done = set(checked_read(self._steps, slice(None)).tolist())
 
     def _create(self) -> None:
         """Create (or replace) the group, its arrays and constants; ``step`` last and empty."""
-        if child(self._reader.group, self._path) is not None:
-            del self._reader.group[self._path]
-        group = analysis_group(self._reader, self._path.partition("/")[2], create=True)
+        row_dim, path = self._kind.row_dim, f"{self._kind.group}/{self._name}"
+        if child(self._reader.group, path) is not None:
+            del self._reader.group[path]
+        group = analysis_group(self._reader, self._name, create=True, kind=self._kind)
         set_attrs(group, parameters=self._attrs)
         for variable, (dims, shape) in self._variables.items():
+            dtype = np.dtype(self._dtypes.get(variable, "float32"))
             group.create_array(
                 variable,
                 shape=(0, *shape),
                 chunks=(256, *shape),
-                dtype="float32",
-                fill_value=float("nan"),
+                dtype=dtype,
+                fill_value=float("nan") if dtype.kind == "f" else 0,
                 compressors=self._compressors,
-                dimension_names=("step", *dims),
+                dimension_names=(row_dim, *dims),
                 attributes={"nonfinite": True} if variable in self._nonfinite else None,
             )
         for name, (dims, values) in self._constants.items():
@@ -189,12 +264,12 @@ class AnalysisWriter:
                 config=WRITE_CONFIG,
             )
         group.create_array(
-            "step",
+            row_dim,
             shape=(0,),
             chunks=(4096,),
             dtype="int64",
             compressors=self._compressors,
-            dimension_names=("step",),
+            dimension_names=(row_dim,),
         )
         self.group = group
         done, self._done = self._done, set()

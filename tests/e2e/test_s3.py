@@ -1,4 +1,3 @@
-
 import pytest
 
 from observatory.errors import StoreError

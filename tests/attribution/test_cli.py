@@ -1,0 +1,46 @@
+"""``observatory attribute``: the table it prints, and bad input as one line, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from observatory.cli import main
+from tests.conftest import tree_bytes
+
+ARGS = ["--size", "l2-d16", "--seed", "0", "--start", "2", "--stop", "5"]
+
+
+def test_attribute_prints_the_table_and_the_residual(tiny_store, capsys):
+    args = ["attribute", str(tiny_store), *ARGS, "--target", "induction_score"]
+    assert main([*args, "--option", "layer=1", "--option", "head=1"]) == 0
+    out = capsys.readouterr().out
+    assert "measured change" in out and "% of the change" in out
+    assert "stored as l2-d16/seed0/attribution/induction_score" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seed", "7"], "seed"),
+        (["--stop", "99"], "cannot replay steps 2..99"),
+        (["--target", "nope"], "unknown target 'nope'"),
+        (["--option", "lay=1"], "unknown key 'lay'"),
+        (["--option", "layer=x"], "layer"),
+        (["--target", "{file}:vector"], "not a 0-d torch tensor"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+    tiny_store, tmp_path, capsys, extra, message
+):
+    user = tmp_path / "mine.py"
+    user.write_text(
+        "import observatory as obs, torch\n\n@obs.target\ndef vector(model, data):\n"
+        "    return model(torch.as_tensor(data.probe_tokens)).logits[0, 0]\n"
+    )
+    extra = [e.format(file=user) for e in extra]
+    before = tree_bytes(tiny_store)
+    args = ["attribute", str(tiny_store), *ARGS, "--target", "induction_score", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert tree_bytes(tiny_store) == before

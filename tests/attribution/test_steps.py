@@ -1,0 +1,90 @@
+"""Per-step attribution: the terms sum to the measured change, wherever the tasks run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import observatory as obs
+from observatory.attribution.steps import spans
+from observatory.errors import StoreError
+from observatory.store import FamilyStore
+from observatory.train.replay import ReplaySource
+
+
+def best_induction_head(store) -> dict[str, int]:
+    """The layer-1 head with the highest induction score at the last checkpoint."""
+    from observatory.analysis.heads import attention_patterns, head_scores
+    from observatory.jobs.analyze import shared_data
+    from observatory.jobs.job_spec import HeldOutSpec, ProbeSpec
+
+    data = shared_data(FamilyStore(store).spec, ProbeSpec(), HeldOutSpec())
+    model = obs.model_at(store, size="l2-d16", seed=0, step=24)
+    scores = head_scores(attention_patterns(model, data.probe_tokens), data.probe_tokens)
+    return {"layer": 1, "head": int(np.argmax(scores["induction"][1]))}
+
+
+def test_step_terms_sum_to_the_measured_change(tiny_store):
+    head = best_induction_head(tiny_store)
+    att = obs.attribute(
+        tiny_store, size="l2-d16", seed=0, start=2, stop=20, target="induction_score", options=head
+    )
+    change = float(att["target_stop"] - att["target_start"])
+    residual = float(att["residual"])
+    print(
+        f"change {change:.4g}, sum {float(att['step_contribution'].sum()):.4g}, "
+        f"residual {residual:.3g} ({100 * abs(residual / change):.3g}% of the change)"
+    )
+    assert abs(residual) <= 0.01 * abs(change)
+    assert att.sizes == {"train_step": 18}
+    assert att.attrs["rule"] == "trapezoid" and att.attrs["target_options"] == head
+    # the target at each state, and the replay met every stored checkpoint it passed at a span end
+    assert att["target_value"][0] == att["target_start"]
+    assert att.attrs["checked_checkpoints"] == [4, 5, 8, 10, 15, 16, 20]
+    xr.testing.assert_identical(
+        att, obs.attribution(tiny_store, size="l2-d16", seed=0, name="induction_score")
+    )
+
+
+def test_spans_split_at_keyframes(tiny_store):
+    source = ReplaySource.open(tiny_store, size="l2-d16", seed=0, strict=True)
+    assert spans(source, 3, 9) == [(3, 4), (4, 5), (5, 8), (8, 9)]
+    assert spans(source, 5, 8) == [(5, 8)]
+
+
+def test_a_target_that_changes_the_model_is_caught(tiny_store):
+    @obs.target
+    def meddling(model, data):
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+        return model(torch.as_tensor(data.probe_tokens)).logits.mean()
+
+    with pytest.raises(StoreError, match="differ from the stored checkpoint"):
+        obs.attribute(tiny_store, size="l2-d16", seed=0, start=2, stop=4, target=meddling)
+    assert (
+        obs.store.analyses(FamilyStore(tiny_store).run("l2-d16", 0), kind=obs.store.ATTRIBUTION)
+        == []
+    )
+
+
+@pytest.mark.slow
+def test_results_are_identical_in_process_and_on_1_and_2_workers(tiny_store):
+    def run(workers):
+        return obs.attribute(
+            tiny_store,
+            size="l2-d16",
+            seed=0,
+            start=3,
+            stop=11,
+            target="induction_score",
+            options={"layer": 1, "head": 1},
+            per_example=True,
+            workers=workers,
+        )
+
+    here, one, two = run(0), run(1), run(2)
+    for other in (one, two):
+        for name in here.data_vars:
+            assert here[name].values.tobytes() == other[name].values.tobytes(), name
