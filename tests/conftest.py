@@ -298,7 +298,7 @@ def trained_tiny_attn_only(tmp_path_factory) -> tuple[RunSpec, Path]:
 BRANCH_FORK = 7  # no checkpoint of the tiny schedule: the fork's state comes from a replay
 BRANCH_JOB = """\
 store = "{store}"
-analyses = ["head_scores", "icl"]
+analyses = ["head_scores", "icl", "token_loss"]
 
 [probe]
 n_sequences = 3

@@ -115,19 +115,20 @@ def load_branches(
     if not bool((both["branch"] != "").any()):
         return None
     names = [n for n, v in both.data_vars.items() if n == "loss" or "analysis" in v.attrs]
-    both = both[names].load().drop_indexes(["seed", "branch"])
-    seeds_of = both["seed"].values
-    rows = [i for i, name in enumerate(both["branch"].values) if name]
-    parents = [
-        int(np.flatnonzero((seeds_of == seeds_of[i]) & (both["branch"] == ""))[0]) for i in rows
-    ]
+    both = both[names].load().drop_indexes(["run", "seed", "branch"])
+    seeds_of, names_of = both["seed"].values, both["branch"].values
+    rows = np.flatnonzero(names_of != "")
+    parents = [int(np.flatnonzero((seeds_of == seeds_of[i]) & (names_of == ""))[0]) for i in rows]
     branches = both.isel(run=rows)
-    parent = both.isel(run=parents)
-    before = branches["step"] < branches["fork"]
-    for name in names:
-        if "step" in both[name].dims:  # results before the fork are the parent's
-            filled = xr.where(before, parent[name], branches[name], keep_attrs=True)
-            branches[name] = filled.transpose(*branches[name].dims)
+    before = (both["step"].values[None, :] < branches["fork"].values[:, None])[:, :, None]
+    for name in names:  # results before the fork are the parent's: the branch has none there
+        values = branches[name]
+        if values.dims[:2] != ("run", "step"):
+            continue
+        parent = both[name].isel(run=parents).values
+        shape = (*before.shape[:2], -1)
+        filled = np.where(before, parent.reshape(shape), values.values.reshape(shape))
+        branches[name] = values.copy(data=filled.reshape(values.shape))
     records = [
         family.run(size, int(seeds_of[i]), str(both["branch"].values[i])).branch for i in rows
     ]

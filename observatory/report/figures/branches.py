@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from matplotlib.figure import Figure
 
 from observatory.report.figures import common
@@ -67,4 +66,3 @@ def _score_panel(ax, one, parent, row, fork: int) -> None:
     ax.axvline(fork, color="k", ls=":", lw=1, label="fork")
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel(f"induction score, {row['best_head']}")
-    ax.set_ylim(bottom=min(0.0, float(np.nanmin(own.values, initial=0.0))))
