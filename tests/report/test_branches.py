@@ -43,7 +43,7 @@ def test_summary_shows_each_branch_with_its_fork_and_intervention(analysed_branc
         same["final_loss_delta"] == 0.0 and same["best_head"] == result.per_seed.loc[0, "best_head"]
     )
     assert "seed0/no-prev" in str(result) and "ablate_heads L0H1" in result.to_markdown()
-    records = json.loads(json.dumps(result.to_dict()))["branches"]
+    records = json.loads(json.dumps(result.to_dict(), allow_nan=False))["branches"]
     assert [r["branch"] for r in records] == ["seed0/no-prev", "seed0/same"]
 
 
