@@ -295,6 +295,43 @@ def trained_tiny_attn_only(tmp_path_factory) -> tuple[RunSpec, Path]:
     return spec, store
 
 
+BRANCH_FORK = 7  # no checkpoint of the tiny schedule: the fork's state comes from a replay
+BRANCH_JOB = """\
+store = "{store}"
+analyses = ["head_scores", "icl", "token_loss"]
+
+[probe]
+n_sequences = 3
+
+[held_out]
+n_sequences = 6
+
+[execution]
+block_size = 16
+workers = 1
+"""
+
+
+@pytest.fixture(scope="session")
+def analysed_branches(tmp_path_factory) -> tuple[Path, object]:
+    """The tiny family's seed 0 with two branches forked at :data:`BRANCH_FORK` (``no-prev``:
+    head L0H1 zero-ablated; ``same``: no intervention), analysed; the store and the job's
+    :class:`~observatory.jobs.analyze.JobReport`."""
+    from observatory.jobs.analyze import run_analysis
+    from observatory.jobs.job_spec import load_analysis_spec
+    from observatory.train import Intervention, train_branch, train_family
+
+    directory = tmp_path_factory.mktemp("branches")
+    spec = load_run_spec(write_spec(directory))
+    store = train_family(spec, store=directory / "tiny.zarr", seeds=[0], progress=False)
+    run = {"size": "l2-d16", "seed": 0, "at": BRANCH_FORK, "progress": False, "store": store}
+    train_branch(spec, name="no-prev", intervention=Intervention(ablate_heads=((0, 1),)), **run)
+    train_branch(spec, name="same", **run)
+    job = directory / "job.toml"
+    job.write_text(BRANCH_JOB.format(store=store))
+    return store, run_analysis(load_analysis_spec(job), progress=False)
+
+
 # A tiny text family: Python-like files, a BPE of 300 tokens, windows of 16 tokens.
 TEXT_CORPUS = {
     "a.py": "def add(a, b):\n    return a + b\n\n" * 30,

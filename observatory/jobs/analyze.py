@@ -30,6 +30,7 @@ from observatory.errors import AnalysisError, SpecError, StoreError
 from observatory.jobs.cluster import dask_client
 from observatory.jobs.job_spec import AnalysisSpec, HeldOutSpec, ProbeSpec
 from observatory.jobs.resolve import Configured, check_names, configure, resolve
+from observatory.jobs.selection import with_branches
 from observatory.spec import DataSpec, RunId, RunSpec
 
 # --------------------------------------------------------------------------------------------
@@ -179,12 +180,14 @@ def analyse_block(
     # threads slow everything down.
     torch.set_num_threads(1)
     analyses = [resolve(task.ref, task.source) for task in tasks]
-    models = models_at(store, size=run.size, seed=run.seed, steps=steps)
+    models = models_at(store, size=run.size, seed=run.seed, steps=steps, branch=run.branch)
     return run_tasks(tasks, analyses, models, data, run.path)
 
 
-def select_runs(spec: AnalysisSpec, runs: list[RunId]) -> list[RunId]:
-    """The job's runs among those present; a clear error if a named size or seed is absent."""
+def select_runs(spec: AnalysisSpec, family) -> list[RunId]:
+    """The job's runs among the store's, each followed by its branches if the job asks for
+    them; a clear error if a named size or seed is absent."""
+    runs = family.runs()
     sizes = {r.size for r in runs}
     seeds = {r.seed for r in runs}
     for size in spec.sizes:
@@ -193,20 +196,22 @@ def select_runs(spec: AnalysisSpec, runs: list[RunId]) -> list[RunId]:
     for seed in spec.seeds:
         if seed not in seeds:
             raise SpecError(f"seeds: no seed {seed} in the store (seeds: {sorted(seeds)})")
-    return [
-        r
+    selected = [
+        family.run(r.size, r.seed)
         for r in runs
         if (not spec.sizes or r.size in spec.sizes) and (not spec.seeds or r.seed in spec.seeds)
     ]
+    return [reader.run for reader in (with_branches(selected) if spec.branches else selected)]
 
 
 def select_steps(spec: AnalysisSpec, reader) -> list[int]:
-    """The job's checkpoint steps among a run's committed ones.
+    """The job's checkpoint steps among a run's own committed ones (a branch's from its fork
+    on: the earlier ones are its parent's results).
 
     Explicit ``steps`` that are not committed checkpoints of the run are a :class:`SpecError`
     listing the committed ones (nothing would be analysed for them).
     """
-    committed = [int(s) for s in reader.steps()]
+    committed = [int(s) for s in reader.own_steps()]
     for step in spec.steps:
         try:
             reader.checkpoint_index(step)
@@ -255,11 +260,11 @@ def _prepare(family, spec: AnalysisSpec, configured, runs, data: SharedData, rec
     from observatory.store import AnalysisWriter
 
     wanted = {  # checked for every run before any work
-        run.path: select_steps(spec, family.run(run.size, run.seed)) for run in runs
+        run.path: select_steps(spec, family.run(run.size, run.seed, run.branch)) for run in runs
     }
     work, skipped = [], 0
     for run in runs:
-        reader = family.run(run.size, run.seed)
+        reader = family.run(run.size, run.seed, run.branch)
         tasks = tasks_for(configured, size_dims(family.spec, run.size, data))
         writers = {}
         for c, task in zip(configured, tasks, strict=True):
@@ -291,7 +296,7 @@ def taken_names(family, runs: Sequence[RunId], job: Collection[str]) -> dict[str
 
     taken: dict[str, str] = {}
     for run in runs:
-        reader = family.run(run.size, run.seed)
+        reader = family.run(run.size, run.seed, run.branch)
         arrays = lazy_arrays(reader)
         arrays |= views(arrays, architecture=family.spec.model.architecture)
         for name, array in arrays.items():
@@ -343,7 +348,7 @@ def run_analysis(
 
     family = FamilyStore(spec.store, mode="r+")
     configured = configure(spec.analyses, spec.options)
-    runs = select_runs(spec, family.runs())
+    runs = select_runs(spec, family)
     check_names(configured, taken_names(family, runs, {c.name for c in configured}))
     data = shared_data(family.spec, spec.probe, spec.held_out, corpus=stored_corpus(family))
     work, skipped = _prepare(family, spec, configured, runs, data, recompute)

@@ -65,6 +65,8 @@ class AnalysisSpec:
     ``analyses`` names built-ins, ``"package.module:name"`` or ``"file.py:name"`` (a relative
     file is relative to the job file when loaded from one, else to the current directory);
     ``options`` maps an analysis name to its option table (the job file's ``[<name>]``).
+    ``branches``: also analyse the branches of the selected runs, their own checkpoints only
+    (those before a fork are the parent's, analysed with the parent).
     """
 
     store: str
@@ -73,6 +75,7 @@ class AnalysisSpec:
     seeds: tuple[int, ...] = ()  # empty: every seed
     steps: tuple[int, ...] = ()  # empty: every committed checkpoint
     every: int = 1  # take every n-th checkpoint (after `steps`)
+    branches: bool = True  # also each selected run's branches, from their forks on
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     held_out: HeldOutSpec = field(default_factory=HeldOutSpec)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)

@@ -13,6 +13,7 @@ def select_readers(
     *,
     sizes: Collection[str] | None = None,
     seeds: Collection[int] | None = None,
+    branches: bool = False,
 ) -> list[RunReader]:
     """Readers of the store's runs of the given sizes and seed indices, in store order.
 
@@ -22,6 +23,8 @@ def select_readers(
         The store.
     sizes, seeds
         Size names and seed indices (default: all in the store).
+    branches
+        Also the branches of each selected run, after it (see :func:`with_branches`).
 
     Raises
     ------
@@ -36,4 +39,20 @@ def select_readers(
         if not any(run.seed == seed for run in selected):
             there = sorted({run.seed for run in selected})
             raise StoreError(f"{family.path}: no seed {seed} (seeds: {there})")
-    return [family.run(r.size, r.seed) for r in selected if seeds is None or r.seed in seeds]
+    readers = [family.run(r.size, r.seed) for r in selected if seeds is None or r.seed in seeds]
+    return with_branches(readers) if branches else readers
+
+
+def with_branches(readers: Collection[RunReader]) -> list[RunReader]:
+    """Each run's reader followed by the readers of its branches (in name order)."""
+    return [
+        found
+        for reader in readers
+        for found in [
+            reader,
+            *(
+                reader.family.run(reader.run.size, reader.run.seed, name)
+                for name in reader.family.branches(reader.run.size, reader.run.seed)
+            ),
+        ]
+    ]

@@ -91,11 +91,7 @@ def verify_store(
         If the store, a size or a seed does not exist.
     """
     family = FamilyStore(path)
-    readers = [
-        branch
-        for reader in select_readers(family, sizes=sizes, seeds=seeds)
-        for branch in [reader, *_branches(reader)]
-    ]
+    readers = select_readers(family, sizes=sizes, seeds=seeds, branches=True)
     if not quick:
         from observatory.train.replay import REPLAY_NEEDS
 
@@ -118,12 +114,6 @@ def verify_store(
                 failure=old.failure or failure,
             )
     return list(verdicts.values())
-
-
-def _branches(reader: RunReader) -> list[RunReader]:
-    """Readers of a run's branches (verified like runs, their own steps replayed)."""
-    family, run = reader.family, reader.run
-    return [family.run(run.size, run.seed, name) for name in family.branches(run.size, run.seed)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrained
 
 
 def models_at(
-    path: str | Path, *, size: str, seed: int, steps: Sequence[int]
+    path: str | Path, *, size: str, seed: int, steps: Sequence[int], branch: str = ""
 ) -> Iterator[tuple[int, PreTrainedModel]]:
     """The model of one run at each of several checkpoints, for scoring them in turn.
 
@@ -68,13 +68,15 @@ def models_at(
         The run: its family store, size name and seed index.
     steps
         Committed checkpoint steps, best close together (they share chunks).
+    branch
+        A branch of the run instead (see :func:`~observatory.query.open_run`).
 
     Yields
     ------
     tuple of (int, transformers.PreTrainedModel)
         The step and the model (eval mode) with that step's weights.
     """
-    reader = FamilyStore(path).run(size, seed)
+    reader = FamilyStore(path).run(size, seed, branch)
     steps = arguments.indices(steps, "steps")
     stacked = reader.parameters_for(steps)
     model = _empty_model(reader).eval()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from observatory.report import tables
 from observatory.report.registry import ReportFigure, Section
+from observatory.report.summary import BRANCHES_NOTE
 from observatory.report.text import text_html
 
 ATTENTION_FIGURE = "attention_patterns"  # a text family's text goes under it
@@ -74,6 +75,11 @@ def _size_html(section: Section, figures: list[Drawn], heading: str | None) -> l
         parts += [
             f"<p class='note'>{html.escape(result.variance_note)}.</p>",
             tables.variance_text(result.variance).to_html(index=False, border=0),
+        ]
+    if len(result.branches):
+        parts += [
+            f"<{sub}>Branches</{sub}><p class='note'>{html.escape(BRANCHES_NOTE)}.</p>",
+            tables.branch_text(result.branches).to_html(index=False, border=0),
         ]
     if section.alignment is not None:
         parts += _alignment_html(section, sub)

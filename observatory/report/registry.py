@@ -47,6 +47,9 @@ class Section:
     text
         A text family's held-out text and the tokens that gain most across the loss bump
         (None for token ids).
+    branches
+        The branches of the seeds, as from
+        :func:`~observatory.report.results.load_branches` (None: no branches).
     """
 
     ds: xr.Dataset
@@ -55,6 +58,7 @@ class Section:
     alignment: SeedAlignment | None
     transformer_lens: bool
     text: TextExamples | None = None
+    branches: xr.Dataset | None = None
 
 
 @dataclass(frozen=True, eq=False)

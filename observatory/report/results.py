@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from observatory.query import open_family, resolve_size
@@ -80,6 +82,67 @@ def load_results(
     return ds
 
 
+def load_branches(
+    path: str | Path, *, size: str | None = None, seeds: list[int] | None = None
+) -> xr.Dataset | None:
+    """The per-step loss and analysis results of the branches of one size's runs, in memory.
+
+    A branch's checkpoints before its fork are its parent's, and so are their results (the
+    analysis job analyses a branch from its fork on): they are read from the parent, so each
+    branch has its whole trajectory.
+
+    Parameters
+    ----------
+    path, size, seeds
+        As in :func:`load_results`: the branches of these runs.
+
+    Returns
+    -------
+    xarray.Dataset or None
+        ``loss[branch, train_step]`` and the analyses' variables with a leading ``branch`` dim
+        labelled ``"seed0/no-prev"``, with the coordinates ``seed`` (the parent's), ``fork``,
+        ``intervention`` (the stored JSON) and ``intervention_sha256`` on it; None when the
+        runs have no branches.
+
+    Raises
+    ------
+    StoreError
+        If the store, size or a seed does not exist.
+    """
+    family = FamilyStore(path)
+    size = resolve_size(family, size)
+    both = open_family(path, size=size, seeds=seeds, branches=True)
+    if not bool((both["branch"] != "").any()):
+        return None
+    names = [n for n, v in both.data_vars.items() if n == "loss" or "analysis" in v.attrs]
+    both = both[names].load().drop_indexes(["run", "seed", "branch"])
+    seeds_of, names_of = both["seed"].values, both["branch"].values
+    rows = np.flatnonzero(names_of != "")
+    parents = [int(np.flatnonzero((seeds_of == seeds_of[i]) & (names_of == ""))[0]) for i in rows]
+    branches = both.isel(run=rows)
+    before = (both["step"].values[None, :] < branches["fork"].values[:, None])[:, :, None]
+    for name in names:  # results before the fork are the parent's: the branch has none there
+        values = branches[name]
+        if values.dims[:2] != ("run", "step"):
+            continue
+        parent = both[name].isel(run=parents).values
+        shape = (*before.shape[:2], -1)
+        filled = np.where(before, parent.reshape(shape), values.values.reshape(shape))
+        branches[name] = values.copy(data=filled.reshape(values.shape))
+    records = [
+        family.run(size, int(seeds_of[i]), str(both["branch"].values[i])).branch for i in rows
+    ]
+    labels = [f"seed{int(seeds_of[i])}/{both['branch'].values[i]}" for i in rows]
+    branches = branches.rename(run="branch_run").drop_vars("branch")
+    branches = branches.rename(branch_run="branch").assign_coords(
+        branch=labels,
+        intervention=("branch", [json.dumps(r["intervention"], sort_keys=True) for r in records]),
+        intervention_sha256=("branch", [r["intervention_sha256"] for r in records]),
+    )
+    branches.attrs = {"store": str(family.path), "size": size}
+    return branches
+
+
 def _control_loss(path, family: FamilyStore, control: str, ds: xr.Dataset) -> xr.DataArray:
     """``control_loss[seed, train_step]``: the control size's per-step loss on the same batches
     (NaN where the control run of a seed is not trained)."""
@@ -104,8 +167,8 @@ def summary(
 ) -> Summary:
     """Circuit formation per seed and across seeds of one size of a family store (``obs.summary``).
 
-    Loads the results (:func:`load_results`) and returns
-    :func:`~observatory.report.summary.summarize` of them; see there for the columns.
+    Loads the results (:func:`load_results`) and the branches' (:func:`load_branches`) and
+    returns :func:`~observatory.report.summary.summarize` of them; see there for the columns.
 
     Parameters
     ----------
@@ -120,4 +183,7 @@ def summary(
         If the store, size or a seed does not exist, or nothing was analysed.
     """
     ds = load_results(path, size=size, seeds=seeds, require=SUMMARY_REQUIRED)
-    return summarize(ds, threshold=threshold, include_incomplete=include_incomplete)
+    branches = load_branches(path, size=ds.attrs["size"], seeds=seeds)
+    return summarize(
+        ds, threshold=threshold, include_incomplete=include_incomplete, branches=branches
+    )

@@ -13,7 +13,7 @@ compares the seeds with linear CKA.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -120,6 +120,9 @@ class Summary:
     parameters
         Conventions and detection parameters (emergence rule, bump method, ICL positions,
         final loss, interval), and under ``"analyses"`` the parameters each analysis recorded.
+    branches
+        One row per branch of the seeds (index ``branch``, e.g. ``"seed0/no-prev"``); see
+        :func:`branch_table`. Empty without branches.
     """
 
     store: str
@@ -130,6 +133,7 @@ class Summary:
     across_seeds: pd.DataFrame
     variance: pd.DataFrame
     parameters: dict[str, Any]
+    branches: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The per-seed and cross-seed tables as formatted text, for display."""
@@ -173,6 +177,8 @@ class Summary:
         sections = [("per seed:", per_seed), (self.across_note, across)]
         if len(self.variance):
             sections.append((self.variance_note + ":", tables.variance_text(self.variance)))
+        if len(self.branches):
+            sections.append((BRANCHES_NOTE + ":", tables.branch_text(self.branches)))
         return sections
 
     def __str__(self) -> str:
@@ -202,6 +208,7 @@ class Summary:
                 "per_seed": per_seed.to_dict(orient="records"),
                 "across_seeds": self.across_seeds.astype(object).to_dict(orient="index"),
                 "variance_split": self.variance.astype(object).to_dict(orient="index"),
+                "branches": self.branches.reset_index().astype(object).to_dict(orient="records"),
             }
         )
 
@@ -212,6 +219,7 @@ def summarize(
     seeds: list[int] | None = None,
     threshold: float | None = None,
     include_incomplete: bool = False,
+    branches: xr.Dataset | None = None,
 ) -> Summary:
     """Summarise circuit formation per seed and across the seeds of one size of a family.
 
@@ -264,6 +272,9 @@ def summarize(
     include_incomplete
         Keep incomplete runs in the cross-seed statistics (they are always in the per-seed
         table, marked).
+    branches
+        The branches of the seeds, as from :func:`~observatory.report.results.load_branches`:
+        summarised beside their parents in ``Summary.branches`` (see :func:`branch_table`).
 
     Returns
     -------
@@ -309,6 +320,9 @@ def summarize(
         per_seed=per_seed,
         across_seeds=across_seeds(per_seed),
         variance=variance_table(per_seed),
+        branches=branch_table(
+            branches, per_seed, threshold=threshold, attrs=ds.attrs, include_incomplete=True
+        ),
         parameters={
             "induction_score_convention": recorded.get("score_convention"),
             "emergence_rule": EMERGENCE_RULE,
@@ -468,6 +482,73 @@ def _seed_row(
     if np.isfinite(midpoint):
         row["jump_in_bump"] = bump.start_step <= midpoint <= bump.end_step
     return row | _icl_columns(one["icl_score"], bump)
+
+
+BRANCHES_NOTE = (
+    "branches beside their parents (delta: branch minus parent; results before the fork are "
+    "the parent's)"
+)
+BRANCH_DELTAS = ("emergence_crossing_step", "emergence_midpoint_step", "final_loss")
+
+
+def branch_table(
+    branches: xr.Dataset | None,
+    per_seed: pd.DataFrame,
+    *,
+    threshold: float,
+    attrs: dict[str, Any],
+    include_incomplete: bool = True,
+) -> pd.DataFrame:
+    """One row per branch, summarised like a seed and set against its parent's row.
+
+    Columns: ``parent`` (``"seed0"``), ``fork``, ``intervention`` (its JSON), the columns of a
+    seed's row of :func:`summarize` computed on the branch's whole trajectory, ``<q>_delta``
+    (branch minus parent) for each quantity of :data:`BRANCH_DELTAS`, and
+    ``parent_head_peak``: the peak induction score in the branch of the parent's best head.
+
+    Parameters
+    ----------
+    branches
+        As from :func:`~observatory.report.results.load_branches` (None: no branches).
+    per_seed
+        ``Summary.per_seed`` of the parents.
+    threshold
+        Induction score at which a head counts as formed (the parents').
+    attrs
+        The results' attributes (``warmup_steps``, ``step`` tokens) the parents were summarised
+        with.
+    include_incomplete
+        As in :func:`summarize` (an incomplete branch is summarised where it stopped).
+    """
+    if branches is None or not branches.sizes.get("branch"):
+        return pd.DataFrame()
+    branches = branches.assign_attrs(attrs)
+    per_token = tokens_per_step(branches)
+    rows = []
+    for label in branches["branch"].values:
+        one = branches.sel(branch=label)
+        seed = int(one["seed"])
+        row = _seed_row(
+            one,
+            threshold=threshold,
+            tokens_per_step=per_token,
+            include_incomplete=include_incomplete,
+        )
+        parent = per_seed.loc[seed] if seed in per_seed.index else None
+        row |= {"branch": str(label), "parent": f"seed{seed}", "fork": int(one["fork"])}
+        row["intervention"] = str(one["intervention"].values)
+        for name in BRANCH_DELTAS:
+            row[f"{name}_delta"] = row[name] - parent[name] if parent is not None else math.nan
+        row["parent_head_peak"] = math.nan
+        if parent is not None and parent["best_layer"] >= 0:
+            head = one["induction_score"].sel(
+                layer=parent["best_layer"], head=parent["best_head_in_layer"]
+            )
+            row["parent_head_peak"] = float(head.max()) if bool(head.notnull().any()) else math.nan
+        rows.append(row)
+    first = ["parent", "fork", "intervention"]
+    table = pd.DataFrame(rows).drop(columns="seed").set_index("branch")
+    return table[first + [c for c in table.columns if c not in first]]
 
 
 def _icl_columns(icl: xr.DataArray, bump) -> dict[str, float]:

@@ -6,6 +6,7 @@ computed (``Summary.per_seed``, ``across_seeds``, ``variance``) for people and f
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -101,6 +102,43 @@ def _mean_ci(row: pd.Series, digits: int) -> str:
     if np.isfinite(row["ci_low"]):
         text += f" [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
     return f"{text} (n = {int(row['n'])})"
+
+
+def branch_text(branches: pd.DataFrame) -> pd.DataFrame:
+    """``Summary.branches`` as formatted text, one row per branch."""
+    return pd.DataFrame(
+        [
+            {
+                "branch": label,
+                "fork": str(row["fork"]),
+                "intervention": intervention_text(row["intervention"]),
+                "best head (peak)": (
+                    f"{row['best_head']} ({row['best_head_peak']:.2f})" if row["best_head"] else "-"
+                ),
+                "parent's head peak": _fmt(row["parent_head_peak"], 2),
+                "midpoint step (delta)": f"{_fmt(row['emergence_midpoint_step'], 1)} "
+                f"({_fmt(row['emergence_midpoint_step_delta'], 1)})",
+                "final loss (delta)": f"{_fmt(row['final_loss'], 3)} "
+                f"({_fmt(row['final_loss_delta'], 3)})",
+            }
+            for label, row in branches.iterrows()
+        ]
+    )
+
+
+def intervention_text(record: str) -> str:
+    """A stored intervention (JSON) in a few words: what it changes, ``"none"`` if nothing."""
+    changed = {key: value for key, value in json.loads(record).items() if value not in (None, [])}
+    if not changed.get("ablate_heads"):
+        changed.pop("ablation", None)
+    changed.pop("drop_predicate_sha256", None)
+    if "drop_windows" in changed:
+        changed["drop_windows"] = f"{len(changed['drop_windows'])} windows"
+    heads = ("ablate_heads", "freeze_heads")
+    for key in heads:
+        if key in changed:
+            changed[key] = ",".join(f"L{layer}H{head}" for layer, head in changed[key])
+    return "; ".join(f"{key} {value}" for key, value in sorted(changed.items())) or "none"
 
 
 def _seed_cells(seed: int, row: pd.Series) -> dict[str, str]:

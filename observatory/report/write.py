@@ -14,7 +14,7 @@ from observatory.report import interactive, tables
 from observatory.report.figures import FIGURES
 from observatory.report.page import Drawn, html_page
 from observatory.report.registry import ReportFigure, Section, collect, user_figures
-from observatory.report.results import load_results
+from observatory.report.results import load_branches, load_results
 from observatory.report.summary import (
     Summary,
     check_results,
@@ -75,7 +75,8 @@ def write_report(
         then ``report_interactive.html`` (plotly, plotly.js embedded: works offline), then per
         size the PNG figures (see :data:`~observatory.report.figures.FIGURES`; those without
         data are skipped), ``summary.csv`` (per seed), ``summary_across_seeds.csv``,
-        ``summary.json`` and, with several sizes, ``sizes.csv``.
+        ``summary.json``, ``branches.csv`` (where the runs have branches) and, with several sizes,
+        ``sizes.csv``.
 
     Raises
     ------
@@ -93,8 +94,9 @@ def write_report(
             include_incomplete=include_incomplete,
             transformer_lens=transformer_lens,
             models=not isinstance(path, xr.Dataset),
+            branches=branches,
         )
-        for ds in _datasets(path, sizes, seeds)
+        for ds, branches in _datasets(path, sizes, seeds)
     ]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,18 +127,25 @@ def write_report(
 
 def _datasets(
     path: str | Path | xr.Dataset, sizes: list[str] | None, seeds: list[int] | None
-) -> list[xr.Dataset]:
+) -> list[tuple[xr.Dataset, xr.Dataset | None]]:
+    """Each size's results and its branches' (None: a dataset given, or no branches)."""
     if isinstance(path, xr.Dataset):
-        return [path if seeds is None else path.sel(seed=seeds)]
+        return [(path if seeds is None else path.sel(seed=seeds), None)]
     from observatory.store import FamilyStore
 
     return [
-        load_results(path, size=size, seeds=seeds) for size in sizes or FamilyStore(path).sizes()
+        (load_results(path, size=size, seeds=seeds), load_branches(path, size=size, seeds=seeds))
+        for size in sizes or FamilyStore(path).sizes()
     ]
 
 
 def _section(
-    ds: xr.Dataset, *, include_incomplete: bool, transformer_lens: bool, models: bool = False
+    ds: xr.Dataset,
+    *,
+    include_incomplete: bool,
+    transformer_lens: bool,
+    models: bool = False,
+    branches: xr.Dataset | None = None,
 ) -> Section:
     """What the figures of one size draw on (``models``: the store's models can be read)."""
     check_results(ds, REQUIRED)
@@ -146,7 +155,7 @@ def _section(
             f"{where}: no TransformerLens-convention scores ({TL_SCORES}) to draw; run the "
             "head_scores analysis with transformer_lens_too = true (the default)"
         )
-    result = summarize(ds, include_incomplete=include_incomplete)
+    result = summarize(ds, include_incomplete=include_incomplete, branches=branches)
     drawn = result.per_seed.index[~result.per_seed["left_out"].isin(NOT_DRAWN)]
     ds = ds.sel(seed=list(drawn))
     used = [int(seed) for seed in result.per_seed.index[result.per_seed["left_out"] == ""]]
@@ -157,6 +166,7 @@ def _section(
         alignment=seed_alignment(ds, used) if len(used) > 1 else None,
         transformer_lens=transformer_lens,
         text=_text(ds, result, used) if models else None,
+        branches=branches,
     )
 
 
@@ -206,4 +216,7 @@ def _write_tables(result: Summary, out: Path) -> list[Path]:
     result.per_seed.to_csv(written[0])
     result.across_seeds.to_csv(written[1], index_label="quantity")
     written[2].write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    if len(result.branches):
+        written.append(out / "branches.csv")
+        result.branches.to_csv(written[-1])
     return written

@@ -244,6 +244,11 @@ class RunReader:
         # that do not know the markers.
         return np.array(self.attrs["schedule"][: self.n_checkpoints], dtype=np.int64)
 
+    def own_steps(self) -> np.ndarray:
+        """Committed checkpoint steps this run holds itself: a branch's from its fork on (the
+        ones before are its parent's), every one of a run."""
+        return self.steps()[self._own_from.get("step", 0) :]
+
     def tokens_seen(self) -> np.ndarray:
         return self.read(self.array("tokens_seen"), slice(0, self.n_checkpoints))
 

@@ -7,12 +7,12 @@ import xarray as xr
 from observatory.analysis import attention_patterns, head_scores
 from observatory.cli import main
 from observatory.errors import SpecError
-from observatory.jobs.analyze import run_analysis, shared_data
+from observatory.jobs.analyze import run_analysis, select_runs, shared_data
 from observatory.jobs.compute import compute
 from observatory.jobs.job_spec import ProbeSpec, load_analysis_spec
 from observatory.query import model_at, open_family
 from observatory.store import FamilyStore, analysis_arrays, analysis_group
-from tests.conftest import dask_processes
+from tests.conftest import BRANCH_FORK, dask_processes
 
 JOB = """\
 store = "{store}"
@@ -425,3 +425,43 @@ def test_non_finite_results_are_refused_unless_declared_then_stored_as_analysed(
         row = values.sel(step=step).values
         expected = [np.nan, -np.inf] if step in covered else [np.nan, np.nan]
         np.testing.assert_array_equal(row, expected)
+
+
+def test_branches_are_analysed_from_their_fork_into_their_own_group(analysed_branches):
+    store, report = analysed_branches
+    family = FamilyStore(store)
+    parent, same = family.run("l2-d16", 0), family.run("l2-d16", 0, "same")
+    assert report.runs == (
+        "l2-d16/seed0",
+        "l2-d16/seed0/branches/no-prev",
+        "l2-d16/seed0/branches/same",
+    )
+    own = same.own_steps()
+    assert own[0] == BRANCH_FORK and set(same.steps()) - set(own) == {
+        s for s in parent.steps() if s < BRANCH_FORK
+    }
+    for name in ("no-prev", "same"):
+        steps, _ = analysis_arrays(family.run("l2-d16", 0, name), "head_scores")
+        assert list(steps) == list(own)  # the checkpoints before the fork are the parent's
+    # an empty intervention: the parent's values at every step both have, bit for bit
+    steps, branch = analysis_arrays(same, "head_scores")
+    parent_steps, values = analysis_arrays(parent, "head_scores")
+    shared = [s for s in steps if s in parent_steps]
+    assert len(shared) >= 3
+    for key in ("induction_score", "previous_token_score"):
+        got = branch[key][:][[list(steps).index(s) for s in shared]]
+        expected = values[key][:][[list(parent_steps).index(s) for s in shared]]
+        assert got.tobytes() == expected.tobytes(), key
+    ablated = analysis_arrays(family.run("l2-d16", 0, "no-prev"), "head_scores")[1]
+    last = ablated["induction_score"][:][-1]
+    assert not np.array_equal(last, values["induction_score"][:][-1])
+
+
+def test_a_job_can_leave_branches_out(analysed_branches, tmp_path):
+    store, _ = analysed_branches
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    job = write_job(tmp_path, copy, JOB.replace("[probe]", "branches = false\n\n[probe]"))
+    spec = load_analysis_spec(job)
+    assert not spec.branches
+    assert [r.path for r in select_runs(spec, FamilyStore(copy))] == ["l2-d16/seed0"]

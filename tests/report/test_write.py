@@ -23,8 +23,15 @@ def report(tmp_path_factory):
     return out, write_report(synthetic_results(), out)
 
 
-# the synthetic results have no tl_* scores, ablations, attention patterns or LLC estimates
-OPTIONAL = {"induction_heatmaps_tl.png", "head_ablation.png", "attention_patterns.png", "llc.png"}
+# the synthetic results have no tl_* scores, ablations, attention patterns, LLC estimates or
+# branches
+OPTIONAL = {
+    "induction_heatmaps_tl.png",
+    "head_ablation.png",
+    "attention_patterns.png",
+    "llc.png",
+    "branches.png",
+}
 DRAWN = set(FIGURES) - OPTIONAL
 
 
