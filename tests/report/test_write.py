@@ -23,14 +23,15 @@ def report(tmp_path_factory):
     return out, write_report(synthetic_results(), out)
 
 
-# the synthetic results have no tl_* scores, ablations, attention patterns, LLC estimates or
-# branches
+# the synthetic results have no tl_* scores, ablations, attention patterns, LLC estimates,
+# branches or control size
 OPTIONAL = {
     "induction_heatmaps_tl.png",
     "head_ablation.png",
     "attention_patterns.png",
     "llc.png",
     "branches.png",
+    "loss_against_control.png",
 }
 DRAWN = set(FIGURES) - OPTIONAL
 
