@@ -1,7 +1,8 @@
 """Training corpora and data order.
 
 - ``corpus.py``: :class:`Corpus` (a token stream cut into ``context``-token windows, read by
-  random access; the packing rule), :func:`build_corpus`, :func:`stored_corpus`;
+  random access; the packing rule), :func:`build_corpus`, :func:`stored_corpus`,
+  :func:`recorded_corpus`;
 - ``order.py``: the data order, :func:`batch_indices` (window indices of each step), and a
   branch's, :class:`BranchOrder`;
 - ``synthetic.py``: the induction corpus;
@@ -11,7 +12,13 @@
 - ``formats.py``: reading documents and token files.
 """
 
-from observatory.data.corpus import Corpus, build_corpus, data_record, stored_corpus
+from observatory.data.corpus import (
+    Corpus,
+    build_corpus,
+    data_record,
+    recorded_corpus,
+    stored_corpus,
+)
 from observatory.data.order import (
     BRANCH_ORDER_RULE,
     DATA_ORDER_RULE,
@@ -29,5 +36,6 @@ __all__ = [
     "build_corpus",
     "data_order_fingerprint",
     "data_record",
+    "recorded_corpus",
     "stored_corpus",
 ]

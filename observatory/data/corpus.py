@@ -217,6 +217,14 @@ def stored_corpus(family: FamilyStore) -> Corpus:
     return corpus
 
 
+def recorded_corpus(family: FamilyStore) -> Corpus | None:
+    """:func:`stored_corpus` where the store records the corpus it was trained on; None where
+    it records none (ingested checkpoints): then only the spec says what the corpus was."""
+    if family.attrs["data"].get("fingerprint") is None:
+        return None
+    return stored_corpus(family)
+
+
 @lru_cache(maxsize=2)
 def _cached_corpus(
     data: DataSpec, context: int, vocab_size: int, tokenizer: TextTokenizer | None

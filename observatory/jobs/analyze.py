@@ -25,7 +25,7 @@ from observatory.analysis.protocol import (
     dim_sizes,
     resolve_variables,
 )
-from observatory.data import Corpus, build_corpus, stored_corpus
+from observatory.data import Corpus, build_corpus, recorded_corpus
 from observatory.errors import AnalysisError, SpecError, StoreError
 from observatory.jobs.cluster import dask_client
 from observatory.jobs.job_spec import AnalysisSpec, HeldOutSpec, ProbeSpec
@@ -42,7 +42,7 @@ def held_out_tokens(
 ) -> tuple[np.ndarray, str]:
     """Held-out sequences and a note of where they come from (stored as an attribute).
 
-    ``corpus`` is the training corpus (a store's :func:`~observatory.data.stored_corpus`,
+    ``corpus`` is the training corpus (a store's :func:`~observatory.data.recorded_corpus`,
     tokenized as it was trained); by default it is built from the spec.
     """
     context, vocab = run_spec.train.context, run_spec.model.vocab_size
@@ -350,7 +350,7 @@ def run_analysis(
     configured = configure(spec.analyses, spec.options)
     runs = select_runs(spec, family)
     check_names(configured, taken_names(family, runs, {c.name for c in configured}))
-    data = shared_data(family.spec, spec.probe, spec.held_out, corpus=stored_corpus(family))
+    data = shared_data(family.spec, spec.probe, spec.held_out, corpus=recorded_corpus(family))
     work, skipped = _prepare(family, spec, configured, runs, data, recompute)
     computed = 0
     if any(w.blocks for w in work):

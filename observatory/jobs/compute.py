@@ -75,7 +75,7 @@ def compute(
     """
     import xarray as xr
 
-    from observatory.data import stored_corpus
+    from observatory.data import recorded_corpus
     from observatory.jobs.selection import select_readers
     from observatory.query import models_at
     from observatory.store import FamilyStore
@@ -102,7 +102,7 @@ def compute(
     for step in wanted or []:
         if not any(step in reader.steps() for reader in runs):
             runs[0].checkpoint_index(step)  # the error lists the committed checkpoints
-    data = shared_data(family.spec, probe, held_out, corpus=stored_corpus(family))
+    data = shared_data(family.spec, probe, held_out, corpus=recorded_corpus(family))
     task = task_for(found, chosen, size_dims(family.spec, size, data))
     per_seed = []
     for reader in runs:

@@ -85,7 +85,7 @@ def text_examples(
     """
     from observatory.analysis.heads import attention_patterns
     from observatory.analysis.icl import icl_positions, token_losses
-    from observatory.data import stored_corpus
+    from observatory.data import recorded_corpus
     from observatory.jobs.analyze import held_out_tokens
     from observatory.query import models_at
     from observatory.query.tokenizer import window_decoder
@@ -96,7 +96,7 @@ def text_examples(
         decode = window_decoder(family)
     except StoreError:
         return None
-    windows, _ = held_out_tokens(family.spec, held_out, corpus=stored_corpus(family))
+    windows, _ = held_out_tokens(family.spec, held_out, corpus=recorded_corpus(family))
     windows = windows[:N_WINDOWS]
     losses, pattern = {}, None
     for step, model in models_at(store, size=size, seed=seed, steps=sorted({before, after})):
