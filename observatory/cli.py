@@ -46,6 +46,7 @@ typical session:
   observatory analyze analyses/induction.toml        # circuit-formation scores, on dask
   observatory report store/induction.zarr --out report/   # figures, HTML page, summary table
   observatory verify store/induction.zarr            # checksums, ledger, replay of every step
+  observatory transitions store/induction.zarr       # every group of tokens learned abruptly
   observatory attribute store/induction.zarr --size l2-d64 --seed 0 --start 250 --stop 350 \
       --target induction_score --option layer=1 --option head=2   # which updates built it
   observatory export store/induction.zarr --seed 0 --out hf/   # step<N>/ Hugging Face folders
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _analyze_parser(commands, options)
     _report_parser(commands, options)
     _verify_parser(commands, options)
+    _transitions_parser(commands, options)
     _attribute_parser(commands, options)
     _export_parser(commands, options)
     _ingest_parser(commands, options)
@@ -502,6 +504,63 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     checks = "checksums and ledger" if args.quick else "checksums, ledger and replay"
     print(f"verified {len(verdicts)} runs ({checks}): all checkpoints are the right ones")
     return 0
+
+
+def _transitions_parser(commands, options: _Options) -> None:
+    from observatory.report.transitions import TransitionOptions
+
+    parents = (options.store, options.selection)
+    transitions = _command(commands, "transitions", _cmd_transitions, *parents)
+    transitions.add_argument("--out", metavar="DIR", help="also write transitions.csv/.json")
+    defaults = TransitionOptions()
+    for name, kind, text in (
+        ("min_gain", float, "nats a token's loss must fall to count as learned"),
+        ("min_drop", float, "nats a group's mean loss must drop across its window"),
+        ("min_tokens", _positive_int, "the smallest group of tokens"),
+        ("min_overlap", float, "Jaccard overlap of the tokens of transitions matched"),
+    ):
+        transitions.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=getattr(defaults, name),
+            help=f"{text} (default {getattr(defaults, name)})",
+        )
+
+
+def _cmd_transitions(args: argparse.Namespace) -> None:
+    """Find every developmental transition of an analysed family, matched across seeds.
+
+    A transition is a group of held-out tokens learned at the same time whose mean loss drops
+    abruptly: each token's learning time is the step halfway from its first to its final loss
+    (per_token_loss results: run `observatory analyze` first); the learning times of each seed
+    are grouped by a Gaussian mixture (components by BIC) over log step, and a group is a
+    transition when the loss-bump change-point rule finds a steep drop in its mean loss.
+    Transitions of different seeds are matched by the overlap of their tokens. Prints, per
+    transition, the seeds it occurs in (universal: every seed), its window per seed with a
+    t-interval across seeds, the loss drop, the number of tokens, the heads whose scores change
+    in the window and example tokens in context; --out writes transitions.csv and .json.
+    """
+    from pathlib import Path
+
+    from observatory.report.transitions import (
+        TransitionOptions,
+        format_transitions,
+        transitions,
+        write_transitions,
+    )
+    from observatory.store import FamilyStore
+
+    options = TransitionOptions(
+        **_same_names(args, "min_gain", "min_drop", "min_tokens", "min_overlap")
+    )
+    sizes = args.sizes or FamilyStore(args.store).sizes()
+    for size in sizes:
+        table = transitions(args.store, size=size, seeds=args.seeds, options=options)
+        print(f"size {size}:")
+        print(format_transitions(table))
+        if args.out:
+            where = Path(args.out) / size if len(sizes) > 1 else Path(args.out)
+            _print_paths("wrote:", write_transitions(table, where))
 
 
 def _attribute_parser(commands, options: _Options) -> None:

@@ -244,6 +244,7 @@ class DataSpec:
     period_min: int = 8  # synthetic: each sequence repeats a random block of this many ...
     period_max: int = 32  # ... to this many tokens, drawn per sequence
     bigram_fraction: float = 0.0  # synthetic: fraction of sequences from a Markov-bigram chain
+    bigram_seed: int = 0  # synthetic: seed of the bigram table that every sequence shares
     paths: tuple[str, ...] = ()  # files or folders; "{stdlib}" is Python's stdlib, "~" home
     glob: str = "*"  # text: which files of a folder to read (searched recursively)
     exclude: tuple[str, ...] = ()  # text: paths in a folder to skip, e.g. "site-packages/*"

@@ -169,6 +169,22 @@ def token_loss_analysis(model, data: SharedData) -> dict[str, np.ndarray]:
     return {"token_loss": losses[np.arange(len(losses)), positions]}
 
 
+@analysis(
+    name="per_token_loss",
+    variables={"per_token_loss": ("held_out", "loss_position")},
+    attrs=lambda options, data: (
+        data.held_out_attrs
+        | {
+            "held_out_seed": data.held_out_seed,
+            "per_token_loss_convention": "per_token_loss[s, t]: loss of token t + 1 of sequence s",
+        }
+    ),
+)
+def per_token_loss_analysis(model, data: SharedData) -> dict[str, np.ndarray]:
+    """The loss of every token of every held-out sequence (the signal of ``transitions``)."""
+    return {"per_token_loss": token_losses(model, data.held_out_tokens)}
+
+
 # --------------------------------------------------------------------------------------------
 # Causal checks.
 
@@ -284,9 +300,10 @@ BUILTINS: dict[str, Analysis] = {
         copying_analysis,
         icl_analysis,
         token_loss_analysis,
+        per_token_loss_analysis,
         head_ablation_analysis,
         attention_patterns_analysis,
         llc_analysis,
     )
 }
-DEFAULT_ANALYSES = ("head_scores", "copying", "icl", "token_loss")
+DEFAULT_ANALYSES = ("head_scores", "copying", "icl", "token_loss", "per_token_loss")
