@@ -100,7 +100,8 @@ def token_rules(tokens: np.ndarray, spec: DataSpec, *, vocab_size: int) -> np.nd
         ``rule[sequence, loss_position]`` (int8, an index into :data:`RULES`) of the token each
         loss position predicts (``tokens[:, t + 1]``): ``bigram`` for the tokens of a bigram
         walk after its first; ``induction`` for the repeats of a block from the second repeated
-        token on (the first follows a token that has not occurred before); ``none`` for the
+        token on (the first follows a token that has not occurred before) unless the pair is
+        also in the bigram table; ``none`` for the
         tokens of a block's first occurrence that nothing predicts; ``mixed`` for the rest
         (the first token after BOS; first-block tokens that follow an earlier occurrence of
         their previous token, or form a pair of the bigram table: partly predictable).
@@ -119,6 +120,8 @@ def token_rules(tokens: np.ndarray, spec: DataSpec, *, vocab_size: int) -> np.nd
         if period is not None:
             rules[i, 1:period] = _first_block_rules(seq[:period], table)
             rules[i, period + 1 :] = RULES.index("induction")  # token t + 1 >= period + 2
+            pairs = np.any(table[seq[period:-1]] == seq[period + 1 :, None], axis=1)
+            rules[i, period + 1 :][pairs] = RULES.index("mixed")  # the bigram table helps too
         elif spec.bigram_fraction > 0:
             rules[i, 1:] = RULES.index("bigram")
         else:

@@ -10,6 +10,7 @@ from observatory.jobs.analyze import run_analysis
 from observatory.jobs.job_spec import AnalysisSpec, ExecutionSpec, HeldOutSpec
 from observatory.query import open_family
 from observatory.report.results import summary
+from observatory.report.transitions import transitions
 from observatory.spec import CheckpointSpec, SeedSpec, load_run_spec
 from observatory.train import train_family
 
@@ -27,7 +28,7 @@ def test_demo_family_shows_induction_heads_a_loss_bump_and_an_icl_benefit(tmp_pa
     store = train_family(spec, store=tmp_path / "demo.zarr", progress=False, workers=2)
     job = AnalysisSpec(
         store=str(store),
-        analyses=("head_scores", "icl", "head_ablation"),
+        analyses=("head_scores", "icl", "head_ablation", "per_token_loss"),
         held_out=HeldOutSpec(n_sequences=32),
         execution=ExecutionSpec(block_size=6, workers=2),
     )
@@ -73,3 +74,19 @@ def test_demo_family_shows_induction_heads_a_loss_bump_and_an_icl_benefit(tmp_pa
         after = float(icl.sel(step=bump.end_step, method="nearest"))
         assert after < before - 0.5, f"seed {seed}: ICL score {before:.2f} -> {after:.2f}"
         assert np.isfinite(icl.values).all()
+
+    # The induction transition, found without being looked for: one transition in every seed,
+    # matched across seeds, over the induction heads' emergence, with the layer-1 heads listed.
+    table = transitions(store)
+    per_seed_rows = table[table["universal"]]
+    assert len(per_seed_rows) >= 2, table.drop(columns="tokens")
+    found = []
+    for seed in ds["seed"].values:
+        induction = ds.sel(seed=seed)["induction_score"].sel(layer=1).max("head").values
+        midpoint = emergence(ds["step"].values, induction, threshold=0.5).midpoint_step
+        rows = per_seed_rows[per_seed_rows["seed"] == seed]
+        inside = rows[(rows["start_step"] <= midpoint) & (midpoint <= rows["end_step"])]
+        assert len(inside) == 1, (seed, midpoint, table.drop(columns="tokens"))
+        assert inside["components"].str.contains("L1H. induction", regex=True).all()
+        found.append(int(inside["transition"].iloc[0]))
+    assert len(set(found)) == 1  # the same transition in every seed
