@@ -15,6 +15,7 @@ _LAZY = {
     "observatory.query": "open open_run open_family head_weights model_at batch_at describe "
     "tokenizer",
     "observatory.report.results": "summary",
+    "observatory.report.transitions": "transitions",
     "observatory.jobs.compute": "compute",
     "observatory.train.replay": "replay",
     "observatory.interop.lens": "transformer_lens_at",

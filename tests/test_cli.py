@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,37 @@ def test_a_store_without_runs_takes_a_corrected_spec(tmp_path, capsys):
     assert main(["train", str(write_spec(tmp_path)), "--store", str(store)]) == 2
     assert "created by a different spec" in one_line_error(capsys)
     assert tree_bytes(store) == before
+
+
+def test_transitions_say_in_one_line_what_is_missing(trained_tiny, tmp_path, capsys):
+    from observatory.jobs.analyze import run_analysis
+    from observatory.jobs.job_spec import AnalysisSpec, ExecutionSpec
+
+    store = tmp_path / "tiny.zarr"
+    shutil.copytree(trained_tiny[1], store)
+
+    def analyse(**selection) -> None:
+        job = AnalysisSpec(
+            store=str(store),
+            analyses=("per_token_loss",),
+            execution=ExecutionSpec(workers=1),
+            **selection,
+        )
+        run_analysis(job, progress=False)
+
+    def fails(expected: str) -> None:
+        assert main(["transitions", str(store)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+
+    fails("no results of analysis 'per_token_loss'; run `observatory analyze` first")
+    analyse(seeds=(0,))
+    fails("1 seed(s) with per_token_loss results; transitions are matched across seeds")
+    analyse(seeds=(1,), steps=(0, 1, 2))
+    fails("seed 1 has per_token_loss at 3 checkpoints; transitions need at least 8")
+    analyse(seeds=(1,))
+    assert main(["transitions", str(store), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("size l2-d16:") and (tmp_path / "out" / "transitions.json").is_file()
+    assert main(["transitions", str(store), "--min-overlap", "2"]) == 2
+    assert "min_overlap must be at most 1" in capsys.readouterr().err
