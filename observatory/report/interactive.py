@@ -2,9 +2,11 @@
 
 plotly.js is embedded in the page (``include_plotlyjs=True``), so it opens offline; hovering
 over a heatmap cell shows the seed, head, step and value.  For a text family, one head's attention
-on held-out text is drawn too, with the query and key tokens' text under the cursor. The static
-PNG report
-(:mod:`observatory.report`) stays the reference; this page shows the same results.
+on held-out text is drawn too, with the query and key tokens' text under the cursor; where
+the results hold per-token losses, a timeline of every seed's transitions
+(:mod:`observatory.report.transitions`) with each one's window, heads and examples under the
+cursor. The static PNG report (:mod:`observatory.report`) stays the reference; this page
+shows the same results.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import html
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
@@ -20,11 +23,22 @@ from observatory.report.declared import heatmaps as declared_heatmaps
 from observatory.report.summary import Summary, head_label
 from observatory.report.text import TextExamples
 
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+# matplotlib's tab10, the static figures' colours
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+SEGMENT_POINTS = 24  # points along a transition's segment: hovering anywhere on it answers
+LANES = 0.8  # the share of a seed's row that its transitions' lanes fill
+SHOWN_HEADS = 5  # heads named in a transition's hover text
 
 
 def page(
-    sections: list[tuple[Summary, xr.Dataset] | tuple[Summary, xr.Dataset, TextExamples | None]],
+    sections: list[
+        tuple[Summary, xr.Dataset]
+        | tuple[Summary, xr.Dataset, TextExamples | None]
+        | tuple[Summary, xr.Dataset, TextExamples | None, pd.DataFrame | None]
+    ],
     *,
     transformer_lens: bool = False,
 ) -> str:
@@ -33,10 +47,13 @@ def page(
     Parameters
     ----------
     sections
-        ``(summary, results)`` or ``(summary, results, text)`` per size; ``results`` as from
+        ``(summary, results)``, ``(summary, results, text)`` or ``(summary, results, text,
+        transitions)`` per size; ``results`` as from
         :func:`~observatory.report.results.load_results`, restricted to the seeds to draw;
         ``text``: a text family's examples, whose attention pattern is drawn with each
-        token's text under the cursor.
+        token's text under the cursor; ``transitions``: the size's transition table
+        (:func:`~observatory.report.transitions.transition_table`), drawn as a timeline.
+        ``None`` for either: not drawn.
     transformer_lens
         Also show the TransformerLens-convention induction scores (``tl_induction_score``).
 
@@ -47,12 +64,15 @@ def page(
     """
     parts = []
     first = True
-    for result, ds, *text in sections:
+    for result, ds, *extra in sections:
+        text, found = (*extra, None, None)[:2]
         if len(sections) > 1:
             parts.append(f"<h2>{html.escape(result.title)}</h2>")
         drawn = figures(ds, result, transformer_lens=transformer_lens)
-        if text and text[0] is not None:
-            drawn.append(token_attention(text[0]))
+        if found is not None:
+            drawn.append(transition_timeline(found))
+        if text is not None:
+            drawn.append(token_attention(text))
         for figure in drawn:
             parts.append(
                 figure.to_html(full_html=False, include_plotlyjs=first, config={"responsive": True})
@@ -122,6 +142,76 @@ def token_attention(text: TextExamples) -> go.Figure:
         width=300 + 14 * len(tokens),
     )
     return figure
+
+
+def transition_timeline(table: pd.DataFrame) -> go.Figure:
+    """Every seed's transitions (rows) as segments over their windows, a lane per matched
+    transition; hover: its id, seed, window, loss drop, tokens, heads and examples.
+
+    Universal transitions (in every seed) are drawn solid, the others dashed and lighter.
+    """
+    seeds = [int(seed) for seed in table.attrs.get("seeds", sorted(set(table["seed"])))]
+    ids = sorted(set(table["transition"]))
+    figure = go.Figure()
+    named: set[int] = set()  # transitions already in the legend
+    for found in table.itertuples(index=False):
+        lane = LANES * ((ids.index(found.transition) + 0.5) / len(ids) - 0.5)
+        steps = np.geomspace(max(found.start_step, 1.0), max(found.end_step, 1.0), SEGMENT_POINTS)
+        hover = _transition_hover(found)
+        figure.add_scatter(
+            x=steps,
+            y=np.full(SEGMENT_POINTS, seeds.index(int(found.seed)) + lane),
+            mode="lines",
+            line={
+                "color": PALETTE[found.transition % len(PALETTE)],
+                "width": 10,
+                "dash": "solid" if found.universal else "dash",
+            },
+            opacity=0.9 if found.universal else 0.5,
+            name=f"T{found.transition}" + (" (every seed)" if found.universal else ""),
+            legendgroup=str(found.transition),
+            showlegend=found.transition not in named,
+            text=[hover] * SEGMENT_POINTS,
+            hovertemplate="%{text}<extra></extra>",
+        )
+        named.add(found.transition)
+    if not len(table):
+        figure.add_annotation(
+            text=f"no transitions found in {len(seeds)} seeds",
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
+            showarrow=False,
+        )
+    figure.update_yaxes(
+        tickvals=list(range(len(seeds))),
+        ticktext=[f"seed {seed}" for seed in seeds],
+        range=[len(seeds) - 0.5, -0.5],
+        title="seed",
+    )
+    figure.update_layout(
+        title="Transitions of each seed: windows of abrupt drop of a token group's loss",
+        xaxis={"type": "log", "title": "checkpoint step"},
+        hovermode="closest",
+        height=200 + len(seeds) * (30 + 16 * len(ids)),
+    )
+    return figure
+
+
+def _transition_hover(found) -> str:
+    """A row of the transition table as hover text (escaped: plotly renders some HTML)."""
+    heads = [head for head in found.components.split("; ") if head]
+    named = "; ".join(heads[:SHOWN_HEADS]) + (" ..." if len(heads) > SHOWN_HEADS else "")
+    where = "universal (every seed)" if found.universal else f"in {found.n_seeds} seeds"
+    lines = [
+        f"transition T{found.transition}, seed {found.seed}: {where}",
+        f"window: steps {found.start_step:.0f}-{found.end_step:.0f}",
+        f"loss drop {found.loss_drop:.2f} nats on {found.n_tokens} tokens",
+        f"heads: {named or 'none changed'}",
+        *(f"e.g. {example}" for example in found.examples.split(" | ") if example),
+    ]
+    return "<br>".join(html.escape(line) for line in lines)
 
 
 def _later(values: xr.DataArray, dim: str = "step") -> xr.DataArray:

@@ -3,7 +3,9 @@
 One self-contained file (PNG images as base64, no network access): the summary of each size,
 the heads matched across seeds, the parameters recorded by the analysis job and every figure
 with its title and caption; for a text family, its held-out text and the tokens that gain most
-across the loss bump (:mod:`observatory.report.text`), under the attention patterns.
+across the loss bump (:mod:`observatory.report.text`), under the attention patterns; where
+the results hold per-token losses, the transitions matched across seeds
+(:mod:`observatory.report.transitions`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import html
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from observatory.report import tables
 from observatory.report.registry import ReportFigure, Section
 from observatory.report.summary import BRANCHES_NOTE
 from observatory.report.text import text_html
+from observatory.report.transitions import transition_summary
 
 ATTENTION_FIGURE = "attention_patterns"  # a text family's text goes under it
 # (a written figure's file, its declaration)
@@ -83,6 +88,8 @@ def _size_html(section: Section, figures: list[Drawn], heading: str | None) -> l
         ]
     if section.alignment is not None:
         parts += _alignment_html(section, sub)
+    if section.transitions is not None:
+        parts += _transitions_html(section.transitions, sub)
     parts += [
         "<p class='note'>",
         "<br>".join(
@@ -125,3 +132,19 @@ def _alignment_html(section: Section, sub: str) -> list[str]:
         f"{html.escape(alignment.rule)}.</p>",
         table.to_html(index=False, border=0),
     ]
+
+
+def _transitions_html(table: pd.DataFrame, sub: str) -> list[str]:
+    """The transitions matched across seeds (one row each), or a note that none were found."""
+    seeds = table.attrs.get("seeds", sorted(set(table["seed"])))
+    parts = [
+        f"<{sub}>Transitions</{sub}>",
+        "<p class='note'>Groups of held-out tokens learned together whose mean loss drops "
+        f"abruptly ({html.escape(table.attrs.get('method', ''))}), matched across seeds by "
+        "the overlap of their tokens; every seed's windows, heads and examples are in "
+        "transitions.csv.</p>",
+    ]
+    if not len(table):
+        return parts + [f"<p class='note'>No transitions found in {len(seeds)} seeds.</p>"]
+    shown = tables.transition_text(transition_summary(table), len(seeds))
+    return parts + [shown.to_html(index=False, border=0)]

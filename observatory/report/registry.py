@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
 
@@ -50,6 +51,10 @@ class Section:
     branches
         The branches of the seeds, as from
         :func:`~observatory.report.results.load_branches` (None: no branches).
+    transitions
+        The transitions of the seeds drawn, one row per (transition, seed), as from
+        :func:`~observatory.report.transitions.transition_table` (None: no ``per_token_loss``
+        results for at least 2 seeds at enough checkpoints).
     """
 
     ds: xr.Dataset
@@ -59,6 +64,7 @@ class Section:
     transformer_lens: bool
     text: TextExamples | None = None
     branches: xr.Dataset | None = None
+    transitions: pd.DataFrame | None = None
 
 
 @dataclass(frozen=True, eq=False)

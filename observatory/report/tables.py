@@ -126,6 +126,34 @@ def branch_text(branches: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def transition_text(summary: pd.DataFrame, n_seeds: int) -> pd.DataFrame:
+    """The transitions across seeds as formatted text, one row per matched transition.
+
+    Parameters
+    ----------
+    summary
+        :func:`~observatory.report.transitions.transition_summary` of a transition table.
+    n_seeds
+        The seeds searched for transitions.
+    """
+    rows = []
+    for tid, row in summary.iterrows():
+        start = _fmt(row["start_step_mean"], 0)
+        if np.isfinite(row["start_step_low"]):  # one seed: no interval
+            start += " " + _window(row["start_step_low"], row["start_step_high"], 0, ", ", "[]")
+        rows.append(
+            {
+                "transition": f"T{tid}",
+                "seeds": f"{row['seeds']} ({int(row['n_seeds'])} of {n_seeds})",
+                "mean start step (95% t-interval)": f"{start} (n = {int(row['n_seeds'])})",
+                "mean loss drop (nats)": _fmt(row["loss_drop_mean"], 2),
+                "tokens (mean)": _fmt(row["n_tokens_mean"], 0),
+                "universal": "yes" if row["universal"] else "no",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def intervention_text(record: str) -> str:
     """A stored intervention (JSON) in a few words: what it changes, ``"none"`` if nothing."""
     changed = {key: value for key, value in json.loads(record).items() if value not in (None, [])}

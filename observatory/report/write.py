@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import pandas as pd
 import xarray as xr
 
 from observatory.errors import StoreError
@@ -23,6 +24,12 @@ from observatory.report.summary import (
     token_loss_pca,
 )
 from observatory.report.text import TextExamples, compared_steps, text_examples
+from observatory.report.transitions import (
+    SIGNAL,
+    held_out_windows,
+    transition_table,
+    write_transitions,
+)
 
 DPI = 120
 # Analyses the report draws on (all of them: figures for each). The training loss is drawn
@@ -75,8 +82,10 @@ def write_report(
         then ``report_interactive.html`` (plotly, plotly.js embedded: works offline), then per
         size the PNG figures (see :data:`~observatory.report.figures.FIGURES`; those without
         data are skipped), ``summary.csv`` (per seed), ``summary_across_seeds.csv``,
-        ``summary.json``, ``branches.csv`` (where the runs have branches) and, with several sizes,
-        ``sizes.csv``.
+        ``summary.json``, ``branches.csv`` (where the runs have branches),
+        ``transitions.csv`` and ``transitions.json`` (where at least 2 seeds have
+        ``per_token_loss`` results: see :func:`~observatory.report.transitions.transitions`)
+        and, with several sizes, ``sizes.csv``.
 
     Raises
     ------
@@ -107,7 +116,7 @@ def write_report(
         where = out / section.result.size if several else out
         where.mkdir(exist_ok=True)
         drawn = _write_figures(section, where, drawing.values())
-        written += [target for target, _ in drawn] + _write_tables(section.result, where)
+        written += [target for target, _ in drawn] + _write_tables(section, where)
         rendered.append((section, drawn))
     if several:
         written.append(out / "sizes.csv")
@@ -117,7 +126,10 @@ def write_report(
     page.write_text(html_page(rendered), encoding="utf-8")
     interactive_page.write_text(
         interactive.page(
-            [(section.result, section.ds, section.text) for section in sections],
+            [
+                (section.result, section.ds, section.text, section.transitions)
+                for section in sections
+            ],
             transformer_lens=transformer_lens,
         ),
         encoding="utf-8",
@@ -167,7 +179,25 @@ def _section(
         transformer_lens=transformer_lens,
         text=_text(ds, result, used) if models else None,
         branches=branches,
+        transitions=_transitions(ds, windows=models),
     )
+
+
+def _transitions(ds: xr.Dataset, *, windows: bool) -> pd.DataFrame | None:
+    """The transitions of the seeds drawn; None without ``per_token_loss`` results for 2 seeds.
+
+    ``windows``: the results come from a store, whose held-out text the examples show.
+    """
+    if SIGNAL not in ds:
+        return None
+    analysed = ds[SIGNAL].notnull().any([dim for dim in ds[SIGNAL].dims if dim != "seed"])
+    if int(analysed.sum()) < 2:
+        return None
+    shown = held_out_windows(ds) if windows else None
+    try:
+        return transition_table(ds, windows=shown)
+    except StoreError:  # too few checkpoints analysed, or fewer than 2 seeds at every token
+        return None
 
 
 def _text(ds: xr.Dataset, result: Summary, used: list[int]) -> TextExamples | None:
@@ -211,7 +241,8 @@ def _write_figures(section: Section, out: Path, drawing: Iterable[ReportFigure])
     return drawn
 
 
-def _write_tables(result: Summary, out: Path) -> list[Path]:
+def _write_tables(section: Section, out: Path) -> list[Path]:
+    result = section.result
     written = [out / "summary.csv", out / "summary_across_seeds.csv", out / "summary.json"]
     result.per_seed.to_csv(written[0])
     result.across_seeds.to_csv(written[1], index_label="quantity")
@@ -219,4 +250,6 @@ def _write_tables(result: Summary, out: Path) -> list[Path]:
     if len(result.branches):
         written.append(out / "branches.csv")
         result.branches.to_csv(written[-1])
+    if section.transitions is not None:
+        written += write_transitions(section.transitions, out)
     return written

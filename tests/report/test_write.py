@@ -24,7 +24,7 @@ def report(tmp_path_factory):
 
 
 # the synthetic results have no tl_* scores, ablations, attention patterns, LLC estimates,
-# branches or control size
+# branches, control size or per-token losses
 OPTIONAL = {
     "induction_heatmaps_tl.png",
     "head_ablation.png",
@@ -32,6 +32,8 @@ OPTIONAL = {
     "llc.png",
     "branches.png",
     "loss_against_control.png",
+    "transitions.png",
+    "universal_transitions.png",
 }
 DRAWN = set(FIGURES) - OPTIONAL
 

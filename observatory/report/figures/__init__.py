@@ -6,11 +6,13 @@ collects them in the order of the modules below and of the functions in each, wh
 order on the page. Drawing helpers they share are in ``common``.
 """
 
-from observatory.report.figures import branches, causal, heads, llc, losses
+from observatory.report.figures import branches, causal, heads, llc, losses, transitions
 from observatory.report.registry import ReportFigure, collect, figures_of
 
 FIGURES: dict[str, ReportFigure] = collect(
-    found for module in (losses, heads, causal, llc, branches) for found in figures_of(module)
+    found
+    for module in (losses, heads, causal, llc, branches, transitions)
+    for found in figures_of(module)
 )
 
 __all__ = ["FIGURES"]
