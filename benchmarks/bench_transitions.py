@@ -3,7 +3,8 @@
 Trains the demo family (``runs/induction.toml``: 3 seeds, 1000 steps, 105 checkpoints each;
 ``--steps`` shortens it) into a temporary store and analyses it with ``per_token_loss`` and
 ``head_scores`` (what the command reads), then times, in this process: loading the results
-(the baseline: the I/O any reader pays), discovery and matching on the loaded results, and the
+(the baseline: the I/O any reader pays), discovery, matching and the groups' head ablations on
+the loaded results, and the
 whole command in a fresh process (``observatory transitions STORE``: imports, store, held-out
 windows and all). Prints each time, the command's time against its target (<= 30 s on 2
 cores), and what was found.
@@ -51,7 +52,8 @@ def main() -> None:
         job = AnalysisSpec(store=str(store), analyses=("head_scores", "per_token_loss"))
         run_analysis(job, progress=False)
         load_s, ds = timed(load_results, store, require=("per_token_loss",))
-        find_s, table = timed(transition_table, ds, windows=held_out_windows(ds))
+        windows = held_out_windows(ds)
+        find_s, table = timed(transition_table, ds, windows=windows, ablation=True)
         command = [sys.executable, "-m", "observatory.cli", "transitions", str(store)]
         command_s, done = timed(subprocess.run, command, capture_output=True, text=True)
     if done.returncode:
@@ -60,7 +62,7 @@ def main() -> None:
     n_tokens = ds.sizes["held_out"] * ds.sizes["loss_position"]
     print(f"demo family: {n_seeds} seeds x {ds.sizes['step']} checkpoints x {n_tokens} tokens")
     print(f"load results (baseline)       {load_s:7.2f} s")
-    print(f"discovery + matching          {find_s:7.2f} s   ({find_s / load_s:.2f} x loading)")
+    print(f"discovery, matching, ablation {find_s:7.2f} s   ({find_s / load_s:.2f} x loading)")
     print(
         f"observatory transitions       {command_s:7.2f} s   ({command_s / load_s:.2f} x loading)"
     )

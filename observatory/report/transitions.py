@@ -2,7 +2,8 @@
 
 :mod:`observatory.analysis.transitions` finds each seed's transitions in the stored
 ``per_token_loss`` results and matches them across seeds; this module reads the results,
-names the heads whose scores change in each window (``components``), shows example tokens in
+names the heads whose scores change in each window (``components``) and those whose ablation
+raises the group's loss most at its end (``ablation``), shows example tokens in
 context (decoded for text families) and summarises each matched transition across seeds.
 """
 
@@ -28,8 +29,10 @@ HEAD_SCORES = ("induction_score", "previous_token_score", "duplicate_token_score
 CONTEXT_TOKENS = 8  # tokens of context shown before an example token
 COLUMNS = (
     "transition", "seed", "start_step", "end_step", "loss_drop", "n_tokens", "universal",
-    "n_seeds", "learning_step", "components", "examples",
+    "n_seeds", "learning_step", "components", "ablation", "examples",
 )  # fmt: skip
+MIN_ABLATION_EFFECT = 0.1  # nats: a head whose ablation raises a group's loss less is not listed
+N_ABLATION_HEADS = 3
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def transitions(
     from observatory.report.results import load_results
 
     ds = load_results(store, size=size, seeds=seeds, require=(SIGNAL,))
-    return transition_table(ds, options=options, windows=held_out_windows(ds))
+    return transition_table(ds, options=options, windows=held_out_windows(ds), ablation=True)
 
 
 def transition_table(
@@ -105,8 +108,12 @@ def transition_table(
     *,
     options: TransitionOptions | None = None,
     windows: tuple[np.ndarray, object] | None = None,
+    ablation: bool = False,
 ) -> pd.DataFrame:
-    """:func:`transitions` of loaded results (``windows``: held-out tokens and a decoder).
+    """:func:`transitions` of loaded results.
+
+    ``windows``: the held-out tokens and a decoder (for ``examples``); ``ablation``: measure
+    ``ablation`` with the models of the results' store (needs ``windows``).
 
     Raises
     ------
@@ -145,6 +152,7 @@ def transition_table(
                 "n_seeds": len(seeds_of[tid]),
                 "learning_step": found.learning_step,
                 "components": _components(ds, seed, found, options.min_score_change),
+                "ablation": _ablation(ds, seed, found, windows) if ablation else "",
                 "examples": _examples(curves[seed], found, windows, options.n_examples),
                 "tokens": found.tokens,
             }
@@ -223,6 +231,35 @@ def _components(ds: xr.Dataset, seed: int, found: Transition, min_change: float)
             )
     changes.sort(key=lambda change: -change[0])
     return "; ".join(f"{label} {kind} {value:+.2f}" for _, label, kind, value in changes)
+
+
+def _ablation(ds: xr.Dataset, seed: int, found: Transition, windows) -> str:
+    """The heads whose zero-ablation raises the group's loss most at the window's end.
+
+    Measured on the group's own held-out tokens with the run's model at the analysed
+    checkpoint nearest ``end_step`` (so it needs the store: ``windows`` given).
+    """
+    if windows is None:
+        return ""
+    from observatory.analysis.ablation import ablated_losses
+    from observatory.query import model_at
+
+    tokens, _ = windows
+    steps = ds["step"].values
+    step = int(steps[np.argmin(np.abs(steps - found.end_step))])
+    model = model_at(ds.attrs["store"], size=str(ds.attrs["size"]), seed=seed, step=step)
+    sequences = np.unique(found.tokens // (tokens.shape[1] - 1))
+    clean, ablated = ablated_losses(model, tokens[sequences])
+    rows = np.searchsorted(sequences, found.tokens // (tokens.shape[1] - 1))
+    positions = found.tokens % (tokens.shape[1] - 1)
+    effect = (ablated[..., rows, positions] - clean[rows, positions]).mean(axis=-1)
+    order = np.argsort(-effect, axis=None)[:N_ABLATION_HEADS]
+    shown = [np.unravel_index(flat, effect.shape) for flat in order]
+    return "; ".join(
+        f"{head_label(layer, head)} {effect[layer, head]:+.2f}"
+        for layer, head in shown
+        if effect[layer, head] >= MIN_ABLATION_EFFECT
+    )
 
 
 def _examples(curve, found: Transition, windows, n: int) -> str:
@@ -343,6 +380,8 @@ def format_transitions(table: pd.DataFrame) -> str:
                 f"loss -{found.loss_drop:.2f} nats on {found.n_tokens} tokens; "
                 f"heads: {found.components or 'none changed'}"
             )
+            if found.ablation:
+                lines.append(f"    ablating raises the group's loss: {found.ablation}")
             if found.examples:
                 lines.append(f"    e.g. {found.examples}")
     return "\n".join(lines)

@@ -195,7 +195,7 @@ def _transitions(ds: xr.Dataset, *, windows: bool) -> pd.DataFrame | None:
         return None
     shown = held_out_windows(ds) if windows else None
     try:
-        return transition_table(ds, windows=shown)
+        return transition_table(ds, windows=shown, ablation=windows)
     except StoreError:  # too few checkpoints analysed, or fewer than 2 seeds at every token
         return None
 

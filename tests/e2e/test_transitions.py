@@ -85,6 +85,7 @@ def test_every_planted_transition_is_found_in_every_seed_with_its_tokens(tmp_pat
     assert table["universal"].all()
     induction = table[table["start_step"] == table["start_step"].max()]
     assert induction["components"].str.contains("L1H. induction", regex=True).all()
+    assert induction["ablation"].str.contains("L", regex=False).all()  # ablating heads hurts it
 
 
 @pytest.mark.slow
