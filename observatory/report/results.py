@@ -146,7 +146,7 @@ def load_branches(
 def _control_loss(path, family: FamilyStore, control: str, ds: xr.Dataset) -> xr.DataArray:
     """``control_loss[seed, train_step]``: the control size's per-step loss on the same batches
     (NaN where the control run of a seed is not trained)."""
-    trained = {reader.run.seed for reader in family.size_runs(control)}
+    trained = {run.seed for run in family.runs() if run.size == control}
     seeds = [int(seed) for seed in ds["seed"].values if int(seed) in trained]
     loss = xr.full_like(ds["loss"], float("nan"))
     if seeds:
