@@ -1,10 +1,10 @@
-"""Causal sanity on the demo family: branches forked before the phase change that take away the
-layer-0 heads the induction heads read from, set against their parent in the summary.
+"""Causal sanity on the demo family: branches forked just before the phase change that take
+away the layer-0 heads the induction heads read from, set against their parent in the summary.
 
-Before the loss bump no layer-0 head is a previous-token head yet: ablating the one that becomes
-it in the parent (the head the ablation analysis names at the end) leaves the role to another
-layer-0 head, and the induction heads form on time; ablating every layer-0 head leaves them
-nothing to compose with, and none forms.
+At the fork the previous-token head has begun to form (score ~0.2, the other layer-0 heads
+below it): ablating it (the head the ablation analysis names at the end) makes another layer-0
+head take the role from further behind, and the induction heads form later; ablating every
+layer-0 head leaves them nothing to compose with, and none forms.
 """
 
 import dataclasses
@@ -20,7 +20,7 @@ from observatory.spec import CheckpointSpec, SeedSpec, load_run_spec
 from observatory.train import Intervention, train_branch, train_family
 
 STEPS = 400  # past the end of seed 0's loss bump (about step 330); the schedule is constant
-FORK = 200  # every layer-0 head's previous-token score is still at its initial value here
+FORK = 240  # before the bump; forked at 200 or 225, no head has begun forming and none is late
 
 
 @pytest.mark.slow
@@ -49,7 +49,7 @@ def test_ablating_the_previous_token_heads_before_the_bump(tmp_path):
     previous = open_family(store, size="l2-d64")["previous_token_score"].sel(seed=0, step=STEPS)
     prev_head = int(previous.sel(layer=0).argmax("head"))
     assert parent["top_ablation_head"] == f"L0H{prev_head}", parent
-    assert FORK < parent["bump_start_step"] - 25 and parent["n_induction_heads"] >= 2, parent
+    assert FORK < parent["bump_start_step"] and parent["n_induction_heads"] >= 2, parent
 
     run = {"size": "l2-d64", "seed": 0, "at": FORK, "store": store, "progress": False}
     ablate = Intervention(ablate_heads=((0, prev_head),))
@@ -69,11 +69,11 @@ def test_ablating_the_previous_token_heads_before_the_bump(tmp_path):
     alone = table.loc["seed0/no-layer0"]
     assert alone["n_induction_heads"] == 0 and math.isnan(alone["emergence_midpoint_step"])
     assert alone["final_loss"] > parent["final_loss"] + 1.0
-    # Without the one previous-token head, another layer-0 head takes its place: before the
-    # bump none of them is one yet, so the branch forms its induction heads on time.
+    # Without the previous-token head, another layer-0 head takes its place from further
+    # behind: the induction heads still form, later than in the parent.
     branch = table.loc["seed0/no-prev"]
     assert branch["n_induction_heads"] >= 2
-    assert abs(branch["emergence_midpoint_step_delta"]) <= 25, branch
+    assert 0 < branch["emergence_midpoint_step_delta"] <= 50, branch
     took_over = load_branches(store)["previous_token_score"].sel(
         branch="seed0/no-prev", step=STEPS, layer=0
     )
