@@ -461,8 +461,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
     emergence, ICL score, loss by position, per-token-loss PCA, previous-token heads, heads
     matched across seeds), one self-contained HTML page (report.html), an interactive one
     (report_interactive.html, plotly, works offline) and summary.csv /
-    summary_across_seeds.csv / summary.json. Several sizes get one page with a section per size
-    and a comparison.
+    summary_across_seeds.csv / summary.json. Where the runs hold attributions (`observatory
+    attribute`), an Attribution section draws each one's terms against the measured target and
+    tables its top training windows (attribution*.csv); without any, it gives the command for
+    the best induction head across the loss bump. Several sizes get one page with a section per
+    size and a comparison.
     """
     from observatory.report import write_report
 

@@ -248,7 +248,7 @@ def format_attribution(att: xr.Dataset, rows: int = 10) -> str:
         lines.append(f"{step:>10}  {term:>14.6g}  {float(att['target_value'][i]):>14.6g}")
     change = float(att["target_stop"] - att["target_start"])
     residual = float(att["residual"])
-    share = f" ({100 * residual / change:.3g}% of the change)" if change else ""
+    share = f" ({residual_share(att):.3g}% of the change)" if change else ""
     target = att.attrs.get("target")
     lines += [
         f"target {target} {att.attrs.get('target_options')}: "
@@ -259,3 +259,9 @@ def format_attribution(att: xr.Dataset, rows: int = 10) -> str:
         f"residual: {residual:.3g}{share}",
     ]
     return "\n".join(lines)
+
+
+def residual_share(att: xr.Dataset) -> float:
+    """The residual as a percentage of the measured change of the target (NaN: no change)."""
+    change = float(att["target_stop"] - att["target_start"])
+    return 100 * float(att["residual"]) / change if change else float("nan")

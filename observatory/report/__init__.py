@@ -6,7 +6,9 @@ caption beside its drawing code) and a user's figures, and writes the static pag
 (:mod:`~observatory.report.page`), its interactive twin (:mod:`~observatory.report.interactive`)
 and the summary tables (computed in :mod:`~observatory.report.summary`, formatted in
 :mod:`~observatory.report.tables`) of the results :func:`load_results` reads
-(:mod:`~observatory.report.results`, which also holds ``obs.summary``: load and summarise).
+(:mod:`~observatory.report.results`, which also holds ``obs.summary``: load and summarise),
+and, for a store, the attributions stored in its runs
+(:mod:`~observatory.report.attribution`).
 
 Figures are drawn on bare :class:`matplotlib.figure.Figure` objects (Agg canvas), so writing a
 report never touches pyplot's global state or the user's interactive backend.

@@ -5,7 +5,8 @@ the heads matched across seeds, the parameters recorded by the analysis job and 
 with its title and caption; for a text family, its held-out text and the tokens that gain most
 across the loss bump (:mod:`observatory.report.text`), under the attention patterns; where
 the results hold per-token losses, the transitions matched across seeds
-(:mod:`observatory.report.transitions`).
+(:mod:`observatory.report.transitions`); for a store, the attribution section
+(:mod:`observatory.report.attribution`) around its figure.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 import pandas as pd
 
 from observatory.report import tables
+from observatory.report.attribution import attribution_html
 from observatory.report.registry import ReportFigure, Section
 from observatory.report.summary import BRANCHES_NOTE
 from observatory.report.text import text_html
 from observatory.report.transitions import transition_summary
 
 ATTENTION_FIGURE = "attention_patterns"  # a text family's text goes under it
+ATTRIBUTION_FIGURE = "attribution"  # the attribution section goes around it
 # (a written figure's file, its declaration)
 Drawn = tuple[Path, ReportFigure]
 
@@ -101,8 +104,20 @@ def _size_html(section: Section, figures: list[Drawn], heading: str | None) -> l
         html.escape(json.dumps(result.parameters["analyses"], indent=2, default=str)),
         "</pre></details>",
     ]
+    return parts + _figures_html(section, figures, sub)
+
+
+def _figures_html(section: Section, figures: list[Drawn], sub: str) -> list[str]:
+    """Every figure with its title and caption; a text family's text under the attention
+    patterns and the attribution section around its figure (at the end where not drawn)."""
     text = text_html(section.text, sub) if section.text is not None else []
+    above, below = [], []
+    if section.attribution is not None:
+        above, below = attribution_html(section.attribution, sub)
+    parts = []
     for target, drawn in figures:
+        if target.stem == ATTRIBUTION_FIGURE:
+            parts, above = parts + above, []
         data = base64.b64encode(target.read_bytes()).decode("ascii")
         title = html.escape(drawn.title)
         parts += [
@@ -112,7 +127,9 @@ def _size_html(section: Section, figures: list[Drawn], heading: str | None) -> l
         ]
         if target.stem == ATTENTION_FIGURE:  # the text under the attention patterns
             parts, text = parts + text, []
-    return parts + text
+        if target.stem == ATTRIBUTION_FIGURE:
+            parts, below = parts + below, []
+    return parts + text + above + below
 
 
 def _alignment_html(section: Section, sub: str) -> list[str]:

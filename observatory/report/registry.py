@@ -24,6 +24,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from observatory.errors import SpecError
+from observatory.report.attribution import Attributions
 from observatory.report.summary import SeedAlignment, Summary
 from observatory.report.text import TextExamples
 
@@ -55,6 +56,10 @@ class Section:
         The transitions of the seeds drawn, one row per (transition, seed), as from
         :func:`~observatory.report.transitions.transition_table` (None: no ``per_token_loss``
         results for at least 2 seeds at enough checkpoints).
+    attribution
+        The attributions stored in the runs drawn, as from
+        :func:`~observatory.report.attribution.load_attributions` (None: results given as a
+        dataset, not a store).
     """
 
     ds: xr.Dataset
@@ -65,6 +70,7 @@ class Section:
     text: TextExamples | None = None
     branches: xr.Dataset | None = None
     transitions: pd.DataFrame | None = None
+    attribution: Attributions | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,6 +12,7 @@ import xarray as xr
 from observatory.errors import StoreError
 from observatory.jobs.job_spec import HeldOutSpec
 from observatory.report import interactive, tables
+from observatory.report.attribution import load_attributions, write_attribution
 from observatory.report.figures import FIGURES
 from observatory.report.page import Drawn, html_page
 from observatory.report.registry import ReportFigure, Section, collect, user_figures
@@ -84,8 +85,10 @@ def write_report(
         data are skipped), ``summary.csv`` (per seed), ``summary_across_seeds.csv``,
         ``summary.json``, ``branches.csv`` (where the runs have branches),
         ``transitions.csv`` and ``transitions.json`` (where at least 2 seeds have
-        ``per_token_loss`` results: see :func:`~observatory.report.transitions.transitions`)
-        and, with several sizes, ``sizes.csv``.
+        ``per_token_loss`` results: see :func:`~observatory.report.transitions.transitions`),
+        ``attribution.csv`` and ``attribution_windows.csv`` (where the runs hold
+        attributions: see :mod:`~observatory.report.attribution`) and, with several sizes,
+        ``sizes.csv``.
 
     Raises
     ------
@@ -180,6 +183,7 @@ def _section(
         text=_text(ds, result, used) if models else None,
         branches=branches,
         transitions=_transitions(ds, windows=models),
+        attribution=load_attributions(ds, result) if models else None,
     )
 
 
@@ -252,4 +256,6 @@ def _write_tables(section: Section, out: Path) -> list[Path]:
         result.branches.to_csv(written[-1])
     if section.transitions is not None:
         written += write_transitions(section.transitions, out)
+    if section.attribution is not None:
+        written += write_attribution(section.attribution, out)
     return written

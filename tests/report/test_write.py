@@ -24,8 +24,9 @@ def report(tmp_path_factory):
 
 
 # the synthetic results have no tl_* scores, ablations, attention patterns, LLC estimates,
-# branches, control size or per-token losses
+# branches, control size, per-token losses or store to read attributions from
 OPTIONAL = {
+    "attribution.png",
     "induction_heatmaps_tl.png",
     "head_ablation.png",
     "attention_patterns.png",
@@ -99,7 +100,8 @@ def test_cli_report_of_a_store(trained_tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "report.html" in printed and "loss_pca.png" in printed
     assert "report_interactive.html" in printed
-    assert (tmp_path / "report" / "report.html").exists()
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "No attribution stored" in page and f"observatory attribute {store} --size" in page
 
 
 CAUSAL_FIGURES = ("head_ablation.png", "attention_patterns.png")

@@ -6,12 +6,20 @@ collects them in the order of the modules below and of the functions in each, wh
 order on the page. Drawing helpers they share are in ``common``.
 """
 
-from observatory.report.figures import branches, causal, heads, llc, losses, transitions
+from observatory.report.figures import (
+    attribution,
+    branches,
+    causal,
+    heads,
+    llc,
+    losses,
+    transitions,
+)
 from observatory.report.registry import ReportFigure, collect, figures_of
 
 FIGURES: dict[str, ReportFigure] = collect(
     found
-    for module in (losses, heads, causal, llc, branches, transitions)
+    for module in (losses, heads, causal, llc, branches, attribution, transitions)
     for found in figures_of(module)
 )
 
