@@ -306,7 +306,7 @@ def _summary_text(table: pd.DataFrame) -> pd.DataFrame:
             "change": table["change"].map("{:.4g}".format),
             "sum of terms": table["sum_of_terms"].map("{:.4g}".format),
             "residual (% of change)": [
-                f"{r:.3g} ({p:.2g}%)"
+                f"{r:.3g}" + ("" if math.isnan(p) else f" ({p:.2g}%)")
                 for r, p in zip(table["residual"], table["residual_percent"], strict=True)
             ],
             "largest per-step residual": table["largest_step_residual"].map("{:.3g}".format),
