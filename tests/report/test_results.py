@@ -18,7 +18,7 @@ n_positions = 16
 
 
 def test_a_control_without_trained_runs_gives_nan_control_loss(tmp_path):
-    text = TINY_TOML.replace('n_positions = 16\n', 'n_positions = 16\ncontrol = "l1-d16"\n', 1)
+    text = TINY_TOML.replace("n_positions = 16\n", 'n_positions = 16\ncontrol = "l1-d16"\n', 1)
     text = text.replace("\n[data]", CONTROL + "\n[data]")
     spec = load_run_spec(write_spec(tmp_path, text))
     store = train_family(spec, store=tmp_path / "s.zarr", sizes=["l2-d16"], progress=False)
