@@ -16,6 +16,7 @@ from observatory._lazy import lazy_attributes
 # trainer needs ``phase.final_loss``) does not import scipy, ruptures and every other analysis.
 _LAZY = {
     "ablation": "ablated_losses head_ablation_effects",
+    "circuits": "circuit_statistics effective_rank factored_singular_values",
     "compiled": "compiled_induction_model",
     "heads": "attention_patterns copying_score head_score_attrs head_scores",
     "icl": "LossPCA icl_positions icl_score loss_pca loss_positions token_losses",

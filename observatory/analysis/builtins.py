@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from observatory.analysis.ablation import head_ablation_effects
+from observatory.analysis.circuits import CIRCUIT_ATTRS, CIRCUIT_VARIABLES, circuit_statistics
 from observatory.analysis.heads import attention_patterns as patterns_of
 from observatory.analysis.heads import copying_score, head_score_attrs, head_scores
 from observatory.analysis.icl import icl_positions, icl_score, loss_positions, token_losses
@@ -117,7 +118,7 @@ def head_scores_analysis(
 
 
 # --------------------------------------------------------------------------------------------
-# Copying, ICL, per-token losses.
+# Weights only (copying, OV and QK circuits), ICL, per-token losses.
 
 
 @analysis(
@@ -129,6 +130,24 @@ def head_scores_analysis(
 def copying_analysis(model, data: SharedData) -> dict[str, np.ndarray]:
     """Copying score of every head's OV circuit (Elhage et al. 2021)."""
     return {"copying_score": copying_score(model_weights(model))}
+
+
+@analysis(
+    name="circuits",
+    variables=dict.fromkeys(CIRCUIT_VARIABLES, HEADS),
+    attrs=lambda options, data: dict(CIRCUIT_ATTRS),
+    nonfinite=("ov_effective_rank", "qk_effective_rank"),
+)
+def circuits_analysis(model, data: SharedData) -> dict[str, np.ndarray]:
+    """Frobenius norm and effective rank of every head's OV and QK circuits (weights only).
+
+    ``ov_norm``, ``qk_norm``: ``||W_V W_O||_F`` and ``||W_Q W_K^T||_F``;
+    ``ov_effective_rank``, ``qk_effective_rank``: ``exp(H(p))``, ``p = sigma / sum sigma``
+    over the circuit's singular values (Roy & Vetterli 2007), in ``[1, d_head]``, NaN for a
+    zero circuit. Computed in float64 from the ``d_head x d_head`` cores of the factored
+    circuits; biases, LayerNorm, the score scale and rotary embeddings are left out.
+    """
+    return circuit_statistics(model_weights(model))
 
 
 def _icl_attrs(options: Any, data: SharedData) -> dict[str, Any]:
@@ -298,6 +317,7 @@ BUILTINS: dict[str, Analysis] = {
     for a in (
         head_scores_analysis,
         copying_analysis,
+        circuits_analysis,
         icl_analysis,
         token_loss_analysis,
         per_token_loss_analysis,
@@ -306,4 +326,4 @@ BUILTINS: dict[str, Analysis] = {
         llc_analysis,
     )
 }
-DEFAULT_ANALYSES = ("head_scores", "copying", "icl", "token_loss", "per_token_loss")
+DEFAULT_ANALYSES = ("head_scores", "copying", "circuits", "icl", "token_loss", "per_token_loss")

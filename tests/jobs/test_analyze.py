@@ -4,19 +4,20 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from observatory.analysis import attention_patterns, head_scores
+from observatory.analysis import attention_patterns, circuit_statistics, head_scores
+from observatory.analysis.builtins import BUILTINS
 from observatory.cli import main
 from observatory.errors import SpecError
 from observatory.jobs.analyze import run_analysis, select_runs, shared_data
 from observatory.jobs.compute import compute
 from observatory.jobs.job_spec import ProbeSpec, load_analysis_spec
-from observatory.query import model_at, open_family
+from observatory.query import model_at, open_family, open_run
 from observatory.store import FamilyStore, analysis_arrays, analysis_group
 from tests.conftest import BRANCH_FORK, dask_processes
 
 JOB = """\
 store = "{store}"
-analyses = ["head_scores", "copying", "icl", "token_loss"]
+analyses = ["head_scores", "copying", "circuits", "icl", "token_loss"]
 
 [probe]
 seed = 7
@@ -83,6 +84,16 @@ def test_results_are_readable_with_plain_xarray(store_copy, tmp_path):
     assert ds["induction_score"].dims == ("step", "layer", "head")
     assert ds["induction_score"].sizes == {"step": len(ds["step"]), "layer": 2, "head": 2}
     assert np.all(np.isfinite(ds["induction_score"].values))
+
+    # a weights-only analysis: its declared dims, and what the stored weights give
+    circuits = xr.open_zarr(store_copy, group="l2-d16/seed0/analysis/circuits", consolidated=False)
+    run = open_run(store_copy, size="l2-d16", seed=0)
+    expected = circuit_statistics({view: run[view].values for view in ("W_Q", "W_K", "W_V", "W_O")})
+    for variable, dims in BUILTINS["circuits"].declared().items():
+        assert circuits[variable].dims == ("step", *dims)
+        assert list(circuits["step"].values) == list(run["step"].values)
+        np.testing.assert_allclose(circuits[variable].values, expected[variable], rtol=1e-6)
+        np.testing.assert_allclose(run[variable].values, expected[variable], rtol=1e-6)
 
 
 @pytest.fixture

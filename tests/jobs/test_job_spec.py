@@ -11,7 +11,10 @@ from tests.jobs.test_analyze import JOB, write_job
     [
         (("[probe]", "[probe]\nbogus = 1"), "bogus"),
         (
-            ('analyses = ["head_scores", "copying", "icl", "token_loss"]', "analyses = []"),
+            (
+                'analyses = ["head_scores", "copying", "circuits", "icl", "token_loss"]',
+                "analyses = []",
+            ),
             "analyses",
         ),
         (('analyses = ["head_scores"', 'analyses = ["nope"'), "analyses[0]"),

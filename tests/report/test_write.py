@@ -24,7 +24,7 @@ def report(tmp_path_factory):
 
 
 # the synthetic results have no tl_* scores, ablations, attention patterns, LLC estimates,
-# branches, control size, per-token losses or store to read attributions from
+# branches, control size, circuits, per-token losses or store to read attributions from
 OPTIONAL = {
     "attribution.png",
     "induction_heatmaps_tl.png",
@@ -33,6 +33,7 @@ OPTIONAL = {
     "llc.png",
     "branches.png",
     "loss_against_control.png",
+    "circuits.png",
     "transitions.png",
     "universal_transitions.png",
 }
@@ -116,6 +117,37 @@ def test_causal_figures_are_drawn_when_the_store_has_them(report, tmp_path):
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
     page = (tmp_path / "report.html").read_text()
     assert "Head ablation" in page and "Attention patterns across the phase change" in page
+
+
+def with_circuits(ds):
+    """``ds`` plus circuit norms and effective ranks: the planted induction heads' OV circuits
+    grow and lose rank as their induction scores rise."""
+    rise = ds["induction_score"] - 0.04  # [seed, step, layer, head]
+    return ds.assign(
+        ov_norm=1.0 + 3.0 * rise,
+        qk_norm=2.0 + 0.0 * rise,
+        ov_effective_rank=4.0 - 2.5 * rise,
+        qk_effective_rank=3.0 + 0.0 * rise,
+    )
+
+
+def test_circuit_figure_draws_the_induction_and_previous_token_heads(report):
+    _, files = report
+    assert "circuits.png" not in {path.name for path in files}  # not without the data
+    ds = with_circuits(synthetic_results())
+    ds["qk_effective_rank"][0, :3, 1, 2] = np.nan  # a zero QK circuit at the first checkpoints
+    section = _section(ds, include_incomplete=False, transformer_lens=False)
+    drawn = heads.circuit_trajectories(section)
+    norm, rank = (ax for ax in drawn.axes[:2])
+    assert norm.get_title(loc="left") == "seed 0: induction head L1H2, previous-token head L0H0"
+    assert (norm.get_ylabel(), rank.get_ylabel()) == ("Frobenius norm", "effective rank")
+    lines = {line.get_label(): line for line in rank.get_lines()}
+    ov = lines["induction head, OV"]
+    assert np.allclose(ov.get_ydata(), ds["ov_effective_rank"].sel(seed=0, layer=1, head=2))
+    assert len(lines["induction head, QK"].get_xdata()) == ds.sizes["step"] - 3
+    assert "previous-token head, QK" in lines and "induction emergence" in lines
+    assert any(patch.get_label() == "loss bump" for patch in norm.patches)  # the bump shaded
+    assert "Roy & Vetterli" in FIGURES["circuits.png"].caption
 
 
 def test_llc_figure_is_drawn_when_the_store_has_estimates(report, tmp_path):

@@ -89,10 +89,9 @@ def attention_stripes(section: Section) -> Figure | None:
     rows = []
     for seed in ds["seed"].values:
         row = common.seed_row(result, seed)
-        prev = ds["previous_token_score"].sel(seed=seed).max("step")
-        layer, head = np.unravel_index(int(np.argmax(prev.values)), prev.shape)
+        layer, head = common.previous_token_head(ds, seed)
         rows.append((seed, "induction", row["best_layer"], row["best_head_in_layer"], row))
-        rows.append((seed, "previous-token", int(layer), int(head), row))
+        rows.append((seed, "previous-token", layer, head, row))
     patterns = ds["attention_pattern"]
     steps = common.analysed_only(patterns.sel(seed=ds["seed"].values[0]))["step"].values
     n_cols = len(common.pattern_steps(steps, math.nan))

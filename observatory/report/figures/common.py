@@ -88,6 +88,24 @@ def mark_emergence(ax, row: dict) -> None:
         )
 
 
+def shade_bump(
+    ax, row: dict, *, colour: str | tuple = "0.5", alpha: float = 0.2, label: str = "loss bump"
+) -> bool:
+    """Shade the seed's detected loss bump, if it has one; whether it had one."""
+    if not np.isfinite(row["bump_start_step"]):
+        return False
+    ax.axvspan(row["bump_start_step"], row["bump_end_step"], color=colour, alpha=alpha, label=label)
+    return True
+
+
+def previous_token_head(ds: xr.Dataset, seed) -> tuple[int, int]:
+    """``(layer, head)`` of the seed's head with the highest previous-token score at any
+    analysed checkpoint."""
+    best = ds["previous_token_score"].sel(seed=seed).max("step").transpose("layer", "head")
+    layer, head = np.unravel_index(int(np.argmax(best.values)), best.shape)
+    return int(best["layer"].values[layer]), int(best["head"].values[head])
+
+
 def seed_title(row: dict, seed) -> str:
     notes = [] if row["status"] == "complete" else [f"incomplete, step {row['trained_steps']}"]
     if not np.isfinite(row["bump_start_step"]):

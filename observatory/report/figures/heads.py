@@ -1,4 +1,4 @@
-"""Figures of the heads: score heatmaps, the best head's emergence, previous-token heads, seeds."""
+"""Figures of the heads: score heatmaps, emergence, previous-token heads, OV/QK circuits, seeds."""
 
 from __future__ import annotations
 
@@ -197,6 +197,61 @@ def previous_token_scores(section: Section) -> Figure:
     common.legend_below(figure, axes)
     figure.suptitle(f"Previous-token score of the layer-{layer} heads")
     return figure
+
+
+@figure(
+    "circuits.png",
+    title="OV and QK circuits across the bump",
+)
+def circuit_trajectories(section: Section) -> Figure | None:
+    """Frobenius norm (left) and effective rank (right: exp of the entropy of the circuit's
+    normalised singular values, Roy & Vetterli 2007; from 1 to d_head) of the OV circuit W_V W_O
+    (solid) and the QK circuit W_Q W_K^T (dashed) of each seed's best induction head and of its
+    head with the highest previous-token score, at every analysed checkpoint (biases, LayerNorm
+    and rotary embeddings left out). Shaded: the loss bump; dashed: the induction emergence
+    midpoint.
+    """
+    ds, result = section.ds, section.result
+    if "ov_norm" not in ds or not bool(ds["ov_norm"].notnull().any()):
+        return None
+    seeds = ds["seed"].values
+    figure = Figure(figsize=(10, 0.8 + 3.2 * len(seeds)), layout="constrained")
+    axes = figure.subplots(len(seeds), 2, squeeze=False)
+    for panels, seed in zip(axes, seeds, strict=True):
+        row = common.seed_row(result, seed)
+        heads = {"induction head": (row["best_layer"], row["best_head_in_layer"])}
+        if "previous_token_score" in ds:
+            heads["previous-token head"] = common.previous_token_head(ds, seed)
+        for ax, quantity in zip(panels, ("norm", "effective_rank"), strict=True):
+            _circuit_panel(ax, ds.sel(seed=seed), quantity, heads)
+            common.shade_bump(ax, row)
+            common.mark_emergence(ax, row)
+            common.step_axis(ax, tokens_per_step(ds))
+        named = ", ".join(f"{kind} {head_label(*at)}" for kind, at in heads.items())
+        panels[0].set_title(
+            f"{common.seed_title(row, seed)}: {named}", fontsize="medium", loc="left"
+        )
+        panels[0].set_ylabel("Frobenius norm")
+        panels[1].set_ylabel("effective rank")
+    common.legend_below(figure, axes.ravel())
+    figure.suptitle("OV (solid) and QK (dashed) circuits of the induction and previous-token heads")
+    return figure
+
+
+def _circuit_panel(ax, ds, quantity: str, heads: dict[str, tuple[int, int]]) -> None:
+    """One quantity of both circuits of each head, over the checkpoints that have it."""
+    for j, (kind, (layer, head)) in enumerate(heads.items()):
+        for circuit, style in (("ov", "-"), ("qk", "--")):
+            values = common.analysed_only(ds[f"{circuit}_{quantity}"].sel(layer=layer, head=head))
+            ax.plot(
+                values["step"],
+                values,
+                color=common.tab_colour(j),
+                ls=style,
+                lw=1.4,
+                label=f"{kind}, {circuit.upper()}",
+            )
+    ax.grid(alpha=0.3, lw=0.5)
 
 
 @figure(

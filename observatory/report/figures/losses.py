@@ -60,15 +60,7 @@ def loss_curves(section: Section) -> Figure:
         held = _held_out_loss(ds, seed)
         if held is not None:
             ax.plot(held["step"], held, "D", color="k", ms=2.5, label="held-out (checkpoints)")
-        if np.isfinite(row["bump_start_step"]):
-            any_bump = True
-            ax.axvspan(
-                row["bump_start_step"],
-                row["bump_end_step"],
-                color="0.5",
-                alpha=0.2,
-                label="loss bump",
-            )
+        any_bump |= common.shade_bump(ax, row)
         common.mark_emergence(ax, row)
         ax.set_xscale("log")
         ax.set_title(common.seed_title(row, seed))
@@ -112,14 +104,7 @@ def loss_against_control(section: Section) -> Figure | None:
         ax.plot(steps, values, color=colour, alpha=0.2, lw=0.6, label="per step")
         ax.plot(*_log_binned(steps, values), color=colour, lw=1.6, label="binned")
         ax.axhline(0.0, color="k", lw=0.6)
-        if np.isfinite(row["bump_start_step"]):
-            ax.axvspan(
-                row["bump_start_step"],
-                row["bump_end_step"],
-                color="0.5",
-                alpha=0.2,
-                label="loss bump",
-            )
+        common.shade_bump(ax, row)
         common.mark_emergence(ax, row)
         ax.set_xscale("log")
         ax.set_title(common.seed_title(row, seed))
@@ -165,17 +150,12 @@ def icl_scores(section: Section) -> Figure:
     any_bump = False
     for i, seed in enumerate(ds["seed"].values):
         icl = ds["icl_score"].sel(seed=seed).dropna("step")
-        ax.plot(icl["step"], icl, color=common.tab_colour(i), lw=1.4, label=f"seed {seed}")
+        colour = common.tab_colour(i)
+        ax.plot(icl["step"], icl, color=colour, lw=1.4, label=f"seed {seed}")
         row = common.seed_row(result, seed)
-        if np.isfinite(row["bump_start_step"]):
-            any_bump = True
-            ax.axvspan(
-                row["bump_start_step"],
-                row["bump_end_step"],
-                color=common.tab_colour(i),
-                alpha=0.12,
-                label=f"seed {seed}: loss bump",
-            )
+        any_bump |= common.shade_bump(
+            ax, row, colour=colour, alpha=0.12, label=f"seed {seed}: loss bump"
+        )
     ax.axhline(0, color="0.3", lw=0.8)
     early = result.parameters.get("icl_early_position")
     late = result.parameters.get("icl_late_position")
