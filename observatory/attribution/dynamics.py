@@ -185,7 +185,7 @@ class _Recorder:
         self.rows[what].append(self.blocks.squares(flat))
         self.rows[f"head_{what}"].append(self.blocks.head_squares(flat))
 
-    def gradient(self, step: int, model, _tokens, _loss: float, grads: dict) -> None:
+    def gradient(self, step: int, _model, _tokens, _loss: float, grads: dict) -> None:
         """``on_step`` of the replay: the step's gradient before clipping, at ``theta_step``."""
         if self.start <= step < self.stop:
             flat = torch.cat([g.reshape(-1).double() for g in grads.values()])
@@ -433,6 +433,8 @@ def _median(values: np.ndarray) -> float:
 def _summary(values: np.ndarray, steps: np.ndarray) -> str:
     """Median, smallest and largest (with their steps) of the finite values of a per-step
     value."""
+    if not np.isfinite(values).any():
+        return "none (e.g. no update before step 0)"
     low = int(np.argmin(np.where(np.isfinite(values), values, np.inf)))
     high = _largest(values)
     return (

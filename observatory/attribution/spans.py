@@ -195,10 +195,12 @@ def read_rows(
     reader = family.run(size, seed)
     if name is None:
         stored = analyses(reader, kind=kind)
-        if len(stored) != 1:
+        if not stored:
+            raise StoreError(f"{reader.run.path}: no {kind.noun} stored")
+        if len(stored) > 1:
             raise StoreError(
-                f"{reader.run.path}: {len(stored)} stored {kind.noun} results "
-                f"({kind.group}: {stored}); pass the name of one"
+                f"{reader.run.path}: {len(stored)} {kind.noun} results stored "
+                f"({kind.group}: {', '.join(stored)}); pass the name of one"
             )
         name = stored[0]
     rows, arrays, parameters = read_results(reader, name, kind=kind)

@@ -74,3 +74,9 @@ def test_dynamics_bad_input_is_one_line_exit_2_and_changes_nothing(
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert tree_bytes(tiny_store) == before
+
+
+def test_dynamics_of_the_first_step_says_it_has_no_cosine(tiny_store, capsys):
+    args = ["dynamics", str(tiny_store), "--size", "l2-d16", "--seed", "0"]
+    assert main([*args, "--start", "0", "--stop", "1"]) == 0
+    assert "cosine of consecutive updates: none" in capsys.readouterr().out

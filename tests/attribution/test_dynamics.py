@@ -120,13 +120,15 @@ def test_read_back_identical_and_the_same_from_any_start(measured):
         part = ds[variable].sel(train_step=slice(3, None)).values
         assert part.tobytes() == inside[variable].values.tobytes(), variable
     xr.testing.assert_identical(inside, obs.dynamics(store, **RUN, name="inside"))
-    with pytest.raises(StoreError, match="2 stored training dynamics results"):
+    with pytest.raises(StoreError, match="2 training dynamics results stored"):
         obs.dynamics(store, **RUN)
     with pytest.raises(StoreError, match="no training dynamics 'nope'"):
         obs.dynamics(store, **RUN, name="nope")
 
 
 def test_a_name_is_replaced_and_bad_arguments_write_nothing(tiny_store):
+    with pytest.raises(StoreError, match="no training dynamics stored"):
+        obs.dynamics(tiny_store, **RUN)
     obs.measure_dynamics(tiny_store, **RUN, start=2, stop=4, name="again")
     again = obs.measure_dynamics(tiny_store, **RUN, start=3, stop=5, name="again")
     xr.testing.assert_identical(again, obs.dynamics(tiny_store, **RUN, name="again"))
