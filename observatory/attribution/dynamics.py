@@ -73,8 +73,8 @@ VARIABLES = (
     "head_weight_norm",
     "head_update_ratio",
 )
-NONFINITE = ("update_ratio", "update_cosine", "block_update_ratio", "block_update_cosine")
-NONFINITE += ("head_update_ratio",)
+# a ratio is infinite where the weights are zero, a cosine NaN where an update is
+NONFINITE = tuple(v for v in VARIABLES if v.endswith(("update_ratio", "update_cosine")))
 
 
 @dataclass(frozen=True)
