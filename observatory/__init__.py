@@ -20,6 +20,7 @@ _LAZY = {
     "observatory.train.replay": "replay",
     "observatory.interop.lens": "transformer_lens_at",
     "observatory.attribution.results": "attribute top_examples",
+    "observatory.attribution.dynamics": "measure_dynamics dynamics",
     "observatory.attribution.targets": "target",
 }
 # Subpackages resolve as attributes (``obs.store.FamilyStore``), imported on first use.

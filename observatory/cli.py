@@ -49,6 +49,8 @@ typical session:
   observatory transitions store/induction.zarr       # every group of tokens learned abruptly
   observatory attribute store/induction.zarr --size l2-d64 --seed 0 --start 250 --stop 350 \
       --target induction_score --option layer=1 --option head=2   # which updates built it
+  observatory dynamics store/induction.zarr --size l2-d64 --seed 0 --start 250 --stop 350
+                                                     # what each update moved, per block, head
   observatory export store/induction.zarr --seed 0 --out hf/   # step<N>/ Hugging Face folders
   observatory ingest hf/ --out store/ingested.zarr   # any series of HF checkpoint folders
 
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verify_parser(commands, options)
     _transitions_parser(commands, options)
     _attribute_parser(commands, options)
+    _dynamics_parser(commands, options)
     _export_parser(commands, options)
     _ingest_parser(commands, options)
     return parser
@@ -142,6 +145,7 @@ class _Options:
     out_dir: argparse.ArgumentParser  # --out DIR, required
     selection: argparse.ArgumentParser  # --sizes, --seeds
     dask: argparse.ArgumentParser  # --scheduler | --workers
+    span: argparse.ArgumentParser  # --size, --seed, --start, --stop: updates of one run
     progress: argparse.ArgumentParser  # --no-progress
     resume: argparse.ArgumentParser  # --resume, --stop-after
 
@@ -179,6 +183,11 @@ def _options() -> _Options:
         metavar="N",
         help="run the tasks on a local dask cluster of N single-threaded worker processes",
     )
+    span = parent()
+    span.add_argument("--size", required=True, help="size name")
+    span.add_argument("--seed", required=True, type=int, help="seed index")
+    span.add_argument("--start", required=True, type=int, help="first training step")
+    span.add_argument("--stop", required=True, type=int, help="step after the last one")
     progress = parent()
     progress.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars"
@@ -195,7 +204,7 @@ def _options() -> _Options:
         metavar="N",
         help="stop each run after N steps in this call (continue later with --resume)",
     )
-    return _Options(store, spec_store, out_dir, selection, dask, progress, resume)
+    return _Options(store, spec_store, out_dir, selection, dask, span, progress, resume)
 
 
 def _add_seeds(parser) -> None:
@@ -567,11 +576,8 @@ def _cmd_transitions(args: argparse.Namespace) -> None:
 
 
 def _attribute_parser(commands, options: _Options) -> None:
-    attribute = _command(commands, "attribute", _cmd_attribute, options.store, options.dask)
-    attribute.add_argument("--size", required=True, help="size name")
-    attribute.add_argument("--seed", required=True, type=int, help="seed index")
-    attribute.add_argument("--start", required=True, type=int, help="first training step")
-    attribute.add_argument("--stop", required=True, type=int, help="step after the last one")
+    parents = (options.store, options.span, options.dask)
+    attribute = _command(commands, "attribute", _cmd_attribute, *parents)
     attribute.add_argument(
         "--target",
         required=True,
@@ -618,6 +624,36 @@ def _cmd_attribute(args: argparse.Namespace) -> None:
     )
     print(format_attribution(att))
     print(f"stored as {att.attrs['size']}/seed{att.attrs['seed']}/attribution/{att.attrs['name']}")
+
+
+def _dynamics_parser(commands, options: _Options) -> None:
+    parents = (options.store, options.span, options.dask)
+    dynamics = _command(commands, "dynamics", _cmd_dynamics, *parents)
+    dynamics.add_argument("--name", help="stored under dynamics/NAME (default: steps_START_STOP)")
+
+
+def _cmd_dynamics(args: argparse.Namespace) -> None:
+    """Measure what each update moved over training steps, per block and head (exact replay).
+
+    Replay the run's steps [--start, --stop) exactly and measure every update: the norm of the
+    training gradient it used (before clipping) and its clip factor, the update-to-weight ratio
+    |w(k+1) - w(k)| / |w(k)|, and the cosine between consecutive updates, for the whole model,
+    for each parameter block (each layer's own) and, but for the cosine, for each attention
+    head. Prints the whole model's figures, each block's median and largest update ratio and
+    the heads that moved most. The result is stored in the run as dynamics/NAME (read it with
+    obs.dynamics). Keyframe segments of the span run as dask tasks with --workers or
+    --scheduler.
+    """
+    from observatory.attribution.dynamics import format_dynamics, measure_dynamics
+
+    ds = measure_dynamics(
+        args.store,
+        **_same_names(args, "size", "seed", "start", "stop", "name"),
+        workers=args.workers or 0,
+        scheduler=args.scheduler,
+    )
+    print(format_dynamics(ds))
+    print(f"stored as {ds.attrs['size']}/seed{ds.attrs['seed']}/dynamics/{ds.attrs['name']}")
 
 
 def _export_parser(commands, options: _Options) -> None:

@@ -17,6 +17,7 @@ from observatory._lazy import lazy_attributes
 
 _LAZY = {
     "results": "attribute attribution format_attribution top_examples",
+    "dynamics": "measure_dynamics format_dynamics",
     "targets": "BUILTINS Target target",
 }
 

@@ -31,6 +31,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from observatory.spec import RunSpec
+from observatory.train.step import clip_factor
 
 
 def per_example_gradients(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -95,8 +96,7 @@ class ExampleTerms:
             t = float(state["step"])  # AdamW's count after this step: k + 1
             v = state["exp_avg_sq"].double().reshape(-1)
             denominators.append(v.sqrt() / np.sqrt(1 - beta2**t) + group["eps"])
-        norm = float(self._norms[step - self._first])
-        clip = min(1.0, self._clip / (norm + 1e-6)) if self._clip else 1.0
+        clip = clip_factor(self._clip, float(self._norms[step - self._first]))
         batch = len(self._grads)
         scale = -group["lr"] * (1 - beta1) / (1 - beta1**t) * clip / batch
         direction = target_gradient / torch.cat(denominators)

@@ -19,13 +19,12 @@ import xarray as xr
 
 from observatory import arguments
 from observatory.arguments import ArgumentError
-from observatory.attribution.steps import SpanResult, attribute_span, combine, spans
+from observatory.attribution.spans import map_spans, open_span, read_rows, result_name, write_rows
+from observatory.attribution.steps import SpanResult, attribute_span, combine
 from observatory.attribution.targets import Target, choose
 from observatory.jobs.analyze import shared_data
-from observatory.jobs.cluster import dask_client
 from observatory.jobs.job_spec import HeldOutSpec, ProbeSpec
-from observatory.store import ATTRIBUTION, AnalysisWriter, FamilyStore, read_results
-from observatory.train.replay import ReplaySource
+from observatory.store import ATTRIBUTION, FamilyStore
 
 RULE = "trapezoid"
 STEP_VARIABLES = ("step_contribution", "target_value")
@@ -85,43 +84,27 @@ def attribute(
         One line, before anything is written: unknown run, steps out of range, unknown target,
         bad option, or a target that is not a differentiable scalar.
     """
-    start, stop = arguments.index(start, "start"), arguments.index(stop, "stop")
-    if stop <= start:
-        raise ArgumentError(f"stop: must be after start ({start}), got {stop}")
     workers = arguments.index(workers, "workers")
     chosen = choose(target, options)
-    name = arguments.name(name, "name") if name is not None else chosen.name
-    if not name.isidentifier():
-        raise ArgumentError(f"name: expected an identifier (a group name), got {name!r}")
-    family = FamilyStore(store, mode="r+")
-    source = ReplaySource.open(family.path, size=size, seed=seed, strict=True)
-    source.check_range(start, stop)
-    source.keyframe_before(start)
-    probe, held_out = ProbeSpec(), HeldOutSpec()
-    data = shared_data(family.spec, probe, held_out)
-    parts = spans(source, start, stop)
-    call = (str(family.path), size, seed)
-    if workers or scheduler:
-        results = _on_cluster(call, parts, chosen.portable(), data, per_example, workers, scheduler)
-    else:
-        results = [attribute_span(*call, part, chosen, data, per_example) for part in parts]
+    name = result_name(chosen.name if name is None else name)
+    span = open_span(store, size=size, seed=seed, start=start, stop=stop)
+    data = shared_data(span.family.spec, ProbeSpec(), HeldOutSpec())
+    results = map_spans(
+        attribute_span,
+        span,
+        chosen.portable(),
+        data,
+        per_example,
+        workers=workers,
+        scheduler=scheduler,
+    )
     result = combine(results)
     parameters = chosen.parameters() | data.probe.attrs | data.held_out_attrs
-    parameters |= {"rule": RULE, "start": start, "stop": stop, "per_example": per_example}
-    parameters |= {"checked_checkpoints": list(result.checked)}
+    parameters |= {"rule": RULE, "start": span.start, "stop": span.stop}
+    parameters |= {"per_example": per_example, "checked_checkpoints": list(result.checked)}
     dataset = _dataset(result, json.loads(json.dumps(parameters)))
-    _write(family.run(size, seed), name, dataset)
-    return dataset.assign_attrs(store=str(family.path), size=size, seed=seed, name=name)
-
-
-def _on_cluster(call, parts, chosen, data, per_example, workers, scheduler) -> list[SpanResult]:
-    with dask_client(scheduler=scheduler, workers=workers) as client:
-        shared = client.scatter(data, broadcast=True)
-        futures = [
-            client.submit(attribute_span, *call, part, chosen, shared, per_example, pure=False)
-            for part in parts
-        ]
-        return client.gather(futures)
+    write_rows(span, name, dataset, ATTRIBUTION)
+    return dataset.assign_attrs(store=str(span.family.path), size=size, seed=seed, name=name)
 
 
 def _dataset(result: SpanResult, parameters: dict[str, Any]) -> xr.Dataset:
@@ -143,23 +126,6 @@ def _dataset(result: SpanResult, parameters: dict[str, Any]) -> xr.Dataset:
     return xr.Dataset(variables, coords={"train_step": steps}, attrs=parameters)
 
 
-def _write(reader, name: str, dataset: xr.Dataset) -> None:
-    """Store the dataset's rows and scalars as ``<run>/attribution/<name>`` (replacing it)."""
-    rows = [v for v in (*STEP_VARIABLES, *EXAMPLE_VARIABLES) if v in dataset]
-    writer = AnalysisWriter(
-        reader,
-        name,
-        attrs=dict(dataset.attrs),
-        variables={v: (dataset[v].dims[1:], dataset[v].shape[1:]) for v in rows},
-        constants={v: ((), dataset[v].values) for v in SCALARS},
-        recompute=True,
-        kind=ATTRIBUTION,
-        dtypes={v: str(dataset[v].dtype) for v in rows},
-    )
-    writer.append(dataset["train_step"].values, {v: dataset[v].values for v in rows})
-    writer.flush()
-
-
 def attribution(store: str | Path, *, size: str, seed: int, name: str) -> xr.Dataset:
     """An attribution stored by :func:`attribute`, read back (the same values and attributes).
 
@@ -168,16 +134,8 @@ def attribution(store: str | Path, *, size: str, seed: int, name: str) -> xr.Dat
     StoreError
         If the run has no attribution of that name (the message lists the stored ones).
     """
-    family = FamilyStore(store)
-    reader = family.run(size, seed)
-    rows, arrays, parameters = read_results(reader, name, kind=ATTRIBUTION)
-    dataset = xr.Dataset(
-        {key: (dims, values) for key, (dims, values) in arrays.items()},
-        coords={"train_step": rows},
-        attrs=parameters,
-    )
-    ordered = [v for v in (*STEP_VARIABLES, *SCALARS, *EXAMPLE_VARIABLES) if v in dataset]
-    return dataset[ordered].assign_attrs(store=str(family.path), size=size, seed=seed, name=name)
+    order = (*STEP_VARIABLES, *SCALARS, *EXAMPLE_VARIABLES)
+    return read_rows(store, size=size, seed=seed, name=name, kind=ATTRIBUTION, order=order)
 
 
 def top_examples(att: xr.Dataset, k: int = 10, *, sign: str = "positive") -> pd.DataFrame:

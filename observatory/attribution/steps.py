@@ -22,9 +22,8 @@ import torch
 
 from observatory.analysis.protocol import SharedData
 from observatory.attribution.examples import ExampleTerms
+from observatory.attribution.spans import check_stop, flat_weights
 from observatory.attribution.targets import ChosenTarget, value_and_gradient
-from observatory.errors import StoreError
-from observatory.models import stack_layers
 from observatory.train.replay import ReplaySource
 from observatory.train.step import recipe
 
@@ -56,19 +55,6 @@ class SpanResult:
     examples: np.ndarray | None = None
     indices: np.ndarray | None = None
     checked: tuple[int, ...] = field(default=())
-
-
-def spans(source: ReplaySource, start: int, stop: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` split at the run's keyframes: the tasks' spans, in order."""
-    keyframes = source.reader.keyframe_steps()
-    inner = [int(k) for k in keyframes if start < k < stop]
-    edges = [start, *inner, stop]
-    return list(zip(edges[:-1], edges[1:], strict=True))
-
-
-def flat_weights(model) -> torch.Tensor:
-    """The weights flattened in ``named_parameters`` order (float64, a copy)."""
-    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
 
 
 def attribute_span(
@@ -115,7 +101,7 @@ def attribute_span(
                 examples.begin(model, source.corpus.batch(indices[step - start]))
         values.append(value)
         previous = (gradient, weights)
-    checked = _check_stop(source, stop, model)
+    checked = check_stop(source, stop, model, "; did the target change the model?")
     return SpanResult(
         start=start,
         stop=stop,
@@ -125,25 +111,6 @@ def attribute_span(
         indices=np.asarray(indices, dtype=np.int64) if per_example else None,
         checked=checked,
     )
-
-
-def _check_stop(source: ReplaySource, stop: int, model) -> tuple[int, ...]:
-    """Compare the weights at ``stop`` with the stored checkpoint there, if there is one.
-
-    The target's evaluations must leave the trajectory as training had it: a difference means
-    a target changed the model (or the replay diverged), and every term after it is wrong.
-    """
-    if stop not in set(source.reader.steps().tolist()):
-        return ()
-    stored = source.reader.parameters_at(stop)
-    here = stack_layers({name: p.detach() for name, p in model.named_parameters()})
-    for name, values in stored.items():
-        if not np.array_equal(np.asarray(here[name]), values):
-            raise StoreError(
-                f"{source.reader.run.path}: the weights replayed to step {stop} differ from the "
-                f"stored checkpoint ({name}); did the target change the model?"
-            )
-    return (stop,)
 
 
 def combine(results: list[SpanResult]) -> SpanResult:

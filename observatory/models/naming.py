@@ -83,8 +83,11 @@ def is_stacked(name: str) -> bool:
     return ".layers." in "." + name and stacked_name(name)[1] is None
 
 
-def stack_layers(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Copy per-layer tensors into float32 numpy arrays stacked along a leading ``layer`` dim.
+def stack_layers(
+    tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> dict[str, np.ndarray]:
+    """Copy per-layer tensors into numpy arrays (float32, or ``dtype``) stacked along a leading
+    ``layer`` dim.
 
     ``{"a.layers.0.w": t0, "a.layers.1.w": t1, "b": u}`` becomes
     ``{"a.layers.w": stack([t0, t1]), "b": u}``.  Always copies, so the result is a snapshot.
@@ -92,7 +95,7 @@ def stack_layers(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     groups: dict[str, dict[int, np.ndarray]] = {}
     out: dict[str, np.ndarray] = {}
     for name, tensor in tensors.items():
-        array = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+        array = tensor.detach().to(device="cpu", dtype=dtype).numpy()
         stacked, layer = stacked_name(name)
         if layer is None:
             out[name] = array.copy()

@@ -44,6 +44,7 @@ from observatory.store.reader import FamilyStore, RunReader
 from observatory.store.results import (
     ANALYSIS,
     ATTRIBUTION,
+    DYNAMICS,
     AnalysisWriter,
     ResultKind,
     analyses,
@@ -73,6 +74,7 @@ __all__ = [
     "WRITE_PIECE",
     "ANALYSIS",
     "ATTRIBUTION",
+    "DYNAMICS",
     "AnalysisWriter",
     "Checkpoint",
     "FamilyStore",

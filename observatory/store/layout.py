@@ -66,6 +66,7 @@ ATTRS_KEY = "observatory"
 STATE_GROUP = "state"
 ANALYSIS_GROUP = "analysis"
 ATTRIBUTION_GROUP = "attribution"  # attributions along the trajectory, by training step
+DYNAMICS_GROUP = "dynamics"  # per-step gradient and update norms of a replay, by training step
 MOMENTS = ("exp_avg", "exp_avg_sq")
 KEYFRAME = "keyframe"  # the axis of the training state, and the array of its steps
 WEIGHTS_SHA256 = "weights_sha256"  # the ledger: a hash of each checkpoint's weights

@@ -5,7 +5,8 @@ holds one array per result variable with a leading ``step`` dim, plus a ``step``
 which checkpoint each row belongs to (in any order, extended last, so readers only see finished
 rows).  Attributions (:mod:`observatory.attribution`) use the same machinery with rows of
 training steps: ``<run>/attribution/<name>`` with a leading ``train_step`` dim and a
-``train_step`` array (see :class:`ResultKind`).  The group is created with the first rows
+``train_step`` array (see :class:`ResultKind`), and so do the training dynamics of a replay
+(``<run>/dynamics/<name>``).  The group is created with the first rows
 of validated results, and readers ignore a group whose row array lists nothing: a job that
 fails before its first rows leaves nothing a reader sees.
 """
@@ -26,6 +27,7 @@ from observatory.store.integrity import checked_read
 from observatory.store.layout import (
     ANALYSIS_GROUP,
     ATTRIBUTION_GROUP,
+    DYNAMICS_GROUP,
     WRITE_CONFIG,
     attrs_of,
     compressors,
@@ -60,6 +62,7 @@ class ResultKind:
 
 ANALYSIS = ResultKind(ANALYSIS_GROUP, "step", "analysis")
 ATTRIBUTION = ResultKind(ATTRIBUTION_GROUP, "train_step", "attribution")
+DYNAMICS = ResultKind(DYNAMICS_GROUP, "train_step", "training dynamics")
 
 
 def analysis_group(
@@ -184,7 +187,7 @@ class AnalysisWriter:
         Replace existing results (at the first flush with rows).
     kind
         What the rows are: checkpoints (:data:`ANALYSIS`, the default) or training steps
-        (:data:`ATTRIBUTION`).
+        (:data:`ATTRIBUTION`, :data:`DYNAMICS`).
     dtypes
         ``{variable: dtype}`` for variables not stored as float32 (e.g. ``"float64"``,
         ``"int64"``).

@@ -79,6 +79,15 @@ def train_step(
     return loss.detach(), grad_norm
 
 
+def clip_factor(grad_clip: float, grad_norm: float) -> float:
+    """The factor :func:`train_step` scaled a gradient of norm ``grad_norm`` by (1: unclipped).
+
+    ``clip_grad_norm_``'s own rule, so that with the recorded (float32) gradient norm it is the
+    factor training applied.
+    """
+    return min(1.0, grad_clip / (grad_norm + 1e-6)) if grad_clip else 1.0
+
+
 def snapshot(
     model, optimizer, step: int, tokens_per_step: int, state: bool, rng: torch.Tensor | None = None
 ) -> Checkpoint:

@@ -44,3 +44,39 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert tree_bytes(tiny_store) == before
+
+
+def test_dynamics_prints_the_summary_and_stores_it(tiny_store, capsys):
+    assert main(["dynamics", str(tiny_store), *ARGS]) == 0
+    out = capsys.readouterr().out
+    assert "update ratio |dw|/|w|: median" in out and "clipped in" in out
+    assert "gpt_neox.layers.1.attention.query_key_value.weight" in out and "L1H" in out
+    assert "stored as l2-d16/seed0/dynamics/steps_2_5" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seed", "7"], "seed"),
+        (["--size", "nope"], "nope"),
+        (["--stop", "99"], "cannot replay steps 2..99"),
+        (["--start", "5"], "stop: must be after start (5), got 5"),
+        (["--start", "6"], "stop: must be after start (6), got 5"),
+        (["--start", "-1"], "start: must be at least 0"),
+        (["--name", "not a name"], "name: expected an identifier"),
+    ],
+)
+def test_dynamics_bad_input_is_one_line_exit_2_and_changes_nothing(
+    tiny_store, capsys, extra, message
+):
+    before = tree_bytes(tiny_store)
+    assert main(["dynamics", str(tiny_store), *ARGS, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert tree_bytes(tiny_store) == before
+
+
+def test_dynamics_of_the_first_step_says_it_has_no_cosine(tiny_store, capsys):
+    args = ["dynamics", str(tiny_store), "--size", "l2-d16", "--seed", "0"]
+    assert main([*args, "--start", "0", "--stop", "1"]) == 0
+    assert "cosine of consecutive updates: none" in capsys.readouterr().out

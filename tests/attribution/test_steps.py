@@ -8,10 +8,8 @@ import torch
 import xarray as xr
 
 import observatory as obs
-from observatory.attribution.steps import spans
 from observatory.errors import StoreError
 from observatory.store import FamilyStore
-from observatory.train.replay import ReplaySource
 
 
 def best_induction_head(store) -> dict[str, int]:
@@ -46,12 +44,6 @@ def test_step_terms_sum_to_the_measured_change(tiny_store):
     xr.testing.assert_identical(
         att, obs.attribution(tiny_store, size="l2-d16", seed=0, name="induction_score")
     )
-
-
-def test_spans_split_at_keyframes(tiny_store):
-    source = ReplaySource.open(tiny_store, size="l2-d16", seed=0, strict=True)
-    assert spans(source, 3, 9) == [(3, 4), (4, 5), (5, 8), (8, 9)]
-    assert spans(source, 5, 8) == [(5, 8)]
 
 
 def test_a_target_that_changes_the_model_is_caught(tiny_store):

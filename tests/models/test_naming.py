@@ -25,6 +25,15 @@ def test_stacking_round_trips_and_names_layers():
         assert torch.equal(restored[name], param.detach())
 
 
+def test_stacking_keeps_a_wider_dtype_when_asked():
+    values = torch.tensor([1.0 + 2.0**-40, 2.0], dtype=torch.float64)
+    tensors = {"a.layers.0.w": values, "a.layers.1.w": -values, "b": values}
+    stacked = stack_layers(tensors, dtype=torch.float64)
+    assert stacked["a.layers.w"].dtype == np.float64 and stacked["b"].dtype == np.float64
+    assert np.array_equal(stacked["a.layers.w"], np.stack([values.numpy(), -values.numpy()]))
+    assert stack_layers(tensors)["b"][0] == 1.0  # float32 by default: the 2**-40 is rounded off
+
+
 def test_transformer_lens_views_match_hand_slices_of_hf_weights():
     model = build_model(ModelSpec("gpt_neox", 20, (SIZE,)), SIZE, init_seed=0)
     weights = model_weights(model)

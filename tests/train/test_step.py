@@ -42,3 +42,16 @@ def test_cuda_training_is_deterministic_and_records_the_gpu(tmp_path):
     train_family(spec, store=tmp_path / "c.zarr", progress=False, stop_after=9)
     train_family(spec, store=tmp_path / "c.zarr", progress=False, resume=True)
     assert_stores_identical(first, tmp_path / "c.zarr")
+
+
+@pytest.mark.parametrize(("grad_clip", "scale"), [(1.0, 3.0), (1.0, 0.25), (0.0, 3.0)])
+def test_clip_factor_is_the_factor_clipping_applied(grad_clip, scale):
+    from observatory.train.step import clip_factor
+
+    param = torch.nn.Parameter(torch.zeros(5))
+    param.grad = torch.linspace(-1, 1, 5) * scale
+    before = param.grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_([param], grad_clip or float("inf"))
+    factor = clip_factor(grad_clip, float(norm))
+    torch.testing.assert_close(param.grad, before * factor, rtol=1e-6, atol=0)
+    assert (factor < 1) == bool(grad_clip and norm > grad_clip)
