@@ -404,18 +404,27 @@ def format_dynamics(ds: xr.Dataset, heads: int = 5) -> str:
     for i, block in enumerate(ds["block"].values):
         ratios = ds["block_update_ratio"].values[:, i]
         at = _largest(ratios)
-        lines.append(f"{block:<52} {_median(ratios):>12.3g} {ratios[at]:>10.3g} {steps[at]:>8}")
-    summed = ds["head_update_ratio"].sum("train_step").values
-    order = np.argsort(-summed, axis=None, kind="stable")[:heads]
+        lines.append(
+            f"{block:<52} {finite_median(ratios):>12.3g} {ratios[at]:>10.3g} {steps[at]:>8}"
+        )
     lines.append(f"{'head':<6} {'summed ratio':>12} {'largest':>10} {'at step':>8}")
-    for layer, head in zip(*np.unravel_index(order, summed.shape), strict=True):
+    for layer, head, summed in moved_heads(ds, heads):
         ratios = ds["head_update_ratio"].values[:, layer, head]
         at = _largest(ratios)
-        lines.append(
-            f"{f'L{layer}H{head}':<6} {summed[layer, head]:>12.3g} {ratios[at]:>10.3g} "
-            f"{steps[at]:>8}"
-        )
+        lines.append(f"{f'L{layer}H{head}':<6} {summed:>12.3g} {ratios[at]:>10.3g} {steps[at]:>8}")
     return "\n".join(lines)
+
+
+def moved_heads(ds: xr.Dataset, n: int) -> list[tuple[int, int, float]]:
+    """The ``n`` heads that moved most over a result's span: ``(layer, head, summed ratio)``,
+    by ``head_update_ratio`` summed over the steps, largest first (ties: the first head)."""
+    summed = ds["head_update_ratio"].sum("train_step").transpose("layer", "head").values
+    order = np.argsort(-summed, axis=None, kind="stable")[:n]
+    where = np.unravel_index(order, summed.shape)
+    return [
+        (int(layer), int(head), float(summed[layer, head]))
+        for layer, head in zip(*where, strict=True)
+    ]
 
 
 def _largest(values: np.ndarray) -> int:
@@ -424,8 +433,9 @@ def _largest(values: np.ndarray) -> int:
     return int(np.argmax(np.where(np.isfinite(values), values, -np.inf)))
 
 
-def _median(values: np.ndarray) -> float:
-    """The median of the finite values (NaN if none)."""
+def finite_median(values: np.ndarray) -> float:
+    """The median of the finite values (NaN if none): ratios are infinite where weights are
+    zero, cosines NaN where there is no update before."""
     known = values[np.isfinite(values)]
     return float(np.median(known)) if known.size else float("nan")
 
@@ -438,6 +448,6 @@ def _summary(values: np.ndarray, steps: np.ndarray) -> str:
     low = int(np.argmin(np.where(np.isfinite(values), values, np.inf)))
     high = _largest(values)
     return (
-        f"median {_median(values):.3g}, smallest {values[low]:.3g} at step {steps[low]}, "
+        f"median {finite_median(values):.3g}, smallest {values[low]:.3g} at step {steps[low]}, "
         f"largest {values[high]:.3g} at step {steps[high]}"
     )

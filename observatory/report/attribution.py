@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from observatory.report.results import stored_results
 from observatory.report.summary import Summary, head_label
 
 N_WINDOWS = 5  # rows per sign in the top-windows table
@@ -71,20 +72,15 @@ def load_attributions(ds: xr.Dataset, result: Summary) -> Attributions:
     Attributions
         Listing the runs' attribution groups is all a store without attributions costs.
     """
-    from observatory.store import ATTRIBUTION, FamilyStore, analyses
+    from observatory.store import ATTRIBUTION
 
-    family, size = FamilyStore(ds.attrs["store"]), str(ds.attrs["size"])
-    stored = [
-        (int(seed), name)
-        for seed in ds["seed"].values
-        for name in sorted(analyses(family.run(size, int(seed)), kind=ATTRIBUTION))
-    ]
+    stored = stored_results(ds, ATTRIBUTION)
     results, windows = [], []
     if stored:  # the attribution package (torch, the replay) only where there is something
         from observatory.attribution.results import attribution
 
         for seed, name in stored:
-            att = attribution(family.path, size=size, seed=seed, name=name)
+            att = attribution(ds.attrs["store"], size=str(ds.attrs["size"]), seed=seed, name=name)
             results.append(att)
             windows.append(_top_windows(att) if "example_contribution" in att else None)
     return Attributions(results, windows, *attribute_command(ds, result))
@@ -124,6 +120,22 @@ def attribute_command(ds: xr.Dataset, result: Summary) -> tuple[str, str]:
     purpose : str
         What it attributes, in words.
     """
+    seed, row = bump_seed(ds, result)
+    layer, head, what = "L", "H", f"an induction head's score in seed {seed}"
+    if row["best_layer"] >= 0:
+        layer, head = str(int(row["best_layer"])), str(int(row["best_head_in_layer"]))
+        what = f"the score of seed {seed}'s best induction head ({row['best_head']})"
+    start, stop, where = bump_span(row)
+    words = ["observatory", "attribute", str(ds.attrs["store"]), "--size", str(ds.attrs["size"])]
+    words += ["--seed", str(seed), "--start", start, "--stop", stop]
+    words += ["--target", "induction_score", "--option", f"layer={layer}"]
+    words += ["--option", f"head={head}", "--per-example"]
+    return shlex.join(words), f"{what} {where}"
+
+
+def bump_seed(ds: xr.Dataset, result: Summary) -> tuple[int, pd.Series]:
+    """The first seed of ``ds`` with a best head and a loss bump (seeds used in the statistics
+    first; else the first with most of these), and its row of ``result.per_seed``."""
     rows = result.per_seed.loc[[int(seed) for seed in ds["seed"].values]]
     seed, row = min(
         rows.iterrows(),
@@ -133,20 +145,17 @@ def attribute_command(ds: xr.Dataset, result: Summary) -> tuple[str, str]:
             item[1]["left_out"] != "",
         ),
     )
-    layer, head, what = "L", "H", f"an induction head's score in seed {seed}"
-    if row["best_layer"] >= 0:
-        layer, head = str(int(row["best_layer"])), str(int(row["best_head_in_layer"]))
-        what = f"the score of seed {seed}'s best induction head ({row['best_head']})"
-    start, stop, where = "START", "STOP", "over the steps you choose (no loss bump found)"
-    if math.isfinite(row["bump_start_step"]):
-        first = int(math.floor(row["bump_start_step"]))
-        start, stop = str(first), str(max(int(math.ceil(row["bump_end_step"])), first + 1))
-        where = f"across its loss bump (steps {start}-{stop})"
-    words = ["observatory", "attribute", str(ds.attrs["store"]), "--size", str(ds.attrs["size"])]
-    words += ["--seed", str(seed), "--start", start, "--stop", stop]
-    words += ["--target", "induction_score", "--option", f"layer={layer}"]
-    words += ["--option", f"head={head}", "--per-example"]
-    return shlex.join(words), f"{what} {where}"
+    return int(seed), row
+
+
+def bump_span(row: pd.Series) -> tuple[str, str, str]:
+    """A seed's loss bump as command arguments: its first step, its last (at least one more)
+    and where that is in words; ``START``, ``STOP`` placeholders without a bump."""
+    if not math.isfinite(row["bump_start_step"]):
+        return "START", "STOP", "over the steps you choose (no loss bump found)"
+    first = int(math.floor(row["bump_start_step"]))
+    start, stop = str(first), str(max(int(math.ceil(row["bump_end_step"])), first + 1))
+    return start, stop, f"across its loss bump (steps {start}-{stop})"
 
 
 def target_label(att: xr.Dataset) -> str:

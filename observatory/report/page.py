@@ -20,6 +20,7 @@ import pandas as pd
 
 from observatory.report import tables
 from observatory.report.attribution import attribution_html
+from observatory.report.dynamics import dynamics_html
 from observatory.report.registry import ReportFigure, Section
 from observatory.report.summary import BRANCHES_NOTE
 from observatory.report.text import text_html
@@ -27,6 +28,7 @@ from observatory.report.transitions import transition_summary
 
 ATTENTION_FIGURE = "attention_patterns"  # a text family's text goes under it
 ATTRIBUTION_FIGURE = "attribution"  # the attribution section goes around it
+DYNAMICS_FIGURE = "dynamics"  # the dynamics section goes above it
 # (a written figure's file, its declaration)
 Drawn = tuple[Path, ReportFigure]
 
@@ -108,28 +110,28 @@ def _size_html(section: Section, figures: list[Drawn], heading: str | None) -> l
 
 
 def _figures_html(section: Section, figures: list[Drawn], sub: str) -> list[str]:
-    """Every figure with its title and caption; a text family's text under the attention
-    patterns and the attribution section around its figure (at the end where not drawn)."""
-    text = text_html(section.text, sub) if section.text is not None else []
-    above, below = [], []
+    """Every figure with its title and caption, and the text that goes around some (what goes
+    above and below them, at the end where the figure is not drawn): a text family's text under
+    the attention patterns, the attribution and dynamics sections around their figures."""
+    around = {
+        ATTENTION_FIGURE: ([], text_html(section.text, sub) if section.text is not None else [])
+    }
     if section.attribution is not None:
-        above, below = attribution_html(section.attribution, sub)
+        around[ATTRIBUTION_FIGURE] = attribution_html(section.attribution, sub)
+    if section.dynamics is not None:
+        around[DYNAMICS_FIGURE] = (dynamics_html(section.dynamics, sub), [])
     parts = []
     for target, drawn in figures:
-        if target.stem == ATTRIBUTION_FIGURE:
-            parts, above = parts + above, []
+        above, below = around.pop(target.stem, ([], []))
         data = base64.b64encode(target.read_bytes()).decode("ascii")
         title = html.escape(drawn.title)
-        parts += [
+        parts += above + [
             f'<figure id="{html.escape(target.stem)}"><{sub}>{title}</{sub}>',
             f'<img src="data:image/png;base64,{data}" alt="{title}">',
             f"<figcaption>{html.escape(drawn.caption)}</figcaption></figure>",
+            *below,
         ]
-        if target.stem == ATTENTION_FIGURE:  # the text under the attention patterns
-            parts, text = parts + text, []
-        if target.stem == ATTRIBUTION_FIGURE:
-            parts, below = parts + below, []
-    return parts + text + above + below
+    return parts + [part for above, below in around.values() for part in above + below]
 
 
 def _alignment_html(section: Section, sub: str) -> list[str]:

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 from observatory.errors import SpecError
 from observatory.report.attribution import Attributions
+from observatory.report.dynamics import Dynamics
 from observatory.report.summary import SeedAlignment, Summary
 from observatory.report.text import TextExamples
 
@@ -60,6 +61,9 @@ class Section:
         The attributions stored in the runs drawn, as from
         :func:`~observatory.report.attribution.load_attributions` (None: results given as a
         dataset, not a store).
+    dynamics
+        The training dynamics stored in the runs drawn, as from
+        :func:`~observatory.report.dynamics.load_dynamics` (None: results given as a dataset).
     """
 
     ds: xr.Dataset
@@ -71,6 +75,7 @@ class Section:
     branches: xr.Dataset | None = None
     transitions: pd.DataFrame | None = None
     attribution: Attributions | None = None
+    dynamics: Dynamics | None = None
 
 
 @dataclass(frozen=True, eq=False)

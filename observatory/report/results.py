@@ -11,7 +11,7 @@ import xarray as xr
 
 from observatory.query import open_family, resolve_size
 from observatory.report.summary import SUMMARY_REQUIRED, Summary, check_results, summarize
-from observatory.store import FamilyStore, analyses, analysis_parameters
+from observatory.store import FamilyStore, ResultKind, analyses, analysis_parameters
 
 
 def load_results(
@@ -187,3 +187,14 @@ def summary(
     return summarize(
         ds, threshold=threshold, include_incomplete=include_incomplete, branches=branches
     )
+
+
+def stored_results(ds: xr.Dataset, kind: ResultKind) -> list[tuple[int, str]]:
+    """``(seed, name)`` of every result of ``kind`` (e.g. ``ATTRIBUTION``) stored in the runs of
+    the seeds of ``ds`` (``attrs``: ``store``, ``size``), by seed then name."""
+    family, size = FamilyStore(ds.attrs["store"]), str(ds.attrs["size"])
+    return [
+        (int(seed), name)
+        for seed in ds["seed"].values
+        for name in sorted(analyses(family.run(size, int(seed)), kind=kind))
+    ]

@@ -13,6 +13,7 @@ from observatory.errors import StoreError
 from observatory.jobs.job_spec import HeldOutSpec
 from observatory.report import interactive, tables
 from observatory.report.attribution import load_attributions, write_attribution
+from observatory.report.dynamics import load_dynamics, write_dynamics
 from observatory.report.figures import FIGURES
 from observatory.report.page import Drawn, html_page
 from observatory.report.registry import ReportFigure, Section, collect, user_figures
@@ -87,8 +88,9 @@ def write_report(
         ``transitions.csv`` and ``transitions.json`` (where at least 2 seeds have
         ``per_token_loss`` results: see :func:`~observatory.report.transitions.transitions`),
         ``attribution.csv`` and ``attribution_windows.csv`` (where the runs hold
-        attributions: see :mod:`~observatory.report.attribution`) and, with several sizes,
-        ``sizes.csv``.
+        attributions: see :mod:`~observatory.report.attribution`), ``dynamics.csv`` (where
+        they hold training dynamics: see :mod:`~observatory.report.dynamics`) and, with
+        several sizes, ``sizes.csv``.
 
     Raises
     ------
@@ -184,6 +186,7 @@ def _section(
         branches=branches,
         transitions=_transitions(ds, windows=models),
         attribution=load_attributions(ds, result) if models else None,
+        dynamics=load_dynamics(ds, result) if models else None,
     )
 
 
@@ -258,4 +261,6 @@ def _write_tables(section: Section, out: Path) -> list[Path]:
         written += write_transitions(section.transitions, out)
     if section.attribution is not None:
         written += write_attribution(section.attribution, out)
+    if section.dynamics is not None:
+        written += write_dynamics(section.dynamics, out)
     return written

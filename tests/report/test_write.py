@@ -24,9 +24,11 @@ def report(tmp_path_factory):
 
 
 # the synthetic results have no tl_* scores, ablations, attention patterns, LLC estimates,
-# branches, control size, circuits, per-token losses or store to read attributions from
+# branches, control size, circuits, per-token losses or store to read attributions and
+# training dynamics from
 OPTIONAL = {
     "attribution.png",
+    "dynamics.png",
     "induction_heatmaps_tl.png",
     "head_ablation.png",
     "attention_patterns.png",

@@ -10,6 +10,7 @@ from observatory.report.figures import (
     attribution,
     branches,
     causal,
+    dynamics,
     heads,
     llc,
     losses,
@@ -19,7 +20,7 @@ from observatory.report.registry import ReportFigure, collect, figures_of
 
 FIGURES: dict[str, ReportFigure] = collect(
     found
-    for module in (losses, heads, causal, llc, branches, attribution, transitions)
+    for module in (losses, heads, causal, llc, branches, attribution, dynamics, transitions)
     for found in figures_of(module)
 )
 

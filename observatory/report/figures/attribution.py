@@ -7,13 +7,10 @@ import math
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from observatory.report.attribution import result_label, step_table, target_label
 from observatory.report.figures import common
 from observatory.report.registry import Section, figure
-
-BUMP_COLOUR = "0.88"
 
 
 @figure("attribution.png", title="Attribution: which updates moved the target")
@@ -39,7 +36,7 @@ def attribution(section: Section) -> Figure | None:
         _values_panel(value_ax, att)
         _terms_panel(term_ax, att)
         for ax in (value_ax, term_ax):
-            _shade_bump(ax, row, int(att.attrs["start"]), int(att.attrs["stop"]))
+            common.shade_bump_within(ax, row, int(att.attrs["start"]), int(att.attrs["stop"]))
         row_figure.suptitle(_title(att), fontsize="medium")
         axes += [value_ax, term_ax]
     common.legend_below(figure, axes)
@@ -79,15 +76,6 @@ def _terms_panel(ax, att: xr.Dataset) -> None:
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel("update k (θ_k → θ_k+1)")
     ax.set_ylabel("step contribution")
-
-
-def _shade_bump(ax, row: dict, start: int, stop: int) -> None:
-    """The loss bump's part inside ``[start, stop]``, shaded; the x axis is the span."""
-    low, high = row.get("bump_start_step", math.nan), row.get("bump_end_step", math.nan)
-    if math.isfinite(low) and math.isfinite(high) and low < stop and high > start:
-        ax.axvspan(max(low, start), min(high, stop), color=BUMP_COLOUR, zorder=0, label="loss bump")
-    ax.set_xlim(start, stop)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _title(att: xr.Dataset) -> str:

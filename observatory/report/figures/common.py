@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import xarray as xr
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from observatory.report.summary import Summary
+
+SPAN_BUMP_COLOUR = "0.88"  # opaque, under the data: a span's figures draw bars over it
 
 
 def tab_colour(index: int) -> tuple[float, ...]:
@@ -96,6 +101,18 @@ def shade_bump(
         return False
     ax.axvspan(row["bump_start_step"], row["bump_end_step"], color=colour, alpha=alpha, label=label)
     return True
+
+
+def shade_bump_within(ax, row: dict, start: int, stop: int) -> None:
+    """The seed's loss bump, shaded where it overlaps the training steps ``[start, stop]``,
+    which become the x axis (integer ticks): for figures of a span of updates."""
+    low, high = row.get("bump_start_step", math.nan), row.get("bump_end_step", math.nan)
+    if math.isfinite(low) and math.isfinite(high) and low < stop and high > start:
+        ax.axvspan(
+            max(low, start), min(high, stop), color=SPAN_BUMP_COLOUR, zorder=0, label="loss bump"
+        )
+    ax.set_xlim(start, stop)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def previous_token_head(ds: xr.Dataset, seed) -> tuple[int, int]:
