@@ -226,7 +226,7 @@ class ReplaySource:
                     lr=course.lr(step),
                     grad_clip=spec.optimizer.grad_clip,
                     before_update=inspect,
-                    hooks=hooks if step >= course.fork else None,
+                    hooks=hooks(step),
                 )
                 rng = torch.get_rng_state()
             if step + 1 in yield_at:
