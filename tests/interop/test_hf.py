@@ -285,9 +285,7 @@ def branched(trained_tiny, tmp_path_factory):
 def test_a_branch_exports_as_a_run_with_its_provenance_and_ingest_keeps_it(
     branched, branch, tmp_path, capsys
 ):
-    from safetensors.numpy import load_file
-
-    from observatory.models import unstack_layers
+    from observatory.models import stack_layers
 
     _, store = branched
     reader = FamilyStore(store).run(SIZE, 1, branch)
@@ -296,11 +294,13 @@ def test_a_branch_exports_as_a_run_with_its_provenance_and_ingest_keeps_it(
     steps = [int(step) for step in reader.steps()]  # the parent's before the fork, then its own
     assert sorted(int(p.name.removeprefix("step")) for p in out.glob("step*")) == steps
     for step in steps:
-        stored = unstack_layers(reader.parameters_at(step))
-        loaded = load_file(out / f"step{step}" / "model.safetensors")
-        assert set(loaded) == set(stored)
+        loaded = AutoModelForCausalLM.from_pretrained(out / f"step{step}")
+        assert loaded.dtype == torch.float32
+        read_back = stack_layers(dict(loaded.named_parameters()))
+        stored = reader.parameters_at(step)
+        assert set(read_back) == set(stored)
         for name, values in stored.items():
-            assert loaded[name].tobytes() == values.numpy().tobytes(), (step, name)
+            assert read_back[name].tobytes() == values.tobytes(), (step, name)
     provenance = json.loads((out / "observatory.json").read_text())
     record = provenance["branch"]
     assert (record["name"], record["path"], record["fork"]) == (branch, path, reader.branch["fork"])
