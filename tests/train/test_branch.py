@@ -15,6 +15,7 @@ from tests.conftest import assert_bit_identical, tree_bytes, write_spec
 
 FORK = 7  # no checkpoint of the tiny schedule: the fork's state comes from a replay
 NESTED_FORK = 12  # no checkpoint either: replayed through the parent branch, with its hooks
+OUTER = Intervention(ablate_heads=((0, 1),), lr=2e-3)  # the parent branch of nested ones
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,7 @@ def test_the_branch_command_trains_verifies_and_inspects(family, tmp_path, capsy
 def test_a_branch_of_a_branch_with_no_intervention_is_its_parent_bit_for_bit(family):
     import observatory as obs
 
-    outer = ensure(family, "outer", Intervention(ablate_heads=((0, 1),), lr=2e-3))
+    outer = ensure(family, "outer", OUTER)
     inner = ensure(family, "outer/inner", at=NESTED_FORK)
     assert inner.run.path == "l2-d16/seed0/branches/outer/branches/inner"
     assert inner.branch["parent"] == {"size": "l2-d16", "seed": 0, "branch": "outer"}
@@ -242,11 +243,24 @@ def test_a_branch_of_a_branch_with_no_intervention_is_its_parent_bit_for_bit(fam
     assert loss.values.tobytes() == outer.metrics()["loss"].tobytes()
 
 
+def test_a_killed_branch_of_a_branch_resumes_bit_identically(family):
+    ensure(family, "outer", OUTER)
+    inner = ensure(family, "outer/inner", at=NESTED_FORK)
+    branch(family, "killed", branch="outer", at=NESTED_FORK, stop_after=3)
+    killed = FamilyStore(family[1]).run("l2-d16", 0, "outer/killed")
+    assert not killed.complete
+    assert branch(family, "killed", branch="outer", at=NESTED_FORK, resume=True).complete
+    killed = FamilyStore(family[1]).run("l2-d16", 0, "outer/killed")
+    assert list(killed.steps()) == list(inner.steps())
+    for step in inner.own_steps():
+        assert_same_arrays(state_at(inner, int(step)), state_at(killed, int(step)))
+
+
 def test_a_branch_of_a_branch_takes_both_interventions_in_training_replay_and_verify(family):
     from observatory.jobs.verify import _tasks, replay_span, verify_store
 
     _, store = family
-    outer = ensure(family, "outer", Intervention(ablate_heads=((0, 1),), lr=2e-3))
+    outer = ensure(family, "outer", OUTER)
     second = ensure(
         family, "outer/second", Intervention(ablate_heads=((1, 1),), ablation="mean"), at=16
     )
@@ -289,7 +303,7 @@ def test_branches_on_two_dask_workers_are_bit_identical_to_branches_trained_here
     from observatory.cli import main
 
     spec, store = family
-    ensure(family, "outer", Intervention(ablate_heads=((0, 1),), lr=2e-3))
+    ensure(family, "outer", OUTER)
     runs = ["l2-d16/seed0", "l2-d16/seed0/branches/outer"]
     intervention = Intervention(freeze_heads=((1, 0),), data_seed=11)
     here = train_branches(
