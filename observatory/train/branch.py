@@ -209,7 +209,7 @@ def _plan(family, corpus, parent_id, at, name, intervention, *, resume: bool) ->
     source = _fork_source(parent, at, corpus)
     record = branch_record(parent.run, at, intervention)
     run = dataclasses.replace(parent.run, branch=f"{branch}/{name}" if branch else name)
-    _check_existing(family, parent, run, record, resume=resume)
+    _check_existing(family, run, record, resume=resume)
     above = source.course if parent.branch is not None else None
     course = Course(family.spec, parent.run.data_seed, len(corpus), at, intervention, above)
     return BranchPlan(family.spec, family.path, parent.run, run, at, course, record)
@@ -271,9 +271,7 @@ def _fork_state(source: ReplaySource, at: int) -> Checkpoint:
     return snapshot(model, optimizer, at, source.spec.train.tokens_per_step, True, rng=rng)
 
 
-def _check_existing(
-    family: FamilyStore, parent: RunReader, run: RunId, record: dict, *, resume: bool
-) -> None:
+def _check_existing(family: FamilyStore, run: RunId, record: dict, *, resume: bool) -> None:
     """Refuse a branch that exists (without ``resume``) or a resume with another fork or
     intervention than the branch's own."""
     if run.branch not in family.branches(run.size, run.seed):

@@ -42,6 +42,13 @@ def ensure(family, name, intervention=None, **options):
     return FamilyStore(family[1]).run("l2-d16", 0, name)
 
 
+@pytest.fixture(scope="module")
+def outer(family):
+    """The branch ``outer`` of seed 0 (:data:`OUTER` from :data:`FORK`), the parent of the
+    module's branches of a branch."""
+    return ensure(family, "outer", OUTER)
+
+
 def state_at(reader, step):
     """Every array of the whole training state at a keyframe, and its ledger entries."""
     checkpoint = reader.checkpoint(step)
@@ -215,10 +222,9 @@ def test_the_branch_command_trains_verifies_and_inspects(family, tmp_path, capsy
     assert "l2-d16/seed0/branches/cli/branches/deeper" in out and "verification failed" not in out
 
 
-def test_a_branch_of_a_branch_with_no_intervention_is_its_parent_bit_for_bit(family):
+def test_a_branch_of_a_branch_with_no_intervention_is_its_parent_bit_for_bit(family, outer):
     import observatory as obs
 
-    outer = ensure(family, "outer", OUTER)
     inner = ensure(family, "outer/inner", at=NESTED_FORK)
     assert inner.run.path == "l2-d16/seed0/branches/outer/branches/inner"
     assert inner.branch["parent"] == {"size": "l2-d16", "seed": 0, "branch": "outer"}
@@ -243,8 +249,7 @@ def test_a_branch_of_a_branch_with_no_intervention_is_its_parent_bit_for_bit(fam
     assert loss.values.tobytes() == outer.metrics()["loss"].tobytes()
 
 
-def test_a_killed_branch_of_a_branch_resumes_bit_identically(family):
-    ensure(family, "outer", OUTER)
+def test_a_killed_branch_of_a_branch_resumes_bit_identically(family, outer):
     inner = ensure(family, "outer/inner", at=NESTED_FORK)
     branch(family, "killed", branch="outer", at=NESTED_FORK, stop_after=3)
     killed = FamilyStore(family[1]).run("l2-d16", 0, "outer/killed")
@@ -256,18 +261,16 @@ def test_a_killed_branch_of_a_branch_resumes_bit_identically(family):
         assert_same_arrays(state_at(inner, int(step)), state_at(killed, int(step)))
 
 
-def test_a_branch_of_a_branch_takes_both_interventions_in_training_replay_and_verify(family):
-    from observatory.jobs.verify import _tasks, replay_span, verify_store
+def test_a_branch_of_a_branch_takes_both_interventions_in_training_replay_and_verify(family, outer):
+    from observatory.jobs.verify import _check_run, _tasks, replay_span
 
     _, store = family
-    outer = ensure(family, "outer", OUTER)
     second = ensure(
         family, "outer/second", Intervention(ablate_heads=((1, 1),), ablation="mean"), at=16
     )
     assert not np.array_equal(outer.metrics()["loss"][16:], second.metrics()["loss"][16:])
     assert outer.metrics()["loss"][:16].tobytes() == second.metrics()["loss"][:16].tobytes()
-    verdicts = {v.run: v for v in verify_store(store, quick=True, progress=False)}
-    assert verdicts[second.run.path].failure is None
+    assert _check_run(second).failure is None  # verify's checksums, ledger, lr and batches
     spans = _tasks(second)  # what verify replays on dask, here in this process
     assert spans and spans[0][0] == 16
     for span in spans:
@@ -298,12 +301,11 @@ def test_a_branch_of_a_dropping_branch_drops_both_lists_from_its_parents_stream(
 
 @pytest.mark.slow  # starts a local dask cluster of two worker processes
 def test_branches_on_two_dask_workers_are_bit_identical_to_branches_trained_here(
-    family, tmp_path, capsys
+    family, outer, tmp_path, capsys
 ):
     from observatory.cli import main
 
     spec, store = family
-    ensure(family, "outer", OUTER)
     runs = ["l2-d16/seed0", "l2-d16/seed0/branches/outer"]
     intervention = Intervention(freeze_heads=((1, 0),), data_seed=11)
     here = train_branches(
