@@ -180,6 +180,16 @@ def test_bad_inputs_are_one_line_and_leave_the_store_unchanged(family, tmp_path)
         with pytest.raises(ObservatoryError, match=message) as err:
             branch(family, name, **options)
         assert "\n" not in str(err.value)
+    several = {  # every branch is checked before any trains: the first would train
+        "give each parent once": (["l2-d16/seed0", "l2-d16/seed0"], "new"),
+        "no branch 'nope'": (["l2-d16/seed0", "l2-d16/seed0/branches/nope"], "new"),
+        "expected a run like": (["l2-d16/seed0", "l2-d16/seed0/nope"], "new"),
+        "seed0/branches/same exists": (["l2-d16/seed0/branches/same", "l2-d16/seed0"], "same"),
+    }
+    for message, (runs, name) in several.items():
+        with pytest.raises(ObservatoryError, match=message) as err:
+            train_branches(spec, store=store, runs=runs, at=FORK, name=name, progress=False)
+        assert "\n" not in str(err.value)
     assert tree_bytes(store) == before
 
 
