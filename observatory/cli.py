@@ -266,24 +266,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     after another in this process, or in parallel with --workers or --scheduler (each run uses
     the spec's torch threads).
     """
-    from observatory.jobs.cluster import dask_client, warm_import
     from observatory.spec import load_run_spec
 
     spec = load_run_spec(args.spec)
     # A wrong seed or size fails before anything starts.
     spec.runs(seeds=args.seeds, sizes=args.sizes)
-    # Importing torch takes seconds: this process does it while local workers start and do too.
-    importer = threading.Thread(target=_quietly, args=(warm_import, "observatory.train"))
-    importer.start()
-    cluster = (
-        contextlib.nullcontext()
-        if args.workers is None and args.scheduler is None
-        else dask_client(
-            scheduler=args.scheduler, workers=args.workers or 0, threads=spec.train.threads
-        )
-    )
-    with cluster as client:
-        importer.join()
+    with _training_client(args, spec.train.threads) as client:
         from observatory.train import train_family
 
         options = _same_names(args, "store", "seeds", "sizes", "resume", "progress", "stop_after")
@@ -291,12 +279,37 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"trained into {path}")
 
 
+@contextlib.contextmanager
+def _training_client(args: argparse.Namespace, threads: int):
+    """The dask client of --workers or --scheduler (None: train in this process)."""
+    from observatory.jobs.cluster import dask_client, warm_import
+
+    # Importing torch takes seconds: this process does it while local workers start and do too.
+    importer = threading.Thread(target=_quietly, args=(warm_import, "observatory.train"))
+    importer.start()
+    cluster = (
+        contextlib.nullcontext()
+        if args.workers is None and args.scheduler is None
+        else dask_client(scheduler=args.scheduler, workers=args.workers or 0, threads=threads)
+    )
+    with cluster as client:
+        importer.join()
+        yield client
+
+
 def _branch_parser(commands, options: _Options) -> None:
-    parents = (options.spec_store, options.progress, options.resume)
+    parents = (options.spec_store, options.dask, options.progress, options.resume)
     branch = _command(commands, "branch", _cmd_branch, *parents)
     branch.add_argument("spec", help="the family's run spec (runs/*.toml)")
     branch.add_argument(
-        "--run", required=True, type=_run_path, metavar="SIZE/seedK", help="e.g. l2-d64/seed0"
+        "--run",
+        dest="runs",
+        action="append",
+        required=True,
+        type=_run_path,
+        metavar="RUN",
+        help="the run or branch to fork, e.g. l2-d64/seed0 or l2-d64/seed0/branches/NAME "
+        "(repeat it to branch several, each as one task with --workers or --scheduler)",
     )
     branch.add_argument("--at", required=True, type=int, metavar="STEP", help="the fork step")
     branch.add_argument("--name", required=True, help="the new branch's name")
@@ -330,27 +343,32 @@ def _cmd_branch(args: argparse.Namespace) -> None:
     intervention as JSON and its SHA-256). Interventions: ablate (zero or mean) or freeze heads
     L.H while training; drop corpus windows (a predicate over a window's tokens, or a list);
     re-draw the data order (--data-seed); another learning-rate schedule. Dropped windows are
-    skipped in the parent's data order from the fork on.
+    skipped in the parent's data order from the fork on. A branch can be branched (--run
+    SIZE/seedK/branches/NAME, at or after its fork): the new branch keeps its parent's
+    interventions. Several --run train one after another, or in parallel with --workers or
+    --scheduler, bit-identical either way.
     """
     from observatory.spec import load_run_spec
-    from observatory.train import Intervention, train_branch
 
     spec = load_run_spec(args.spec)
-    intervention = Intervention(
-        drop_windows=args.drop_windows or (),
-        drop_predicate=args.drop,
-        data_seed=args.data_seed,
-        lr=args.lr,
-        schedule=args.schedule,
-        warmup_steps=args.warmup_steps,
-        ablate_heads=args.ablate_head,
-        ablation=args.ablation,
-        freeze_heads=args.freeze_head,
-    )
-    size, seed = args.run
-    options = _same_names(args, "store", "resume", "progress", "stop_after", "at", "name")
-    summary = train_branch(spec, size=size, seed=seed, intervention=intervention, **options)
-    _print_run_summary(summary)
+    options = _same_names(args, "runs", "store", "resume", "progress", "stop_after", "at", "name")
+    with _training_client(args, spec.train.threads) as client:
+        from observatory.train import Intervention, train_branches
+
+        intervention = Intervention(
+            drop_windows=args.drop_windows or (),
+            drop_predicate=args.drop,
+            data_seed=args.data_seed,
+            lr=args.lr,
+            schedule=args.schedule,
+            warmup_steps=args.warmup_steps,
+            ablate_heads=args.ablate_head,
+            ablation=args.ablation,
+            freeze_heads=args.freeze_head,
+        )
+        train_branches(
+            spec, intervention=intervention, **options, on_run_end=_print_run_summary, client=client
+        )
 
 
 def _quietly(function, *args) -> None:
@@ -662,6 +680,13 @@ def _export_parser(commands, options: _Options) -> None:
     which = export.add_mutually_exclusive_group()
     which.add_argument("--seed", type=int, help="one seed index, written straight into --out")
     _add_seeds(which)
+    which.add_argument(
+        "--run",
+        type=_run_path,
+        metavar="RUN",
+        help="one run or branch, written straight into --out: l2-d64/seed0 or "
+        "l2-d64/seed0/branches/NAME (its size is the one in RUN)",
+    )
     export.add_argument(
         "--steps",
         type=_int_list("steps", "0,512,1000 or 0-1000"),
@@ -677,7 +702,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
     (spec, seeds, corpus fingerprint, versions), metrics.csv (loss, lr, grad norm per step) and
     data_order.csv (the corpus index of every sequence of every step up to the last exported
     checkpoint). With --seed the run's folders go straight into --out; otherwise each run gets
-    --out/seed<k>/.
+    --out/seed<k>/. A branch is exported as a run with --run SIZE/seedK/branches/NAME: its
+    checkpoints before the fork are its parent's, and observatory.json holds its provenance
+    (parent, fork step, intervention and its SHA-256, the branches up to the run).
     """
     from observatory.interop.hf import export
 
@@ -688,6 +715,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         seeds=[args.seed] if args.seed is not None else args.seeds,
         steps=args.steps,
         per_seed_folders=args.seed is None,
+        run=args.run,
     )
     _print_paths(f"exported {len(targets)} run{'s' * (len(targets) != 1)}:", targets)
 
@@ -759,12 +787,16 @@ def _int_list(noun: str, example: str) -> Callable[[str], list[int]]:
     return parse
 
 
-def _run_path(text: str) -> tuple[str, int]:
-    """Parse ``"l2-d64/seed0"`` into ``("l2-d64", 0)``."""
-    size, _, seed = text.partition("/seed")
-    if not size or not _DIGITS.fullmatch(seed):
-        raise argparse.ArgumentTypeError(f"expected a run like l2-d64/seed0, got {text!r}")
-    return size, int(seed)
+def _run_path(text: str) -> str:
+    """``text`` if it is a run's path like ``l2-d64/seed0`` or ``l2-d64/seed0/branches/a``."""
+    from observatory.errors import SpecError
+    from observatory.spec import parse_run_path
+
+    try:
+        parse_run_path(text)
+    except SpecError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _head(text: str) -> tuple[int, int]:

@@ -572,7 +572,8 @@ BRANCHES = "branches"  # the group of a run's branches, inside the run's group
 class RunId:
     """One run of a family: a size and a seed pair; ``seed`` is its index in the seed list.
 
-    ``branch`` names a counterfactual branch of that run (``""``: the run itself).
+    ``branch`` names a counterfactual branch of that run (``""``: the run itself); a branch
+    ``b`` of its branch ``a`` is ``"a/b"``.
     """
 
     size: str
@@ -583,8 +584,40 @@ class RunId:
 
     @property
     def path(self) -> str:
+        """Where the run lives in its store: ``l2-d64/seed0``, ``l2-d64/seed0/branches/a``,
+        ``l2-d64/seed0/branches/a/branches/b``."""
         run = f"{self.size}/seed{self.seed}"
-        return f"{run}/{BRANCHES}/{self.branch}" if self.branch else run
+        return "/".join([run, *(f"{BRANCHES}/{name}" for name in self.branch.split("/") if name)])
+
+
+def parse_run_path(text: str) -> tuple[str, int, str]:
+    """``(size, seed, branch)`` of a run's path as :attr:`RunId.path` writes it.
+
+    ``"l2-d64/seed0"`` is ``("l2-d64", 0, "")``, ``"l2-d64/seed0/branches/a/branches/b"`` is
+    ``("l2-d64", 0, "a/b")``.
+
+    Raises
+    ------
+    SpecError
+        One line, for any other text.
+    """
+    size, _, rest = str(text).partition("/seed")
+    seed, _, branches = rest.partition("/")
+    parts = branches.split("/") if branches else []
+    names = parts[1::2]
+    if (
+        not size
+        or not seed.isascii()
+        or not seed.isdigit()
+        or len(parts) % 2
+        or any(part != BRANCHES for part in parts[::2])
+        or not all(names)
+    ):
+        raise SpecError(
+            f"expected a run like l2-d64/seed0 or a branch like l2-d64/seed0/branches/NAME, "
+            f"got {text!r}"
+        )
+    return size, int(seed), "/".join(names)
 
 
 def _strip_none(value: Any) -> Any:

@@ -296,6 +296,7 @@ def trained_tiny_attn_only(tmp_path_factory) -> tuple[RunSpec, Path]:
 
 
 BRANCH_FORK = 7  # no checkpoint of the tiny schedule: the fork's state comes from a replay
+NESTED_BRANCH_FORK = 12  # a branch's branch forks here (replayed through its parent branch)
 BRANCH_JOB = """\
 store = "{store}"
 analyses = ["head_scores", "icl", "token_loss"]
@@ -315,8 +316,9 @@ workers = 1
 @pytest.fixture(scope="session")
 def analysed_branches(tmp_path_factory) -> tuple[Path, object]:
     """The tiny family's seed 0 with two branches forked at :data:`BRANCH_FORK` (``no-prev``:
-    head L0H1 zero-ablated; ``same``: no intervention), analysed; the store and the job's
-    :class:`~observatory.jobs.analyze.JobReport`."""
+    head L0H1 zero-ablated; ``same``: no intervention) and a branch of ``no-prev`` forked at
+    :data:`NESTED_BRANCH_FORK` with no intervention of its own (``no-prev/same``), analysed;
+    the store and the job's :class:`~observatory.jobs.analyze.JobReport`."""
     from observatory.jobs.analyze import run_analysis
     from observatory.jobs.job_spec import load_analysis_spec
     from observatory.train import Intervention, train_branch, train_family
@@ -327,6 +329,7 @@ def analysed_branches(tmp_path_factory) -> tuple[Path, object]:
     run = {"size": "l2-d16", "seed": 0, "at": BRANCH_FORK, "progress": False, "store": store}
     train_branch(spec, name="no-prev", intervention=Intervention(ablate_heads=((0, 1),)), **run)
     train_branch(spec, name="same", **run)
+    train_branch(spec, name="same", branch="no-prev", **run | {"at": NESTED_BRANCH_FORK})
     job = directory / "job.toml"
     job.write_text(BRANCH_JOB.format(store=store))
     return store, run_analysis(load_analysis_spec(job), progress=False)

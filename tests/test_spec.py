@@ -179,3 +179,35 @@ def test_max_bytes_is_read_as_max_tokens(tmp_path):
     text = TINY_TOML.replace(old, f"{old}\nmax_bytes = 1000")
     with pytest.warns(FutureWarning, match="use 'max_tokens'"):
         assert load_run_spec(write_spec(tmp_path, text)).data.max_tokens == 1000
+
+
+@pytest.mark.parametrize("branch", ["", "a", "a/b", "no-prev/late.2/x"])
+def test_a_run_path_names_its_run_and_branches_and_parses_back(branch):
+    from observatory.spec import RunId, parse_run_path
+
+    run = RunId(size="l2-d64", seed=3, init_seed=0, data_seed=1, branch=branch)
+    parts = [f"branches/{name}" for name in branch.split("/") if name]
+    assert run.path == "/".join(["l2-d64/seed3", *parts])
+    assert parse_run_path(run.path) == ("l2-d64", 3, branch)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "l2-d64",
+        "l2-d64/seed",
+        "/seed0",
+        "l2-d64/seedx",
+        "l2-d64/seed0/branch/a",
+        "l2-d64/seed0/branches",
+        "l2-d64/seed0/branches/",
+        "l2-d64/seed0/branches/a/b",
+        "l2-d64/seed٣",
+    ],
+)
+def test_a_malformed_run_path_is_a_one_line_error(text):
+    from observatory.spec import parse_run_path
+
+    with pytest.raises(SpecError, match="expected a run like l2-d64/seed0") as err:
+        parse_run_path(text)
+    assert "\n" not in str(err.value)

@@ -66,8 +66,10 @@ def data_order_fingerprint(*, data_seed: int, dataset_size: int) -> str:
 
 BRANCH_ORDER_RULE = (
     "from the fork f on, step k reads entries [(k - f) * batch, (k - f + 1) * batch) of the "
-    "data order's stream of windows (its epochs one after another) from entry f * batch on, "
-    "with the dropped windows removed"
+    "data order's stream of windows (its epochs one after another) from entry s on, with the "
+    "dropped windows removed; s = f * batch, except for a branch of a branch that keeps its "
+    "parent's data order: s is the entry the parent's stream had reached at f, and the parent's "
+    "dropped windows stay dropped"
 )
 
 
@@ -86,19 +88,37 @@ class BranchOrder:
         The step the branch continues from.
     dropped
         Corpus indices the branch never reads (sorted, unique, fewer than ``dataset_size``).
+    start
+        The entry of the stream the fork's batch starts at (default ``fork * batch_size``);
+        a branch of a branch continues its parent's stream from :meth:`entry_at` the fork.
     """
 
-    def __init__(self, *, data_seed: int, fork: int, batch_size: int, dataset_size: int, dropped):
+    def __init__(
+        self,
+        *,
+        data_seed: int,
+        fork: int,
+        batch_size: int,
+        dataset_size: int,
+        dropped,
+        start: int | None = None,
+    ):
         self.data_seed, self.fork, self.batch_size = data_seed, fork, batch_size
         self.dataset_size = dataset_size
+        self.start = fork * batch_size if start is None else start
         self.keep = np.ones(dataset_size, dtype=bool)
         self.keep[np.asarray(dropped, dtype=np.int64)] = False
         self.per_epoch = int(self.keep.sum())  # windows an epoch keeps
-        self.first_epoch, self.offset = divmod(fork * batch_size, dataset_size)
+        self.first_epoch, self.offset = divmod(self.start, dataset_size)
         self._kept: dict[int, np.ndarray] = {}
 
+    @property
+    def dropped(self) -> np.ndarray:
+        """The corpus indices this order never reads (sorted)."""
+        return np.flatnonzero(~self.keep)
+
     def _epoch(self, epoch: int) -> np.ndarray:
-        """The kept windows of ``epoch`` in order (the first epoch from the fork's entry on)."""
+        """The kept windows of ``epoch`` in order (the first epoch from the start entry on)."""
         if epoch not in self._kept:
             order = _epoch_order(self.data_seed, epoch, self.dataset_size)
             if epoch == self.first_epoch:
@@ -108,22 +128,26 @@ class BranchOrder:
             self._kept[epoch] = order[self.keep[order]]
         return self._kept[epoch]
 
-    def indices(self, step: int) -> np.ndarray:
-        """Corpus indices (int64) of the batch of ``step`` (``>= fork``)."""
+    def _located(self, position: int) -> tuple[int, int]:
+        """``(epoch, position in its kept windows)`` of entry ``position`` of this stream."""
         if not self.per_epoch:
             raise ValueError("every window is dropped")
-        if self.per_epoch == self.dataset_size:
+        epoch, first = self.first_epoch, len(self._epoch(self.first_epoch))
+        if position >= first:
+            skipped, position = divmod(position - first, self.per_epoch)
+            epoch += 1 + skipped
+        return epoch, position
+
+    def indices(self, step: int) -> np.ndarray:
+        """Corpus indices (int64) of the batch of ``step`` (``>= fork``)."""
+        if self.per_epoch == self.dataset_size and self.start == self.fork * self.batch_size:
             return batch_indices(
                 data_seed=self.data_seed,
                 step=step,
                 batch_size=self.batch_size,
                 dataset_size=self.dataset_size,
             )
-        position, epoch = (step - self.fork) * self.batch_size, self.first_epoch
-        first = len(self._epoch(epoch))
-        if position >= first:
-            skipped, position = divmod(position - first, self.per_epoch)
-            epoch += 1 + skipped
+        epoch, position = self._located((step - self.fork) * self.batch_size)
         parts, remaining = [], self.batch_size
         while remaining:
             part = self._epoch(epoch)[position : position + remaining]
@@ -131,3 +155,13 @@ class BranchOrder:
             remaining -= len(part)
             epoch, position = epoch + 1, 0
         return np.concatenate(parts, dtype=np.int64)
+
+    def entry_at(self, step: int) -> int:
+        """The entry of the seed's stream (counting every window) that the batch of ``step``
+        (``>= fork``) starts at: where a branch forked at ``step`` that keeps this order
+        continues."""
+        epoch, position = self._located((step - self.fork) * self.batch_size)
+        order = _epoch_order(self.data_seed, epoch, self.dataset_size)
+        skip = self.offset if epoch == self.first_epoch else 0
+        kept = np.flatnonzero(self.keep[order[skip:]])
+        return epoch * self.dataset_size + skip + int(kept[position])

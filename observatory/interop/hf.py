@@ -4,7 +4,11 @@ Export writes the layout of published suites (Pythia, PolyPythias): one Hugging 
 checkpoint, ``step{N}/config.json`` + ``model.safetensors``, and beside them the provenance of
 the run: ``observatory.json`` (spec, seeds, corpus fingerprint, library versions),
 ``data_order.csv`` (the corpus index of every sequence of every training step up to the last
-exported checkpoint) and ``metrics.csv`` (loss, learning rate, gradient norm per step).  A text
+exported checkpoint) and ``metrics.csv`` (loss, learning rate, gradient norm per step).  A
+branch is exported as a run: its checkpoints, metrics and data order are its parent's before
+the fork (read through the parent, as every reader does) and its own after, and
+``observatory.json`` holds its provenance (parent, fork step, intervention and its SHA-256, and
+the chain of branches up to the run for a branch of a branch).  A text
 family's step folders also hold its tokenizer (``tokenizer.json`` and ``tokenizer_config.json``,
 as ``save_pretrained`` writes them), so ``AutoTokenizer.from_pretrained(step_folder)`` loads it.
 
@@ -12,7 +16,8 @@ Ingest reads directories of checkpoint folders (``step{N}``, ``checkpoint-{N}``,
 file) of GPT-NeoX or attention-only models into a new store with the usual layout, so every
 query, analysis and report works on it.  Each directory is one run; several are seeds of one
 family.  An ingested run has weights (and, from an export, its metrics) but no optimizer state
-or data order: it is marked so, and what needs them refuses with one line.
+or data order: it is marked so, and what needs them refuses with one line.  An ingested
+branch's export is a run of the new store whose ``origin`` keeps the branch's provenance.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from observatory.errors import ObservatoryError
-from observatory.spec import RunId, RunSpec, spec_from_dict
+from observatory.spec import RunId, RunSpec, parse_run_path, spec_from_dict
 
 PROVENANCE = "observatory.json"
 DATA_ORDER = "data_order.csv"
@@ -79,8 +84,10 @@ def export(
     seeds: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
     per_seed_folders: bool = True,
+    run: str | None = None,
 ) -> list[Path]:
-    """Export runs of a store as per-step Hugging Face folders with their provenance.
+    """Export runs (or a branch) of a store as per-step Hugging Face folders with their
+    provenance.
 
     Parameters
     ----------
@@ -97,6 +104,10 @@ def export(
         Checkpoint steps to export (default: every committed one); each must be committed.
     per_seed_folders
         Put each run in its own ``seed{k}`` folder.
+    run
+        Export this one run or branch, by its path in the store (``"l2-d64/seed0"``,
+        ``"l2-d64/seed0/branches/no-prev"``), straight into ``out``; instead of ``size`` and
+        ``seeds``.
 
     Returns
     -------
@@ -108,18 +119,14 @@ def export(
     Raises
     ------
     ObservatoryError
-        On an unknown size, seed or step, or a target directory that is not empty.
+        On an unknown size, seed, branch or step, or a target directory that is not empty.
     """
-    from observatory.jobs.selection import select_readers
-    from observatory.query import resolve_size
-    from observatory.store import FamilyStore
-
-    family = FamilyStore(store)
-    readers = select_readers(family, sizes=[resolve_size(family, size)], seeds=seeds)
-    if not per_seed_folders and len(readers) != 1:
+    readers = _readers(store, size, seeds, run)
+    if run is None and not per_seed_folders and len(readers) != 1:
         raise InteropError(f"{len(readers)} runs to export: give one seed, or use seed folders")
     out = Path(out)
-    targets = [out / f"seed{r.run.seed}" if per_seed_folders else out for r in readers]
+    own = per_seed_folders and run is None
+    targets = [out / f"seed{r.run.seed}" if own else out for r in readers]
     for target in targets:
         if target.exists() and any(target.iterdir()):
             raise InteropError(f"{target}: already exists and is not empty; choose another --out")
@@ -131,6 +138,21 @@ def export(
     return targets
 
 
+def _readers(store, size: str | None, seeds, run: str | None) -> list:
+    """The readers of the runs to export: ``run`` (a run or branch), or the selected seeds."""
+    from observatory.jobs.selection import select_readers
+    from observatory.query import resolve_size
+    from observatory.store import FamilyStore
+
+    family = FamilyStore(store)
+    if run is None:
+        return select_readers(family, sizes=[resolve_size(family, size)], seeds=seeds)
+    if size is not None or seeds is not None:
+        raise InteropError(f"--run {run} names the run: leave out --size and --seed(s)")
+    size, seed, branch = parse_run_path(run)
+    return [family.run(size, seed, branch)]
+
+
 def _export_run(reader, target: Path, steps: list[int]) -> None:
     """Write one run's checkpoint folders, then its provenance files."""
     from observatory.query import models_at
@@ -140,7 +162,10 @@ def _export_run(reader, target: Path, steps: list[int]) -> None:
     with _no_hf_progress_bars():
         for start in range(0, len(steps), EXPORT_BLOCK):
             block = steps[start : start + EXPORT_BLOCK]
-            for step, model in models_at(family.path, size=run.size, seed=run.seed, steps=block):
+            models = models_at(
+                family.path, size=run.size, seed=run.seed, steps=block, branch=run.branch
+            )
+            for step, model in models:
                 model.save_pretrained(target / f"step{step}")
                 if text is not None:  # AutoTokenizer.from_pretrained(step folder) finds it
                     text.save_pretrained(target / f"step{step}")
@@ -171,6 +196,7 @@ def _export_run(reader, target: Path, steps: list[int]) -> None:
         "seed": run.seed,
         "init_seed": run.init_seed,
         "data_seed": run.data_seed,
+        "branch": _branch_provenance(reader),
         "steps": steps,
         "tokens_seen": [step * family.spec.train.tokens_per_step for step in steps],
         "config_hash": hashed,
@@ -182,6 +208,21 @@ def _export_run(reader, target: Path, steps: list[int]) -> None:
         "library_versions": family.attrs.get("versions"),
     }
     (target / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _branch_provenance(reader) -> dict[str, Any] | None:
+    """A branch's provenance for its export (None for a run): its name and path, the run or
+    branch it forks from, the fork step, the intervention (JSON) and its SHA-256, what ablating
+    and freezing mean, and ``lineage``: every branch from the run to this one
+    (:meth:`~observatory.store.RunReader.lineage`)."""
+    if reader.branch is None:
+        return None
+    keys = ("parent", "fork", "intervention", "intervention_sha256", "definitions")
+    return (
+        {"name": reader.run.branch, "path": reader.run.path}
+        | {key: reader.branch[key] for key in keys}
+        | {"lineage": reader.lineage()}
+    )
 
 
 def _text_tokenizer(family) -> Any:
@@ -209,12 +250,7 @@ def _no_hf_progress_bars() -> Iterator[None]:
 
 def _data_order(reader, n_steps: int) -> Iterator[tuple[int, int, int]]:
     """``(train_step, batch_position, sequence_index)`` of every sequence of the first steps."""
-    from observatory.query import open_run
-
-    run = reader.run
-    order = open_run(reader.family.path, size=run.size, seed=run.seed)["batch_indices"]
-    indices = order.isel(train_step=slice(0, n_steps)).values
-    for step, row in enumerate(indices):
+    for step, row in enumerate(reader.batch_indices_between(0, n_steps)):
         for position, index in enumerate(row):
             yield step, position, int(index)
 
@@ -512,7 +548,11 @@ def _exported_family(series: list[CheckpointSeries]) -> tuple[RunSpec, list[RunI
     ]
     seeds = [run.seed for run in runs]
     if len(set(seeds)) != len(seeds):
-        raise InteropError(f"the same seed is exported twice among the directories (seeds {seeds})")
+        branches = [one.source for one in series if one.provenance.get("branch")]
+        hint = f"; {branches[0]} is a branch's export: ingest it on its own" if branches else ""
+        raise InteropError(
+            f"the same seed is exported twice among the directories (seeds {seeds}){hint}"
+        )
     try:
         spec = spec_from_dict(first["spec"])
     except ObservatoryError as err:
@@ -588,6 +628,9 @@ def _ingest_run(
         "config_hash": hashed,
         "steps": series.steps,
         "exported_from": (series.provenance or {}).get("store"),
+        # An exported branch stays one: its parent, fork and intervention (the weights before
+        # the fork are its parent's).
+        "branch": (series.provenance or {}).get("branch"),
     }
     writer = None
     finished = False

@@ -44,7 +44,8 @@ def select_readers(
 
 
 def with_branches(readers: Collection[RunReader]) -> list[RunReader]:
-    """Each run's reader followed by the readers of its branches (in name order)."""
+    """Each run's reader followed by the readers of its branches, at every depth (in name
+    order, a branch's branches after it)."""
     return [
         found
         for reader in readers

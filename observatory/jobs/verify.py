@@ -161,8 +161,9 @@ def _check_metadata(reader: RunReader) -> None:
     steps = np.arange(reader.n_steps)
     schedule, keyframes = spec.checkpoints.steps(total), spec.checkpoints.keyframes(total)
     course = course_of(reader, reader.family.attrs["data"]["n_sequences"])
-    if reader.branch is not None:  # the fork is a keyframe of the branch
-        schedule, keyframes = (sorted({*points, course.fork}) for points in (schedule, keyframes))
+    if reader.branch is not None:  # each fork is a keyframe of the branch
+        forks = [step for step, _ in course.chain]
+        schedule, keyframes = (sorted({*points, *forks}) for points in (schedule, keyframes))
     expected = {
         "the checkpoint schedule": (reader.attrs["schedule"], list(schedule)),
         "the keyframe schedule": (reader.attrs["keyframes"], list(keyframes)),

@@ -95,8 +95,9 @@ def open_run(
         ``chunks``.  ``{}``: dask arrays in the store's chunks; any other value is then passed
         to :meth:`xarray.Dataset.chunk`.
     branch
-        Open this branch of the run instead (its steps before the fork are its parent's); its
-        dataset has the scalar coordinates ``branch`` and ``fork``.
+        Open this branch of the run instead (its steps before the fork are its parent's;
+        ``"a/b"`` for a branch ``b`` of the branch ``a``); its dataset has the scalar
+        coordinates ``branch`` and ``fork``.
 
     Returns
     -------
@@ -142,9 +143,10 @@ def open_family(
         (one run per chunk along ``seed``), for computations larger than memory; any other
         value is then passed to :meth:`xarray.Dataset.chunk`.
     branches
-        Also every branch of the selected runs: the leading dim is then ``run``, indexed by
-        ``seed`` and ``branch`` (``""`` for the runs themselves; ``ds.sel(branch="")`` is the
-        dataset without branches along ``seed``), with ``fork`` (-1 for a run) on it.
+        Also every branch of the selected runs, at every depth: the leading dim is then
+        ``run``, indexed by ``seed`` and ``branch`` (``""`` for the runs themselves;
+        ``ds.sel(branch="")`` is the dataset without branches along ``seed``; ``"a/b"`` for a
+        branch ``b`` of the branch ``a``), with ``fork`` (-1 for a run) on it.
 
     Returns
     -------

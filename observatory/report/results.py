@@ -100,9 +100,10 @@ def load_branches(
     -------
     xarray.Dataset or None
         ``loss[branch, train_step]`` and the analyses' variables with a leading ``branch`` dim
-        labelled ``"seed0/no-prev"``, with the coordinates ``seed`` (the parent's), ``fork``,
-        ``intervention`` (the stored JSON) and ``intervention_sha256`` on it; None when the
-        runs have no branches.
+        labelled ``"seed0/no-prev"`` (a branch of a branch: ``"seed0/no-prev/late"``, its
+        results before its fork filled from its parent branch), with the coordinates ``seed``
+        (the run's), ``fork``, ``intervention`` (the stored JSON) and ``intervention_sha256``
+        on it; None when the runs have no branches.
 
     Raises
     ------
@@ -118,17 +119,22 @@ def load_branches(
     both = both[names].load().drop_indexes(["run", "seed", "branch"])
     seeds_of, names_of = both["seed"].values, both["branch"].values
     rows = np.flatnonzero(names_of != "")
-    parents = [int(np.flatnonzero((seeds_of == seeds_of[i]) & (names_of == ""))[0]) for i in rows]
-    branches = both.isel(run=rows)
-    before = (both["step"].values[None, :] < branches["fork"].values[:, None])[:, :, None]
+    # the run or branch each branch forks from ("a" for "a/b"); listed before its branches
+    parents = {
+        i: int(np.flatnonzero((seeds_of == seeds_of[i]) & (names_of == up))[0])
+        for i in rows
+        for up in [names_of[i].rpartition("/")[0]]
+    }
     for name in names:  # results before the fork are the parent's: the branch has none there
-        values = branches[name]
+        values = both[name]
         if values.dims[:2] != ("run", "step"):
             continue
-        parent = both[name].isel(run=parents).values
-        shape = (*before.shape[:2], -1)
-        filled = np.where(before, parent.reshape(shape), values.values.reshape(shape))
-        branches[name] = values.copy(data=filled.reshape(values.shape))
+        filled = values.values.copy()
+        for i, parent in parents.items():  # a parent is filled before its branches
+            before = both["step"].values < both["fork"].values[i]
+            filled[i, before] = filled[parent, before]
+        both[name] = values.copy(data=filled)
+    branches = both.isel(run=rows)
     records = [
         family.run(size, int(seeds_of[i]), str(both["branch"].values[i])).branch for i in rows
     ]

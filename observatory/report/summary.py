@@ -501,9 +501,10 @@ def branch_table(
 ) -> pd.DataFrame:
     """One row per branch, summarised like a seed and set against its parent's row.
 
-    Columns: ``parent`` (``"seed0"``), ``fork``, ``intervention`` (its JSON), the columns of a
-    seed's row of :func:`summarize` computed on the branch's whole trajectory, ``<q>_delta``
-    (branch minus parent) for each quantity of :data:`BRANCH_DELTAS`, and
+    Columns: ``parent`` (``"seed0"``; ``"seed0/a"`` for a branch of the branch ``a``),
+    ``fork``, ``intervention`` (its JSON), the columns of a seed's row of :func:`summarize`
+    computed on the branch's whole trajectory, ``<q>_delta`` (branch minus parent) for each
+    quantity of :data:`BRANCH_DELTAS`, and
     ``parent_head_peak``: the peak induction score in the branch of the parent's best head.
 
     Parameters
@@ -524,7 +525,7 @@ def branch_table(
         return pd.DataFrame()
     branches = branches.assign_attrs(attrs)
     per_token = tokens_per_step(branches)
-    rows = []
+    rows: list[dict] = []
     for label in branches["branch"].values:
         one = branches.sel(branch=label)
         seed = int(one["seed"])
@@ -534,8 +535,12 @@ def branch_table(
             tokens_per_step=per_token,
             include_incomplete=include_incomplete,
         )
-        parent = per_seed.loc[seed] if seed in per_seed.index else None
-        row |= {"branch": str(label), "parent": f"seed{seed}", "fork": int(one["fork"])}
+        # a branch of a branch ("seed0/a/b") is set against its parent branch's row
+        above = str(label).rpartition("/")[0]
+        parent = next((r for r in rows if r["branch"] == above), None)
+        if parent is None and above == f"seed{seed}" and seed in per_seed.index:
+            parent = per_seed.loc[seed]
+        row |= {"branch": str(label), "parent": above, "fork": int(one["fork"])}
         row["intervention"] = str(one["intervention"].values)
         for name in BRANCH_DELTAS:
             row[f"{name}_delta"] = row[name] - parent[name] if parent is not None else math.nan

@@ -197,10 +197,17 @@ def keyframe_count(attrs: dict[str, Any], n_checkpoints: int) -> int:
 
 
 def ingested_note(run_attrs: dict[str, Any]) -> str:
-    """``"ingested from <path> (config <hash>), without optimizer state or data order"``."""
+    """``"ingested from <path> (config <hash>), without optimizer state or data order"``; for
+    an exported branch, ``(config <hash>; the export of branch <path>, forked at step <k>)``."""
     origin = run_attrs["origin"]
+    branch = origin.get("branch")
+    of = (
+        f"; the export of branch {branch['path']}, forked at step {branch['fork']}"
+        if branch
+        else ""
+    )
     return (
-        f"ingested from {origin['path']} (config {origin['config_hash']}), "
+        f"ingested from {origin['path']} (config {origin['config_hash']}{of}), "
         "without optimizer state or data order"
     )
 

@@ -103,16 +103,20 @@ class FamilyStore:
         raise StoreError(f"{self.path}: no seed {seed} for size {size!r} (seeds: {seeds})")
 
     def branches(self, size: str, seed: int) -> list[str]:
-        """Names of the branches of a run (created, possibly unfinished), sorted."""
-        run = self.run(size, seed).run
-        group = node(self.root, f"{run.path}/{BRANCHES}", self.path)
+        """Names of the branches of a run (created, possibly unfinished), at every depth: a
+        branch ``b`` of its branch ``a`` is ``"a/b"``, listed after ``a``; in name order."""
+        return self._branches_in(self.run(size, seed).run.path)
+
+    def _branches_in(self, path: str, prefix: str = "") -> list[str]:
+        group = node(self.root, f"{path}/{BRANCHES}", self.path)
         if group is None:
             return []
-        return [
-            name
-            for name, member in children(group, zarr.Group)
-            if "schedule" in attrs_of(member)  # attrs are written last
-        ]
+        found = []
+        for name, member in children(group, zarr.Group):
+            if "schedule" in attrs_of(member):  # attrs are written last
+                found.append(f"{prefix}{name}")
+                found.extend(self._branches_in(f"{path}/{BRANCHES}/{name}", f"{prefix}{name}/"))
+        return found
 
     def _branch(self, run: RunId, name: str) -> RunReader:
         branch = dataclasses.replace(run, branch=name)
@@ -183,7 +187,7 @@ class RunReader:
         self._own_from: dict[str, int] = {}
         if self.branch is not None:
             parent = self.branch["parent"]
-            self.parent = family.run(parent["size"], parent["seed"])
+            self.parent = family.run(parent["size"], parent["seed"], parent.get("branch", ""))
             self._own_from = {
                 "step": self.branch["fork_checkpoint"],
                 "keyframe": self.branch["fork_keyframe"],
@@ -195,6 +199,15 @@ class RunReader:
         """A branch's provenance (parent, fork step, intervention and its SHA-256, the
         definitions of ablation and freezing); None for a run."""
         return self.attrs.get("branch")
+
+    def lineage(self) -> list[dict[str, Any]]:
+        """The branches from the run to this one, the first branch first: each one's ``path``,
+        ``fork``, ``intervention`` and ``intervention_sha256`` (empty for a run)."""
+        if self.branch is None:
+            return []
+        keys = ("fork", "intervention", "intervention_sha256")
+        own = {"path": self.run.path} | {key: self.branch[key] for key in keys}
+        return [*self.parent.lineage(), own]
 
     def array(self, path: str) -> zarr.Array:
         """The run's array at ``path``, its metadata read once per reader (on a local store:

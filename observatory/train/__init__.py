@@ -10,11 +10,11 @@
 - :mod:`~observatory.train.replay`: exact replay of a run between its checkpoints;
 - :mod:`~observatory.train.interventions`: what a counterfactual branch changes, and the
   course (batches, learning rates, hooks) every step of a run or branch takes;
-- :mod:`~observatory.train.branch`: :func:`train_branch`, a run continued from a step with an
-  intervention.
+- :mod:`~observatory.train.branch`: :func:`train_branch`, a run (or a branch) continued from
+  a step with an intervention; :func:`train_branches`, several, in this process or on dask.
 """
 
-from observatory.train.branch import train_branch
+from observatory.train.branch import train_branch, train_branches
 from observatory.train.budget import check_budget
 from observatory.train.family import train_family
 from observatory.train.interrupts import interrupts_between_steps, raise_if_interrupted
@@ -33,6 +33,7 @@ __all__ = [
     "restore",
     "snapshot",
     "train_branch",
+    "train_branches",
     "train_family",
     "train_run",
     "train_step",

@@ -111,14 +111,10 @@ def train_family(
                 raise_if_interrupted()
                 on_run_end(train_run(spec, run, root, corpus, progress=progress, **options))
             return path
-    if client is not None:
-        _train_on_cluster(client, spec, str(path), runs, corpus, progress, on_run_end, options)
-    else:
-        from observatory.jobs.cluster import dask_client
-
-        threads = spec.train.threads
-        with dask_client(scheduler=scheduler, workers=workers or 0, threads=threads) as client:
-            _train_on_cluster(client, spec, str(path), runs, corpus, progress, on_run_end, options)
+    jobs = {run.path: (spec, str(path), run) for run in runs}
+    cluster = {"client": client, "workers": workers, "scheduler": scheduler}
+    with cluster_client(**cluster, threads=spec.train.threads) as client:
+        train_on_cluster(client, _train_task, jobs, corpus, progress, on_run_end, options)
     return path
 
 
@@ -131,39 +127,44 @@ def _create_store(spec: RunSpec, path, runs: list[RunId], corpus: Corpus):
     return root
 
 
-def _train_on_cluster(client, spec, store, runs, corpus, progress, on_run_end, options) -> None:
-    """One task per run; report each run as it ends, and every failed run at the end."""
+@contextmanager
+def cluster_client(*, client, workers: int | None, scheduler: str | None, threads: int):
+    """``client``, or one of a local cluster of ``workers`` or of the one at ``scheduler``
+    (see :func:`~observatory.jobs.cluster.dask_client`), for as long as the block runs."""
+    if client is not None:
+        yield client
+        return
+    from observatory.jobs.cluster import dask_client
+
+    with dask_client(scheduler=scheduler, workers=workers or 0, threads=threads) as client:
+        yield client
+
+
+def train_on_cluster(client, task, jobs: dict, corpus, progress, on_run_end, options) -> None:
+    """One dask task ``task(*jobs[path], corpus, **options)`` per run or branch ``path``;
+    report each run as it ends, and every failed one at the end."""
     from distributed import as_completed
 
     shared_corpus = client.scatter(corpus, broadcast=True)  # workers need not have the files
     futures = {
-        client.submit(
-            _train_task,
-            spec,
-            store,
-            run,
-            shared_corpus,
-            **options,
-            key=f"train-{run.path}",
-            pure=False,
-        ): run
-        for run in runs
+        client.submit(task, *args, shared_corpus, **options, key=f"train-{path}", pure=False): path
+        for path, args in jobs.items()
     }
     failed = []
-    with tqdm(total=len(runs), unit="run", desc="train", disable=not progress) as bar:
+    with tqdm(total=len(jobs), unit="run", desc="train", disable=not progress) as bar:
         for future in as_completed(futures):
             try:
                 summary = future.result()
             except ObservatoryError as err:
                 failed.append(str(err))
             except Exception as err:  # e.g. KilledWorker: the run is left resumable
-                failed.append(f"{futures[future].path}: {type(err).__name__}: {err}")
+                failed.append(f"{futures[future]}: {type(err).__name__}: {err}")
             else:
                 with tqdm.external_write_mode():
                     on_run_end(summary)
             bar.update(1)
     if failed:
-        raise StoreError(f"{len(failed)} of {len(runs)} runs failed: {'; '.join(failed)}")
+        raise StoreError(f"{len(failed)} of {len(jobs)} runs failed: {'; '.join(failed)}")
 
 
 def _train_task(spec, store, run, corpus, *, resume, stop_after) -> RunSummary:

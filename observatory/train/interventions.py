@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -189,29 +189,28 @@ def _matches(predicate, ref: str, corpus: Corpus, index: int) -> bool:
 
 
 class Hooks:
-    """What an intervention does inside :func:`~observatory.train.step.train_step`: ablation
-    hooks on the heads' output projections, and the gradient and update mask of frozen heads
-    (see :data:`DEFINITIONS`)."""
+    """What interventions do inside :func:`~observatory.train.step.train_step`: ablation hooks
+    on the heads' output projections, and the gradient and update mask of frozen heads (see
+    :data:`DEFINITIONS`).  A branch of a branch takes its parent's interventions and its own,
+    in that order."""
 
-    def __init__(self, intervention: Intervention, model):
+    def __init__(self, interventions: Sequence[Intervention], model):
         self._model = model
-        self._intervention = intervention
-        self._frozen = _head_masks(model, intervention.freeze_heads)
+        self._interventions = tuple(interventions)
+        frozen = {head for one in self._interventions for head in one.freeze_heads}
+        self._frozen = _head_masks(model, tuple(sorted(frozen)))
 
     @contextmanager
     def forward(self) -> Iterator[None]:
         """Ablate the heads in the forward passes of the block."""
-        heads = self._intervention.ablate_heads
         projections = of_config(self._model.config).output_projections(self._model)
-        n_heads, mean = (
-            self._model.config.num_attention_heads,
-            self._intervention.ablation == "mean",
-        )
+        n_heads = self._model.config.num_attention_heads
         handles = [
             projections[layer].register_forward_pre_hook(
-                _ablate([h for at, h in heads if at == layer], n_heads, mean)
+                _ablate([h for at, h in one.ablate_heads if at == layer], n_heads, mean)
             )
-            for layer in sorted({layer for layer, _ in heads})
+            for one, mean in ((one, one.ablation == "mean") for one in self._interventions)
+            for layer in sorted({layer for layer, _ in one.ablate_heads})
         ]
         try:
             yield
@@ -275,7 +274,9 @@ class Course:
     """What decides each step of a run besides the weights: its batch, learning rate and hooks.
 
     A run's course is its spec and data seed; a branch's is its parent's before ``fork`` and
-    the intervention's from the fork on.
+    the intervention's on top of its parent's from the fork on: a branch of a branch keeps the
+    interventions of the branches it comes from (``parent``: the course of the branch it
+    forks from; None for a branch of a run, and for a run).
     """
 
     spec: RunSpec
@@ -283,22 +284,49 @@ class Course:
     dataset_size: int
     fork: int = 0
     intervention: Intervention = field(default_factory=Intervention)
+    parent: Course | None = None
 
     @cached_property
-    def _order(self) -> BranchOrder:
-        seed = self.intervention.data_seed
+    def order(self) -> BranchOrder | None:
+        """The data order from the fork on; None where it is the run's plain order."""
+        inherited = None if self.parent is None else self.parent.order
+        own = self.intervention
+        if not own.reorders:
+            return inherited
+        dropped = own.drop_windows if inherited is None else [*inherited.dropped, *own.drop_windows]
+        keys = {
+            "fork": self.fork,
+            "batch_size": self.spec.train.batch_size,
+            "dataset_size": self.dataset_size,
+            "dropped": sorted(set(dropped)),
+        }
+        if own.data_seed is not None:
+            return BranchOrder(data_seed=own.data_seed, **keys)
+        if inherited is None:
+            return BranchOrder(data_seed=self.data_seed, **keys)
+        # A branch of a branch continues its parent's stream where the parent had reached.
         return BranchOrder(
-            data_seed=self.data_seed if seed is None else seed,
-            fork=self.fork,
-            batch_size=self.spec.train.batch_size,
-            dataset_size=self.dataset_size,
-            dropped=self.intervention.drop_windows,
+            data_seed=inherited.data_seed, start=inherited.entry_at(self.fork), **keys
         )
+
+    @property
+    def chain(self) -> tuple[tuple[int, Intervention], ...]:
+        """``(fork, intervention)`` of each branch from the run's first one to this one."""
+        above = () if self.parent is None else self.parent.chain
+        return (*above, (self.fork, self.intervention))
+
+    @property
+    def optimizer(self) -> OptimizerSpec:
+        """The ``[optimizer]`` of the steps from the fork on."""
+        base = self.spec.optimizer if self.parent is None else self.parent.optimizer
+        return self.intervention.optimizer(base)
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Corpus indices of the batch of ``step``."""
-        if step >= self.fork and self.intervention.reorders:
-            return self._order.indices(step)
+        if step < self.fork and self.parent is not None:
+            return self.parent.batch_indices(step)
+        if step >= self.fork and self.order is not None:
+            return self.order.indices(step)
         return batch_indices(
             data_seed=self.data_seed,
             step=step,
@@ -308,30 +336,44 @@ class Course:
 
     def lr(self, step: int) -> float:
         """The learning rate of ``step``."""
-        optimizer = self.spec.optimizer
-        if step >= self.fork:
-            optimizer = self.intervention.optimizer(optimizer)
+        if step < self.fork and self.parent is not None:
+            return self.parent.lr(step)
+        optimizer = self.optimizer if step >= self.fork else self.spec.optimizer
         return optimizer.lr_at(step, self.spec.train.steps)
 
-    def hooks(self, model) -> Hooks | None:
-        """The intervention's hooks on ``model`` (None if it ablates and freezes nothing)."""
-        if not (self.intervention.ablate_heads or self.intervention.freeze_heads):
-            return None
-        return Hooks(self.intervention, model)
+    def hooks(self, model) -> Callable[[int], Hooks | None]:
+        """The hooks of each step on ``model``: those of every intervention of the chain from
+        its fork on (None where none ablates or freezes a head)."""
+        acting = [(fork, one) for fork, one in self.chain if one.ablate_heads or one.freeze_heads]
+        stages = [
+            (fork, Hooks([one for _, one in acting[: i + 1]], model))
+            for i, (fork, _) in enumerate(acting)
+        ]
+
+        def at(step: int) -> Hooks | None:
+            started = [hooks for fork, hooks in stages if fork <= step]
+            return started[-1] if started else None
+
+        return at
 
     def fingerprint(self) -> str:
         """The data order's fingerprint (checked when a run or branch is reopened)."""
-        plain = data_order_fingerprint(data_seed=self.data_seed, dataset_size=self.dataset_size)
+        if self.parent is None:
+            base = data_order_fingerprint(data_seed=self.data_seed, dataset_size=self.dataset_size)
+        else:
+            base = self.parent.fingerprint()
         if not self.intervention.reorders:
-            return plain
-        text = f"{plain}|{self.fork}|{self.intervention.sha256}"
+            return base
+        text = f"{base}|{self.fork}|{self.intervention.sha256}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def branch_record(parent, fork: int, intervention: Intervention) -> dict[str, Any]:
-    """The provenance stored with a branch (``parent`` is the parent's :class:`RunId`)."""
+    """The provenance stored with a branch (``parent`` is the :class:`RunId` of the run or
+    branch it forks from)."""
+    where = {"size": parent.size, "seed": parent.seed}
     return {
-        "parent": {"size": parent.size, "seed": parent.seed},
+        "parent": where | ({"branch": parent.branch} if parent.branch else {}),
         "fork": fork,
         "intervention": json.loads(intervention.to_json()),
         "intervention_sha256": intervention.sha256,
@@ -345,4 +387,5 @@ def course_of(reader, dataset_size: int) -> Course:
     if branch is None:
         return Course(spec, run.data_seed, dataset_size)
     intervention = Intervention.from_json(json.dumps(branch["intervention"]))
-    return Course(spec, run.data_seed, dataset_size, branch["fork"], intervention)
+    parent = course_of(reader.parent, dataset_size) if reader.parent.branch else None
+    return Course(spec, run.data_seed, dataset_size, branch["fork"], intervention, parent)

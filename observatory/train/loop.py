@@ -102,11 +102,10 @@ def train_run(
     total_steps = spec.train.steps
     schedule = spec.checkpoints.steps(total_steps)
     keyframes = spec.checkpoints.keyframes(total_steps)
-    if fork is not None:  # the fork's state is the branch's first keyframe
-        schedule, keyframes = (
-            tuple(sorted({*steps, fork.step})) for steps in (schedule, keyframes)
-        )
     course = course or Course(spec, run.data_seed, len(corpus))
+    if fork is not None:  # every fork's state is a keyframe: rows align with the parent's
+        forks = [step for step, _ in course.chain]
+        schedule, keyframes = (tuple(sorted({*steps, *forks})) for steps in (schedule, keyframes))
     # One writer per run: a second one gets a one-line error.
     with recipe(spec.train.threads), RunLock(root, run):
         # Initialised on the CPU, so the initial weights are the same on every device.
@@ -152,7 +151,7 @@ class _Steps:
 
     corpus: Corpus
     course: Course
-    hooks: Hooks | None
+    hooks: Callable[[int], Hooks | None]  # each step's
     on_batch: Callable[[int, torch.Tensor], None] | None
 
 
@@ -254,7 +253,7 @@ def _train(
                 tokens.to(spec.train.device),
                 lr=lr,
                 grad_clip=spec.optimizer.grad_clip,
-                hooks=steps.hooks if step >= steps.course.fork else None,
+                hooks=steps.hooks(step),
             )
             loss_value = loss.item()
             recent.append(loss_value)

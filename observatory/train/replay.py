@@ -77,7 +77,8 @@ def replay(
         Refuse when this machine differs from the recorded recipe (torch or transformers
         version, thread count, CPU kernels); with ``False``, warn and replay anyway.
     branch
-        Replay this branch of the run (its steps from the fork on take its intervention).
+        Replay this branch of the run (``"a/b"`` for a branch ``b`` of the branch ``a``): its
+        steps from each fork on take that branch's intervention.
 
     Yields
     ------
@@ -226,7 +227,7 @@ class ReplaySource:
                     lr=course.lr(step),
                     grad_clip=spec.optimizer.grad_clip,
                     before_update=inspect,
-                    hooks=hooks if step >= course.fork else None,
+                    hooks=hooks(step),
                 )
                 rng = torch.get_rng_state()
             if step + 1 in yield_at:

@@ -38,3 +38,25 @@ def test_a_branch_order_is_the_stream_from_the_fork_without_the_dropped_windows(
     assert np.array_equal(order.indices(fork + 7), branch[7 * batch : 8 * batch])  # pure in k
     plain = BranchOrder(data_seed=5, fork=fork, batch_size=batch, dataset_size=n, dropped=[])
     assert np.array_equal(plain.indices(9), stream[9 * batch : 10 * batch])
+
+
+def test_a_branch_of_a_branch_continues_its_parents_stream_where_the_parent_had_reached():
+    from observatory.data import BranchOrder
+
+    n, batch, fork, dropped = 10, 4, 3, [0, 7]
+    order = BranchOrder(data_seed=5, fork=fork, batch_size=batch, dataset_size=n, dropped=dropped)
+    stream = np.concatenate([order.indices(k) for k in range(fork, fork + 30)])
+    for later in (fork, fork + 1, fork + 4, fork + 11):  # within the first epoch, and after
+        entry = order.entry_at(later)
+        epoch, offset = divmod(entry, n)
+        raw = batch_indices(data_seed=5, step=epoch, batch_size=n, dataset_size=n)  # the epoch
+        assert raw[offset] == stream[(later - fork) * batch]  # the window the batch starts at
+        more = [0, 7, 2, 9]  # the parent's dropped windows and two more
+        child = BranchOrder(
+            data_seed=5, fork=later, batch_size=batch, dataset_size=n, dropped=more, start=entry
+        )
+        rest = stream[(later - fork) * batch :]
+        kept = rest[~np.isin(rest, more)]
+        got = np.concatenate([child.indices(k) for k in range(later, later + 10)])
+        assert np.array_equal(got, kept[: got.size])
+    assert list(order.dropped) == dropped

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -262,6 +264,83 @@ def test_bad_export_input_is_a_one_line_error(trained_tiny, tmp_path, capsys):
     assert "not empty" in one_line_error(
         capsys, ["export", str(store), "--seed", "0", "--out", str(out)]
     )
+
+
+@pytest.fixture(scope="module")
+def branched(trained_tiny, tmp_path_factory):
+    """A copy of the tiny family with a branch of seed 1 (``abl``: head L0H1 ablated from step
+    7) and a branch of that branch (``abl/late``: another learning rate from step 12)."""
+    from observatory.train import Intervention, train_branch
+
+    spec, store = trained_tiny
+    copy = tmp_path_factory.mktemp("branched") / "tiny.zarr"
+    shutil.copytree(store, copy)
+    run = {"size": SIZE, "seed": 1, "progress": False, "store": copy}
+    train_branch(spec, name="abl", at=7, intervention=Intervention(ablate_heads=((0, 1),)), **run)
+    train_branch(spec, name="late", branch="abl", at=12, intervention=Intervention(lr=1e-3), **run)
+    return spec, copy
+
+
+@pytest.mark.parametrize("branch", ["abl", "abl/late"])
+def test_a_branch_exports_as_a_run_with_its_provenance_and_ingest_keeps_it(
+    branched, branch, tmp_path, capsys
+):
+    from observatory.models import stack_layers
+
+    _, store = branched
+    reader = FamilyStore(store).run(SIZE, 1, branch)
+    out, path = tmp_path / "hf", reader.run.path
+    assert main(["export", str(store), "--run", path, "--out", str(out)]) == 0
+    steps = [int(step) for step in reader.steps()]  # the parent's before the fork, then its own
+    assert sorted(int(p.name.removeprefix("step")) for p in out.glob("step*")) == steps
+    for step in steps:
+        loaded = AutoModelForCausalLM.from_pretrained(out / f"step{step}")
+        assert loaded.dtype == torch.float32
+        read_back = stack_layers(dict(loaded.named_parameters()))
+        stored = reader.parameters_at(step)
+        assert set(read_back) == set(stored)
+        for name, values in stored.items():
+            assert read_back[name].tobytes() == values.tobytes(), (step, name)
+    provenance = json.loads((out / "observatory.json").read_text())
+    record = provenance["branch"]
+    assert (record["name"], record["path"], record["fork"]) == (branch, path, reader.branch["fork"])
+    assert record["parent"] == reader.branch["parent"]
+    assert record["intervention"] == reader.branch["intervention"]
+    text = json.dumps(record["intervention"], sort_keys=True, separators=(",", ":"))
+    assert record["intervention_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert [r["path"] for r in record["lineage"]] == [r["path"] for r in reader.lineage()]
+    assert record["lineage"][0]["path"] == f"{SIZE}/seed1/branches/abl"
+    with (out / "metrics.csv").open() as file:
+        loss = [float(row["loss"]) for row in csv.DictReader(file)]
+    assert np.array_equal(np.float32(loss), reader.metrics()["loss"])
+    with (out / "data_order.csv").open() as file:
+        order = [int(row["sequence_index"]) for row in csv.DictReader(file)]
+    assert order == reader.batch_indices_between(0, 24).ravel().tolist()
+    ingested = tmp_path / "ingested.zarr"
+    assert main(["ingest", str(out), "--out", str(ingested), "--no-progress"]) == 0
+    assert f"the export of branch {path}, forked at step" in capsys.readouterr().out
+    assert FamilyStore(ingested).run(SIZE, 1).origin["branch"] == record
+
+
+def test_a_bad_branch_to_export_is_a_one_line_error(branched, tmp_path, capsys):
+    _, store = branched
+    out = tmp_path / "out"
+    export = ["export", str(store), "--out", str(out)]
+    assert "has no branch 'nope' (branches: abl, abl/late)" in one_line_error(
+        capsys, [*export, "--run", f"{SIZE}/seed1/branches/nope"]
+    )
+    assert "has no branch 'abl/nope'" in one_line_error(
+        capsys, [*export, "--run", f"{SIZE}/seed1/branches/abl/branches/nope"]
+    )
+    assert "leave out --size" in one_line_error(
+        capsys, [*export, "--run", f"{SIZE}/seed1", "--size", SIZE]
+    )
+    for wrong in (["--run", f"{SIZE}/seed1/abl"], ["--run", f"{SIZE}/seed1", "--seed", "1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*export, *wrong])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")

@@ -445,6 +445,7 @@ def test_branches_are_analysed_from_their_fork_into_their_own_group(analysed_bra
     assert report.runs == (
         "l2-d16/seed0",
         "l2-d16/seed0/branches/no-prev",
+        "l2-d16/seed0/branches/no-prev/branches/same",
         "l2-d16/seed0/branches/same",
     )
     own = same.own_steps()

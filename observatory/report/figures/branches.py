@@ -1,4 +1,5 @@
-"""Figures of counterfactual branches: each branch beside the run it was forked from."""
+"""Figures of counterfactual branches: each branch beside the run or branch it was forked
+from."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ PARENT_COLOUR = "0.55"
 
 @figure("branches.png", title="Branches beside their parents")
 def branches(section: Section) -> Figure | None:
-    """Each branch (colour) against the run it was forked from (grey): left, the per-step
-    training loss; right, the induction score of the parent's best induction head at each
-    analysed checkpoint. The dotted line marks the fork: before it the branch is its parent
-    (the same steps, read from the parent). An intervention that removes what the induction
+    """Each branch (colour) against the run or branch it was forked from (grey): left, the
+    per-step training loss; right, the induction score of the run's best induction head at
+    each analysed checkpoint. The dotted line marks the fork: before it the branch is its
+    parent (the same steps, read from the parent). An intervention that removes what the induction
     head needs (e.g. ablating the previous-token head it reads from) keeps the score low or
     moves its rise later.
     """
@@ -30,6 +31,8 @@ def branches(section: Section) -> Figure | None:
         one = found.sel(branch=label)
         seed, fork = int(one["seed"]), int(one["fork"])
         parent = section.ds.sel(seed=seed) if seed in section.ds["seed"].values else None
+        above = str(label).rpartition("/")[0]  # "seed0/a" for a branch "seed0/a/b" of "a"
+        parent = found.sel(branch=above) if above in labels else parent
         row = section.result.per_seed.loc[seed] if seed in section.result.per_seed.index else None
         _loss_panel(loss_ax, one, parent, fork)
         _score_panel(score_ax, one, parent, row, fork)
