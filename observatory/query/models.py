@@ -20,7 +20,9 @@ from observatory.query.tokenizer import window_decoder
 from observatory.store import FamilyStore, RunReader
 
 
-def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrainedModel:
+def model_at(
+    path: str | Path, *, size: str, seed: int, step: int, branch: str = ""
+) -> PreTrainedModel:
     """The Hugging Face model of one run with its weights at checkpoint ``step``.
 
     Parameters
@@ -31,6 +33,10 @@ def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrained
         The weights after ``step`` updates.  A committed checkpoint is read; any other
         recorded step is replayed from the nearest keyframe before it (with a warning that
         says so; see :func:`observatory.train.replay.replay`).
+    branch
+        A branch of the run instead (``"name"``, or ``"a/b"`` for a branch of a branch; see
+        :func:`~observatory.query.open_run`): its weights, the parent's before the fork.  The
+        model is the plain architecture: a branch's ablation hooks are not attached.
 
     Returns
     -------
@@ -43,12 +49,12 @@ def model_at(path: str | Path, *, size: str, seed: int, step: int) -> PreTrained
     StoreError
         If the store, size, seed or step does not exist (the message lists what does).
     """
-    reader = FamilyStore(path).run(size, seed)
+    reader = FamilyStore(path).run(size, seed, branch)
     step = arguments.index(step, "step")
     if step not in reader.steps() and reader.origin is None and step <= reader.n_steps:
         from observatory.train.replay import model_at_step
 
-        return model_at_step(path, size=size, seed=seed, step=step)
+        return model_at_step(path, size=size, seed=seed, step=step, branch=branch)
     model = _empty_model(reader)
     model.load_state_dict(unstack_layers(reader.parameters_at(step)), strict=True)
     return model.eval()
@@ -95,7 +101,7 @@ def _empty_model(reader: RunReader) -> PreTrainedModel:
 
 
 def batch_at(
-    path: str | Path, *, size: str, seed: int, step: int, decode: bool = False
+    path: str | Path, *, size: str, seed: int, step: int, decode: bool = False, branch: str = ""
 ) -> torch.Tensor | list[str]:
     """The token batch that a run consumed at training step ``step``, as ids or as text.
 
@@ -114,6 +120,9 @@ def batch_at(
         with the family's tokenizer (BOS/EOS kept, as ``<|endoftext|>`` for a trained BPE), or
         for byte-level text its bytes decoded as UTF-8 with ``errors="replace"`` (a window may
         cut a character).
+    branch
+        A branch of the run instead: the batches it trained on (its parent's before the fork,
+        its own data order after it: dropped windows skipped, a new data seed drawn).
 
     Returns
     -------
@@ -130,6 +139,6 @@ def batch_at(
     family = FamilyStore(path)
     if decode:
         text_of = window_decoder(family)  # refuses a family without text before any work
-    indices = family.run(size, seed).batch_indices(step)
+    indices = family.run(size, seed, branch).batch_indices(step)
     tokens = stored_corpus(family).batch(indices)
     return [text_of(window) for window in tokens.tolist()] if decode else tokens

@@ -11,7 +11,9 @@ import zarr
 import zarr.storage
 
 import observatory as obs
+from observatory.data import stored_corpus
 from observatory.errors import StoreError
+from observatory.models.naming import unstack_layers
 from observatory.spec import load_run_spec
 from observatory.store import ATTRS_KEY, FamilyStore
 from tests.query.conftest import SIZE
@@ -112,3 +114,55 @@ def test_batch_at_decode_refuses_token_ids_in_one_line(trained_tiny):
     _, store = trained_tiny
     with pytest.raises(StoreError, match=r"corpus \(induction\) has no tokenizer to decode$"):
         obs.batch_at(store, size=SIZE, seed=0, step=0, decode=True)
+
+
+@pytest.fixture(scope="module")
+def redrawn(tmp_path_factory):
+    """The tiny family's seed 0 and its branch ``redrawn`` (a new data seed from step 7)."""
+    from observatory.train import Intervention, train_branch, train_family
+    from tests.conftest import write_spec
+
+    directory = tmp_path_factory.mktemp("redrawn")
+    spec = load_run_spec(write_spec(directory))
+    store = train_family(spec, store=directory / "tiny.zarr", seeds=[0], progress=False)
+    options = {"size": "l2-d16", "seed": 0, "at": 7, "store": store, "progress": False}
+    train_branch(spec, name="redrawn", intervention=Intervention(data_seed=9), **options)
+    return store
+
+
+def test_a_branchs_batches_are_its_parents_before_the_fork_and_its_own_after(redrawn):
+    run = {"size": "l2-d16", "seed": 0}
+    for step in (0, 6):
+        parent = obs.batch_at(redrawn, **run, step=step)
+        assert torch.equal(obs.batch_at(redrawn, **run, step=step, branch="redrawn"), parent)
+    after = obs.batch_at(redrawn, **run, step=7, branch="redrawn")
+    assert not torch.equal(after, obs.batch_at(redrawn, **run, step=7))
+    family = FamilyStore(redrawn)
+    indices = family.run("l2-d16", 0, "redrawn").batch_indices(7)
+    assert torch.equal(after, stored_corpus(family).batch(indices))
+
+
+def test_a_branchs_model_is_its_stored_weights_or_its_own_replay(redrawn):
+    run = {"size": "l2-d16", "seed": 0}
+    reader = FamilyStore(redrawn).run("l2-d16", 0, "redrawn")
+    tokens = torch.arange(16)[None] % 16
+    last = reader.steps()[-1]
+    branch = obs.model_at(redrawn, **run, step=last, branch="redrawn")
+    stored = dict(branch.state_dict())
+    for name, values in unstack_layers(reader.parameters_at(last)).items():
+        assert np.array_equal(stored[name].numpy(), np.asarray(values)), name
+    parent = obs.model_at(redrawn, **run, step=last)
+    assert not torch.equal(branch(tokens).logits, parent(tokens).logits)
+    between = next(s for s in range(8, last) if s not in reader.steps())
+    with pytest.warns(UserWarning, match="replayed"):
+        replayed = obs.model_at(redrawn, **run, step=between, branch="redrawn")
+    with pytest.warns(UserWarning, match="replayed"):
+        parents = obs.model_at(redrawn, **run, step=between)
+    assert not torch.equal(replayed(tokens).logits, parents(tokens).logits)
+
+
+def test_an_unknown_branch_is_one_line(redrawn):
+    with pytest.raises(StoreError, match="no-such"):
+        obs.model_at(redrawn, size="l2-d16", seed=0, step=0, branch="no-such")
+    with pytest.raises(StoreError, match="no-such"):
+        obs.batch_at(redrawn, size="l2-d16", seed=0, step=0, branch="no-such")
