@@ -26,14 +26,14 @@ def observatory(*args: str, cwd: Path) -> str:
 
 
 def shortened_recipe(tmp_path: Path) -> Path:
-    """runs/text.toml on one stdlib package, one seed, 200 steps: the same mechanics, quickly."""
+    """runs/text.toml on one stdlib package, one seed, 100 steps: the same mechanics, quickly."""
     text = (ROOT / "runs" / "text.toml").read_text()
     spec = tomllib.loads(text)
     assert spec["data"]["paths"] == ["{stdlib}"] and spec["data"]["tokenizer"] == "bpe"
     text = text.replace('paths = ["{stdlib}"]', 'paths = ["{stdlib}/json", "{stdlib}/email"]')
     text = text.replace("vocab_size = 1024", "vocab_size = 512")
     text = text.replace("init = [0, 1, 2]", "init = [0]").replace("data = [0, 1, 2]", "data = [0]")
-    text = text.replace("steps = 60000", "steps = 200").replace("every = 500", "every = 50")
+    text = text.replace("steps = 60000", "steps = 100").replace("every = 500", "every = 50")
     text = text.replace('store_path = "store/text.zarr"', f'store_path = "{tmp_path / "t.zarr"}"')
     path = tmp_path / "text.toml"
     path.write_text(text)
@@ -61,7 +61,7 @@ def test_tokenize_train_analyze_report_on_natural_text(tmp_path):
     assert tokenizer.decode(tokenizer.encode("def main():")) == "def main():"
     for size in ("l2-d64", "l1-d64"):
         ds = obs.open_family(store, size=size)
-        assert int(ds["step"][-1]) == 200
+        assert int(ds["step"][-1]) == 100
         scores = ds["induction_score"].values
         assert np.isfinite(scores).all() and scores.shape[-2:] == (int(size[1]), 4)
     # the batch of a step is windows of the packed corpus, ids below the vocabulary
