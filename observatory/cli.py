@@ -189,11 +189,7 @@ def _options() -> _Options:
     span.add_argument("--start", required=True, type=int, help="first training step")
     span.add_argument("--stop", required=True, type=int, help="step after the last one")
     span.add_argument(
-        "--branch",
-        default="",
-        metavar="NAME",
-        help="the run's branch NAME (A/B for a branch of a branch), its intervention acting from "
-        "its fork on; stored in the branch",
+        "--branch", default="", metavar="NAME", help="the run's branch NAME (A/B: of a branch)"
     )
     progress = parent()
     progress.add_argument(
@@ -637,6 +633,8 @@ def _cmd_attribute(args: argparse.Namespace) -> None:
     training windows (per-example gradients through the step's AdamW preconditioner). The result
     is stored in the run as attribution/NAME (read it with obs.attribution). Keyframe segments
     of the span run as dask tasks with --workers or --scheduler.
+    With --branch NAME the branch is replayed, its intervention acting from its fork on (steps
+    before the fork through its parent), and the result is stored in the branch.
     """
     from observatory.attribution import attribute, format_attribution
 
@@ -669,6 +667,8 @@ def _cmd_dynamics(args: argparse.Namespace) -> None:
     the heads that moved most. The result is stored in the run as dynamics/NAME (read it with
     obs.dynamics). Keyframe segments of the span run as dask tasks with --workers or
     --scheduler.
+    With --branch NAME the branch is replayed, its intervention acting from its fork on (steps
+    before the fork through its parent), and the result is stored in the branch.
     """
     from observatory.attribution.dynamics import format_dynamics, measure_dynamics
 
