@@ -145,7 +145,7 @@ class _Options:
     out_dir: argparse.ArgumentParser  # --out DIR, required
     selection: argparse.ArgumentParser  # --sizes, --seeds
     dask: argparse.ArgumentParser  # --scheduler | --workers
-    span: argparse.ArgumentParser  # --size, --seed, --start, --stop: updates of one run
+    span: argparse.ArgumentParser  # --size, --seed, --start, --stop, --branch: updates of a run
     progress: argparse.ArgumentParser  # --no-progress
     resume: argparse.ArgumentParser  # --resume, --stop-after
 
@@ -188,6 +188,9 @@ def _options() -> _Options:
     span.add_argument("--seed", required=True, type=int, help="seed index")
     span.add_argument("--start", required=True, type=int, help="first training step")
     span.add_argument("--stop", required=True, type=int, help="step after the last one")
+    span.add_argument(
+        "--branch", default="", metavar="NAME", help="the run's branch NAME (A/B: of a branch)"
+    )
     progress = parent()
     progress.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars"
@@ -630,6 +633,8 @@ def _cmd_attribute(args: argparse.Namespace) -> None:
     training windows (per-example gradients through the step's AdamW preconditioner). The result
     is stored in the run as attribution/NAME (read it with obs.attribution). Keyframe segments
     of the span run as dask tasks with --workers or --scheduler.
+    With --branch NAME the branch is replayed, its intervention acting from its fork on (steps
+    before the fork through its parent), and the result is stored in the branch.
     """
     from observatory.attribution import attribute, format_attribution
 
@@ -637,11 +642,12 @@ def _cmd_attribute(args: argparse.Namespace) -> None:
         args.store,
         options=dict(args.options),
         **_same_names(args, "size", "seed", "start", "stop", "target", "per_example", "name"),
+        branch=args.branch,
         workers=args.workers or 0,
         scheduler=args.scheduler,
     )
     print(format_attribution(att))
-    print(f"stored as {att.attrs['size']}/seed{att.attrs['seed']}/attribution/{att.attrs['name']}")
+    print(f"stored as {att.attrs['run']}/attribution/{att.attrs['name']}")
 
 
 def _dynamics_parser(commands, options: _Options) -> None:
@@ -661,17 +667,19 @@ def _cmd_dynamics(args: argparse.Namespace) -> None:
     the heads that moved most. The result is stored in the run as dynamics/NAME (read it with
     obs.dynamics). Keyframe segments of the span run as dask tasks with --workers or
     --scheduler.
+    With --branch NAME the branch is replayed, its intervention acting from its fork on (steps
+    before the fork through its parent), and the result is stored in the branch.
     """
     from observatory.attribution.dynamics import format_dynamics, measure_dynamics
 
     ds = measure_dynamics(
         args.store,
-        **_same_names(args, "size", "seed", "start", "stop", "name"),
+        **_same_names(args, "size", "seed", "start", "stop", "name", "branch"),
         workers=args.workers or 0,
         scheduler=args.scheduler,
     )
     print(format_dynamics(ds))
-    print(f"stored as {ds.attrs['size']}/seed{ds.attrs['seed']}/dynamics/{ds.attrs['name']}")
+    print(f"stored as {ds.attrs['run']}/dynamics/{ds.attrs['name']}")
 
 
 def _export_parser(commands, options: _Options) -> None:

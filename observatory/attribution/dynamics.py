@@ -221,9 +221,10 @@ class _Recorder:
 
 
 def dynamics_span(
-    store: str, size: str, seed: int, span: tuple[int, int], first: int
+    store: str, size: str, seed: int, branch: str, span: tuple[int, int], first: int
 ) -> SpanDynamics:
-    """Replay one span and measure its updates (runs on a worker).
+    """Replay one span of a run (or its branch ``branch``) and measure its updates (runs on a
+    worker).
 
     ``first`` is the whole span's first step: the task that starts there (if it is not 0)
     also replays the update before it, for the cosine at ``first``.
@@ -234,7 +235,7 @@ def dynamics_span(
         If the replayed weights differ from a stored checkpoint at the span's end.
     """
     start, stop = span
-    source = ReplaySource.open(store, size=size, seed=seed, strict=True)
+    source = ReplaySource.open(store, size=size, seed=seed, strict=True, branch=branch)
     begin = start - 1 if start == first > 0 else start
     recorder = _Recorder(start, stop)
     states = source.run_states(
@@ -278,6 +279,7 @@ def measure_dynamics(
     workers: int = 0,
     scheduler: str | None = None,
     name: str | None = None,
+    branch: str = "",
 ) -> xr.Dataset:
     """Measure every update of training steps ``[start, stop)`` on an exact replay, and store it.
 
@@ -293,6 +295,10 @@ def measure_dynamics(
     name
         The stored group's name (default: ``steps_<start>_<stop>``); existing results of that
         name are replaced.
+    branch
+        Measure this branch of the run (``"a/b"`` for a branch of a branch), its intervention
+        acting from its fork on (its steps before are replayed through its parent), and store
+        the result in the branch's group.
 
     Returns
     -------
@@ -303,17 +309,18 @@ def measure_dynamics(
         ``head_*[train_step, layer, head]`` of the norms and the ratio.  Attributes: ``start``,
         ``stop``, ``grad_clip``, ``blocks``, ``checked_checkpoints`` (the stored checkpoints
         the replayed weights were found bit-identical to), ``store``, ``size``, ``seed``,
-        ``name``.
+        ``branch``, ``name``.
 
     Raises
     ------
     ObservatoryError
-        One line, before anything is written: unknown run, steps out of range, ``stop <=
-        start``, a name that is not an identifier; or a replay that differs from the store.
+        One line, before anything is written: unknown run or branch, steps out of range,
+        ``stop <= start``, a name that is not an identifier; or a replay that differs from the
+        store.
     """
     workers = arguments.index(workers, "workers")
     name = None if name is None else result_name(name)
-    span = open_span(store, size=size, seed=seed, start=start, stop=stop)
+    span = open_span(store, size=size, seed=seed, start=start, stop=stop, branch=branch)
     name = name or f"steps_{span.start}_{span.stop}"
     results = map_spans(dynamics_span, span, span.start, workers=workers, scheduler=scheduler)
     result = combine(results)
@@ -324,7 +331,7 @@ def measure_dynamics(
     parameters |= {"blocks": list(result.blocks.names), "checked_checkpoints": list(result.checked)}
     dataset = _dataset(result, clip, json.loads(json.dumps(parameters)))
     write_rows(span, name, dataset, DYNAMICS, nonfinite=NONFINITE)
-    return dataset.assign_attrs(store=str(span.family.path), size=size, seed=seed, name=name)
+    return dataset.assign_attrs(span.where, name=name)
 
 
 def _dataset(result: SpanDynamics, clip: np.ndarray, parameters: dict[str, Any]) -> xr.Dataset:
@@ -367,19 +374,21 @@ def _with_coords(dataset: xr.Dataset) -> xr.Dataset:
     )
 
 
-def dynamics(store: str | Path, *, size: str, seed: int, name: str | None = None) -> xr.Dataset:
+def dynamics(
+    store: str | Path, *, size: str, seed: int, name: str | None = None, branch: str = ""
+) -> xr.Dataset:
     """Training dynamics stored by :func:`measure_dynamics`, read back (the same dataset).
 
-    ``name=None`` reads the run's only stored one.
+    ``name=None`` reads the run's (or the branch ``branch``'s) only stored one.
 
     Raises
     ------
     StoreError
-        If the run has none of that name (the message lists the stored ones), or ``name`` is
-        None and it has several or none.
+        If the run or branch has none of that name (the message lists the stored ones), or
+        ``name`` is None and it has several or none; or the branch does not exist.
     """
-    stored = read_rows(store, size=size, seed=seed, name=name, kind=DYNAMICS, order=VARIABLES)
-    return _with_coords(stored)
+    where = {"size": size, "seed": seed, "name": name, "branch": branch}
+    return _with_coords(read_rows(store, **where, kind=DYNAMICS, order=VARIABLES))
 
 
 def format_dynamics(ds: xr.Dataset, heads: int = 5) -> str:

@@ -45,6 +45,7 @@ def attribute(
     workers: int = 0,
     scheduler: str | None = None,
     name: str | None = None,
+    branch: str = "",
 ) -> xr.Dataset:
     """Attribute the change of a target over training steps ``[start, stop)`` to each update.
 
@@ -69,6 +70,12 @@ def attribute(
     name
         The stored group's name (default: the target's name); existing results of that name
         are replaced.
+    branch
+        Attribute along this branch of the run (``"a/b"`` for a branch of a branch): its
+        intervention acts in the replayed steps from its fork on (steps before it are replayed
+        through its parent), the target is evaluated on the weights without ablation hooks
+        (see :mod:`observatory.attribution.steps`), and the result is stored in the branch's
+        group.
 
     Returns
     -------
@@ -76,18 +83,20 @@ def attribute(
         ``step_contribution[train_step]`` and ``target_value[train_step]`` (the target before
         each update); with ``per_example``, ``example_contribution[train_step, batch]``,
         ``example_index[train_step, batch]`` (corpus windows) and ``carried[train_step]``;
-        scalars ``residual``, ``target_start``, ``target_stop``; the parameters as attributes.
+        scalars ``residual``, ``target_start``, ``target_stop``; the parameters as attributes
+        (plus ``store``, ``size``, ``seed``, ``branch``, ``run`` (its path in the store), ``name``).
 
     Raises
     ------
     ObservatoryError
-        One line, before anything is written: unknown run, steps out of range, unknown target,
+        One line, before anything is written: unknown run or branch, steps out of range,
+        unknown target,
         bad option, or a target that is not a differentiable scalar.
     """
     workers = arguments.index(workers, "workers")
     chosen = choose(target, options)
     name = result_name(chosen.name if name is None else name)
-    span = open_span(store, size=size, seed=seed, start=start, stop=stop)
+    span = open_span(store, size=size, seed=seed, start=start, stop=stop, branch=branch)
     data = shared_data(span.family.spec, ProbeSpec(), HeldOutSpec())
     results = map_spans(
         attribute_span,
@@ -104,7 +113,7 @@ def attribute(
     parameters |= {"per_example": per_example, "checked_checkpoints": list(result.checked)}
     dataset = _dataset(result, json.loads(json.dumps(parameters)))
     write_rows(span, name, dataset, ATTRIBUTION)
-    return dataset.assign_attrs(store=str(span.family.path), size=size, seed=seed, name=name)
+    return dataset.assign_attrs(span.where, name=name)
 
 
 def _dataset(result: SpanResult, parameters: dict[str, Any]) -> xr.Dataset:
@@ -126,16 +135,21 @@ def _dataset(result: SpanResult, parameters: dict[str, Any]) -> xr.Dataset:
     return xr.Dataset(variables, coords={"train_step": steps}, attrs=parameters)
 
 
-def attribution(store: str | Path, *, size: str, seed: int, name: str) -> xr.Dataset:
-    """An attribution stored by :func:`attribute`, read back (the same values and attributes).
+def attribution(
+    store: str | Path, *, size: str, seed: int, name: str, branch: str = ""
+) -> xr.Dataset:
+    """An attribution stored by :func:`attribute`, read back (the same values and attributes);
+    ``branch``: one stored in that branch of the run.
 
     Raises
     ------
     StoreError
-        If the run has no attribution of that name (the message lists the stored ones).
+        If the run or branch does not exist, or has no attribution of that name (the message
+        lists the stored ones).
     """
     order = (*STEP_VARIABLES, *SCALARS, *EXAMPLE_VARIABLES)
-    return read_rows(store, size=size, seed=seed, name=name, kind=ATTRIBUTION, order=order)
+    where = {"size": size, "seed": seed, "name": name, "branch": branch}
+    return read_rows(store, **where, kind=ATTRIBUTION, order=order)
 
 
 def top_examples(att: xr.Dataset, k: int = 10, *, sign: str = "positive") -> pd.DataFrame:

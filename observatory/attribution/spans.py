@@ -33,8 +33,8 @@ from observatory.train.replay import ReplaySource
 
 @dataclass(frozen=True)
 class Span:
-    """The updates ``start .. stop - 1`` of one run, checked: its store (opened for writing
-    the result) and its replay source."""
+    """The updates ``start .. stop - 1`` of one run or branch, checked: its store (opened for
+    writing the result) and its replay source."""
 
     family: FamilyStore
     source: ReplaySource
@@ -42,31 +42,51 @@ class Span:
     seed: int
     start: int
     stop: int
+    branch: str = ""
 
     @property
     def parts(self) -> list[tuple[int, int]]:
         """The tasks' spans: ``[start, stop)`` split at the run's keyframes."""
         return spans(self.source, self.start, self.stop)
 
+    @property
+    def where(self) -> dict[str, Any]:
+        """Where its result is stored, as the result's attributes (``run``: its path)."""
+        return where(self.family, self.source.reader)
 
-def open_span(store: str | Path, *, size: str, seed: int, start: int, stop: int) -> Span:
-    """The span of updates ``[start, stop)`` of a run, checked before anything runs.
+
+def where(family: FamilyStore, reader) -> dict[str, Any]:
+    """The attributes that say which run or branch of which store a result belongs to."""
+    run = reader.run
+    place = {"store": str(family.path), "size": run.size, "seed": run.seed}
+    return place | {"branch": run.branch, "run": run.path}
+
+
+def open_span(
+    store: str | Path, *, size: str, seed: int, start: int, stop: int, branch: str = ""
+) -> Span:
+    """The span of updates ``[start, stop)`` of a run (or its branch ``branch``, ``"a/b"`` for
+    a branch of a branch), checked before anything runs.
+
+    A branch's span may start before its fork: its steps there are its parent's, replayed
+    through the parent as the branch's own replay does, its intervention acting from the fork on.
 
     Raises
     ------
     ArgumentError
         If ``start`` or ``stop`` is not a non-negative integer, or ``stop <= start``.
     StoreError
-        If the run does not exist or cannot be replayed here, or the steps are not recorded.
+        If the run or branch does not exist or cannot be replayed here, or the steps are not
+        recorded.
     """
     start, stop = arguments.index(start, "start"), arguments.index(stop, "stop")
     if stop <= start:
         raise ArgumentError(f"stop: must be after start ({start}), got {stop}")
     family = FamilyStore(store, mode="r+")
-    source = ReplaySource.open(family.path, size=size, seed=seed, strict=True)
+    source = ReplaySource.open(family.path, size=size, seed=seed, strict=True, branch=branch)
     source.check_range(start, stop)
     source.keyframe_before(start)
-    return Span(family, source, size, seed, start, stop)
+    return Span(family, source, size, seed, start, stop, branch)
 
 
 def result_name(name: Any) -> str:
@@ -98,13 +118,13 @@ def map_spans(
     workers: int = 0,
     scheduler: str | None = None,
 ) -> list[Any]:
-    """``task(store, size, seed, part, *args)`` for each of the span's parts, in order.
+    """``task(store, size, seed, branch, part, *args)`` for each of the span's parts, in order.
 
     With ``workers`` and no ``scheduler`` (0 and None) in this process; else as dask tasks on
     a local cluster of ``workers`` processes or on the scheduler at ``scheduler``, each of
     ``args`` sent once to every worker.  A task's numbers must not depend on where it runs.
     """
-    call = (str(span.family.path), span.size, span.seed)
+    call = (str(span.family.path), span.size, span.seed, span.branch)
     if not (workers or scheduler):
         return [task(*call, part, *args) for part in span.parts]
     with dask_client(scheduler=scheduler, workers=workers) as client:
@@ -148,7 +168,8 @@ def check_stop(source: ReplaySource, stop: int, model, hint: str = "") -> tuple[
 def write_rows(
     span: Span, name: str, dataset: xr.Dataset, kind: ResultKind, nonfinite: Sequence[str] = ()
 ) -> None:
-    """Store a dataset as the run's ``<kind.group>/<name>`` (replacing it): its variables with
+    """Store a dataset as the run's (or branch's) ``<kind.group>/<name>`` (replacing it): its
+    variables with
     a leading row dim as rows, the others as constants, its attributes as the parameters.
 
     ``nonfinite``: variables whose NaN or infinite values are results.
@@ -158,7 +179,7 @@ def write_rows(
         v: (dataset[v].dims, dataset[v].values) for v in dataset.data_vars if v not in rows
     }
     writer = AnalysisWriter(
-        span.family.run(span.size, span.seed),
+        span.family.run(span.size, span.seed, span.branch),
         name,
         attrs=dict(dataset.attrs),
         variables={v: (dataset[v].dims[1:], dataset[v].shape[1:]) for v in rows},
@@ -180,10 +201,12 @@ def read_rows(
     name: str | None,
     kind: ResultKind,
     order: Sequence[str],
+    branch: str = "",
 ) -> xr.Dataset:
     """A result stored by :func:`write_rows`, read back: its variables in ``order``, the rows as
-    the row coordinate, the parameters as attributes (plus ``store``, ``size``, ``seed`` and
-    ``name``).  ``name=None`` reads the run's only result of the kind.
+    the row coordinate, the parameters as attributes (plus ``store``, ``size``, ``seed``,
+    ``branch``, ``run`` and ``name``).  ``name=None`` reads the run's (or branch's) only
+    result of the kind.
 
     Raises
     ------
@@ -192,7 +215,7 @@ def read_rows(
         and it has several or none.
     """
     family = FamilyStore(store)
-    reader = family.run(size, seed)
+    reader = family.run(size, seed, branch)
     if name is None:
         stored = analyses(reader, kind=kind)
         if not stored:
@@ -210,4 +233,4 @@ def read_rows(
         attrs=parameters,
     )
     ordered = [v for v in order if v in dataset]
-    return dataset[ordered].assign_attrs(store=str(family.path), size=size, seed=seed, name=name)
+    return dataset[ordered].assign_attrs(where(family, reader), name=name)

@@ -11,6 +11,11 @@ sum_k term_k`` is measured, not assumed.  The span is split at keyframes into ta
 replays from its own keyframe), run in this process or on dask; a task's numbers do not
 depend on where it runs, since the target is evaluated under the run's recipe (threads,
 deterministic kernels), on its own RNG stream and without touching the model.
+
+On a branch the replay takes the branch's intervention from its fork on; its ablation hooks act
+in the training steps only, so the target is evaluated on the weights the branch reached, with
+every head present, as the analyses of the branch's checkpoints see them.  The terms then
+split the change of that same function of the weights, and sum to it as on a run.
 """
 
 from __future__ import annotations
@@ -61,12 +66,14 @@ def attribute_span(
     store: str,
     size: str,
     seed: int,
+    branch: str,
     span: tuple[int, int],
     chosen: ChosenTarget,
     data: SharedData,
     per_example: bool,
 ) -> SpanResult:
-    """Replay one span and attribute the target's change to its updates (runs on a worker).
+    """Replay one span of a run (or its branch ``branch``) and attribute the target's change
+    to its updates (runs on a worker).
 
     Raises
     ------
@@ -76,7 +83,7 @@ def attribute_span(
         If the replayed weights differ from a stored checkpoint at the span's end.
     """
     start, stop = span
-    source = ReplaySource.open(store, size=size, seed=seed, strict=True)
+    source = ReplaySource.open(store, size=size, seed=seed, strict=True, branch=branch)
     chosen, threads = chosen.on_worker(), source.spec.train.threads
     states = source.run_states(
         source.keyframe_before(start), stop, yield_at=set(range(start, stop + 1))

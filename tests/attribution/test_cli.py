@@ -80,3 +80,21 @@ def test_dynamics_of_the_first_step_says_it_has_no_cosine(tiny_store, capsys):
     args = ["dynamics", str(tiny_store), "--size", "l2-d16", "--seed", "0"]
     assert main([*args, "--start", "0", "--stop", "1"]) == 0
     assert "cosine of consecutive updates: none" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["attribute", "dynamics"])
+def test_a_branch_is_replayed_and_stored_in_the_branch(branch_store, capsys, command):
+    target = ["--target", "induction_score"] if command == "attribute" else []
+    span = ["--size", "l2-d16", "--seed", "0", "--start", "7", "--stop", "9"]  # the fork: 7
+    assert main([command, str(branch_store), *span, *target, "--branch", "no-prev"]) == 0
+    assert "stored as l2-d16/seed0/branches/no-prev/" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["attribute", "dynamics"])
+def test_an_unknown_branch_is_one_line_exit_2_and_changes_nothing(branch_store, capsys, command):
+    before = tree_bytes(branch_store)
+    target = ["--target", "induction_score"] if command == "attribute" else []
+    assert main([command, str(branch_store), *ARGS, *target, "--branch", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no branch 'nope'" in err and len(err.splitlines()) == 1
+    assert tree_bytes(branch_store) == before

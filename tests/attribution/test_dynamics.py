@@ -152,3 +152,19 @@ def test_results_are_identical_in_process_and_on_1_and_2_workers(tiny_store):
     for other in (one, two):
         for name in here.data_vars:
             assert here[name].values.tobytes() == other[name].values.tobytes(), name
+
+
+def test_dynamics_of_branches(branch_store):
+    span = RUN | {"start": 6, "stop": 9}  # the branches fork at step 7
+    run = obs.measure_dynamics(branch_store, **span)
+    same = obs.measure_dynamics(branch_store, **span, branch="same")
+    xr.testing.assert_identical(same.drop_attrs(), run.drop_attrs())
+    ablated = obs.measure_dynamics(branch_store, **span, branch="no-prev")
+    moved, parent = ablated["update_norm"].values, run["update_norm"].values
+    np.testing.assert_array_equal(moved[:1], parent[:1])  # step 6: before the fork
+    assert not np.array_equal(moved[1:], parent[1:])
+    stored = obs.dynamics(branch_store, **RUN, branch="no-prev")
+    xr.testing.assert_identical(stored, ablated)
+    assert stored.attrs["run"] == "l2-d16/seed0/branches/no-prev"
+    with pytest.raises(StoreError, match="has no branch 'nope'"):
+        obs.dynamics(branch_store, **RUN, branch="nope")

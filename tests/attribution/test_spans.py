@@ -18,14 +18,14 @@ def test_spans_split_at_keyframes(tiny_store):
     assert spans(source, 5, 8) == [(5, 8)]
 
 
-def _task(store, size, seed, part, *args):
-    return (size, seed, part, args)
+def _task(store, size, seed, branch, part, *args):
+    return (size, seed, branch, part, args)
 
 
 def test_map_spans_runs_the_task_on_each_part_in_order(tiny_store):
     span = open_span(tiny_store, size="l2-d16", seed=1, start=3, stop=9)
     found = map_spans(_task, span, (1, 2), "x")
-    assert found == [("l2-d16", 1, part, ((1, 2), "x")) for part in span.parts]
+    assert found == [("l2-d16", 1, "", part, ((1, 2), "x")) for part in span.parts]
 
 
 @pytest.mark.parametrize(

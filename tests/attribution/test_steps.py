@@ -9,7 +9,8 @@ import xarray as xr
 
 import observatory as obs
 from observatory.errors import StoreError
-from observatory.store import FamilyStore
+from observatory.store import ATTRIBUTION, FamilyStore, analyses
+from tests.conftest import tree_bytes
 
 
 def best_induction_head(store) -> dict[str, int]:
@@ -80,3 +81,42 @@ def test_results_are_identical_in_process_and_on_1_and_2_workers(tiny_store):
     for other in (one, two):
         for name in here.data_vars:
             assert here[name].values.tobytes() == other[name].values.tobytes(), name
+
+
+RUN = {"size": "l2-d16", "seed": 0}
+SPAN = RUN | {"start": 5, "stop": 12}  # the branches fork at step 7
+TARGET = {"target": "induction_score", "options": {"layer": 1, "head": 1}}
+
+
+def test_a_branch_without_intervention_is_attributed_as_its_parent(branch_store):
+    run = obs.attribute(branch_store, **SPAN, **TARGET)
+    same = obs.attribute(branch_store, **SPAN, **TARGET, branch="same")
+    # from the parent's steps before the fork through the branch's own after it, bit for bit
+    assert same.attrs["run"] == "l2-d16/seed0/branches/same"
+    xr.testing.assert_identical(same.drop_attrs(), run.drop_attrs())
+    stored = obs.attribution(branch_store, **RUN, name="induction_score", branch="same")
+    xr.testing.assert_identical(stored, same)
+    family = FamilyStore(branch_store)
+    assert analyses(family.run(**RUN, branch="same"), kind=ATTRIBUTION) == ["induction_score"]
+    assert analyses(family.run(**RUN, branch="no-prev"), kind=ATTRIBUTION) == []
+
+
+def test_a_branch_with_an_ablated_head_is_attributed_along_its_own_steps(branch_store):
+    run = obs.attribute(branch_store, **SPAN, **TARGET)
+    ablated = obs.attribute(branch_store, **SPAN, **TARGET, branch="no-prev")
+    terms, parent = ablated["step_contribution"].values, run["step_contribution"].values
+    np.testing.assert_array_equal(terms[:2], parent[:2])  # steps 5 and 6: before the fork
+    assert not np.array_equal(terms[2:], parent[2:])
+    change = float(ablated["target_stop"] - ablated["target_start"])
+    assert abs(float(ablated["residual"])) <= 0.01 * abs(change)
+    nested = obs.attribute(branch_store, **SPAN, **TARGET, branch="no-prev/same")
+    xr.testing.assert_identical(nested.drop_attrs(), ablated.drop_attrs())
+    stored = obs.attribution(branch_store, **RUN, name="induction_score", branch="no-prev")
+    xr.testing.assert_identical(stored, ablated)
+
+
+def test_an_unknown_branch_is_refused_before_anything_is_written(branch_store):
+    before = tree_bytes(branch_store)
+    with pytest.raises(StoreError, match="has no branch 'nope'"):
+        obs.attribute(branch_store, **SPAN, **TARGET, branch="nope")
+    assert tree_bytes(branch_store) == before
