@@ -36,8 +36,11 @@ them was interrupted while being created and is not listed.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -243,13 +246,8 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
         "versions": library_versions(),
         "data": data,
     }
-    if not exists(path):
-        try:  # the attributes are part of the group's one metadata document: no torn store
-            return zarr.create_group(
-                zarr_target(path, read_only=False), attributes={ATTRS_KEY: attrs}, zarr_format=3
-            )
-        except zarr.errors.ContainsGroupError:
-            pass  # another process created it just now: check it as any existing store
+    if not exists(path) or _empty_directory(path):
+        _create_root(path, attrs)  # or another process just did: checked as any existing store
     root = open_root(path, mode="r+")
     stored = attrs_of(root)
     same_spec = spec_from_dict(stored["spec"]) == spec  # keys added since take their defaults
@@ -267,6 +265,35 @@ def create_family(path: str | Path, spec: RunSpec, *, data: dict[str, Any]) -> z
             f"(fingerprint {data['fingerprint']} vs {stored['data']['fingerprint']})"
         )
     return root
+
+
+def _empty_directory(path: str | Path) -> bool:
+    return isinstance(path, Path) and path.is_dir() and not any(path.iterdir())
+
+
+def _create_root(path: str | Path, attrs: dict[str, Any]) -> None:
+    """Create the store's root group, its attributes in the same one metadata document.
+
+    Whoever opens the store at the same time sees no store or a whole one, never a torn one: a
+    local store is built in a hidden sibling directory and renamed into place (a rename that
+    fails because another process got there first leaves theirs); on an object store the one
+    ``zarr.json`` object appears whole.
+    """
+    metadata = {"attributes": {ATTRS_KEY: attrs}, "zarr_format": 3}
+    if not isinstance(path, Path):
+        with contextlib.suppress(zarr.errors.ContainsGroupError):
+            zarr.create_group(zarr_target(path, read_only=False), **metadata)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".creating", dir=path.parent))
+    try:
+        zarr.create_group(str(staging), **metadata)
+        staging.rename(path)  # atomic; replaces an empty directory, fails on a non-empty one
+    except OSError:
+        if not path.exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def open_root(path: str | Path, *, mode: str) -> zarr.Group:

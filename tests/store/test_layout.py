@@ -1,4 +1,5 @@
 import dataclasses
+import multiprocessing
 import shutil
 
 import pytest
@@ -82,3 +83,28 @@ def test_a_store_of_another_schema_version_is_refused_in_one_line(tiny_spec, tmp
         assert "\n" not in message
         assert f"schema version {SCHEMA_VERSION - 1}" in message
         assert f"schema version {SCHEMA_VERSION} only" in message
+
+
+def _create_at_once(path, spec, barrier) -> str:
+    barrier.wait()  # every process starts creating the same store at the same moment
+    try:
+        create_family(path, spec, data={"fingerprint": "abc"})
+    except StoreError as err:
+        return str(err)
+    return "ok"
+
+
+def test_processes_creating_one_store_at_once_all_see_a_whole_store(tiny_spec, tmp_path):
+    """No process may open the store while another is halfway through creating it."""
+    context = multiprocessing.get_context("fork")
+    with context.Manager() as manager, context.Pool(4) as pool:
+        for attempt in range(20):
+            path, barrier = tmp_path / f"s{attempt}.zarr", manager.Barrier(4)
+            results = pool.starmap(_create_at_once, [(path, tiny_spec, barrier)] * 4)
+            assert results == ["ok"] * 4, results
+            assert FamilyStore(path).spec == tiny_spec
+            assert [p.name for p in tmp_path.iterdir() if "creating" in p.name] == []
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()  # made by the user beforehand: the store is created in it
+    create_family(empty, tiny_spec, data={"fingerprint": "abc"})
+    assert FamilyStore(empty).spec == tiny_spec
