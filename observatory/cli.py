@@ -400,8 +400,9 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
     Summarise a family store: the family and its corpus, then one line per run with its init
     and data seeds, whether it is complete, its committed checkpoints and their steps, the
-    tokens seen at the last checkpoint, its size on disk and its analyses. Reads metadata only,
-    so it is quick and safe while training is running.
+    tokens seen at the last checkpoint, its size on disk and its stored results (analyses,
+    attributions, training dynamics). Reads metadata only, so it is quick and safe while
+    training is running.
     """
     from observatory.query import describe
 

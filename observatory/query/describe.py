@@ -6,7 +6,18 @@ from pathlib import Path
 
 import numpy as np
 
-from observatory.store import FamilyStore, RunReader, analyses, ingested_note
+from observatory.store import (
+    ANALYSIS,
+    ATTRIBUTION,
+    DYNAMICS,
+    FamilyStore,
+    RunReader,
+    analyses,
+    ingested_note,
+)
+
+# What a run's line lists of its stored results, by kind.
+RESULT_KINDS = (("analyses", ANALYSIS), ("attributions", ATTRIBUTION), ("dynamics", DYNAMICS))
 
 
 def describe(path: str | Path) -> str:
@@ -22,7 +33,8 @@ def describe(path: str | Path) -> str:
     str
         Several lines: the family and its corpus, then one line per run with its seeds,
         status, committed checkpoints and their steps, tokens seen at the last checkpoint,
-        bytes on disk and analyses.  This is what ``observatory inspect`` prints.
+        bytes on disk and stored results (analyses, attributions, dynamics).  This is what
+        ``observatory inspect`` prints.
 
     Raises
     ------
@@ -74,8 +86,11 @@ def describe(path: str | Path) -> str:
 def _row(family: FamilyStore, reader: RunReader, label: str) -> tuple[str, ...]:
     """The line of a run (or branch: its fork and intervention last) in the table."""
     steps, tokens = reader.steps(), reader.tokens_seen()
-    stored = analyses(reader)
-    notes = [f"analyses: {', '.join(stored)}"] if stored else []
+    notes = [
+        f"{title}: {', '.join(names)}"
+        for title, kind in RESULT_KINDS
+        if (names := analyses(reader, kind=kind))
+    ]
     if reader.branch is not None:
         changed = {
             key: value

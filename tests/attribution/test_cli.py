@@ -16,6 +16,9 @@ def test_attribute_prints_the_table_and_the_residual(tiny_store, capsys):
     out = capsys.readouterr().out
     assert "measured change" in out and "% of the change" in out
     assert "stored as l2-d16/seed0/attribution/induction_score" in out
+    assert main(["inspect", str(tiny_store)]) == 0
+    seed0 = next(line for line in capsys.readouterr().out.splitlines() if "seed0 " in line)
+    assert "attributions: induction_score" in seed0 and "dynamics" not in seed0
 
 
 @pytest.mark.parametrize(
@@ -52,6 +55,9 @@ def test_dynamics_prints_the_summary_and_stores_it(tiny_store, capsys):
     assert "update ratio |dw|/|w|: median" in out and "clipped in" in out
     assert "gpt_neox.layers.1.attention.query_key_value.weight" in out and "L1H" in out
     assert "stored as l2-d16/seed0/dynamics/steps_2_5" in out
+    assert main(["inspect", str(tiny_store)]) == 0
+    seed0 = next(line for line in capsys.readouterr().out.splitlines() if "seed0 " in line)
+    assert seed0.endswith("dynamics: steps_2_5")
 
 
 @pytest.mark.parametrize(
