@@ -377,7 +377,13 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """AdamW with linear warm-up, then a constant, linear or cosine schedule."""
+    """AdamW with linear warm-up, then a constant, linear or cosine schedule.
+
+    A linear or cosine decay runs over every step after the warm-up, or, with
+    ``decay_steps``, over the last ``decay_steps`` steps only, after a constant stretch
+    (warm-up, stable, decay): a high rate for as long as circuits are forming, annealed
+    at the end.
+    """
 
     lr: float = 1e-3
     betas: tuple[float, ...] = (0.9, 0.999)
@@ -387,6 +393,7 @@ class OptimizerSpec:
     warmup_steps: int = 0
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     min_lr_ratio: float = 0.1  # linear/cosine decay to lr * min_lr_ratio at the last step
+    decay_steps: int = 0  # decay over the last N steps only (0: every step after warm-up)
 
     def validate(self, where: str) -> None:
         _require(self.lr > 0, f"{where}.lr: must be positive")
@@ -397,6 +404,12 @@ class OptimizerSpec:
         _require(self.grad_clip >= 0, f"{where}.grad_clip: must be >= 0")
         _require(self.warmup_steps >= 0, f"{where}.warmup_steps: must be >= 0")
         _require(0 <= self.min_lr_ratio <= 1, f"{where}.min_lr_ratio: must be in [0, 1]")
+        _require(self.decay_steps >= 0, f"{where}.decay_steps: must be >= 0")
+        _require(
+            self.decay_steps == 0 or self.schedule != "constant",
+            f"{where}.decay_steps: a constant schedule does not decay (schedule = \"linear\" "
+            "or \"cosine\")",
+        )
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate used for the update of ``step`` (a pure function: nothing to save)."""
@@ -404,7 +417,10 @@ class OptimizerSpec:
             return self.lr * (step + 1) / self.warmup_steps
         if self.schedule == "constant":
             return self.lr
-        progress = (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps)
+        start = total_steps - self.decay_steps if self.decay_steps else self.warmup_steps
+        if step < start:
+            return self.lr
+        progress = (step - start) / max(1, total_steps - start)
         floor = self.lr * self.min_lr_ratio
         if self.schedule == "linear":
             return floor + (self.lr - floor) * (1 - progress)
@@ -510,6 +526,12 @@ class RunSpec:
                 f"{where}.train.context: {self.train.context} is longer than the position table "
                 f"of size {size.name!r} (n_positions = {size.n_positions})",
             )
+        decay = self.optimizer.decay_steps
+        _require(
+            decay + self.optimizer.warmup_steps <= self.train.steps,
+            f"{where}.optimizer.decay_steps: {decay} after {self.optimizer.warmup_steps} warm-up "
+            f"steps do not fit in {self.train.steps} steps",
+        )
         if self.data.tokenizer_name == "bytes":
             _require(
                 self.model.vocab_size >= 256,

@@ -41,6 +41,14 @@ def test_lr_schedule_warms_up_then_decays():
     assert OptimizerSpec(lr=2.0).lr_at(50, 100) == 2.0
 
 
+def test_lr_schedule_can_decay_over_the_last_steps_only():
+    opt = OptimizerSpec(lr=1.0, warmup_steps=4, schedule="linear", decay_steps=20)
+    assert opt.lr_at(1, 100) == pytest.approx(0.5)
+    assert [opt.lr_at(step, 100) for step in (4, 50, 80)] == [1.0, 1.0, 1.0]
+    assert opt.lr_at(90, 100) == pytest.approx(0.55)
+    assert opt.lr_at(100, 100) == pytest.approx(0.1)
+
+
 MALFORMED = {
     "unknown key": (("steps = 24", "steps = 24\nbogus = 1"), "bogus"),
     "wrong type": (("steps = 24", 'steps = "ten"'), "train.steps"),
@@ -108,6 +116,12 @@ def test_console_command_reports_bad_spec_without_traceback(tmp_path):
         ("lr = 3e-3", "lr = inf", "optimizer.lr: expected a finite number, got inf"),
         ("lr = 3e-3", "lr = nan", "optimizer.lr: expected a finite number, got nan"),
         ("lr = 3e-3", "lr = 3e-3\neps = -1e-8", "optimizer.eps: must be positive"),
+        (
+            "lr = 3e-3",
+            'lr = 3e-3\nschedule = "linear"\ndecay_steps = 23',
+            "optimizer.decay_steps: 23 after 2 warm-up steps do not fit in 24 steps",
+        ),
+        ("lr = 3e-3", "lr = 3e-3\ndecay_steps = 5", "a constant schedule does not decay"),
         ("context = 16", "context = 1", "train.context: must be at least 2"),
         ("every = 5", "every = 5\nextra = [25]", "checkpoints.extra: step 25 is after the last"),
         ("init = [0, 1]\ndata = [5, 6]", "init = [0, 0]\ndata = [5, 5]", "(0, 5) appears twice"),
