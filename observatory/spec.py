@@ -407,8 +407,8 @@ class OptimizerSpec:
         _require(self.decay_steps >= 0, f"{where}.decay_steps: must be >= 0")
         _require(
             self.decay_steps == 0 or self.schedule != "constant",
-            f"{where}.decay_steps: a constant schedule does not decay (schedule = \"linear\" "
-            "or \"cosine\")",
+            f'{where}.decay_steps: a constant schedule does not decay (schedule = "linear" '
+            'or "cosine")',
         )
 
     def lr_at(self, step: int, total_steps: int) -> float:
