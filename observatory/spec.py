@@ -528,7 +528,7 @@ class RunSpec:
             )
         decay = self.optimizer.decay_steps
         _require(
-            decay + self.optimizer.warmup_steps <= self.train.steps,
+            not decay or decay + self.optimizer.warmup_steps <= self.train.steps,
             f"{where}.optimizer.decay_steps: {decay} after {self.optimizer.warmup_steps} warm-up "
             f"steps do not fit in {self.train.steps} steps",
         )
