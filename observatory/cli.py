@@ -541,7 +541,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _transitions_parser(commands, options: _Options) -> None:
-    from observatory.report.transitions import TransitionOptions
+    from observatory.analysis.transitions import TransitionOptions
 
     parents = (options.store, options.selection)
     transitions = _command(commands, "transitions", _cmd_transitions, *parents)

@@ -30,12 +30,44 @@ the same for every seed): :func:`match_transitions`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.ndimage import median_filter
 
 from observatory.analysis.phase import loss_bump
+from observatory.errors import AnalysisError
+
+
+@dataclass(frozen=True)
+class TransitionOptions:
+    """The settings of discovery and matching (this module's).
+
+    ``min_gain``: nats a token's loss must fall to count as learned; ``min_drop``: nats a
+    group's mean loss must drop across its window; ``min_tokens``: the smallest group;
+    ``resolution``: the finest spread of a group's learning times, in log step;
+    ``min_overlap``: the Jaccard overlap of the token sets of two matched transitions;
+    ``min_score_change``: how much a head score must change across a window for the head to
+    be listed among the transition's components; ``n_examples``: example tokens per row.
+    """
+
+    min_gain: float = 0.5
+    min_drop: float = 0.25
+    min_tokens: int = 20
+    resolution: float = 0.125
+    min_overlap: float = 0.3
+    min_score_change: float = 0.2
+    n_examples: int = 3
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not value > 0:
+                raise AnalysisError(f"transitions: {name} must be positive, got {value}")
+        if self.min_overlap > 1:
+            raise AnalysisError(
+                f"transitions: min_overlap must be at most 1, got {self.min_overlap}"
+            )
+
 
 METHOD = (
     "learning time of each token (halfway from its first to its final loss, log step); "

@@ -16,12 +16,23 @@ declares for the raw Hugging Face parameters (:mod:`observatory.models.registry`
 Reading does not import the training loop: only replaying a step between checkpoints does.
 """
 
-from observatory.models.naming import VIEW_DIMS
-from observatory.query.datasets import head_weights, open, open_family, open_run, resolve_size
+from observatory._lazy import lazy_attributes
+
+# Functions named as their module are imported now (a module imported later would otherwise
+# shadow its function); the rest on first use: ``observatory inspect`` reads metadata only
+# and should not wait for transformers, which only models need.
 from observatory.query.describe import describe
-from observatory.query.models import batch_at, model_at, models_at
 from observatory.query.tokenizer import tokenizer
 from observatory.query.views import views
+
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "observatory.models.naming": "VIEW_DIMS",
+        "datasets": "head_weights open open_family open_run resolve_size",
+        "models": "batch_at model_at models_at",
+    },
+)
 
 __all__ = [
     "VIEW_DIMS",

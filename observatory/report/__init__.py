@@ -14,12 +14,21 @@ Figures are drawn on bare :class:`matplotlib.figure.Figure` objects (Agg canvas)
 report never touches pyplot's global state or the user's interactive backend.
 """
 
-from observatory.report.figures import FIGURES
-from observatory.report.registry import ReportFigure, Section, figure
-from observatory.report.results import load_results
-from observatory.report.summary import Summary, summarize, token_loss_pca
-from observatory.report.tables import size_comparison
-from observatory.report.write import write_report
+from observatory._lazy import lazy_attributes
+
+# Imported from their module on first use: the CLI builds its parser from the options of
+# report.transitions without paying for the figures, torch and transformers.
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "figures": "FIGURES",
+        "registry": "ReportFigure Section figure",
+        "results": "load_results",
+        "summary": "Summary summarize token_loss_pca",
+        "tables": "size_comparison",
+        "write": "write_report",
+    },
+)
 
 __all__ = [
     "FIGURES",

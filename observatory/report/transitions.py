@@ -9,7 +9,7 @@ context (decoded for text families) and summarises each matched transition acros
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,12 @@ import pandas as pd
 import xarray as xr
 
 from observatory.analysis.stats import t_interval, variance_split
-from observatory.analysis.transitions import METHOD, Transition, find_transitions
+from observatory.analysis.transitions import (
+    METHOD,
+    Transition,
+    TransitionOptions,
+    find_transitions,
+)
 from observatory.analysis.transitions import match_transitions as match
 from observatory.errors import StoreError
 from observatory.jobs.job_spec import HeldOutSpec
@@ -33,34 +38,6 @@ COLUMNS = (
 )  # fmt: skip
 MIN_ABLATION_EFFECT = 0.1  # nats: a head whose ablation raises a group's loss less is not listed
 N_ABLATION_HEADS = 3
-
-
-@dataclass(frozen=True)
-class TransitionOptions:
-    """The settings of discovery and matching (see :mod:`observatory.analysis.transitions`).
-
-    ``min_gain``: nats a token's loss must fall to count as learned; ``min_drop``: nats a
-    group's mean loss must drop across its window; ``min_tokens``: the smallest group;
-    ``resolution``: the finest spread of a group's learning times, in log step;
-    ``min_overlap``: the Jaccard overlap of the token sets of two matched transitions;
-    ``min_score_change``: how much a head score must change across a window for the head to
-    be listed among the transition's components; ``n_examples``: example tokens per row.
-    """
-
-    min_gain: float = 0.5
-    min_drop: float = 0.25
-    min_tokens: int = 20
-    resolution: float = 0.125
-    min_overlap: float = 0.3
-    min_score_change: float = 0.2
-    n_examples: int = 3
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not value > 0:
-                raise StoreError(f"transitions: {name} must be positive, got {value}")
-        if self.min_overlap > 1:
-            raise StoreError(f"transitions: min_overlap must be at most 1, got {self.min_overlap}")
 
 
 def transitions(
