@@ -157,8 +157,12 @@ def train_on_cluster(client, task, jobs: dict, corpus, progress, on_run_end, opt
                 summary = future.result()
             except ObservatoryError as err:
                 failed.append(str(err))
-            except Exception as err:  # e.g. KilledWorker: the run is left resumable
-                failed.append(f"{futures[future]}: {type(err).__name__}: {err}")
+            except Exception as err:  # a worker died, the scheduler lost the task, ...
+                reason = " ".join(str(err).split())  # dask's messages span lines
+                failed.append(
+                    f"{futures[future]}: {type(err).__name__}: {reason} (its committed "
+                    "checkpoints are kept: continue with --resume)"
+                )
             else:
                 with tqdm.external_write_mode():
                     on_run_end(summary)

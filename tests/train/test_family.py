@@ -1,5 +1,6 @@
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -113,6 +114,37 @@ def test_local_workers_train_the_same_store_as_one_process(trained_tiny, tmp_pat
     assert_stores_identical(sequential, store)
     with pytest.raises(StoreError, match="2 of 2 runs failed: .*already trained"):
         train_family(spec, store=store, workers=2, progress=False)
+
+
+_RELEASE = threading.Event()
+
+
+def _lost_or_cancelled(path, corpus):
+    if path == "l2-d16/seed0":
+        raise RuntimeError("the worker died\nwhile running it")  # as KilledWorker would
+    _RELEASE.wait(60)  # until the test cancels it
+
+
+def test_runs_lost_on_a_cluster_end_in_one_line_that_says_resume():
+    from distributed import Client, Future
+
+    from observatory.train.family import train_on_cluster
+
+    jobs = {path: (path,) for path in ("l2-d16/seed0", "l2-d16/seed1")}
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as c:
+        cancel = threading.Timer(2.0, lambda: c.cancel([Future("train-l2-d16/seed1", c)]))
+        cancel.start()
+        try:
+            with pytest.raises(StoreError) as err:
+                train_on_cluster(c, _lost_or_cancelled, jobs, [0], False, print, {})
+        finally:
+            _RELEASE.set()
+            cancel.join()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("2 of 2 runs failed")
+    for path in jobs:
+        assert f"{path}: " in message
+    assert message.count("continue with --resume") == 2 and "CancelledError" in message
 
 
 def _worker_setup() -> tuple:
