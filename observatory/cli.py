@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -70,15 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
     except ObservatoryError as err:
         return _fail(str(err))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         # zarr's writes in flight are abandoned (commit markers go last, so nothing committed
         # is lost); asyncio would print each abandoned task as a traceback at exit.
         logging.getLogger("asyncio").disabled = True
+        signum = getattr(err, "signum", signal.SIGINT)  # training's Interrupted says which
         print(
-            "observatory: interrupted; committed checkpoints are kept (continue with --resume)",
+            f"observatory: interrupted ({signal.Signals(signum).name}); committed checkpoints "
+            "are kept (continue with --resume)",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signum
     except OSError as err:  # e.g. a full disk or a path that cannot be written
         where = f": {err.filename}" if err.filename else ""
         return _fail(f"{err.strerror or err}{where}")

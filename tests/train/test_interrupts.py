@@ -5,20 +5,23 @@ import time
 import pytest
 
 from observatory.train import (
+    Interrupted,
     interrupts_between_steps,
     raise_if_interrupted,
 )
 
 
-def test_ctrl_c_while_training_is_held_until_the_next_step_boundary():
-    handler = signal.getsignal(signal.SIGINT)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_training_is_held_until_the_next_step_boundary(sig):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with interrupts_between_steps():
-        os.kill(os.getpid(), signal.SIGINT)  # arrives mid-"step": nothing is raised here
+        os.kill(os.getpid(), sig)  # arrives mid-"step": nothing is raised here
         time.sleep(0.05)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Interrupted) as stopped:
             raise_if_interrupted()  # the boundary raises it
+        assert stopped.value.signum == sig
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C interrupts at once
+            os.kill(os.getpid(), sig)  # a second signal interrupts at once
             time.sleep(1)
     raise_if_interrupted()  # cleared on leaving the block
-    assert signal.getsignal(signal.SIGINT) is handler
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
